@@ -1,0 +1,146 @@
+//! \file prefixkv/curve/curve.hpp
+//! Protected tokens and per-segment cumulative-importance curves: the contract between the scorers (which
+//! produce score rows), the curve builders (host twin here, CUDA in curve.cuh) and the solver.
+//!
+//! For a segment of n tokens with scores x_0..x_{n-1}:
+//! * protected tokens are positions [0, sinks) and [n - recent, n) (overlaps merged, clipped to n); they are
+//!   always kept and never ranked;
+//! * the candidates (all other positions) are ranked by score descending, ties by position ascending:
+//!   y_0 >= y_1 >= ... (rank r is 0-based here);
+//! * cumulative[r] = (y_0 + ... + y_r) / M with M = sum of candidate scores; when M == 0, cumulative[r] =
+//!   (r + 1) / |C|.
+//! The entry value of rank r (the fraction of the mass held before it) is `entry_value(cumulative, r)` =
+//! 0 for r == 0, cumulative[r - 1] otherwise.
+//!
+//! \code
+//! std::vector<float> scores = {9, 1, 5, 3, 7, 2, 8};        // one segment of 7 tokens
+//! prefixkv::curve_buffers c;
+//! auto e = prefixkv::build_curves_host(scores.data(), prefixkv::make_uniform_segments(1, 7),
+//!                                      prefixkv::protect_policy{1, 1}, c);
+//! // candidates are positions 1..5, ranked 4 (7), 2 (5), 3 (3), 5 (2), 1 (1)
+//! \endcode
+#pragma once
+
+#include "../core/error.hpp"
+#include "../core/validate.hpp"
+#include "../core/views.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+PREFIXKV_NAMESPACE_BEGIN
+
+//! Which tokens of every segment are always kept: the first `sinks` (attention sinks) and the last `recent`.
+//! Defaults are the paper's: 4 sinks, 1 recent token.
+struct protect_policy {
+  int64_t sinks = 4;
+  int64_t recent = 1;
+};
+
+//! Number of protected tokens of a segment of n tokens.
+PREFIXKV_HOST_DEVICE int64_t protected_count(int64_t n, protect_policy p) {
+  const int64_t a = p.sinks < n ? p.sinks : n;
+  const int64_t b = p.recent < n ? p.recent : n;
+  return a + b < n ? a + b : n;
+}
+//! Number of candidates (ranked, evictable tokens) of a segment of n tokens.
+PREFIXKV_HOST_DEVICE int64_t candidate_count(int64_t n, protect_policy p) { return n - protected_count(n, p); }
+//! Whether position t of a segment of n tokens is protected.
+PREFIXKV_HOST_DEVICE bool is_protected(int64_t t, int64_t n, protect_policy p) {
+  return t < p.sinks || t >= n - p.recent;
+}
+//! Entry value of 0-based rank r of a curve row.
+PREFIXKV_HOST_DEVICE float entry_value(const float* cumulative_row, int64_t r) {
+  return r == 0 ? 0.0f : cumulative_row[r - 1];
+}
+
+//! Sorted candidates of S ragged segments and their curves, in flat arrays.
+//! Rank r of segment s sits at flat index `offsets[s] + r`, for r < offsets[s+1] - offsets[s] = |C_s|.
+struct curve_set {
+  int64_t count = 0;                 //!< segments S
+  const int64_t* offsets = nullptr;  //!< (S + 1) candidate offsets, offsets[0] == 0
+  const int64_t* tokens = nullptr;   //!< (S) tokens n_s of each segment, protected included
+  const int32_t* positions = nullptr;  //!< (total candidates) token position of each rank
+  const float* cumulative = nullptr;   //!< (total candidates) normalised inclusive prefix sum
+  const float* sorted_scores = nullptr;  //!< (total candidates) the ranked scores (optional; may be null)
+  protect_policy protect{};
+};
+
+//! Owning host storage for a curve_set (host twin outputs, tests, the CLI).
+struct curve_buffers {
+  std::vector<int64_t> offsets, tokens;
+  std::vector<int32_t> positions;
+  std::vector<float> cumulative, sorted_scores;
+  protect_policy protect{};
+  curve_set view() const {
+    curve_set c;
+    c.count = static_cast<int64_t>(tokens.size());
+    c.offsets = offsets.data();
+    c.tokens = tokens.data();
+    c.positions = positions.data();
+    c.cumulative = cumulative.data();
+    c.sorted_scores = sorted_scores.data();
+    c.protect = protect;
+    return c;
+  }
+};
+
+//! Reject a protect policy with negative counts.
+[[nodiscard]] inline cudaError_t validate(protect_policy p) noexcept {
+  if (p.sinks < 0 || p.recent < 0)
+    return detail::fail(reason::bad_parameter, "protect_policy: sinks and recent must be >= 0");
+  return cudaSuccess;
+}
+
+//! Host twin of the curve builder. `scores` is a flat host array addressed through `rows` (host offsets).
+//! Scores must be finite and >= 0. Prefix sums accumulate in double and are stored as float.
+[[nodiscard]] inline cudaError_t build_curves_host(const float* scores, const segments& rows, protect_policy protect,
+                                                   curve_buffers& out) {
+  PREFIXKV_TRY(validate_host_contents(rows));
+  PREFIXKV_TRY(validate(protect));
+  const int64_t S = rows.count;
+  out = curve_buffers{};
+  out.protect = protect;
+  out.offsets.assign(S + 1, 0);
+  out.tokens.resize(S);
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t n = rows.length(s);
+    if (n > 0 && scores == nullptr) return detail::fail(reason::null_pointer, "build_curves: scores is null");
+    for (int64_t t = 0; t < n; ++t) {
+      const float x = scores[rows.begin(s) + t];
+      if (!std::isfinite(x)) return detail::fail(reason::nonfinite_input, "build_curves: a score is NaN or infinite");
+      if (x < 0.0f) return detail::fail(reason::negative_input, "build_curves: a score is negative");
+    }
+    out.tokens[s] = n;
+    out.offsets[s + 1] = out.offsets[s] + candidate_count(n, protect);
+  }
+  const int64_t total = out.offsets[S];
+  out.positions.resize(total);
+  out.cumulative.resize(total);
+  out.sorted_scores.resize(total);
+  std::vector<int32_t> order;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t n = out.tokens[s];
+    const float* row = scores + rows.begin(s);
+    order.clear();
+    for (int64_t t = 0; t < n; ++t)
+      if (!is_protected(t, n, protect)) order.push_back(static_cast<int32_t>(t));
+    std::stable_sort(order.begin(), order.end(), [row](int32_t a, int32_t b) { return row[a] > row[b]; });
+    double mass = 0.0;
+    for (int32_t t : order) mass += row[t];
+    const int64_t base = out.offsets[s], c = static_cast<int64_t>(order.size());
+    double run = 0.0;
+    for (int64_t r = 0; r < c; ++r) {
+      run += row[order[r]];
+      out.positions[base + r] = order[r];
+      out.sorted_scores[base + r] = row[order[r]];
+      out.cumulative[base + r] =
+          static_cast<float>(mass > 0.0 ? run / mass : static_cast<double>(r + 1) / static_cast<double>(c));
+    }
+  }
+  return cudaSuccess;
+}
+
+PREFIXKV_NAMESPACE_END

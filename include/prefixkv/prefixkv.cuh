@@ -1,0 +1,7 @@
+//! \file prefixkv/prefixkv.cuh
+//! All of prefixkv, device entry points included. Include from CUDA translation units (nvcc).
+#pragma once
+
+#include "prefixkv.hpp"
+
+#include "core/launch.cuh"
