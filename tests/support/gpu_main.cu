@@ -4,12 +4,18 @@
 #include <doctest/doctest.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <cuda_runtime.h>
 
 int main(int argc, char** argv) {
   int n = 0;
   const cudaError_t e = cudaGetDeviceCount(&n);
   if (e != cudaSuccess || n == 0) {
+    if (std::getenv("PREFIXKV_REQUIRE_GPU")) {  // set by scripts/gpu-check.sh: a GPU box must not skip
+      std::printf("FAILED: PREFIXKV_REQUIRE_GPU is set but no CUDA device is usable (%s)\n",
+                  e == cudaSuccess ? "0 devices" : cudaGetErrorString(e));
+      return 1;
+    }
     std::printf("SKIPPED: no CUDA device available (%s)\n", e == cudaSuccess ? "0 devices" : cudaGetErrorString(e));
     return 77;
   }

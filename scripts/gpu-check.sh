@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Run on a machine with a CUDA GPU: configure with CUDA, build, run the GPU test suite (no skipping allowed),
+# then every GPU test binary under compute-sanitizer memcheck and racecheck. Prints one summary line per tool
+# and exits non-zero on any failure. Logs go to $LOG_DIR (default build-gpu/logs).
+#   BUILD_DIR=build-gpu  LOG_DIR=...  BENCH=ON|OFF  TOOLS="memcheck racecheck"
+set -uo pipefail
+cd "$(dirname "$0")/.."
+[ -f .device/env.sh ] && source .device/env.sh
+build=${BUILD_DIR:-build-gpu}
+logs=${LOG_DIR:-$build/logs}
+tools=${TOOLS:-memcheck racecheck}
+mkdir -p "$logs"
+status=0
+
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DPREFIXKV_BUILD_BENCHMARKS=${BENCH:-ON} >"$logs/configure.log" 2>&1 \
+  || { echo "configure failed"; tail -30 "$logs/configure.log"; exit 1; }
+cmake --build "$build" -j "$(nproc)" >"$logs/build.log" 2>&1 || { echo "build failed"; grep -E "error" -A3 "$logs/build.log" | head -60; exit 1; }
+
+export PREFIXKV_REQUIRE_GPU=1
+if ctest --test-dir "$build" -L gpu --output-on-failure >"$logs/ctest-gpu.log" 2>&1; then
+  echo "ctest -L gpu: $(grep -E 'tests passed' "$logs/ctest-gpu.log")"
+else
+  status=1
+  echo "ctest -L gpu: FAILED"; grep -E "tests passed|Failed|\*\*\*" "$logs/ctest-gpu.log" | head -20
+fi
+
+command -v compute-sanitizer >/dev/null || { echo "compute-sanitizer: not found"; exit 1; }
+for tool in $tools; do
+  errors=0; failed=0; n=0
+  while read -r t; do
+    [ -n "$t" ] || continue
+    n=$((n + 1))
+    log="$logs/$tool-$t.log"
+    compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 50 "$build/bin/$t" >"$log" 2>&1
+    rc=$?
+    e=$(grep -Eo "ERROR SUMMARY: [0-9]+" "$log" | grep -Eo "[0-9]+" | tail -1)
+    [ -n "$e" ] && errors=$((errors + e))
+    if [ $rc -ne 0 ]; then failed=$((failed + 1)); echo "  $tool $t: exit $rc (see $log)"; fi
+  done <"$build/gpu_tests.txt"
+  echo "compute-sanitizer $tool: $n binaries, $errors errors, $failed failed"
+  [ $errors -eq 0 ] && [ $failed -eq 0 ] || status=1
+done
+exit $status
