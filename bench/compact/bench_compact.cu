@@ -1,0 +1,158 @@
+// Compaction bandwidth on a Llama-3-8B-like cache: 32 layers, 8 kv-heads, head_dim 128, bf16 (256-byte rows),
+// batch 1, 4K / 32K / 128K tokens, 25 / 50 / 75 % kept (per-(layer, sequence) lists shared by the heads).
+// Modes: contiguous [B,H,S,D] in place / out of place, paged (page 16, NHD) in place / paged -> contiguous.
+//
+// Counters (per benchmark, from the median of the timed iterations, cold L2):
+//   GBps        bytes moved / time, bytes moved = kept rows read + written = 2 * kept * row bytes (K and V)
+//   memcpy_GBps the same for cudaMemcpyAsync D2D of the kept bytes, timed in the same process
+//   ratio       memcpy time / kernel time (1.0 = copy speed)
+// `_trusted` variants skip the device-side index check kernel (index_check::trusted).
+#include <prefixkv/compact/compact.cuh>
+
+#include "support/bench_util.cuh"
+
+#include <algorithm>
+#include <map>
+#include <numeric>
+#include <random>
+#include <vector>
+
+namespace {
+
+using namespace prefixkv_bench;
+using bf16 = uint16_t;
+
+constexpr int64_t L = 32, H = 8, D = 128, B = 1, P = 16;
+
+enum mode { contig_inplace = 0, contig_gather = 1, paged_inplace = 2, paged_gather = 3 };
+const char* mode_name[] = {"contig_inplace", "contig_gather", "paged_inplace", "paged_to_contig_gather"};
+
+char* arena(size_t bytes) {
+  static char* p = nullptr;
+  static size_t have = 0;
+  if (have < bytes) {
+    if (p) PKV_BENCH_CHECK(cudaFree(p));
+    PKV_BENCH_CHECK(cudaMalloc(&p, bytes));
+    PKV_BENCH_CHECK(cudaMemset(p, 3, bytes));
+    have = bytes;
+  }
+  return p;
+}
+
+float memcpy_ms(size_t bytes) {
+  static std::map<size_t, float> cache;
+  auto it = cache.find(bytes);
+  if (it != cache.end()) return it->second;
+  const float ms = time_memcpy_d2d(bytes, 21);
+  cache[bytes] = ms;
+  return ms;
+}
+
+void BM_compact(benchmark::State& state) {
+  const int64_t T = state.range(0);
+  const int64_t pct = state.range(1);
+  const mode md = static_cast<mode>(state.range(2));
+  const auto check = state.range(3) ? prefixkv::index_check::trusted : prefixkv::index_check::device;
+  const int64_t kept = T * pct / 100;
+  const int64_t row = D * sizeof(bf16);
+  const size_t layer_bytes = size_t(B * H * T * row);           // one K or V tensor of one layer
+  const size_t out_layer_bytes = size_t(B * H * kept * row);
+  const bool inplace = md == contig_inplace || md == paged_inplace;
+  const size_t total = 2 * L * layer_bytes + (inplace ? 0 : 2 * L * out_layer_bytes);
+  char* base = arena(total);
+
+  // selection: per (layer, sequence) random kept subsets, ascending
+  std::mt19937_64 rng(1234 + T + pct);
+  std::vector<int64_t> off(L * B + 1, 0);
+  std::vector<int32_t> idx;
+  std::vector<int32_t> all(T);
+  for (int64_t s = 0; s < L * B; ++s) {
+    std::iota(all.begin(), all.end(), 0);
+    std::shuffle(all.begin(), all.end(), rng);
+    std::vector<int32_t> pick(all.begin(), all.begin() + kept);
+    std::sort(pick.begin(), pick.end());
+    idx.insert(idx.end(), pick.begin(), pick.end());
+    off[s + 1] = int64_t(idx.size());
+  }
+  device_array<int64_t> d_off(off.size());
+  device_array<int32_t> d_idx(std::max<size_t>(idx.size(), 1));
+  PKV_BENCH_CHECK(cudaMemcpy(d_off.ptr, off.data(), off.size() * sizeof(int64_t), cudaMemcpyHostToDevice));
+  PKV_BENCH_CHECK(cudaMemcpy(d_idx.ptr, idx.data(), idx.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
+  const prefixkv::selection sel{L * B, d_off.ptr, d_idx.ptr};
+  const prefixkv::segment_grid grid{L, B, 1};
+
+  // block table: pages of a sequence in shuffled order (as after allocation churn)
+  const int64_t blocks = (T + P - 1) / P, pages = B * blocks;
+  std::vector<int32_t> table(pages);
+  std::iota(table.begin(), table.end(), 0);
+  std::shuffle(table.begin(), table.end(), rng);
+  device_array<int32_t> d_table(table.size());
+  PKV_BENCH_CHECK(cudaMemcpy(d_table.ptr, table.data(), table.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
+
+  std::vector<prefixkv::kv_view<bf16>> ck(L), cv(L), ok(L), ov(L);
+  std::vector<prefixkv::paged_kv_view<bf16>> pk(L), pv(L);
+  char* out_base = base + 2 * L * layer_bytes;
+  for (int64_t l = 0; l < L; ++l) {
+    bf16* kp = reinterpret_cast<bf16*>(base + (2 * l) * layer_bytes);
+    bf16* vp = reinterpret_cast<bf16*>(base + (2 * l + 1) * layer_bytes);
+    ck[l] = prefixkv::make_kv_view_bhsd(kp, B, H, T, D);
+    cv[l] = prefixkv::make_kv_view_bhsd(vp, B, H, T, D);
+    pk[l] = prefixkv::make_paged_kv_view(kp, prefixkv::page_layout::nhd, pages, P, H, D, d_table.ptr, B, blocks);
+    pv[l] = prefixkv::make_paged_kv_view(vp, prefixkv::page_layout::nhd, pages, P, H, D, d_table.ptr, B, blocks);
+    ok[l] = prefixkv::make_kv_view_bhsd(reinterpret_cast<bf16*>(out_base + (2 * l) * out_layer_bytes), B, H, kept, D);
+    ov[l] = prefixkv::make_kv_view_bhsd(reinterpret_cast<bf16*>(out_base + (2 * l + 1) * out_layer_bytes), B, H, kept, D);
+  }
+  const prefixkv::kv_layers<bf16> contig{ck.data(), cv.data(), nullptr, nullptr, L};
+  const prefixkv::kv_layers<bf16> outc{ok.data(), ov.data(), nullptr, nullptr, L};
+  const prefixkv::paged_kv_layers<bf16> paged{pk.data(), pv.data(), nullptr, nullptr, L};
+
+  auto call = [&](void* t, size_t& bytes, cudaStream_t s) -> cudaError_t {
+    switch (md) {
+      case contig_inplace: return prefixkv::compact_in_place(t, bytes, contig, sel, grid, {}, s, check);
+      case contig_gather: return prefixkv::gather_kept(t, bytes, contig, outc, sel, grid, {}, s, check);
+      case paged_inplace: return prefixkv::compact_in_place(t, bytes, paged, sel, grid, {}, s, check);
+      default: return prefixkv::gather_kept(t, bytes, paged, outc, sel, grid, {}, s, check);
+    }
+  };
+  size_t temp_bytes = 0;
+  PKV_BENCH_CHECK(call(nullptr, temp_bytes, 0));
+  device_array<char> temp(temp_bytes);
+  auto run = [&](cudaStream_t s) { PKV_BENCH_CHECK(call(temp.ptr, temp_bytes, s)); };
+  PKV_BENCH_CHECK(cudaDeviceSynchronize());
+
+  event_timer timer;
+  timer.time_ms(run);  // warm-up
+  std::vector<float> times;
+  for (auto _ : state) {
+    const float ms = timer.time_ms(run);
+    state.SetIterationTime(ms / 1e3);
+    times.push_back(ms);
+  }
+  std::sort(times.begin(), times.end());
+  const float med = times[times.size() / 2];
+  const size_t kept_bytes = size_t(2 * L * B * H * kept * row);  // K and V
+  const float base_ms = kept_bytes ? memcpy_ms(kept_bytes) : 0.f;
+  state.counters["median_ms"] = med;
+  state.counters["memcpy_ms"] = base_ms;
+  state.counters["GBps"] = 2.0 * kept_bytes / (med * 1e6);
+  state.counters["memcpy_GBps"] = base_ms > 0 ? 2.0 * kept_bytes / (base_ms * 1e6) : 0;
+  state.counters["ratio"] = med > 0 ? base_ms / med : 0;
+  state.SetLabel(mode_name[md]);
+}
+
+void args(benchmark::internal::Benchmark* b) {
+  for (int64_t trusted : {0, 1})
+    for (int64_t md : {0, 1, 2, 3})
+      for (int64_t T : {4096, 32768, 131072})
+        for (int64_t pct : {25, 50, 75}) {
+          if (trusted && T != 4096) continue;  // the check kernel only matters for short caches
+          b->Args({T, pct, md, trusted});
+        }
+  b->ArgNames({"tokens", "kept_pct", "mode", "trusted"});
+}
+
+}  // namespace
+
+BENCHMARK(BM_compact)->Apply(args)->UseManualTime()->Iterations(15)->Unit(benchmark::kMillisecond);
+
+BENCHMARK_MAIN();

@@ -1,0 +1,522 @@
+//! \file prefixkv/compact/compact.hpp
+//! Compaction of KV caches: move the kept rows of a `selection` (see select/selection.hpp) to the front of each
+//! (layer, sequence, kv-head) row list — out of place (any layout to any layout) or in place — for all layers,
+//! K and V (and optional quantisation scales) together.
+//!
+//! This header holds the public types, the host-side `can_implement` checks shared with the device entry points
+//! and the host twins (`gather_kept_host`, `compact_in_place_host`). It compiles with any C++17 compiler. The
+//! device entry points (`gather_kept`, `compact_in_place`) live in compact/compact.cuh.
+//!
+//! Semantics (host twin and device are byte-identical):
+//! * Segment `s` of `sel` (numbered by `grid`: layer-major, then sequence, then kv-head when `grid.heads > 1`)
+//!   keeps `k_s = sel.kept(s)` tokens whose source positions are `sel.row(s)[0 .. k_s)`.
+//! * For every layer l, sequence b, kv-head h and tensor kind (K, V, K-scale, V-scale), row `j < k_s` of the
+//!   destination becomes row `sel.row(s)[j]` of the source, s = grid.id(l, b) (shared lists, `grid.heads == 1`)
+//!   or grid.id(l, b, h) (head-wise lists). Rows move as bytes; the element type only matters for strides.
+//! * Nothing else in the destination is written: rows `>= k_s` keep their bytes (in place: their old contents).
+//! * Paged destinations: row j of sequence b goes to logical token j of b's block table, i.e. the kept tokens
+//!   fill the first ceil(k_s / page_size) pages; `pages_in_use[b]` = max over its segments of that number.
+//!
+//! \code
+//! std::vector<prefixkv::kv_view<bf16>> k(L), v(L);            // per-layer views, [B, H, S, D] each
+//! prefixkv::kv_layers<bf16> cache{k.data(), v.data(), nullptr, nullptr, L};
+//! prefixkv::segment_grid grid{L, B, 1};                        // per-(layer, sequence) kept lists
+//! prefixkv::compact_outputs out{h_lengths, h_cu, nullptr, nullptr};
+//! if (prefixkv::compact_in_place_host(cache, sel, grid, out) != cudaSuccess) puts(prefixkv::last_error().message);
+//! \endcode
+#pragma once
+
+#include "../core/error.hpp"
+#include "../core/validate.hpp"
+#include "../core/views.hpp"
+#include "../select/selection.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+PREFIXKV_NAMESPACE_BEGIN
+
+//! Largest number of layers one call moves (their pointers travel as kernel parameters).
+inline constexpr int64_t compact_max_layers = 128;
+
+//! All layers of a strided cache. Every array has `layers` entries in host memory (read during the call only);
+//! all layers of one kind share extents and strides and differ only in their data pointer.
+//! `S` is the scale element type (e.g. float); scales are views with `heads` == the K heads (per token and
+//! head) or 1 (per token, shared by the heads), `dim` = scale elements per row.
+template <class T, class S = float>
+struct kv_layers {
+  const kv_view<T>* k = nullptr;        //!< (layers) K, each (batch, head, token, dim)
+  const kv_view<T>* v = nullptr;        //!< (layers) V, each (batch, head, token, dim), or null (K-only caches)
+  const kv_view<S>* k_scale = nullptr;  //!< (layers) K scales, each (batch, head or 1, token, n), or null
+  const kv_view<S>* v_scale = nullptr;  //!< (layers) V scales, each (batch, head or 1, token, n), or null
+  int64_t layers = 0;
+};
+
+//! All layers of a paged cache. All kinds and layers share one block table (as in vLLM); pages pointers differ.
+template <class T, class S = float>
+struct paged_kv_layers {
+  const paged_kv_view<T>* k = nullptr;        //!< (layers) K pools (page, slot, head, dim) + block table
+  const paged_kv_view<T>* v = nullptr;        //!< (layers) V pools, or null
+  const paged_kv_view<S>* k_scale = nullptr;  //!< (layers) K scale pools (page, slot, head or 1, n), or null
+  const paged_kv_view<S>* v_scale = nullptr;  //!< (layers) V scale pools, or null
+  int64_t layers = 0;
+};
+
+//! Optional outputs (device memory for the device entry points, host memory for the host twins). Written only
+//! when the call succeeds (device: when the device-side checks pass), except `status`.
+struct compact_outputs {
+  int32_t* lengths = nullptr;       //!< (S) kept tokens per segment (the new lengths)
+  int32_t* cu_seqlens = nullptr;    //!< (layers, S / layers + 1) per-layer cu_seqlens of the compacted cache
+  int32_t* pages_in_use = nullptr;  //!< (batch) pages per sequence still in use (paged destinations only)
+  int32_t* status = nullptr;        //!< (1) 0, or the `reason` found by the device-side checks of the indices
+};
+
+//! How the device entry points treat the contents of device-resident inputs (offsets, indices, page ids).
+enum class index_check : int {
+  device = 0,   //!< a small check kernel runs first; the move kernel writes nothing when it found an error
+  trusted = 1,  //!< skip it (inputs produced by prefixkv's own solver); invalid inputs are undefined behaviour
+};
+
+namespace detail {
+
+inline constexpr int compact_kinds = 4;  // K, V, K-scale, V-scale
+
+//! Byte geometry of one tensor kind (shared by all layers).
+struct compact_geom {
+  int64_t heads = 0, tokens = 0;                       // tokens: extent of a strided view (unused when paged)
+  int64_t row_bytes = 0, elem_bytes = 0, s_dim = 0;    // s_dim: bytes between elements (non-contiguous rows)
+  int64_t s_batch = 0, s_head = 0, s_token = 0;        // bytes; paged: s_batch = page stride, s_token = slot
+  int32_t vec = 16;                                    // widest aligned access for this side
+  bool contiguous = true;
+  //! Byte offset, within a row, of byte `x` of the row's packed contents (x a multiple of the access width).
+  PREFIXKV_HOST_DEVICE int64_t chunk(int64_t x) const {
+    return contiguous ? x : (x / elem_bytes) * s_dim + x % elem_bytes;
+  }
+};
+
+//! Row addressing of one side: strided, or through a block table shared by all kinds and layers.
+struct compact_table {
+  const int32_t* table = nullptr;  // (batch, max_blocks), row stride `stride`
+  int64_t stride = 0, page_size = 1, num_pages = 0, max_blocks = 0;
+  int32_t shift = -1;  // log2(page_size) when a power of two
+  bool paged = false;
+  PREFIXKV_HOST_DEVICE int64_t block_of(int64_t t) const { return shift >= 0 ? (t >> shift) : t / page_size; }
+  PREFIXKV_HOST_DEVICE int64_t row(const compact_geom& g, int64_t b, int64_t h, int64_t t) const {
+    if (!paged) return b * g.s_batch + h * g.s_head + t * g.s_token;
+    const int64_t blk = block_of(t);
+    const int64_t page = table[b * stride + blk];
+    return page * g.s_batch + (t - blk * page_size) * g.s_token + h * g.s_head;
+  }
+};
+
+//! Everything the kernels need except the per-layer pointers.
+struct compact_meta {
+  compact_geom src[compact_kinds], dst[compact_kinds];
+  compact_table st, dt;
+  int32_t vec[compact_kinds] = {};          // access width per kind (min of both sides)
+  int64_t lane_prefix[compact_kinds + 1] = {};  // lanes of kind k within one (layer, sequence): [prefix[k], prefix[k+1])
+  int32_t kinds = 0;
+  int64_t layers = 0, batch = 0;
+  int64_t src_tokens = 0;    // valid source positions [0, src_tokens)
+  int64_t dst_capacity = 0;  // rows per destination (layer, sequence, head)
+  segment_grid grid;
+  selection sel;
+  bool inplace = false;
+  bool paged_dst = false;
+  int64_t nchunk = 1;  // work items per lane (move kernel)
+  int64_t vchunk = 1;  // work items per segment (check kernel)
+  compact_outputs out;
+  const int32_t* vstatus = nullptr;  // per-block results of the check kernel (null: trusted)
+  int32_t vblocks = 0;
+  int32_t* owner = nullptr;          // (dst num_pages) page -> (b * max_blocks + block), duplicate detection
+  PREFIXKV_HOST_DEVICE int64_t lanes_per_lb() const { return lane_prefix[kinds]; }
+  PREFIXKV_HOST_DEVICE int64_t lanes() const { return layers * batch * lane_prefix[kinds]; }
+};
+
+//! Per-layer base pointers, (layer, kind).
+struct compact_ptrs {
+  char* src[compact_max_layers][compact_kinds];
+  char* dst[compact_max_layers][compact_kinds];
+};
+
+inline bool compact_pow2_shift(int64_t x, int32_t& shift) {
+  shift = -1;
+  if (x <= 0 || (x & (x - 1)) != 0) return false;
+  int32_t s = 0;
+  while ((int64_t(1) << s) < x) ++s;
+  shift = s;
+  return true;
+}
+
+//! Host-side description of one side (one cache) before it becomes part of a `compact_meta`.
+struct compact_side {
+  compact_geom g[compact_kinds];
+  bool present[compact_kinds] = {};
+  compact_table t;
+  int64_t batch = 0, tokens = 0;  // tokens: strided extent, or max_blocks * page_size
+  // byte spans [lo, hi) of every (layer, kind), for the overlap check
+  std::vector<std::pair<std::uintptr_t, std::uintptr_t>> spans;
+  std::vector<char*> ptr[compact_kinds];
+};
+
+inline int64_t compact_span_of(const int64_t (&ext)[4], const int64_t (&str)[4], int64_t elem) {
+  int64_t last = 0;
+  for (int i = 0; i < 4; ++i) {
+    if (ext[i] == 0) return 0;
+    last += (ext[i] - 1) * str[i];
+  }
+  return (last + 1) * elem;
+}
+
+template <class T>
+cudaError_t compact_describe(const kv_view<T>* views, int64_t layers, int kind, compact_side& side) {
+  const kv_view<T>& v0 = views[0];
+  for (int64_t l = 0; l < layers; ++l) {
+    const kv_view<T>& v = views[l];
+    PREFIXKV_TRY(validate(v));
+    if (v.batch != v0.batch || v.heads != v0.heads || v.tokens != v0.tokens || v.dim != v0.dim ||
+        v.stride_batch != v0.stride_batch || v.stride_head != v0.stride_head || v.stride_token != v0.stride_token ||
+        v.stride_dim != v0.stride_dim)
+      return fail(reason::shape_mismatch, "compact: the layers of one tensor kind differ in extents or strides");
+  }
+  const int64_t e = static_cast<int64_t>(sizeof(T));
+  compact_geom& g = side.g[kind];
+  g.heads = v0.heads;
+  g.tokens = v0.tokens;
+  g.row_bytes = v0.dim * e;
+  g.contiguous = v0.rows_contiguous();
+  g.elem_bytes = g.contiguous ? g.row_bytes : e;
+  g.s_dim = v0.stride_dim * e;
+  g.s_batch = v0.stride_batch * e;
+  g.s_head = v0.stride_head * e;
+  g.s_token = v0.stride_token * e;
+  int64_t vec = common_pow2(16, {g.contiguous ? g.row_bytes : e, v0.batch > 1 ? g.s_batch : 0,
+                                 v0.heads > 1 ? g.s_head : 0, v0.tokens > 1 ? g.s_token : 0,
+                                 g.contiguous ? 0 : g.s_dim});
+  side.ptr[kind].resize(layers);
+  const int64_t ext[4] = {v0.batch, v0.heads, v0.tokens, v0.dim};
+  const int64_t str[4] = {v0.stride_batch, v0.stride_head, v0.stride_token, v0.stride_dim};
+  const int64_t span = compact_span_of(ext, str, e);
+  for (int64_t l = 0; l < layers; ++l) {
+    char* p = reinterpret_cast<char*>(const_cast<std::remove_const_t<T>*>(views[l].data));
+    side.ptr[kind][l] = p;
+    vec = common_pow2(vec, {static_cast<int64_t>(reinterpret_cast<std::uintptr_t>(p) % 16)});
+    if (span) side.spans.push_back({reinterpret_cast<std::uintptr_t>(p), reinterpret_cast<std::uintptr_t>(p) + span});
+  }
+  g.vec = static_cast<int32_t>(vec);
+  side.present[kind] = true;
+  if (kind == 0) {
+    side.batch = v0.batch;
+    side.tokens = v0.tokens;
+  } else if (v0.batch != side.batch || v0.tokens != side.tokens) {
+    return fail(reason::shape_mismatch, "compact: K, V and scales disagree on batch or tokens");
+  }
+  return cudaSuccess;
+}
+
+template <class T>
+cudaError_t compact_describe(const paged_kv_view<T>* views, int64_t layers, int kind, compact_side& side) {
+  const paged_kv_view<T>& v0 = views[0];
+  for (int64_t l = 0; l < layers; ++l) {
+    const paged_kv_view<T>& v = views[l];
+    PREFIXKV_TRY(validate(v));
+    if (v.num_pages != v0.num_pages || v.page_size != v0.page_size || v.heads != v0.heads || v.dim != v0.dim ||
+        v.stride_page != v0.stride_page || v.stride_slot != v0.stride_slot || v.stride_head != v0.stride_head ||
+        v.stride_dim != v0.stride_dim || v.block_table != v0.block_table || v.batch != v0.batch ||
+        v.max_blocks != v0.max_blocks || v.block_table_stride != v0.block_table_stride)
+      return fail(reason::shape_mismatch, "compact: the layers of one paged tensor kind differ in geometry or table");
+  }
+  const int64_t e = static_cast<int64_t>(sizeof(T));
+  compact_geom& g = side.g[kind];
+  g.heads = v0.heads;
+  g.tokens = v0.max_blocks * v0.page_size;
+  g.row_bytes = v0.dim * e;
+  g.contiguous = v0.rows_contiguous();
+  g.elem_bytes = g.contiguous ? g.row_bytes : e;
+  g.s_dim = v0.stride_dim * e;
+  g.s_batch = v0.stride_page * e;
+  g.s_head = v0.stride_head * e;
+  g.s_token = v0.stride_slot * e;
+  int64_t vec = common_pow2(16, {g.contiguous ? g.row_bytes : e, v0.num_pages > 1 ? g.s_batch : 0,
+                                 v0.heads > 1 ? g.s_head : 0, v0.page_size > 1 ? g.s_token : 0,
+                                 g.contiguous ? 0 : g.s_dim});
+  side.ptr[kind].resize(layers);
+  const int64_t ext[4] = {v0.num_pages, v0.page_size, v0.heads, v0.dim};
+  const int64_t str[4] = {v0.stride_page, v0.stride_slot, v0.stride_head, v0.stride_dim};
+  const int64_t span = compact_span_of(ext, str, e);
+  for (int64_t l = 0; l < layers; ++l) {
+    char* p = reinterpret_cast<char*>(const_cast<std::remove_const_t<T>*>(views[l].pages));
+    side.ptr[kind][l] = p;
+    vec = common_pow2(vec, {static_cast<int64_t>(reinterpret_cast<std::uintptr_t>(p) % 16)});
+    if (span) side.spans.push_back({reinterpret_cast<std::uintptr_t>(p), reinterpret_cast<std::uintptr_t>(p) + span});
+  }
+  g.vec = static_cast<int32_t>(vec);
+  side.present[kind] = true;
+  compact_table t;
+  t.paged = true;
+  t.table = v0.block_table;
+  t.stride = v0.block_table_stride;
+  t.page_size = v0.page_size;
+  t.num_pages = v0.num_pages;
+  t.max_blocks = v0.max_blocks;
+  compact_pow2_shift(v0.page_size, t.shift);
+  if (kind == 0) {
+    side.t = t;
+    side.batch = v0.batch;
+    side.tokens = v0.max_blocks * v0.page_size;
+  } else if (t.table != side.t.table || t.stride != side.t.stride || t.page_size != side.t.page_size ||
+             t.num_pages != side.t.num_pages || t.max_blocks != side.t.max_blocks || v0.batch != side.batch) {
+    return fail(reason::shape_mismatch, "compact: K, V and scales of a paged cache must share one block table");
+  }
+  if (v0.batch > 0 && v0.max_blocks > 0 && v0.batch * v0.max_blocks >= (int64_t(1) << 31))
+    return fail(reason::bad_parameter, "compact: batch * max_blocks must be < 2^31");
+  return cudaSuccess;
+}
+
+template <class Cache>
+cudaError_t compact_describe_cache(const Cache& c, compact_side& side) {
+  if (c.layers < 0) return fail(reason::negative_extent, "compact: layers is negative");
+  if (c.layers > compact_max_layers) return fail(reason::unsupported, "compact: more than compact_max_layers layers");
+  if (c.layers == 0) return cudaSuccess;
+  if (c.k == nullptr) return fail(reason::null_pointer, "compact: the K view array is null");
+  PREFIXKV_TRY(compact_describe(c.k, c.layers, 0, side));
+  if (c.v) PREFIXKV_TRY(compact_describe(c.v, c.layers, 1, side));
+  if (c.k_scale) PREFIXKV_TRY(compact_describe(c.k_scale, c.layers, 2, side));
+  if (c.v_scale) PREFIXKV_TRY(compact_describe(c.v_scale, c.layers, 3, side));
+  if (c.v && side.g[1].heads != side.g[0].heads)
+    return fail(reason::shape_mismatch, "compact: K and V have different head counts");
+  for (int k = 2; k < compact_kinds; ++k)
+    if (side.present[k] && side.g[k].heads != side.g[0].heads && side.g[k].heads != 1)
+      return fail(reason::shape_mismatch, "compact: scales must have the K head count or 1 head");
+  return cudaSuccess;
+}
+
+//! The host half of `can_implement`: shapes, strides, grid, selection shape, overlap. Fills `m` and the pointer
+//! table. Touches no memory but the views' descriptions (no device-resident contents).
+template <class SrcCache, class DstCache>
+cudaError_t compact_plan(const SrcCache& src, const DstCache& dst, bool inplace, const selection& sel,
+                         const segment_grid& grid, const compact_outputs& out, compact_meta& m, compact_ptrs* ptrs) {
+  using src_t = typename std::remove_pointer_t<decltype(src.k)>::element_type;
+  using dst_t = typename std::remove_pointer_t<decltype(dst.k)>::element_type;
+  using src_s = typename std::remove_pointer_t<decltype(src.k_scale)>::element_type;
+  using dst_s = typename std::remove_pointer_t<decltype(dst.k_scale)>::element_type;
+  static_assert(sizeof(src_t) == sizeof(dst_t) && sizeof(src_s) == sizeof(dst_s),
+                "compact: source and destination element sizes differ");
+  if (src.layers != dst.layers) return fail(reason::shape_mismatch, "compact: source and destination layer counts differ");
+  compact_side s, d;
+  PREFIXKV_TRY(compact_describe_cache(src, s));
+  if (!inplace) PREFIXKV_TRY(compact_describe_cache(dst, d));
+  const compact_side& dd = inplace ? s : d;
+  if (grid.layers < 0 || grid.batch < 0 || grid.heads < 1)
+    return fail(reason::negative_extent, "compact: segment_grid extents must be >= 0 (heads >= 1)");
+  if (grid.layers != src.layers) return fail(reason::shape_mismatch, "compact: grid.layers != cache layers");
+  if (src.layers > 0 && grid.batch != s.batch) return fail(reason::shape_mismatch, "compact: grid.batch != cache batch");
+  if (src.layers > 0 && grid.heads != 1 && grid.heads != s.g[0].heads)
+    return fail(reason::shape_mismatch, "compact: grid.heads must be 1 (shared lists) or the kv-head count");
+  if (sel.count != grid.count()) return fail(reason::shape_mismatch, "compact: selection.count != grid.count()");
+  if (sel.count > 0 && sel.offsets == nullptr) return fail(reason::null_pointer, "compact: selection.offsets is null");
+  if (sel.count > 0 && sel.indices == nullptr) return fail(reason::null_pointer, "compact: selection.indices is null");
+  if (grid.heads > 1)
+    for (int k = 2; k < compact_kinds; ++k)
+      if (s.present[k] && s.g[k].heads != grid.heads)
+        return fail(reason::shape_mismatch, "compact: head-wise lists need per-head scales");
+  if (!inplace && src.layers > 0) {
+    if (d.batch != s.batch) return fail(reason::shape_mismatch, "compact: source and destination batch differ");
+    for (int k = 0; k < compact_kinds; ++k) {
+      if (s.present[k] != d.present[k])
+        return fail(reason::shape_mismatch, "compact: source and destination carry different tensor kinds");
+      if (s.present[k] && (s.g[k].heads != d.g[k].heads || s.g[k].row_bytes != d.g[k].row_bytes))
+        return fail(reason::shape_mismatch, "compact: source and destination rows differ (heads or row bytes)");
+    }
+    for (const auto& a : s.spans)
+      for (const auto& b : d.spans)
+        if (a.first < b.second && b.first < a.second)
+          return fail(reason::overlapping_buffers, "compact: source and destination memory overlap");
+  }
+  if (out.pages_in_use && !dd.t.paged)
+    return fail(reason::bad_parameter, "compact: pages_in_use needs a paged destination");
+  // Fill the plan.
+  m = compact_meta{};
+  int32_t kinds = 0;
+  int64_t prefix = 0;
+  for (int k = 0; k < compact_kinds; ++k) {
+    if (!s.present[k]) continue;
+    m.src[kinds] = s.g[k];
+    m.dst[kinds] = dd.g[k];
+    const int64_t w = std::min<int64_t>(s.g[k].vec, dd.g[k].vec);
+    // the access width must also divide the element size for strided rows
+    m.vec[kinds] = static_cast<int32_t>(common_pow2(w, {s.g[k].elem_bytes, dd.g[k].elem_bytes}));
+    m.lane_prefix[kinds] = prefix;
+    prefix += s.g[k].heads;
+    if (ptrs)
+      for (int64_t l = 0; l < src.layers; ++l) {
+        ptrs->src[l][kinds] = s.ptr[k][l];
+        ptrs->dst[l][kinds] = dd.ptr[k][l];
+      }
+    ++kinds;
+  }
+  m.lane_prefix[kinds] = prefix;
+  m.kinds = kinds;
+  m.st = s.t;
+  m.dt = dd.t;
+  m.layers = src.layers;
+  m.batch = src.layers > 0 ? s.batch : 0;
+  m.src_tokens = s.tokens;
+  m.dst_capacity = dd.tokens;
+  m.grid = grid;
+  m.sel = sel;
+  m.inplace = inplace;
+  m.paged_dst = dd.t.paged;
+  m.out = out;
+  return cudaSuccess;
+}
+
+inline void compact_mark_error(int32_t& err, reason r) {
+  if (err == 0) err = static_cast<int32_t>(r);
+}
+
+//! Host version of the device-side content checks (the selection must be in host memory, as must block tables).
+inline reason compact_check_host(const compact_meta& m) {
+  const int64_t S = m.sel.count;
+  if (S == 0) return reason::none;
+  std::vector<int64_t> owner;
+  if (m.paged_dst) owner.assign(static_cast<size_t>(m.dt.num_pages), -1);
+  auto mark = [&](int64_t b, int64_t blk) -> reason {
+    const int64_t page = m.dt.table[b * m.dt.stride + blk];
+    if (page < 0 || page >= m.dt.num_pages) return reason::out_of_range;
+    const int64_t key = b * m.dt.max_blocks + blk;
+    if (owner[page] != -1 && owner[page] != key) return reason::overlapping_buffers;
+    owner[page] = key;
+    return reason::none;
+  };
+  if (m.sel.offsets[0] != 0) return reason::out_of_range;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t off = m.sel.offsets[s], end = m.sel.offsets[s + 1];
+    if (end < off) return reason::out_of_range;
+    const int64_t kept = end - off;
+    if (kept > m.dst_capacity) return reason::capacity_exceeded;
+    const int64_t b = m.grid.batch_of(s);
+    for (int64_t p = 0; p < kept; ++p) {
+      const int64_t t = m.sel.indices[off + p];
+      if (t < 0 || t >= m.src_tokens) return reason::out_of_range;
+      if (m.inplace && p > 0 && m.sel.indices[off + p - 1] >= t) return reason::not_ascending;
+      if (m.st.paged) {
+        const int64_t blk = m.st.block_of(t);
+        const int64_t page = m.st.table[b * m.st.stride + blk];
+        if (page < 0 || page >= m.st.num_pages) return reason::out_of_range;
+        if (m.inplace) {
+          const reason r = mark(b, blk);
+          if (r != reason::none) return r;
+        }
+      }
+      if (m.paged_dst && p % m.dt.page_size == 0) {
+        const reason r = mark(b, m.dt.block_of(p));
+        if (r != reason::none) return r;
+      }
+    }
+  }
+  return reason::none;
+}
+
+//! Writes lengths / cu_seqlens / pages_in_use (host memory) from a host selection.
+inline void compact_outputs_host(const compact_meta& m) {
+  const int64_t S = m.sel.count;
+  if (m.out.lengths)
+    for (int64_t s = 0; s < S; ++s) m.out.lengths[s] = static_cast<int32_t>(m.sel.kept(s));
+  if (m.out.cu_seqlens && m.layers > 0) {
+    const int64_t spl = S / m.layers;
+    for (int64_t l = 0; l < m.layers; ++l)
+      for (int64_t j = 0; j <= spl; ++j)
+        m.out.cu_seqlens[l * (spl + 1) + j] =
+            static_cast<int32_t>(m.sel.offsets[l * spl + j] - m.sel.offsets[l * spl]);
+  }
+  if (m.out.pages_in_use)
+    for (int64_t b = 0; b < m.batch; ++b) {
+      int64_t mx = 0;
+      for (int64_t l = 0; l < m.layers; ++l)
+        for (int64_t h = 0; h < m.grid.heads; ++h) {
+          const int64_t k = m.sel.kept(m.grid.id(l, b, h));
+          mx = std::max(mx, (k + m.dt.page_size - 1) / m.dt.page_size);
+        }
+      m.out.pages_in_use[b] = static_cast<int32_t>(mx);
+    }
+}
+
+//! The move itself, sequentially: lanes in order, rows ascending, element chunks via memmove (so an in-place row
+//! that stays where it is, or moves down, is copied exactly as the device does).
+inline void compact_move_host(const compact_meta& m, const compact_ptrs& p) {
+  for (int64_t l = 0; l < m.layers; ++l)
+    for (int64_t b = 0; b < m.batch; ++b)
+      for (int32_t k = 0; k < m.kinds; ++k) {
+        const compact_geom& sg = m.src[k];
+        const compact_geom& dg = m.dst[k];
+        const int64_t unit = sg.contiguous && dg.contiguous ? sg.row_bytes : std::min(sg.elem_bytes, dg.elem_bytes);
+        for (int64_t h = 0; h < sg.heads; ++h) {
+          const int64_t seg = m.grid.heads == 1 ? m.grid.id(l, b) : m.grid.id(l, b, h);
+          const int64_t off = m.sel.offsets[seg], kept = m.sel.kept(seg);
+          for (int64_t j = 0; j < kept; ++j) {
+            const int64_t t = m.sel.indices[off + j];
+            const char* sr = p.src[l][k] + m.st.row(sg, b, h, t);
+            char* dr = p.dst[l][k] + m.dt.row(dg, b, h, j);
+            for (int64_t x = 0; unit > 0 && x < sg.row_bytes; x += unit)
+              std::memmove(dr + dg.chunk(x), sr + sg.chunk(x), static_cast<size_t>(unit));
+          }
+        }
+      }
+}
+
+template <class SrcCache, class DstCache>
+cudaError_t compact_host_run(const SrcCache& src, const DstCache& dst, bool inplace, const selection& sel,
+                             const segment_grid& grid, const compact_outputs& out) {
+  compact_meta m;
+  std::vector<compact_ptrs> ptrs(1);
+  PREFIXKV_TRY(compact_plan(src, dst, inplace, sel, grid, out, m, ptrs.data()));
+  const reason r = compact_check_host(m);
+  if (out.status) *out.status = static_cast<int32_t>(r);
+  switch (r) {
+    case reason::none: break;
+    case reason::out_of_range: return fail(r, "compact: an offset, index or page id is out of range");
+    case reason::not_ascending: return fail(r, "compact: in-place compaction needs strictly ascending indices");
+    case reason::capacity_exceeded: return fail(r, "compact: a segment keeps more tokens than the destination holds");
+    case reason::overlapping_buffers: return fail(r, "compact: a page appears twice in the destination block table");
+    default: return fail(r, "compact: invalid selection");
+  }
+  compact_move_host(m, ptrs[0]);
+  compact_outputs_host(m);
+  return cudaSuccess;
+}
+
+}  // namespace detail
+
+//! Host twin of `gather_kept`: copies the kept rows of `src` to the front of `dst` (both host memory).
+//! `Src`/`Dst` are `kv_layers<T, S>` or `paged_kv_layers<T, S>` (any combination, same row sizes).
+//! Rejects (cudaErrorInvalidValue, nothing written) bad shapes, overlapping source and destination, offsets,
+//! indices or page ids out of range (`reason::out_of_range`), kept > destination capacity
+//! (`reason::capacity_exceeded`), a page used twice in a paged destination (`reason::overlapping_buffers`).
+//! \code
+//! prefixkv::kv_layers<uint16_t> src{k.data(), v.data(), nullptr, nullptr, L}, dst{k2.data(), v2.data(), nullptr, nullptr, L};
+//! PREFIXKV_TRY(prefixkv::gather_kept_host(src, dst, sel, prefixkv::segment_grid{L, B, 1}, {}));
+//! \endcode
+template <class Src, class Dst>
+[[nodiscard]] cudaError_t gather_kept_host(const Src& src, const Dst& dst, const selection& sel,
+                                           const segment_grid& grid, const compact_outputs& out = {}) {
+  return detail::compact_host_run(src, dst, false, sel, grid, out);
+}
+
+//! Host twin of `compact_in_place`: order-preserving compaction of `cache` in its own memory. Indices must be
+//! strictly ascending (`reason::not_ascending` otherwise). Paged caches: kept tokens are packed into the first
+//! ceil(kept / page_size) pages of each sequence's block table; `out.pages_in_use` receives the page counts.
+//! Pages of the touched block-table prefix must be distinct (`reason::overlapping_buffers`).
+//! \code
+//! prefixkv::paged_kv_layers<uint16_t> cache{k.data(), v.data(), nullptr, nullptr, L};
+//! PREFIXKV_TRY(prefixkv::compact_in_place_host(cache, sel, grid, {nullptr, nullptr, pages_in_use}));
+//! \endcode
+template <class Cache>
+[[nodiscard]] cudaError_t compact_in_place_host(const Cache& cache, const selection& sel, const segment_grid& grid,
+                                                const compact_outputs& out = {}) {
+  return detail::compact_host_run(cache, cache, true, sel, grid, out);
+}
+
+PREFIXKV_NAMESPACE_END

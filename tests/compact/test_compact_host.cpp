@@ -1,0 +1,115 @@
+// Host twins of the compaction kernels, checked against hand-computed results (g++ only, no CUDA).
+#include <doctest/doctest.h>
+
+#include <prefixkv/compact/compact.hpp>
+
+#include <cstdint>
+#include <vector>
+
+using prefixkv::reason;
+
+namespace {
+// value of (layer, kind, b, h, t, d) for recognisable rows
+uint8_t val(int64_t kind, int64_t b, int64_t h, int64_t t, int64_t d) {
+  return static_cast<uint8_t>(kind * 100 + b * 50 + h * 20 + t * 2 + d);
+}
+}  // namespace
+
+TEST_CASE("in place, strided [B,H,S,D]: kept rows move to the front, the tail keeps its bytes") {
+  const int64_t B = 2, H = 2, T = 8, D = 2;
+  std::vector<uint8_t> k(B * H * T * D), v(k.size());
+  auto kv = prefixkv::make_kv_view_bhsd(k.data(), B, H, T, D);
+  auto vv = prefixkv::make_kv_view_bhsd(v.data(), B, H, T, D);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t d = 0; d < D; ++d) {
+          kv(b, h, t, d) = val(0, b, h, t, d);
+          vv(b, h, t, d) = val(1, b, h, t, d);
+        }
+  std::vector<int64_t> off{0, 3, 3};  // sequence 0 keeps {1, 4, 6}, sequence 1 keeps nothing
+  std::vector<int32_t> idx{1, 4, 6};
+  prefixkv::selection sel{2, off.data(), idx.data()};
+  prefixkv::kv_layers<uint8_t> cache{&kv, &vv, nullptr, nullptr, 1};
+  std::vector<int32_t> len(2, -1), cu(3, -1);
+  int32_t status = -1;
+  REQUIRE(prefixkv::compact_in_place_host(cache, sel, prefixkv::segment_grid{1, B, 1},
+                                          {len.data(), cu.data(), nullptr, &status}) == cudaSuccess);
+  CHECK(status == 0);
+  CHECK(len == std::vector<int32_t>{3, 0});
+  CHECK(cu == std::vector<int32_t>{0, 3, 3});
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t d = 0; d < D; ++d) {
+      const int64_t want[T] = {1, 4, 6, 3, 4, 5, 6, 7};  // tail rows unchanged
+      for (int64_t t = 0; t < T; ++t) {
+        CHECK(kv(0, h, t, d) == val(0, 0, h, want[t], d));
+        CHECK(vv(0, h, t, d) == val(1, 0, h, want[t], d));
+        CHECK(kv(1, h, t, d) == val(0, 1, h, t, d));  // sequence 1 untouched
+      }
+    }
+}
+
+TEST_CASE("gather, head-wise lists, strided -> paged NHD: pages in use and block-table placement") {
+  const int64_t B = 1, H = 2, T = 6, D = 3, P = 2, blocks = 3, pages = 4;
+  std::vector<uint8_t> k(B * H * T * D);
+  auto kv = prefixkv::make_kv_view_bshd(k.data(), B, T, H, D);
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t d = 0; d < D; ++d) kv(0, h, t, d) = val(0, 0, h, t, d);
+  std::vector<uint8_t> pool(pages * P * H * D, 0xEE);
+  std::vector<int32_t> table{3, 0, 2};
+  auto pv = prefixkv::make_paged_kv_view(pool.data(), prefixkv::page_layout::nhd, pages, P, H, D, table.data(), B, blocks);
+  std::vector<int64_t> off{0, 3, 4};  // head 0 keeps {0, 2, 5}; head 1 keeps {4}
+  std::vector<int32_t> idx{0, 2, 5, 4};
+  prefixkv::selection sel{2, off.data(), idx.data()};
+  prefixkv::kv_layers<uint8_t> src{&kv, nullptr, nullptr, nullptr, 1};
+  prefixkv::paged_kv_layers<uint8_t> dst{&pv, nullptr, nullptr, nullptr, 1};
+  int32_t used = -1;
+  REQUIRE(prefixkv::gather_kept_host(src, dst, sel, prefixkv::segment_grid{1, 1, H}, {nullptr, nullptr, &used, nullptr}) ==
+          cudaSuccess);
+  CHECK(used == 2);  // ceil(3 / 2)
+  for (int64_t d = 0; d < D; ++d) {
+    CHECK(pool[pv.pool_offset(3, 0, 0, d)] == val(0, 0, 0, 0, d));
+    CHECK(pool[pv.pool_offset(3, 1, 0, d)] == val(0, 0, 0, 2, d));
+    CHECK(pool[pv.pool_offset(0, 0, 0, d)] == val(0, 0, 0, 5, d));
+    CHECK(pool[pv.pool_offset(3, 0, 1, d)] == val(0, 0, 1, 4, d));
+    CHECK(pool[pv.pool_offset(0, 1, 0, d)] == 0xEE);  // beyond the kept rows: untouched
+    CHECK(pool[pv.pool_offset(3, 1, 1, d)] == 0xEE);
+    CHECK(pool[pv.pool_offset(1, 0, 0, d)] == 0xEE);  // page outside the table
+  }
+}
+
+TEST_CASE("host twins reject bad selections with distinct reasons, caches untouched") {
+  const int64_t B = 1, H = 1, T = 8, D = 4;
+  std::vector<uint8_t> k(B * H * T * D), small(B * H * 2 * D, 0x11);
+  for (size_t i = 0; i < k.size(); ++i) k[i] = uint8_t(i);
+  const auto before = k;
+  auto kv = prefixkv::make_kv_view_bhsd(k.data(), B, H, T, D);
+  auto sv = prefixkv::make_kv_view_bhsd(small.data(), B, H, 2, D);
+  prefixkv::kv_layers<uint8_t> cache{&kv, nullptr, nullptr, nullptr, 1};
+  prefixkv::kv_layers<uint8_t> tiny{&sv, nullptr, nullptr, nullptr, 1};
+  const prefixkv::segment_grid grid{1, 1, 1};
+  std::vector<int64_t> off{0, 3};
+  auto run = [&](std::vector<int32_t> idx) {
+    prefixkv::selection sel{1, off.data(), idx.data()};
+    return prefixkv::compact_in_place_host(cache, sel, grid);
+  };
+  CHECK(run({0, 3, 8}) == cudaErrorInvalidValue);
+  CHECK(prefixkv::last_error().why == reason::out_of_range);
+  CHECK(run({0, 5, 3}) == cudaErrorInvalidValue);
+  CHECK(prefixkv::last_error().why == reason::not_ascending);
+  CHECK(run({2, 2, 3}) == cudaErrorInvalidValue);
+  CHECK(prefixkv::last_error().why == reason::not_ascending);
+  std::vector<int32_t> idx{5, 1, 3};  // unordered is fine for a gather, but 3 rows do not fit in 2
+  prefixkv::selection sel{1, off.data(), idx.data()};
+  CHECK(prefixkv::gather_kept_host(cache, tiny, sel, grid) == cudaErrorInvalidValue);
+  CHECK(prefixkv::last_error().why == reason::capacity_exceeded);
+  CHECK(prefixkv::gather_kept_host(cache, cache, sel, grid) == cudaErrorInvalidValue);
+  CHECK(prefixkv::last_error().why == reason::overlapping_buffers);
+  CHECK(k == before);
+  CHECK(std::all_of(small.begin(), small.end(), [](uint8_t x) { return x == 0x11; }));
+  off = {0, 2};
+  CHECK(prefixkv::gather_kept_host(cache, tiny, sel, grid) == cudaSuccess);
+  CHECK(small[0] == 5 * D);
+  CHECK(small[D] == 1 * D);
+}

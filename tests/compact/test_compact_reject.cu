@@ -1,0 +1,252 @@
+// Bad inputs: rejected with distinct reasons, caches byte-identical afterwards. Host-visible problems are
+// refused before anything is enqueued; device-resident ones (indices, offsets, page ids) by the check kernel,
+// which makes the move kernel write nothing and reports the reason through `out.status`.
+#include "compact_test_util.cuh"
+
+using namespace compact_test;
+using prefixkv::reason;
+
+namespace {
+
+geometry small() {
+  geometry g;
+  g.L = 2;
+  g.B = 2;
+  g.H = 2;
+  g.T = 40;
+  g.D = 64;
+  g.page = 8;
+  return g;
+}
+
+// Device path (three ways) and host twin must both refuse with `why`; nothing may change.
+template <class T>
+void expect_device_reject(cache<T>& src, cache<T>* dst, host_selection& sel, const prefixkv::segment_grid& grid,
+                          reason why) {
+  const std::string why_s = std::string("expected reason ") + prefixkv::to_string(why);
+  INFO(why_s);
+  const auto src_before = src.host;
+  const auto dst_before = dst ? dst->host : std::vector<unsigned char>{};
+  outputs out(grid.count(), grid.layers, grid.batch, dst ? is_paged(dst->lay) : is_paged(src.lay));
+  // host twin
+  cudaError_t e = cudaSuccess;
+  if (dst)
+    src.visit(true, [&](const auto& s) {
+      dst->visit(true, [&](const auto& d) { e = prefixkv::gather_kept_host(s, d, sel.host(), grid, out.host()); });
+    });
+  else
+    src.visit(true, [&](const auto& s) { e = prefixkv::compact_in_place_host(s, sel.host(), grid, out.host()); });
+  CHECK(e == cudaErrorInvalidValue);
+  CHECK(prefixkv::last_error().why == why);
+  CHECK(out.h_status == int32_t(why));
+  CHECK(first_diff(src.host, src_before) == -1);
+  if (dst) CHECK(first_diff(dst->host, dst_before) == -1);
+  // device
+  run_three_ways(
+      [&](void* t, size_t& bytes, cudaStream_t st) {
+        cudaError_t err = cudaErrorUnknown;
+        if (dst)
+          src.visit(false, [&](const auto& s) {
+            dst->visit(false, [&](const auto& d) { err = prefixkv::gather_kept(t, bytes, s, d, sel.dev(), grid, out.dev(), st); });
+          });
+        else
+          src.visit(false, [&](const auto& s) { err = prefixkv::compact_in_place(t, bytes, s, sel.dev(), grid, out.dev(), st); });
+        return err;
+      },
+      [&] {
+        src.upload(src_before);
+        if (dst) dst->upload(dst_before);
+        out.poison();
+      },
+      [&](const char* mode) {
+        const std::string md = mode;
+        INFO(md);
+        CHECK(out.status() == int32_t(why));
+        CHECK(first_diff(src.download(), src_before) == -1);
+        if (dst) CHECK(first_diff(dst->download(), dst_before) == -1);
+        const auto len = out.d_len.download();
+        CHECK(std::all_of(len.begin(), len.end(), [](int32_t v) { return v == poison_value<int32_t>(); }));
+      });
+}
+
+}  // namespace
+
+TEST_CASE("device-side checks: indices, offsets, capacity, page ids, duplicate pages") {
+  auto rng = make_rng(701);
+  const geometry g = small();
+  const prefixkv::segment_grid grid{g.L, g.B, 1};
+  for (layout sl : {layout::bhsd, layout::nhd}) {
+    const std::string lay_s = std::string("layout ") + name(sl);
+    INFO(lay_s);
+    cache<uint16_t> src(sl, g, rng, false);
+    cache<uint16_t> dst(layout::bshd, g, rng, true);
+    src.upload(src.host);
+    dst.upload(dst.host);
+    {  // index out of range (gather)
+      host_selection sel = random_selection(rng, grid.count(), g.T, 3, false);
+      sel.indices[sel.offsets[3] - 1] = int32_t(g.T);
+      sel.upload();
+      expect_device_reject(src, &dst, sel, grid, reason::out_of_range);
+    }
+    {  // negative index (in place)
+      host_selection sel = random_selection(rng, grid.count(), g.T, 3, false);
+      sel.indices[sel.offsets[1]] = -1;
+      sel.upload();
+      expect_device_reject<uint16_t>(src, nullptr, sel, grid, reason::out_of_range);
+    }
+    {  // not ascending (in place)
+      host_selection sel = random_selection(rng, grid.count(), g.T, 3, false);
+      std::swap(sel.indices[sel.offsets[2]], sel.indices[sel.offsets[2] + 1]);
+      sel.upload();
+      expect_device_reject<uint16_t>(src, nullptr, sel, grid, reason::not_ascending);
+    }
+    {  // duplicate index (in place)
+      host_selection sel = random_selection(rng, grid.count(), g.T, 3, false);
+      sel.indices[sel.offsets[2] + 1] = sel.indices[sel.offsets[2]];
+      sel.upload();
+      expect_device_reject<uint16_t>(src, nullptr, sel, grid, reason::not_ascending);
+    }
+    {  // decreasing offsets (gather, so that no other check can fire first)
+      host_selection sel = random_selection(rng, grid.count(), g.T, 2, false);
+      sel.offsets[2] = sel.offsets[1] - 1;
+      sel.upload();
+      expect_device_reject(src, &dst, sel, grid, reason::out_of_range);
+    }
+    {  // kept > destination capacity
+      geometry gs = g;
+      gs.T = 10;
+      cache<uint16_t> tiny(layout::bhsd, gs, rng, true);
+      tiny.upload(tiny.host);
+      host_selection sel = random_selection(rng, grid.count(), g.T, 3, false);  // 20 kept > 10
+      expect_device_reject(src, &tiny, sel, grid, reason::capacity_exceeded);
+    }
+  }
+  {  // page id out of range (paged source)
+    cache<uint16_t> src(layout::hnd, g, rng, false);
+    cache<uint16_t> dst(layout::bhsd, g, rng, true);
+    src.table[1] = int32_t(src.num_pages);
+    src.dtable.upload(src.table);
+    src.upload(src.host);
+    dst.upload(dst.host);
+    host_selection sel = random_selection(rng, grid.count(), g.T, 4, false);
+    expect_device_reject(src, &dst, sel, grid, reason::out_of_range);
+  }
+  {  // page used twice (paged in place)
+    cache<uint16_t> kv(layout::nhd, g, rng, false);
+    kv.table[kv.max_blocks + 1] = kv.table[0];  // sequence 1 block 1 aliases sequence 0 block 0
+    kv.dtable.upload(kv.table);
+    kv.upload(kv.host);
+    host_selection sel = random_selection(rng, grid.count(), g.T, 4, false);
+    expect_device_reject<uint16_t>(kv, nullptr, sel, grid, reason::overlapping_buffers);
+  }
+  {  // page used twice (paged destination)
+    cache<uint16_t> src(layout::bhsd, g, rng, false);
+    cache<uint16_t> dst(layout::hnd, g, rng, true);
+    dst.table[2] = dst.table[1];
+    dst.dtable.upload(dst.table);
+    src.upload(src.host);
+    dst.upload(dst.host);
+    host_selection sel = random_selection(rng, grid.count(), g.T, 4, false);
+    expect_device_reject(src, &dst, sel, grid, reason::overlapping_buffers);
+  }
+}
+
+TEST_CASE("host-side checks: refused before anything is enqueued") {
+  auto rng = make_rng(702);
+  const geometry g = small();
+  const prefixkv::segment_grid grid{g.L, g.B, 1};
+  cache<uint16_t> src(layout::bhsd, g, rng, false);
+  cache<uint16_t> dst(layout::bshd, g, rng, true);
+  src.upload(src.host);
+  dst.upload(dst.host);
+  host_selection sel = random_selection(rng, grid.count(), g.T, 3, false);
+  const auto sb = src.download(), db = dst.download();
+  auto expect = [&](cudaError_t e, reason why) {
+    const std::string why_s = std::string("expected reason ") + prefixkv::to_string(why);
+  INFO(why_s);
+    CHECK(e == cudaErrorInvalidValue);
+    CHECK(prefixkv::last_error().why == why);
+  };
+  size_t bytes = 1 << 20;
+  device_buffer<unsigned char> temp(bytes);
+  auto s = [&] { return prefixkv::kv_layers<uint16_t>{src.ds[0].data(), src.ds[1].data(), nullptr, nullptr, g.L}; };
+  auto d = [&] { return prefixkv::kv_layers<uint16_t>{dst.ds[0].data(), dst.ds[1].data(), nullptr, nullptr, g.L}; };
+
+  // source and destination overlap (gather onto itself)
+  expect(prefixkv::gather_kept(temp.get(), bytes, s(), s(), sel.dev(), grid), reason::overlapping_buffers);
+  // selection count does not match the grid
+  expect(prefixkv::gather_kept(temp.get(), bytes, s(), d(), sel.dev(), prefixkv::segment_grid{g.L, g.B, 2}),
+         reason::shape_mismatch);
+  // grid heads neither 1 nor H
+  expect(prefixkv::compact_in_place(temp.get(), bytes, s(), sel.dev(), prefixkv::segment_grid{g.L, g.B, 3}),
+         reason::shape_mismatch);
+  // layers of one kind differ
+  {
+    auto bad = src.ds[0];
+    bad[1].stride_batch += 8;
+    prefixkv::kv_layers<uint16_t> x{bad.data(), src.ds[1].data(), nullptr, nullptr, g.L};
+    expect(prefixkv::compact_in_place(temp.get(), bytes, x, sel.dev(), grid), reason::shape_mismatch);
+  }
+  // negative stride
+  {
+    auto bad = src.ds[0];
+    for (auto& v : bad) v.stride_head = -v.stride_head;
+    prefixkv::kv_layers<uint16_t> x{bad.data(), src.ds[1].data(), nullptr, nullptr, g.L};
+    expect(prefixkv::compact_in_place(temp.get(), bytes, x, sel.dev(), grid), reason::negative_stride);
+  }
+  // overlapping strides in a view
+  {
+    auto bad = src.ds[0];
+    for (auto& v : bad) v.stride_token = 1;
+    prefixkv::kv_layers<uint16_t> x{bad.data(), src.ds[1].data(), nullptr, nullptr, g.L};
+    expect(prefixkv::compact_in_place(temp.get(), bytes, x, sel.dev(), grid), reason::overlapping_strides);
+  }
+  // destination rows of another size
+  {
+    geometry g2 = g;
+    g2.D = 32;
+    cache<uint16_t> other(layout::bhsd, g2, rng, true);
+    prefixkv::kv_layers<uint16_t> x{other.ds[0].data(), other.ds[1].data(), nullptr, nullptr, g.L};
+    expect(prefixkv::gather_kept(temp.get(), bytes, s(), x, sel.dev(), grid), reason::shape_mismatch);
+  }
+  // head-wise lists with per-token (shared) scales
+  {
+    geometry g3 = g;
+    g3.scales = 1;
+    cache<uint16_t> sc(layout::bhsd, g3, rng, false);
+    host_selection hw = random_selection(rng, g.L * g.B * g.H, g.T, 3, false);
+    sc.visit(false, [&](const auto& x) {
+      expect(prefixkv::compact_in_place(temp.get(), bytes, x, hw.dev(), prefixkv::segment_grid{g.L, g.B, g.H}),
+             reason::shape_mismatch);
+    });
+  }
+  // null indices
+  {
+    prefixkv::selection nul = sel.dev();
+    nul.indices = nullptr;
+    expect(prefixkv::compact_in_place(temp.get(), bytes, s(), nul, grid), reason::null_pointer);
+  }
+  // workspace smaller than the size query
+  {
+    size_t need = 0;
+    REQUIRE(prefixkv::compact_in_place(nullptr, need, s(), sel.dev(), grid) == cudaSuccess);
+    size_t small_bytes = need - 1;
+    expect(prefixkv::compact_in_place(temp.get(), small_bytes, s(), sel.dev(), grid), reason::workspace_too_small);
+  }
+  // too many layers
+  {
+    std::vector<prefixkv::kv_view<uint16_t>> many(prefixkv::compact_max_layers + 1, src.ds[0][0]);
+    prefixkv::kv_layers<uint16_t> x{many.data(), nullptr, nullptr, nullptr, int64_t(many.size())};
+    expect(prefixkv::compact_in_place(temp.get(), bytes, x, sel.dev(), grid), reason::unsupported);
+  }
+  // pages_in_use requested for a strided destination
+  {
+    device_buffer<int32_t> pages(4);
+    prefixkv::compact_outputs o{};
+    o.pages_in_use = pages.get();
+    expect(prefixkv::gather_kept(temp.get(), bytes, s(), d(), sel.dev(), grid, o), reason::bad_parameter);
+  }
+  PKV_CUDA_CHECK(cudaDeviceSynchronize());
+  CHECK(first_diff(src.download(), sb) == -1);
+  CHECK(first_diff(dst.download(), db) == -1);
+}
