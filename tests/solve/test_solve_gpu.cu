@@ -1,0 +1,268 @@
+// Device solver == host solver (bit-identical keep counts and thresholds), across ragged batches of many
+// problems with thousands of segments; every call through run_three_ways (size query, plain, graph).
+#include <doctest/doctest.h>
+
+#include <prefixkv/solve/solve.cuh>
+
+#include "solve/solve_oracle.hpp"
+#include "support/gpu_harness.cuh"
+#include "support/test_random.hpp"
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+using namespace prefixkv_test;
+namespace pk = prefixkv;
+
+namespace {
+
+struct batch {
+  std::vector<int64_t> rows, poff;
+  std::vector<float> scores;
+  pk::curve_buffers curves;
+};
+
+// P problems; problem q has nseg(q) segments of random lengths in [0, max_n].
+batch make_batch(std::mt19937_64& rng, int64_t P, int64_t max_seg, int64_t max_n, pk::protect_policy prot,
+                 score_kind kind) {
+  batch b;
+  b.poff.assign(P + 1, 0);
+  for (int64_t q = 0; q < P; ++q) b.poff[q + 1] = b.poff[q] + int64_t(rng() % (max_seg + 1));
+  const int64_t S = b.poff[P];
+  b.rows.assign(S + 1, 0);
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t n = rng() % 8 == 0 ? int64_t(rng() % 3) : int64_t(rng() % (max_n + 1));  // some tiny rows
+    b.rows[s + 1] = b.rows[s] + n;
+  }
+  b.scores.resize(b.rows[S]);
+  for (int64_t s = 0; s < S; ++s) fill_row(rng, kind, b.scores.data() + b.rows[s], b.rows[s + 1] - b.rows[s]);
+  REQUIRE(pk::build_curves_host(b.scores.data(), pk::make_offset_segments(S, b.rows.data()), prot, b.curves) ==
+          cudaSuccess);
+  return b;
+}
+
+struct device_curves {
+  device_buffer<int64_t> offsets, tokens;
+  device_buffer<int32_t> positions;
+  device_buffer<float> cumulative;
+  pk::curve_set view;
+  explicit device_curves(const pk::curve_buffers& c)
+      : offsets(c.offsets), tokens(c.tokens), positions(c.positions), cumulative(c.cumulative) {
+    view = c.view();
+    view.offsets = offsets.get();
+    view.tokens = tokens.get();
+    view.positions = positions.get();
+    view.cumulative = cumulative.get();
+    view.sorted_scores = nullptr;
+  }
+};
+
+// Host expectation per problem: keep, threshold and status (a rejected problem keeps everything).
+void expected(const batch& b, const pk::solve_budget& hb, const pk::keep_bounds& hbd, std::vector<int64_t>& keep,
+              std::vector<float>& thr, std::vector<int32_t>& status) {
+  const int64_t P = int64_t(b.poff.size()) - 1, S = b.curves.view().count;
+  keep.assign(S, 0);
+  thr.assign(P, 0.0f);
+  status.assign(P, 0);
+  for (int64_t q = 0; q < P; ++q) {
+    pk::solve_budget one = hb;
+    one.ratios = nullptr;
+    one.counts = nullptr;
+    if (hb.ratios) one.ratio = hb.ratios[q];
+    if (hb.counts) one.count = hb.counts[q];
+    const int64_t po[2] = {b.poff[q], b.poff[q + 1]};
+    std::vector<int64_t> k(S, -1);
+    float t = 0;
+    const cudaError_t e = pk::solve_host(b.curves.view(), 1, po, one, hbd, k.data(), &t);
+    if (e == cudaSuccess) {
+      for (int64_t s = po[0]; s < po[1]; ++s) keep[s] = k[s];
+      thr[q] = t;
+      // cross-check with the independent oracle when no bounds arrays are in play
+      if (hbd.lo == nullptr && hbd.hi == nullptr) {
+        const auto o = oracle_solve(b.curves.view(), po[0], po[1], int(one.kind), one.ratio, one.count, hbd.min_keep,
+                                    hbd.max_keep);
+        REQUIRE(o.ok);
+        CHECK(std::vector<int64_t>(keep.begin() + po[0], keep.begin() + po[1]) == o.keep);
+      }
+    } else {
+      status[q] = int32_t(pk::last_error().why);
+      for (int64_t s = po[0]; s < po[1]; ++s) keep[s] = b.curves.tokens[s];
+    }
+  }
+}
+
+void run_and_compare(const batch& b, const pk::solve_budget& hb, const pk::solve_budget& db,
+                     const pk::keep_bounds& hbd, const pk::keep_bounds& dbd) {
+  const int64_t P = int64_t(b.poff.size()) - 1, S = b.curves.view().count;
+  std::vector<int64_t> ekeep;
+  std::vector<float> ethr;
+  std::vector<int32_t> estatus;
+  expected(b, hb, hbd, ekeep, ethr, estatus);
+  device_curves dc(b.curves);
+  device_buffer<int64_t> poff(b.poff), keep(S + 1);
+  device_buffer<float> thr(P);
+  device_buffer<int32_t> status(P);
+  int64_t rejected = 0;
+  for (auto s : estatus) rejected += s != 0;
+  INFO("P ", P, " S ", S, " rejected ", rejected);
+  for (bool fast : {true, false}) {
+  INFO("fast path enabled: ", fast);
+  run_three_ways(
+      [&](void* t, size_t& bytes, cudaStream_t st) {
+        if (fast) return pk::solve(t, bytes, dc.view, P, poff.get(), db, dbd, keep.get(), thr.get(), status.get(), st);
+        return pk::detail::solve_impl(t, bytes, dc.view, P, poff.get(), db, dbd, keep.get(), thr.get(), status.get(),
+                                      st, false);
+      },
+      [&] {
+        keep.poison();
+        thr.poison();
+        status.poison();
+      },
+      [&](const char* mode) {
+        INFO("mode ", mode);
+        auto k = keep.download();
+        CHECK(k[S] == poison_value<int64_t>());  // nothing written past S
+        k.resize(S);
+        CHECK(k == ekeep);
+        CHECK(thr.download() == ethr);
+        CHECK(status.download() == estatus);
+      });
+  }
+}
+
+}  // namespace
+
+TEST_CASE("device solver == host solver: ragged batches, thousands of segments, every input kind") {
+  auto rng = make_rng(401);
+  for (score_kind kind : {score_kind::mixed, score_kind::tied, score_kind::zeros, score_kind::onehot,
+                          score_kind::heavy, score_kind::uniform}) {
+    const int64_t P = 1 + rng() % 97;
+    batch b = make_batch(rng, P, 1 + rng() % 80, 1 + rng() % 300,
+                         pk::protect_policy{int64_t(rng() % 5), int64_t(rng() % 3)}, kind);
+    INFO("kind ", name(kind));
+    std::vector<double> ratios(P);
+    for (auto& r : ratios) r = std::uniform_real_distribution<double>(0.0, 0.85)(rng);
+    ratios[0] = 0.999;  // likely infeasible: exercises the status path
+    pk::solve_budget hb = pk::budget_evict_ratio(0);
+    hb.ratios = ratios.data();
+    device_buffer<double> dratios(ratios);
+    pk::solve_budget db = hb;
+    db.ratios = dratios.get();
+    run_and_compare(b, hb, db, {}, {});
+    // uniform keep-candidates budget with uniform bounds
+    pk::keep_bounds bd;
+    bd.min_keep = rng() % 3;
+    bd.max_keep = bd.min_keep + rng() % 40;
+    const auto kc = pk::budget_keep_candidates(int64_t(rng() % 200));
+    run_and_compare(b, kc, kc, bd, bd);
+  }
+}
+
+TEST_CASE("device solver: per-problem token budgets and per-segment bound arrays") {
+  auto rng = make_rng(402);
+  const int64_t P = 33;
+  batch b = make_batch(rng, P, 40, 200, pk::protect_policy{}, score_kind::mixed);
+  const int64_t S = b.curves.view().count;
+  std::vector<int64_t> counts(P), lo(S), hi(S);
+  for (int64_t q = 0; q < P; ++q) {
+    int64_t N = 0;
+    for (int64_t s = b.poff[q]; s < b.poff[q + 1]; ++s) N += b.curves.tokens[s];
+    counts[q] = N ? int64_t(rng() % (N + 1)) : 0;
+  }
+  for (int64_t s = 0; s < S; ++s) {
+    lo[s] = rng() % 4;
+    hi[s] = rng() % 5 == 0 ? lo[s] + int64_t(rng() % 10) : INT64_MAX;
+  }
+  device_buffer<int64_t> dcounts(counts), dlo(lo), dhi(hi);
+  pk::solve_budget hb = pk::budget_keep_tokens(0), db = hb;
+  hb.counts = counts.data();
+  db.counts = dcounts.get();
+  pk::keep_bounds hbd, dbd;
+  hbd.lo = lo.data();
+  hbd.hi = hi.data();
+  dbd.lo = dlo.get();
+  dbd.hi = dhi.get();
+  run_and_compare(b, hb, db, hbd, dbd);
+}
+
+TEST_CASE("device solver: large problems (multi-level windows, uncached metadata, no samples)") {
+  auto rng = make_rng(403);
+  struct shape {
+    int64_t segs, n;
+    score_kind kind;
+  };
+  for (shape sh : {shape{32, 4096, score_kind::mixed}, shape{3, 70000, score_kind::mixed},
+                   shape{80, 20000, score_kind::heavy}, shape{50, 5000, score_kind::onehot},
+                   shape{40, 3000, score_kind::tied}, shape{1500, 40, score_kind::mixed},
+                   shape{20000, 9, score_kind::mixed}}) {
+    batch b;
+    b.poff = {0, sh.segs};
+    b.rows.assign(sh.segs + 1, 0);
+    for (int64_t s = 0; s < sh.segs; ++s) b.rows[s + 1] = b.rows[s] + sh.n - int64_t(rng() % 3);
+    b.scores.resize(b.rows[sh.segs]);
+    for (int64_t s = 0; s < sh.segs; ++s)
+      fill_row(rng, sh.kind, b.scores.data() + b.rows[s], b.rows[s + 1] - b.rows[s]);
+    REQUIRE(pk::build_curves_host(b.scores.data(), pk::make_offset_segments(sh.segs, b.rows.data()),
+                                  pk::protect_policy{}, b.curves) == cudaSuccess);
+    INFO("segments ", sh.segs, " tokens ", sh.n, " kind ", name(sh.kind));
+    for (double r : {0.0, 0.1, 0.5, 0.77}) {
+      const auto bud = pk::budget_evict_ratio(r);
+      run_and_compare(b, bud, bud, {}, {});
+    }
+  }
+}
+
+TEST_CASE("device solver: host-checkable bad arguments are rejected before anything is enqueued") {
+  pk::curve_set cv;
+  cv.count = 3;
+  int64_t* keep = nullptr;
+  size_t bytes = 0;
+  CHECK(pk::solve(nullptr, bytes, cv, 1, nullptr, pk::budget_evict_ratio(0.5), {}, keep) == cudaErrorInvalidValue);
+  CHECK(pk::last_error().why == pk::reason::null_pointer);
+  device_buffer<int64_t> k(4);
+  device_buffer<float> f(4);
+  cv.offsets = k.get();
+  cv.tokens = k.get();
+  cv.cumulative = f.get();
+  CHECK(pk::solve(nullptr, bytes, cv, 1, nullptr, pk::budget_evict_ratio(1.5), {}, k.get()) == cudaErrorInvalidValue);
+  CHECK(pk::last_error().why == pk::reason::bad_parameter);
+  CHECK(pk::solve(nullptr, bytes, cv, 2, nullptr, pk::budget_evict_ratio(0.5), {}, k.get()) == cudaErrorInvalidValue);
+  pk::keep_bounds bd;
+  bd.min_keep = 5;
+  bd.max_keep = 1;
+  CHECK(pk::solve(nullptr, bytes, cv, 1, nullptr, pk::budget_evict_ratio(0.5), bd, k.get()) == cudaErrorInvalidValue);
+  CHECK(pk::last_error().why == pk::reason::infeasible_bounds);
+  bytes = 0;
+  REQUIRE(pk::solve(nullptr, bytes, cv, 1, nullptr, pk::budget_evict_ratio(0.5), {}, k.get()) == cudaSuccess);
+  CHECK(bytes > 0);
+  device_buffer<unsigned char> tmp(bytes);
+  size_t small = bytes - 1;
+  CHECK(pk::solve(tmp.get(), small, cv, 1, nullptr, pk::budget_evict_ratio(0.5), {}, k.get()) == cudaErrorInvalidValue);
+  CHECK(pk::last_error().why == pk::reason::workspace_too_small);
+}
+
+TEST_CASE("device solver: bad problem offsets are reported per problem") {
+  auto rng = make_rng(404);
+  batch b = make_batch(rng, 3, 5, 30, pk::protect_policy{}, score_kind::uniform);
+  const int64_t S = b.curves.view().count;
+  device_curves dc(b.curves);
+  std::vector<int64_t> poff = {0, S + 5, S};  // problem 0 out of range; problem 1 reversed
+  device_buffer<int64_t> dpoff(poff), keep(S);
+  device_buffer<float> thr(2);
+  device_buffer<int32_t> status(2);
+  run_three_ways(
+      [&](void* t, size_t& bytes, cudaStream_t st) {
+        return pk::solve(t, bytes, dc.view, 2, dpoff.get(), pk::budget_evict_ratio(0.1), {}, keep.get(), thr.get(),
+                         status.get(), st);
+      },
+      [&] {
+        keep.poison();
+        status.poison();
+        thr.poison();
+      },
+      [&](const char*) {
+        CHECK(status.download() == std::vector<int32_t>{int32_t(pk::reason::out_of_range), int32_t(pk::reason::out_of_range)});
+        for (auto k : keep.download()) CHECK(k == poison_value<int64_t>());
+      });
+}
