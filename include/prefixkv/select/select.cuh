@@ -38,6 +38,8 @@ __device__ inline void set_status(int32_t* status, reason why) {
 }
 
 // keep counts clamped to [protected, tokens] -> offsets (S + 1)
+// Kernels in headers are templates (a dummy parameter) so that several translation units may include them.
+template <int = 0>
 PREFIXKV_KERNEL void __launch_bounds__(select_scan_threads)
     selection_offsets_kernel(curve_set cv, const int64_t* keep, int64_t* offsets, int32_t* status) {
   __shared__ block_scratch sc;
@@ -75,6 +77,7 @@ __device__ inline uint32_t mask_below(int64_t x, int64_t p0) {  // bits of posit
   return (1u << (x - p0)) - 1u;
 }
 
+template <int = 0>
 PREFIXKV_KERNEL void __launch_bounds__(select_threads)
     selection_write_kernel(curve_set cv, const int64_t* offsets, int32_t* indices, int64_t capacity,
                            int32_t* status) {
@@ -177,11 +180,11 @@ PREFIXKV_KERNEL void __launch_bounds__(select_threads)
     return cudaSuccess;
   }
   PREFIXKV_TRY(ws.map(d_temp, temp_bytes));
-  detail::selection_offsets_kernel<<<1, detail::select_scan_threads, 0, stream>>>(curves, keep, offsets, status);
+  detail::selection_offsets_kernel<><<<1, detail::select_scan_threads, 0, stream>>>(curves, keep, offsets, status);
   PREFIXKV_TRY(detail::check_launch(stream));
   if (curves.count == 0) return cudaSuccess;
   const int64_t grid = curves.count < 65535 * 16 ? curves.count : 65535 * 16;
-  detail::selection_write_kernel<<<static_cast<unsigned>(grid), detail::select_threads, 0, stream>>>(
+  detail::selection_write_kernel<><<<static_cast<unsigned>(grid), detail::select_threads, 0, stream>>>(
       curves, offsets, indices, capacity, status);
   return detail::check_launch(stream);
 }

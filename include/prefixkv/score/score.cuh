@@ -1,0 +1,873 @@
+//! \file prefixkv/score/score.cuh
+//! CUDA scorers: the device versions of the host twins in score.hpp (same semantics, same arguments plus the
+//! CUB-style workspace, a stream and an optional device status word).
+//!
+//! * `accumulated_attention`  — the paper's scorer from materialised probabilities (bit-identical to the twin).
+//! * `window_attention`       — observation-window attention from Q and K (FlashAttention-compatible): tensor
+//!                              cores (WMMA, fp32 accumulation) for f16/bf16 with head_dim % 16 == 0, exact fp32
+//!                              CUDA-core dot products otherwise. Softmax in two passes (row statistics, then
+//!                              probabilities) or one pass with a caller LSE. Probabilities live only in
+//!                              registers/shared memory; K is read per kv head (never expanded by the group).
+//! * `key_norm`               — minus (or reciprocal of) the key L2 norms.
+//!
+//! Error reporting without a sync: pass `unsigned* d_status` (device, zeroed by you once); kernels OR
+//! `status_bits` into it (NaN/Inf inputs, device-side row lengths out of range). Read it whenever you sync
+//! anyway, or call `read_status` — the validating entry point, which syncs the stream and turns the bits into an
+//! error code with a reason.
+//!
+//! \code
+//! size_t bytes = 0;
+//! auto q = prefixkv::make_kv_view_bhsd(d_q_window, B, 32, 64, 128);     // const bf16*, last 64 queries
+//! auto k = prefixkv::make_kv_view_bhsd(d_k, B, 8, capacity, 128);       // const bf16*
+//! prefixkv::segment_grid grid{layers, B, 1};
+//! auto rows = prefixkv::make_offset_segments(grid.count(), d_row_offsets);  // device cu_seqlens per (layer, b)
+//! PREFIXKV_TRY(prefixkv::window_attention(nullptr, bytes, q, k, prefixkv::lse_view{}, {}, grid, layer, rows,
+//!                                         d_scores, d_status, stream));
+//! // allocate bytes at d_temp (256-byte aligned), then
+//! PREFIXKV_TRY(prefixkv::window_attention(d_temp, bytes, q, k, prefixkv::lse_view{}, {}, grid, layer, rows,
+//!                                         d_scores, d_status, stream));
+//! \endcode
+#pragma once
+
+#include "score.hpp"
+
+#include "../core/launch.cuh"
+#include "../core/workspace.hpp"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+PREFIXKV_NAMESPACE_BEGIN
+
+//! The validating entry point: waits for `stream`, reads the status word and returns `cudaSuccess` or
+//! `cudaErrorInvalidValue` with the reason of the first set bit (nonfinite_input, out_of_range, negative_input,
+//! capacity_exceeded). This SYNCHRONISES; keep it out of hot paths and graphs. `h_status` receives the bits.
+[[nodiscard]] inline cudaError_t read_status(const unsigned* d_status, unsigned& h_status, cudaStream_t stream = 0) {
+  h_status = 0;
+  if (d_status == nullptr) return detail::fail(reason::null_pointer, "read_status: d_status is null");
+  PREFIXKV_TRY(detail::check_runtime(cudaMemcpyAsync(&h_status, d_status, sizeof(unsigned), cudaMemcpyDeviceToHost, stream),
+                                     "read_status: copy failed"));
+  PREFIXKV_TRY(detail::check_runtime(cudaStreamSynchronize(stream), "read_status: stream failed"));
+  if (h_status & status_nonfinite) return detail::fail(reason::nonfinite_input, "scorer: NaN or infinity in an input");
+  if (h_status & status_bad_length)
+    return detail::fail(reason::out_of_range, "scorer: a row length is outside [window, token capacity]");
+  if (h_status & status_negative) return detail::fail(reason::negative_input, "curve builder: a score is negative");
+  if (h_status & status_capacity)
+    return detail::fail(reason::capacity_exceeded, "curve builder: candidates exceed the capacity given");
+  return cudaSuccess;
+}
+
+namespace detail {
+
+PREFIXKV_DEVICE void flag(unsigned* status, unsigned bits) {
+  if (status != nullptr && bits != 0u) atomicOr(status, bits);
+}
+
+//! Non-finite test on raw 32-bit words holding packed elements of type T.
+template <class T>
+PREFIXKV_DEVICE bool word_nonfinite(uint32_t w);
+template <>
+PREFIXKV_DEVICE bool word_nonfinite<float>(uint32_t w) {
+  return (w & 0x7F800000u) == 0x7F800000u;
+}
+template <>
+PREFIXKV_DEVICE bool word_nonfinite<f16>(uint32_t w) {
+  return (w & 0x7C00u) == 0x7C00u || (w & 0x7C000000u) == 0x7C000000u;
+}
+template <>
+PREFIXKV_DEVICE bool word_nonfinite<bf16>(uint32_t w) {
+  return (w & 0x7F80u) == 0x7F80u || (w & 0x7F800000u) == 0x7F800000u;
+}
+PREFIXKV_DEVICE bool elem_nonfinite(float x) { return !isfinite(x); }
+PREFIXKV_DEVICE bool elem_nonfinite(f16 x) { return (x.bits & 0x7C00u) == 0x7C00u; }
+PREFIXKV_DEVICE bool elem_nonfinite(bf16 x) { return (x.bits & 0x7F80u) == 0x7F80u; }
+
+template <class T>
+struct wmma_elem;
+template <>
+struct wmma_elem<f16> {
+  using type = __half;
+};
+template <>
+struct wmma_elem<bf16> {
+  using type = __nv_bfloat16;
+};
+
+// ------------------------------------------------------------------------------------------------------------
+// Window scorer
+// ------------------------------------------------------------------------------------------------------------
+inline constexpr int win_tile = 64;     // tokens per tile
+inline constexpr int win_warps = 8;     // warps per CTA
+inline constexpr int win_sb_ld = 20;    // leading dim of a warp's 16x16 float scratch
+
+template <class T>
+struct window_params {
+  kv_view<const T> q;  // (batch, q_head, w, dim)
+  kv_view<const T> k;  // (batch, kv_head, token, dim)
+  lse_view lse;        // accumulate pass: the LSE (natural log if lse_natural, else log2 domain)
+  float2* stats;       // (batch * q_head * w, splits) partial (max, sum) in log2 domain — stats pass
+  float* kvrows;       // (batch, kv_head, capacity) group-reduced rows
+  segments rows;
+  segment_grid grid;
+  int64_t layer;
+  unsigned* status;
+  float scale_log2;    // scale * log2(e)
+  int G, HC, chunks, WP, R, ldq, ldk, splits, tiles_per_split;
+  int vec_q, vec_k;    // 16-byte vector loads allowed
+  int lse_natural;
+  head_reduce group;
+};
+
+template <class T>
+struct window_smem {
+  int ldq, ldk, R, HC;
+  size_t q_off, k_off, sb_off, col_off, rowm_off, rowl_off, lse_off, total;
+  __host__ __device__ window_smem(int R_, int HC_, int ldq_, int ldk_) : ldq(ldq_), ldk(ldk_), R(R_), HC(HC_) {
+    auto up = [](size_t x) { return (x + 127) / 128 * 128; };
+    q_off = 0;
+    k_off = up(q_off + size_t(R) * ldq * sizeof(T));
+    sb_off = up(k_off + size_t(win_tile) * ldk * sizeof(T));
+    col_off = up(sb_off + size_t(win_warps) * 16 * win_sb_ld * sizeof(float));
+    rowm_off = up(col_off + size_t(win_warps) * HC * win_tile * sizeof(float));
+    rowl_off = up(rowm_off + size_t(R) * sizeof(float));
+    lse_off = up(rowl_off + size_t(R) * sizeof(float));
+    total = up(lse_off + size_t(R) * sizeof(float));
+  }
+};
+
+//! Copy `nrows` rows of `dim` elements (row r at src_row(r)) into shared memory rows of `ld` elements; rows
+//! beyond `valid` (or with a null source) are zero-filled. Returns true when a non-finite element was read.
+template <class T, class RowPtr>
+PREFIXKV_DEVICE bool load_rows(T* dst, int ld, int nrows, int dim, int64_t stride_dim, bool vec, RowPtr src_row) {
+  bool bad = false;
+  if (vec) {
+    constexpr int per = 16 / sizeof(T);
+    const int chunks = dim / per;
+    for (int idx = threadIdx.x; idx < nrows * chunks; idx += blockDim.x) {
+      const int r = idx / chunks, c = idx - r * chunks;
+      const T* s = src_row(r);
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (s != nullptr) {
+        v = *reinterpret_cast<const uint4*>(s + c * per);
+        bad |= word_nonfinite<T>(v.x) | word_nonfinite<T>(v.y) | word_nonfinite<T>(v.z) | word_nonfinite<T>(v.w);
+      }
+      if constexpr (sizeof(T) == 2) {
+        *reinterpret_cast<uint4*>(dst + size_t(r) * ld + c * per) = v;
+      } else {
+        float* d = reinterpret_cast<float*>(dst) + size_t(r) * ld + c * 4;
+        d[0] = __uint_as_float(v.x);
+        d[1] = __uint_as_float(v.y);
+        d[2] = __uint_as_float(v.z);
+        d[3] = __uint_as_float(v.w);
+      }
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < nrows * dim; idx += blockDim.x) {
+      const int r = idx / dim, d = idx - r * dim;
+      const T* s = src_row(r);
+      T v{};
+      if (s != nullptr) {
+        v = s[d * stride_dim];
+        bad |= elem_nonfinite(v);
+      }
+      dst[size_t(r) * ld + d] = v;
+    }
+  }
+  return bad;
+}
+
+//! Merge (m2, l2) into (m, l): running max and sum of exp2(x - max).
+PREFIXKV_DEVICE void merge_ml(float& m, float& l, float m2, float l2) {
+  const float mn = fmaxf(m, m2);
+  if (mn == -INFINITY) return;
+  l = (m == -INFINITY ? 0.0f : l * exp2f(m - mn)) + (m2 == -INFINITY ? 0.0f : l2 * exp2f(m2 - mn));
+  m = mn;
+}
+
+//! One CTA: (batch b, kv head kh, chunk of HC q heads) x a contiguous range of 64-token tiles.
+template <class T, bool Stats, bool Mma>
+PREFIXKV_KERNEL void __launch_bounds__(win_warps * 32, 2) window_kernel(window_params<T> p) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const window_smem<T> L(p.R, p.HC, p.ldq, p.ldk);
+  T* Qs = reinterpret_cast<T*>(smem_raw + L.q_off);
+  T* Ks = reinterpret_cast<T*>(smem_raw + L.k_off);
+  float* Sb = reinterpret_cast<float*>(smem_raw + L.sb_off);
+  float* colpart = reinterpret_cast<float*>(smem_raw + L.col_off);
+  float* rowm = reinterpret_cast<float*>(smem_raw + L.rowm_off);
+  float* rowl = reinterpret_cast<float*>(smem_raw + L.rowl_off);
+  float* lse2 = reinterpret_cast<float*>(smem_raw + L.lse_off);
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t Hk = p.k.heads, Hq = p.q.heads;
+  const int64_t by = blockIdx.y;
+  const int chunk = int(by % p.chunks);
+  const int64_t kh = (by / p.chunks) % Hk, b = by / (p.chunks * Hk);
+  const int w = int(p.q.tokens), dim = int(p.q.dim);
+  const int64_t n = p.rows.length(p.grid.id(p.layer, b, 0));
+  const bool bad_len = n < w || n > p.k.tokens;
+  const int64_t ntiles = bad_len ? 0 : (n + win_tile - 1) / win_tile;
+  const int64_t tile_begin = int64_t(blockIdx.x) * p.tiles_per_split;
+  const int64_t tile_end = min(ntiles, tile_begin + p.tiles_per_split);
+  if (bad_len && blockIdx.x == 0 && chunk == 0 && threadIdx.x == 0) flag(p.status, status_bad_length);
+  const int h_first = chunk * p.HC;                       // first group member of this chunk
+  const int hc = min(p.HC, p.G - h_first);                 // heads in this chunk
+  const int64_t h0 = kh * p.G + h_first;                   // global q head of local head 0
+  bool bad = false;
+
+  // Row state and LSE.
+  for (int r = threadIdx.x; r < p.R; r += blockDim.x) {
+    const int hl = r / p.WP, i = r - hl * p.WP;
+    if (Stats) {
+      rowm[r] = -INFINITY;
+      rowl[r] = 0.0f;
+    } else {
+      float v = 0.0f;
+      if (hl < hc && i < w && !bad_len && tile_begin < tile_end) {
+        v = p.lse(b, h0 + hl, i);
+        bad |= !isfinite(v);
+        if (p.lse_natural) v *= 1.4426950408889634f;
+      }
+      lse2[r] = v;
+    }
+  }
+  if (tile_begin < tile_end) {
+    bad |= load_rows<T>(Qs, p.ldq, p.R, dim, p.q.stride_dim, p.vec_q != 0, [&](int r) -> const T* {
+      const int hl = r / p.WP, i = r - hl * p.WP;
+      return (hl < hc && i < w) ? p.q.row(b, h0 + hl, i) : nullptr;
+    });
+  }
+  const int strips = p.R / 16;
+  const int strips_per_head = p.WP / 16;
+  float* sb = Sb + warp * 16 * win_sb_ld;
+  float* mycol = colpart + size_t(warp) * p.HC * win_tile;
+  // Whether the WMMA accumulator layout is the one the direct (register) processing assumes — element e of lane
+  // l at row l/4 + 8*((e/2)%2), column 2*(l%4) + e%2 + 8*(e/4) (the mma.m16n8k16 layout of sm_80/sm_90). Probed
+  // once per CTA by loading a 16 x 16 matrix of known values; otherwise the scratch-memory path is used.
+  bool frag_direct = false;
+  if constexpr (Mma) {
+    namespace wm = nvcuda::wmma;
+    for (int e = lane; e < 256; e += 32) sb[(e / 16) * win_sb_ld + e % 16] = float(e);
+    __syncwarp();
+    wm::fragment<wm::accumulator, 16, 16, 16, float> probe;
+    wm::load_matrix_sync(probe, sb, win_sb_ld, wm::mem_row_major);
+    bool ok = probe.num_elements == 8;
+    for (int e = 0; e < probe.num_elements && e < 8; ++e) {
+      const int r = (lane >> 2) + 8 * ((e >> 1) & 1), c = (lane & 3) * 2 + (e & 1) + 8 * (e >> 2);
+      ok &= probe.x[e] == float(r * 16 + c);
+    }
+    frag_direct = __all_sync(0xffffffffu, ok);
+    __syncwarp();
+  }
+
+  // K tiles: with 16-byte rows that fit 4 vectors per thread, the next tile is prefetched into registers while
+  // the current one is being used (hides the DRAM latency without a second shared-memory buffer).
+  constexpr int kPer = 16 / int(sizeof(T));
+  const int kchunks = dim / kPer;
+  const bool prefetch = p.vec_k != 0 && win_tile * kchunks <= 4 * int(blockDim.x);
+  uint4 pf[4];
+  auto fetch = [&](int64_t tile) {
+    const int64_t t0 = tile * win_tile;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int idx = int(threadIdx.x) + j * int(blockDim.x);
+      const int r = idx / kchunks, c = idx - r * kchunks;
+      pf[j] = make_uint4(0, 0, 0, 0);
+      if (idx < win_tile * kchunks && t0 + r < n)
+        pf[j] = *reinterpret_cast<const uint4*>(p.k.row(b, kh, t0 + r) + c * kPer);
+    }
+  };
+  if (prefetch && tile_begin < tile_end) fetch(tile_begin);
+
+  for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+    const int64_t t0 = tile * win_tile;
+    __syncthreads();  // previous tile's Ks / colpart no longer in use
+    if (prefetch) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int idx = int(threadIdx.x) + j * int(blockDim.x);
+        if (idx >= win_tile * kchunks) continue;
+        const int r = idx / kchunks, c = idx - r * kchunks;
+        const uint4 v = pf[j];
+        bad |= word_nonfinite<T>(v.x) | word_nonfinite<T>(v.y) | word_nonfinite<T>(v.z) | word_nonfinite<T>(v.w);
+        if constexpr (sizeof(T) == 2) {
+          *reinterpret_cast<uint4*>(Ks + size_t(r) * p.ldk + c * kPer) = v;
+        } else {
+          float* d = reinterpret_cast<float*>(Ks) + size_t(r) * p.ldk + c * 4;
+          d[0] = __uint_as_float(v.x);
+          d[1] = __uint_as_float(v.y);
+          d[2] = __uint_as_float(v.z);
+          d[3] = __uint_as_float(v.w);
+        }
+      }
+      if (tile + 1 < tile_end) fetch(tile + 1);
+    } else {
+      bad |= load_rows<T>(Ks, p.ldk, win_tile, dim, p.k.stride_dim, p.vec_k != 0, [&](int r) -> const T* {
+        return t0 + r < n ? p.k.row(b, kh, t0 + r) : nullptr;
+      });
+    }
+    if (!Stats)
+      for (int x = lane; x < p.HC * win_tile; x += 32) mycol[x] = 0.0f;
+    __syncthreads();
+
+    // Strips are handled in pairs (s, s + win_warps) by the same warp so that every K fragment loaded from shared
+    // memory feeds two MMAs. A strip s always belongs to warp s % win_warps (row statistics stay warp-private).
+    for (int s = warp; s < strips; s += 2 * win_warps) {
+      const int s2 = s + win_warps;
+      const bool has1 = s / strips_per_head < hc;
+      const bool has2 = s2 < strips && s2 / strips_per_head < hc;
+      if (!has1 && !has2) continue;
+      // The 16 x 16 block (strip st, column tile ct) of logits, in the warp's scratch `sb`, folded into the row
+      // statistics (Stats) or the per-head column sums (accumulate).
+      auto process = [&](int st, int ct) {
+        __syncwarp();
+        const int hl = st / strips_per_head, r0 = st * 16, i0 = r0 - hl * p.WP;
+        const int64_t tb = t0 + ct * 16;
+        if (Stats) {
+          const int rr = lane >> 1, c0 = (lane & 1) * 8;
+          const int i = i0 + rr;
+          const int64_t last = n - w + i;  // last visible key
+          float m = -INFINITY;
+          float v[8];
+#pragma unroll
+          for (int c = 0; c < 8; ++c) {
+            const int64_t t = tb + c0 + c;
+            v[c] = (i < w && t <= last) ? sb[rr * win_sb_ld + c0 + c] * p.scale_log2 : -INFINITY;
+            m = fmaxf(m, v[c]);
+          }
+          float l = 0.0f;
+          if (m != -INFINITY) {
+#pragma unroll
+            for (int c = 0; c < 8; ++c) l += exp2f(v[c] - m);
+          }
+          const float m2 = __shfl_xor_sync(0xffffffffu, m, 1), l2 = __shfl_xor_sync(0xffffffffu, l, 1);
+          merge_ml(m, l, m2, l2);
+          if ((lane & 1) == 0 && i < w) {
+            float M = rowm[r0 + rr], Ls = rowl[r0 + rr];
+            merge_ml(M, Ls, m, l);
+            rowm[r0 + rr] = M;
+            rowl[r0 + rr] = Ls;
+          }
+        } else {
+          const int c = lane & 15, rh = (lane >> 4) * 8;
+          const int64_t t = tb + c;
+          float acc = 0.0f;
+#pragma unroll
+          for (int rr = rh; rr < rh + 8; ++rr) {
+            const int i = i0 + rr;
+            if (i < w && t <= n - w + i) acc += exp2f(sb[rr * win_sb_ld + c] * p.scale_log2 - lse2[r0 + rr]);
+          }
+          acc += __shfl_xor_sync(0xffffffffu, acc, 16);
+          if (lane < 16) mycol[hl * win_tile + ct * 16 + c] += acc;
+        }
+        __syncwarp();
+      };
+      if constexpr (Mma) {
+        using E = typename wmma_elem<T>::type;
+        namespace wm = nvcuda::wmma;
+        wm::fragment<wm::accumulator, 16, 16, 16, float> acc[2][4];
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+          for (int ct = 0; ct < 4; ++ct) wm::fill_fragment(acc[j][ct], 0.0f);
+        const E* qa = reinterpret_cast<const E*>(Qs) + size_t(s * 16) * p.ldq;
+        const E* qb = reinterpret_cast<const E*>(Qs) + size_t((has2 ? s2 : s) * 16) * p.ldq;
+        for (int kk = 0; kk < dim; kk += 16) {
+          wm::fragment<wm::matrix_a, 16, 16, 16, E, wm::row_major> a0, a1;
+          wm::load_matrix_sync(a0, qa + kk, p.ldq);
+          if (has2) wm::load_matrix_sync(a1, qb + kk, p.ldq);
+#pragma unroll
+          for (int ct = 0; ct < 4; ++ct) {
+            wm::fragment<wm::matrix_b, 16, 16, 16, E, wm::col_major> bf;
+            wm::load_matrix_sync(bf, reinterpret_cast<const E*>(Ks) + size_t(ct * 16) * p.ldk + kk, p.ldk);
+            wm::mma_sync(acc[0][ct], a0, bf, acc[0][ct]);
+            if (has2) wm::mma_sync(acc[1][ct], a1, bf, acc[1][ct]);
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int st = j == 0 ? s : s2;
+          if (j == 0 ? !has1 : !has2) continue;
+          const int hl = st / strips_per_head, r0 = st * 16, i0 = r0 - hl * p.WP;
+          if (frag_direct) {
+            // Straight from the accumulator registers (layout verified at kernel start): lane holds rows
+            // rq, rq + 8 and columns cq, cq + 1, cq + 8, cq + 9 of each 16 x 16 block.
+            const int rq = lane >> 2, cq = (lane & 3) * 2;
+            const int ia = i0 + rq, ib = i0 + rq + 8;
+            if (Stats) {
+#pragma unroll
+              for (int ct = 0; ct < 4; ++ct) {
+                const int64_t tb = t0 + ct * 16 + cq;
+                float va[4], vb[4];
+                float ma = -INFINITY, mb = -INFINITY;
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                  const int64_t t = tb + (e & 1) + 8 * (e >> 1);
+                  const float xa = acc[j][ct].x[(e & 1) + 4 * (e >> 1)] * p.scale_log2;
+                  const float xb = acc[j][ct].x[2 + (e & 1) + 4 * (e >> 1)] * p.scale_log2;
+                  va[e] = (ia < w && t <= n - w + ia) ? xa : -INFINITY;
+                  vb[e] = (ib < w && t <= n - w + ib) ? xb : -INFINITY;
+                  ma = fmaxf(ma, va[e]);
+                  mb = fmaxf(mb, vb[e]);
+                }
+                float la = 0.0f, lb = 0.0f;
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                  if (ma != -INFINITY) la += exp2f(va[e] - ma);
+                  if (mb != -INFINITY) lb += exp2f(vb[e] - mb);
+                }
+#pragma unroll
+                for (int o = 1; o <= 2; o <<= 1) {
+                  const float ma2 = __shfl_xor_sync(0xffffffffu, ma, o), la2 = __shfl_xor_sync(0xffffffffu, la, o);
+                  const float mb2 = __shfl_xor_sync(0xffffffffu, mb, o), lb2 = __shfl_xor_sync(0xffffffffu, lb, o);
+                  merge_ml(ma, la, ma2, la2);
+                  merge_ml(mb, lb, mb2, lb2);
+                }
+                if ((lane & 3) == 0) {
+                  if (ia < w) {
+                    float M = rowm[r0 + rq], Ls = rowl[r0 + rq];
+                    merge_ml(M, Ls, ma, la);
+                    rowm[r0 + rq] = M;
+                    rowl[r0 + rq] = Ls;
+                  }
+                  if (ib < w) {
+                    float M = rowm[r0 + rq + 8], Ls = rowl[r0 + rq + 8];
+                    merge_ml(M, Ls, mb, lb);
+                    rowm[r0 + rq + 8] = M;
+                    rowl[r0 + rq + 8] = Ls;
+                  }
+                }
+              }
+            } else {
+              const float la = ia < w ? lse2[r0 + rq] : 0.0f, lb = ib < w ? lse2[r0 + rq + 8] : 0.0f;
+              const bool full = t0 + win_tile - 1 <= n - w;  // every key of the tile visible to every query
+#pragma unroll
+              for (int ct = 0; ct < 4; ++ct) {
+                const int64_t tb = t0 + ct * 16 + cq;
+                float cs[4];
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                  const int64_t t = tb + (e & 1) + 8 * (e >> 1);
+                  const float xa = acc[j][ct].x[(e & 1) + 4 * (e >> 1)] * p.scale_log2 - la;
+                  const float xb = acc[j][ct].x[2 + (e & 1) + 4 * (e >> 1)] * p.scale_log2 - lb;
+                  const bool oka = ia < w && (full || t <= n - w + ia), okb = ib < w && (full || t <= n - w + ib);
+                  cs[e] = (oka ? exp2f(xa) : 0.0f) + (okb ? exp2f(xb) : 0.0f);
+                }
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                  cs[e] += __shfl_xor_sync(0xffffffffu, cs[e], 4);
+                  cs[e] += __shfl_xor_sync(0xffffffffu, cs[e], 8);
+                  cs[e] += __shfl_xor_sync(0xffffffffu, cs[e], 16);
+                }
+                if (lane < 4) {
+                  float* dst = mycol + hl * win_tile + ct * 16 + cq;
+                  dst[0] += cs[0];
+                  dst[1] += cs[1];
+                  dst[8] += cs[2];
+                  dst[9] += cs[3];
+                }
+              }
+            }
+          } else {
+#pragma unroll
+            for (int ct = 0; ct < 4; ++ct) {
+              __syncwarp();
+              wm::store_matrix_sync(sb, acc[j][ct], win_sb_ld, wm::mem_row_major);
+              process(st, ct);
+            }
+          }
+        }
+      } else {
+        for (int j = 0; j < 2; ++j) {
+          const int st = j == 0 ? s : s2;
+          if (j == 0 ? !has1 : !has2) continue;
+          const int r0 = st * 16;
+          for (int ct = 0; ct < 4; ++ct) {
+            const int c = lane & 15, rh = (lane >> 4) * 8;
+            float d8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            const T* kr = Ks + size_t(ct * 16 + c) * p.ldk;
+            for (int d = 0; d < dim; ++d) {
+              const float kv = to_float(kr[d]);
+#pragma unroll
+              for (int rr = 0; rr < 8; ++rr) d8[rr] = fmaf(to_float(Qs[size_t(r0 + rh + rr) * p.ldq + d]), kv, d8[rr]);
+            }
+            __syncwarp();
+#pragma unroll
+            for (int rr = 0; rr < 8; ++rr) sb[(rh + rr) * win_sb_ld + c] = d8[rr];
+            process(st, ct);
+          }
+        }
+      }
+    }
+
+    if (!Stats) {
+      __syncthreads();
+      for (int c = threadIdx.x; c < win_tile; c += blockDim.x) {
+        const int64_t t = t0 + c;
+        if (t >= n) continue;
+        float g = 0.0f;  // probabilities are >= 0, so 0 is neutral for max too
+        for (int hl = 0; hl < hc; ++hl) {
+          float a = 0.0f;
+          for (int wp = 0; wp < win_warps; ++wp) a += colpart[(size_t(wp) * p.HC + hl) * win_tile + c];
+          bad |= !isfinite(a);
+          g = p.group == head_reduce::max ? fmaxf(g, a) : g + a;
+        }
+        if (p.group == head_reduce::mean) g /= float(p.G);
+        float* dst = p.kvrows + (b * Hk + kh) * p.k.tokens + t;
+        if (p.chunks == 1)
+          *dst = g;
+        else if (p.group == head_reduce::mean)
+          atomicAdd(dst, g);
+        else
+          atomicMax(reinterpret_cast<unsigned*>(dst), __float_as_uint(fmaxf(g, 0.0f)));
+      }
+    }
+  }
+
+  if (Stats) {
+    __syncthreads();
+    for (int r = threadIdx.x; r < p.R; r += blockDim.x) {
+      const int hl = r / p.WP, i = r - hl * p.WP;
+      if (hl < hc && i < w)
+        p.stats[((b * Hq + h0 + hl) * w + i) * p.splits + blockIdx.x] = make_float2(rowm[r], rowl[r]);
+    }
+  }
+  if (__syncthreads_or(bad) && threadIdx.x == 0) flag(p.status, status_nonfinite);
+}
+
+//! LSE (log2 domain) of every window query from the per-split statistics.
+// Kernels in headers are templates (a dummy parameter) so that several translation units may include them.
+template <int = 0>
+PREFIXKV_KERNEL void window_merge_stats(const float2* stats, int64_t nrows, int splits, float* lse2) {
+  for (int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; r < nrows; r += int64_t(gridDim.x) * blockDim.x) {
+    float m = -INFINITY, l = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+      const float2 v = stats[r * splits + s];
+      merge_ml(m, l, v.x, v.y);
+    }
+    lse2[r] = m + log2f(l);  // l >= 1 whenever m is finite (the last window query sees >= 1 key)
+  }
+}
+
+struct window_final_params {
+  const float* kvrows;  // (batch, kv_head, capacity)
+  int64_t Hk, capacity, w;
+  segments rows;
+  segment_grid grid;
+  int64_t layer;
+  pool_kind pool;
+  int pool_kernel;
+  head_reduce heads;
+  float* scores;
+  unsigned* status;
+};
+
+//! Pooling along tokens + head reduction / per-kv-head output.
+template <int = 0>
+PREFIXKV_KERNEL void window_finalize(window_final_params p) {
+  const int64_t b = blockIdx.y;
+  const int64_t n = p.rows.length(p.grid.id(p.layer, b, 0));
+  const bool bad_len = n < p.w || n > p.capacity;
+  const int r = p.pool == pool_kind::none ? 0 : p.pool_kernel / 2;
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < n; t += int64_t(gridDim.x) * blockDim.x) {
+    float red = p.heads == head_reduce::max ? -INFINITY : 0.0f;
+    for (int64_t kh = 0; kh < p.Hk; ++kh) {
+      float v = 0.0f;
+      if (!bad_len) {
+        const float* row = p.kvrows + (b * p.Hk + kh) * p.capacity;
+        if (r == 0) {
+          v = row[t];
+        } else {
+          const int64_t lo = t - r < 0 ? 0 : t - r, hi = t + r < n - 1 ? t + r : n - 1;
+          v = p.pool == pool_kind::max ? -INFINITY : 0.0f;
+          for (int64_t j = lo; j <= hi; ++j) v = p.pool == pool_kind::max ? fmaxf(v, row[j]) : v + row[j];
+          if (p.pool == pool_kind::avg) v /= float(p.pool_kernel);
+        }
+      }
+      if (p.grid.heads == 1)
+        red = p.heads == head_reduce::max ? fmaxf(red, v) : red + v;
+      else
+        p.scores[p.rows.begin(p.grid.id(p.layer, b, kh)) + t] = v;
+    }
+    if (p.grid.heads == 1)
+      p.scores[p.rows.begin(p.grid.id(p.layer, b, 0)) + t] = p.heads == head_reduce::max ? red : red / float(p.Hk);
+  }
+}
+
+struct window_plan {
+  int HC = 1, chunks = 1, WP = 16, R = 16, ldq = 0, ldk = 0, splits = 1, tiles_per_split = 1;
+  bool mma = false, vec_q = false, vec_k = false;
+  size_t smem = 0;
+};
+
+template <class T>
+inline cudaError_t plan_window(const kv_view<const T>& q, const kv_view<const T>& k, window_plan& pl) {
+  const int64_t G = q.heads / k.heads, w = q.tokens, D = q.dim;
+  pl.mma = sizeof(T) == 2 && D % 16 == 0;
+  pl.WP = int((w + 15) / 16 * 16);
+  if constexpr (sizeof(T) == 2) {
+    pl.ldq = pl.ldk = int((D + 7) / 8 * 8 + 8);
+  } else {
+    pl.ldq = pl.ldk = int(D + 1);
+  }
+  pl.vec_q = vector_bytes(q) == 16 && D % (16 / int(sizeof(T))) == 0;
+  pl.vec_k = vector_bytes(k) == 16 && D % (16 / int(sizeof(T))) == 0;
+  const size_t budget_shared = 110 * 1024, budget_max = 227 * 1024;
+  pl.HC = int(G);
+  for (;;) {
+    pl.R = pl.HC * pl.WP;
+    pl.smem = window_smem<T>(pl.R, pl.HC, pl.ldq, pl.ldk).total;
+    if (pl.smem <= budget_shared || pl.HC == 1) break;
+    --pl.HC;
+  }
+  if (pl.smem > budget_max)
+    return fail(reason::unsupported, "window scorer: window x head_dim too large for shared memory");
+  pl.chunks = int((G + pl.HC - 1) / pl.HC);
+  const int64_t tiles = (k.tokens + win_tile - 1) / win_tile;
+  const int64_t ctas_per_split = q.batch * k.heads * pl.chunks;
+  const int64_t target = int64_t(sm_count()) * (pl.smem <= budget_shared ? 2 : 1) * 2;
+  int64_t splits = ctas_per_split > 0 ? (target + ctas_per_split - 1) / ctas_per_split : 1;
+  splits = splits < 1 ? 1 : (splits > tiles ? tiles : splits);
+  if (splits < 1) splits = 1;
+  pl.tiles_per_split = int((tiles + splits - 1) / splits);
+  if (pl.tiles_per_split < 1) pl.tiles_per_split = 1;
+  pl.splits = int((tiles + pl.tiles_per_split - 1) / pl.tiles_per_split);
+  if (pl.splits < 1) pl.splits = 1;
+  return cudaSuccess;
+}
+
+template <class T, bool Stats, bool Mma>
+inline cudaError_t launch_window_kernel(const window_params<T>& p, const window_plan& pl, dim3 grid, cudaStream_t stream) {
+  auto kernel = window_kernel<T, Stats, Mma>;
+  // Opt in to the largest dynamic shared memory once per device (bit per ordinal < 64; benign race: idempotent).
+  static unsigned long long configured = 0;
+  int dev = 0;
+  PREFIXKV_TRY(check_runtime(cudaGetDevice(&dev), "window scorer: no current device"));
+  const unsigned long long bit = dev < 64 ? (1ull << dev) : 0ull;
+  if (!(configured & bit)) {
+    int optin = 0;
+    PREFIXKV_TRY(check_runtime(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+                               "window scorer: cannot query shared memory"));
+    if (size_t(optin) < pl.smem)
+      return fail(reason::unsupported, "window scorer: window x head_dim needs more shared memory than this GPU has");
+    PREFIXKV_TRY(check_runtime(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin),
+                               "window scorer: cannot reserve shared memory"));
+    configured |= bit;
+  }
+  kernel<<<grid, win_warps * 32, pl.smem, stream>>>(p);
+  return check_launch(stream);
+}
+
+template <class T, bool Stats>
+inline cudaError_t launch_window_pass(const window_params<T>& p, const window_plan& pl, dim3 grid, cudaStream_t stream) {
+  if constexpr (sizeof(T) == 2) {
+    if (pl.mma) return launch_window_kernel<T, Stats, true>(p, pl, grid, stream);
+  }
+  return launch_window_kernel<T, Stats, false>(p, pl, grid, stream);
+}
+
+}  // namespace detail
+
+//! Observation-window attention scores of one layer (device). Same arguments and semantics as
+//! `window_attention_host`; q, k, lse, rows' arrays and scores are device memory.
+//! q: (batch, q_head, w, dim); k: (batch, kv_head, token capacity, dim); lse: (batch, q_head, w) natural-log
+//! LSE or `lse_view{}`; scores: flat output addressed by `rows` (count grid.count()); d_status: optional
+//! device word for `status_bits`.
+//! Workspace: (batch * kv_head * capacity) floats, plus 12 bytes per window query and split without an LSE.
+template <class T>
+[[nodiscard]] inline cudaError_t window_attention(void* d_temp, size_t& temp_bytes, kv_view<const T> q,
+                                                  kv_view<const T> k, lse_view lse, window_options opt,
+                                                  segment_grid grid, int64_t layer, segments rows, float* scores,
+                                                  unsigned* d_status = nullptr, cudaStream_t stream = 0) {
+  PREFIXKV_TRY(detail::check_window_args(q, k, lse, opt, grid, layer, rows, scores));
+  detail::window_plan pl;
+  PREFIXKV_TRY(detail::plan_window(q, k, pl));
+  const int64_t B = q.batch, Hq = q.heads, Hk = k.heads, w = q.tokens;
+  const bool own_lse = lse.data == nullptr;
+  workspace_layout<3> ws;
+  ws.reserve<float>(0, size_t(B * Hk * k.tokens));
+  if (own_lse) {
+    ws.reserve<float2>(1, size_t(B * Hq * w * pl.splits));
+    ws.reserve<float>(2, size_t(B * Hq * w));
+  }
+  if (d_temp == nullptr) {
+    temp_bytes = ws.bytes();
+    return cudaSuccess;
+  }
+  PREFIXKV_TRY(ws.map(d_temp, temp_bytes));
+  if (B == 0 || rows.count == 0) return cudaSuccess;
+
+  detail::window_params<T> p{};
+  p.q = q;
+  p.k = k;
+  p.kvrows = ws.get<float>(0);
+  p.rows = rows;
+  p.grid = grid;
+  p.layer = layer;
+  p.status = d_status;
+  p.scale_log2 = detail::effective_scale(opt.scale, q.dim) * 1.4426950408889634f;
+  p.G = int(Hq / Hk);
+  p.HC = pl.HC;
+  p.chunks = pl.chunks;
+  p.WP = pl.WP;
+  p.R = pl.R;
+  p.ldq = pl.ldq;
+  p.ldk = pl.ldk;
+  p.splits = pl.splits;
+  p.tiles_per_split = pl.tiles_per_split;
+  p.vec_q = pl.vec_q;
+  p.vec_k = pl.vec_k;
+  p.group = opt.group;
+  p.stats = ws.get<float2>(1);
+  const dim3 g(unsigned(pl.splits), unsigned(B * Hk * pl.chunks));
+  if (g.y > 65535u) return detail::fail(reason::unsupported, "window scorer: batch x kv_heads too large for one launch");
+  if (pl.chunks > 1)
+    PREFIXKV_TRY(detail::check_runtime(cudaMemsetAsync(p.kvrows, 0, size_t(B * Hk * k.tokens) * sizeof(float), stream),
+                                       "window scorer: memset failed"));
+  if (own_lse) {
+    PREFIXKV_TRY((detail::launch_window_pass<T, true>(p, pl, g, stream)));
+    const int64_t nr = B * Hq * w;
+    detail::window_merge_stats<><<<unsigned((nr + 255) / 256), 256, 0, stream>>>(p.stats, nr, pl.splits, ws.get<float>(2));
+    PREFIXKV_TRY(detail::check_launch(stream));
+    p.lse.data = ws.get<float>(2);
+    p.lse.stride_batch = Hq * w;
+    p.lse.stride_head = w;
+    p.lse.stride_query = 1;
+    p.lse_natural = 0;
+  } else {
+    p.lse = lse;
+    p.lse_natural = 1;
+  }
+  PREFIXKV_TRY((detail::launch_window_pass<T, false>(p, pl, g, stream)));
+
+  detail::window_final_params f;
+  f.kvrows = p.kvrows;
+  f.Hk = Hk;
+  f.capacity = k.tokens;
+  f.w = w;
+  f.rows = rows;
+  f.grid = grid;
+  f.layer = layer;
+  f.pool = opt.pool;
+  f.pool_kernel = opt.pool_kernel;
+  f.heads = opt.heads;
+  f.scores = scores;
+  f.status = d_status;
+  const int64_t bx = (k.tokens + 255) / 256;
+  detail::window_finalize<><<<dim3(unsigned(bx < 4096 ? bx : 4096), unsigned(B)), 256, 0, stream>>>(f);
+  return detail::check_launch(stream);
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Accumulated attention (the paper's scorer)
+// ------------------------------------------------------------------------------------------------------------
+namespace detail {
+template <class T>
+PREFIXKV_KERNEL void accumulated_attention_kernel(kv_view<const T> p, segment_grid grid, int64_t layer, segments rows,
+                                                  float* scores, unsigned* status) {
+  const int64_t oh = blockIdx.y % grid.heads, b = blockIdx.y / grid.heads;
+  const int64_t id = grid.id(layer, b, oh), n = rows.length(id);
+  const bool bad_len = n > p.dim;
+  if (bad_len && blockIdx.x == 0 && threadIdx.x == 0) flag(status, status_bad_length);
+  const int64_t G = p.heads / grid.heads;
+  bool bad = false;
+  float* out = scores + rows.begin(id);
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < n; t += int64_t(gridDim.x) * blockDim.x) {
+    float s = 0.0f;
+    if (!bad_len) {
+      for (int64_t qi = 0; qi < p.tokens; ++qi) {
+        float hs = 0.0f;
+        for (int64_t g = 0; g < G; ++g) hs += to_float(p(b, oh * G + g, qi, t));
+        s += hs / static_cast<float>(G);
+      }
+      bad |= !isfinite(s);
+    }
+    out[t] = s;
+  }
+  if (__syncthreads_or(bad) && threadIdx.x == 0) flag(status, status_nonfinite);
+}
+}  // namespace detail
+
+//! The paper's accumulated-attention scorer (device); bit-identical to `accumulated_attention_host`.
+//! p: (batch, q_head, query, key) as a kv_view (heads = q heads, tokens = queries, dim = keys), any strides.
+//! No workspace is needed (the size query returns the minimum, 256 bytes).
+template <class T>
+[[nodiscard]] inline cudaError_t accumulated_attention(void* d_temp, size_t& temp_bytes, kv_view<const T> p,
+                                                       segment_grid grid, int64_t layer, segments rows, float* scores,
+                                                       unsigned* d_status = nullptr, cudaStream_t stream = 0) {
+  PREFIXKV_TRY(detail::check_attention_args(p, grid, layer, rows, scores));
+  workspace_layout<1> ws;
+  if (d_temp == nullptr) {
+    temp_bytes = ws.bytes();
+    return cudaSuccess;
+  }
+  PREFIXKV_TRY(ws.map(d_temp, temp_bytes));
+  if (p.batch == 0 || rows.count == 0) return cudaSuccess;
+  const int64_t ny = p.batch * grid.heads;
+  if (ny > 65535) return detail::fail(reason::unsupported, "attention scorer: batch x heads too large for one launch");
+  const int64_t bx = (p.dim + 255) / 256;
+  detail::accumulated_attention_kernel<T><<<dim3(unsigned(bx < 2048 ? bx : 2048), unsigned(ny)), 256, 0, stream>>>(
+      p, grid, layer, rows, scores, d_status);
+  return detail::check_launch(stream);
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Key norm
+// ------------------------------------------------------------------------------------------------------------
+namespace detail {
+template <class T>
+PREFIXKV_KERNEL void key_norm_kernel(kv_view<const T> k, key_norm_options opt, segment_grid grid, int64_t layer,
+                                     segments rows, float* scores, unsigned* status) {
+  const int64_t b = blockIdx.y;
+  const int64_t n = rows.length(grid.id(layer, b, 0));
+  const bool bad_len = n > k.tokens;
+  if (bad_len && blockIdx.x == 0 && threadIdx.x == 0) flag(status, status_bad_length);
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
+  bool bad = false;
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32; t < n; t += warps) {
+    float sum = 0.0f;
+    for (int64_t h = 0; h < k.heads; ++h) {
+      float ss = 0.0f;
+      if (!bad_len)
+        for (int64_t d = lane; d < k.dim; d += 32) {
+          const float x = to_float(k(b, h, t, d));
+          ss = fmaf(x, x, ss);
+        }
+      for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+      bad |= !isfinite(ss);
+      const float nrm = sqrtf(ss);
+      const float v = bad_len ? 0.0f : opt.reciprocal ? (nrm > 0.0f ? fminf(1.0f / nrm, 3.402823466e38f) : 3.402823466e38f) : -nrm;
+      if (grid.heads == 1)
+        sum += v;
+      else if (lane == 0)
+        scores[rows.begin(grid.id(layer, b, h)) + t] = v;
+    }
+    if (grid.heads == 1 && lane == 0) scores[rows.begin(grid.id(layer, b, 0)) + t] = sum / float(k.heads);
+  }
+  if (__syncthreads_or(bad) && threadIdx.x == 0) flag(status, status_nonfinite);
+}
+}  // namespace detail
+
+//! Key-norm scorer (device). k: (batch, kv_head, token capacity, dim). Values match `key_norm_host` within
+//! fp32 rounding of the sum of squares (documented tolerance 1e-5 relative). No workspace is needed.
+template <class T>
+[[nodiscard]] inline cudaError_t key_norm(void* d_temp, size_t& temp_bytes, kv_view<const T> k, key_norm_options opt,
+                                          segment_grid grid, int64_t layer, segments rows, float* scores,
+                                          unsigned* d_status = nullptr, cudaStream_t stream = 0) {
+  PREFIXKV_TRY(detail::check_key_norm_args(k, grid, layer, rows, scores));
+  workspace_layout<1> ws;
+  if (d_temp == nullptr) {
+    temp_bytes = ws.bytes();
+    return cudaSuccess;
+  }
+  PREFIXKV_TRY(ws.map(d_temp, temp_bytes));
+  if (k.batch == 0 || rows.count == 0) return cudaSuccess;
+  if (k.batch > 65535) return detail::fail(reason::unsupported, "key-norm scorer: batch too large for one launch");
+  const int64_t bx = (k.tokens + 7) / 8;
+  detail::key_norm_kernel<T><<<dim3(unsigned(bx < 4096 ? bx : 4096), unsigned(k.batch)), 256, 0, stream>>>(
+      k, opt, grid, layer, rows, scores, d_status);
+  return detail::check_launch(stream);
+}
+
+PREFIXKV_NAMESPACE_END

@@ -1,0 +1,230 @@
+// Device curve builder vs build_curves_host: identical offsets, tokens, positions and sorted scores (distinct
+// scores and the tie rule: score descending, position ascending); cumulative within 1e-6 absolute (documented:
+// at most 1 float ulp); zero-mass rows; protect policies; more segments than one CUB call takes; status flags
+// and argument validation.
+#include <doctest/doctest.h>
+
+#include <prefixkv/curve/curve.cuh>
+#include <prefixkv/core/launch.cuh>
+#include <prefixkv/score/score.cuh>
+
+#include "support/gpu_harness.cuh"
+#include "support/test_random.hpp"
+
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+using namespace prefixkv_test;
+namespace pk = prefixkv;
+
+namespace {
+
+enum class dist { distinct, ties, zeros, tiny };
+
+struct curve_case {
+  std::vector<int64_t> lengths;
+  pk::protect_policy protect{};
+  dist d = dist::distinct;
+  bool uniform = false;
+  bool with_sorted = true;
+  int64_t extra_capacity = 0;
+};
+
+void run_curve_case(std::mt19937_64& rng, const curve_case& c) {
+  const int64_t S = int64_t(c.lengths.size());
+  INFO("S ", S, " sinks ", c.protect.sinks, " recent ", c.protect.recent, " dist ", int(c.d), " uniform ", c.uniform);
+  // rows with gaps (begins + lengths), or uniform
+  std::vector<int64_t> begins(S);
+  int64_t off = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    begins[s] = off;
+    off += c.lengths[s] + (c.uniform ? 0 : int64_t(rng() % 3));
+  }
+  std::vector<float> scores(size_t(off + 1));
+  std::uniform_real_distribution<float> u(0.f, 10.f);
+  for (auto& x : scores) {
+    if (c.d == dist::distinct) x = u(rng);
+    if (c.d == dist::ties) x = float(rng() % 4) * 0.5f;
+    if (c.d == dist::zeros) x = (rng() % 2) ? 0.0f : -0.0f;
+    if (c.d == dist::tiny) x = std::exp(std::normal_distribution<float>(-8.f, 3.f)(rng));  // attention-like magnitudes
+  }
+  if (c.d == dist::distinct) {  // make every score distinct (the random draws almost surely are; enforce it)
+    for (size_t i = 0; i < scores.size(); ++i) scores[i] = float(i) * 1e-3f + std::floor(u(rng)) * 100.f;
+  }
+  device_buffer<float> dscores(scores);
+  device_buffer<int64_t> dbeg(begins), dlen(c.lengths);
+  const auto hrows = c.uniform ? pk::make_uniform_segments(S, S ? c.lengths[0] : 0) : pk::make_ragged_segments(S, begins.data(), c.lengths.data());
+  const auto drows = c.uniform ? hrows : pk::make_ragged_segments(S, dbeg.get(), dlen.get());
+  pk::curve_buffers host;
+  REQUIRE(pk::build_curves_host(scores.data(), hrows, c.protect, host) == cudaSuccess);
+  const int64_t total = host.offsets.back();
+  const int64_t capacity = total + c.extra_capacity;
+  device_buffer<int64_t> offsets(size_t(S + 1)), tokens(size_t(S ? S : 1));
+  device_buffer<int32_t> positions(size_t(capacity ? capacity : 1));
+  device_buffer<float> cumulative(size_t(capacity ? capacity : 1)), sorted(size_t(capacity ? capacity : 1));
+  device_buffer<unsigned> status(1);
+  pk::curve_device_out out{offsets.get(), tokens.get(), positions.get(), cumulative.get(), c.with_sorted ? sorted.get() : nullptr};
+  pk::curve_set set;
+  run_three_ways(
+      [&](void* t, size_t& bytes, cudaStream_t s) {
+        return pk::build_curves(t, bytes, dscores.get(), drows, c.protect, capacity, out, set, status.get(), s);
+      },
+      [&] {
+        offsets.poison();
+        tokens.poison();
+        positions.poison();
+        cumulative.poison();
+        sorted.poison();
+        PKV_CUDA_CHECK(cudaMemset(status.get(), 0, 4));
+      },
+      [&](const char* mode) {
+        INFO("mode ", mode);
+        CHECK(status.download()[0] == 0u);
+        CHECK(set.count == S);
+        CHECK(set.offsets == offsets.get());
+        CHECK(set.positions == positions.get());
+        CHECK(set.cumulative == cumulative.get());
+        CHECK(set.protect.sinks == c.protect.sinks);
+        auto go = offsets.download();
+        auto gt = tokens.download();
+        CHECK(std::vector<int64_t>(go.begin(), go.begin() + S + 1) == host.offsets);
+        if (S) CHECK(std::vector<int64_t>(gt.begin(), gt.begin() + S) == host.tokens);
+        auto gp = positions.download();
+        auto gc = cumulative.download();
+        std::vector<float> gs(static_cast<size_t>(total));
+        if (total) {
+          PKV_CUDA_CHECK(cudaMemcpy(gs.data(), set.sorted_scores, size_t(total) * 4, cudaMemcpyDeviceToHost));
+        }
+        int bad = 0;
+        for (int64_t i = 0; i < total; ++i) {
+          const bool ok = gp[i] == host.positions[i] && gs[i] == host.sorted_scores[i] &&
+                          std::fabs(gc[i] - host.cumulative[i]) <= 1e-6f;
+          if (!ok && bad++ < 5)
+            FAIL_CHECK("rank ", i, ": pos ", gp[i], "/", host.positions[i], " score ", gs[i], "/", host.sorted_scores[i],
+                       " cum ", gc[i], "/", host.cumulative[i]);
+        }
+        // every non-empty curve ends at exactly 1
+        for (int64_t s = 0; s < S; ++s)
+          if (host.offsets[s + 1] > host.offsets[s]) CHECK(gc[host.offsets[s + 1] - 1] == 1.0f);
+        // ranks beyond the total are untouched
+        const float kPoison = poison_value<float>();
+        for (int64_t i = total; i < capacity; ++i) CHECK(std::memcmp(&gc[i], &kPoison, 4) == 0);
+      });
+}
+
+std::vector<int64_t> random_lengths(std::mt19937_64& rng, int64_t S, int64_t maxlen) {
+  std::vector<int64_t> v(S);
+  for (auto& x : v) x = int64_t(rng() % (maxlen + 1));
+  return v;
+}
+
+}  // namespace
+
+TEST_CASE("curves: GPU == host for distinct scores over ragged segments and protect policies") {
+  auto rng = make_rng(401);
+  for (pk::protect_policy p : {pk::protect_policy{}, pk::protect_policy{0, 0}, pk::protect_policy{2, 3}, pk::protect_policy{64, 16}}) {
+    curve_case c;
+    c.protect = p;
+    c.lengths = random_lengths(rng, 1 + int64_t(rng() % 40), 700);
+    c.lengths[0] = 0;
+    if (c.lengths.size() > 2) {
+      c.lengths[1] = 1;
+      c.lengths[2] = 5;
+    }
+    c.extra_capacity = int64_t(rng() % 100);
+    run_curve_case(rng, c);
+  }
+  curve_case big;  // a few large rows (CUB's large-segment path) and one of size 1
+  big.lengths = {70000, 1, 33, 4097, 20000};
+  run_curve_case(rng, big);
+  curve_case uni;  // uniform rows, sorted scores kept in the workspace
+  uni.uniform = true;
+  uni.lengths.assign(12, 333);
+  uni.with_sorted = false;
+  run_curve_case(rng, uni);
+}
+
+TEST_CASE("curves: ties keep ascending positions; zero-mass rows; -0 == +0") {
+  auto rng = make_rng(402);
+  curve_case t;
+  t.d = dist::ties;
+  t.lengths = random_lengths(rng, 30, 3000);
+  run_curve_case(rng, t);
+  curve_case z;
+  z.d = dist::zeros;
+  z.lengths = random_lengths(rng, 10, 200);
+  run_curve_case(rng, z);
+}
+
+TEST_CASE("curves: attention-like magnitudes (1e-8 .. 1), cu_seqlens rows, exact capacity") {
+  auto rng = make_rng(404);
+  curve_case c;
+  c.d = dist::tiny;
+  c.lengths = {700, 411, 700, 411, 700, 411};
+  c.uniform = false;
+  run_curve_case(rng, c);
+  c.lengths = random_lengths(rng, 50, 5000);
+  run_curve_case(rng, c);
+}
+
+TEST_CASE("curves: more segments than one sort call takes (chunked, still no host sync)") {
+  auto rng = make_rng(403);
+  curve_case c;
+  c.lengths = random_lengths(rng, 777, 90);
+  run_curve_case(rng, c);
+  curve_case d;
+  d.d = dist::ties;
+  d.lengths = random_lengths(rng, 513, 40);
+  run_curve_case(rng, d);
+}
+
+TEST_CASE("curves: NaN, negative scores, capacity and bad arguments") {
+  std::vector<float> scores(64, 1.0f);
+  scores[10] = NAN;
+  scores[40] = -2.0f;
+  device_buffer<float> d(scores);
+  device_buffer<int64_t> offsets(3), tokens(2);
+  device_buffer<int32_t> pos(64);
+  device_buffer<float> cum(64);
+  device_buffer<unsigned> status(1);
+  pk::curve_device_out out{offsets.get(), tokens.get(), pos.get(), cum.get(), nullptr};
+  pk::curve_set set;
+  run_three_ways(
+      [&](void* t, size_t& bytes, cudaStream_t s) {
+        return pk::build_curves(t, bytes, d.get(), pk::make_uniform_segments(2, 32), {}, 64, out, set, status.get(), s);
+      },
+      [&] { PKV_CUDA_CHECK(cudaMemset(status.get(), 0, 4)); },
+      [&](const char*) { CHECK(status.download()[0] == unsigned(pk::status_nonfinite | pk::status_negative)); });
+  // device-side lengths beyond the capacity: flagged, curves emptied, nothing written past capacity
+  std::vector<int64_t> cu = {0, 30, 64};
+  device_buffer<int64_t> dcu(cu);
+  std::vector<float> ok(64, 1.0f);
+  device_buffer<float> dok(ok);
+  run_three_ways(
+      [&](void* t, size_t& bytes, cudaStream_t s) {
+        return pk::build_curves(t, bytes, dok.get(), pk::make_offset_segments(2, dcu.get()), {}, 20, out, set, status.get(), s);
+      },
+      [&] { PKV_CUDA_CHECK(cudaMemset(status.get(), 0, 4)); },
+      [&](const char*) {
+        unsigned bits = 0;
+        CHECK(pk::read_status(status.get(), bits) == cudaErrorInvalidValue);
+        CHECK(pk::last_error().why == pk::reason::capacity_exceeded);
+        CHECK(offsets.download() == std::vector<int64_t>{0, 0, 0});
+      });
+  size_t bytes = 0;
+  CHECK(pk::build_curves(nullptr, bytes, d.get(), pk::make_uniform_segments(2, 32), {}, 10, out, set) == cudaErrorInvalidValue);
+  CHECK(pk::last_error().why == pk::reason::capacity_exceeded);
+  CHECK(pk::build_curves(nullptr, bytes, d.get(), pk::make_uniform_segments(2, 32), pk::protect_policy{-1, 0}, 64, out, set) ==
+        cudaErrorInvalidValue);
+  CHECK(pk::last_error().why == pk::reason::bad_parameter);
+  CHECK(pk::build_curves(nullptr, bytes, d.get(), pk::make_uniform_segments(2, 32), {}, -1, out, set) == cudaErrorInvalidValue);
+  CHECK(pk::last_error().why == pk::reason::negative_extent);
+  pk::curve_device_out nul = out;
+  nul.positions = nullptr;
+  CHECK(pk::build_curves(nullptr, bytes, d.get(), pk::make_uniform_segments(2, 32), {}, 64, nul, set) == cudaErrorInvalidValue);
+  CHECK(pk::last_error().why == pk::reason::null_pointer);
+  CHECK(pk::build_curves(nullptr, bytes, d.get(), pk::make_uniform_segments(2, 32, 16), {}, 64, out, set) == cudaErrorInvalidValue);
+  CHECK(pk::last_error().why == pk::reason::overlapping_strides);
+}

@@ -1,0 +1,135 @@
+// Window scorer, bf16 inputs (tensor-core path): GPU == host twin over GQA group sizes 1/2/4/8, head_dim
+// 64/128/256, windows 1..128, ragged batches, strided Q/K, both head reductions, pooling, per-kv-head rows, and
+// with a caller LSE (which must give the same result as the in-kernel softmax).
+#include "score_test_util.cuh"
+
+using namespace score_test;
+
+TEST_CASE("window scorer bf16: GPU == host twin across GQA groups, head dims and windows") {
+  auto rng = make_rng(101);
+  const int64_t dims[] = {64, 128, 256};
+  const int64_t windows[] = {1, 16, 37, 64, 100, 128};
+  int rep = 0;
+  for (int64_t G : {1, 2, 4, 8})
+    for (int64_t D : dims) {
+      window_cfg c;
+      c.G = G;
+      c.D = D;
+      c.w = windows[(rep * 5 + G) % 6];
+      c.Hk = 1 + int64_t(rng() % 2);
+      c.B = 1 + int64_t(rng() % 2);
+      c.cap = c.w + 1 + int64_t(rng() % 200);
+      c.strided = rep % 3 == 1;
+      c.per_head = rep % 4 == 2;
+      c.caller_lse = rep % 3 == 2;
+      c.opt.group = rep % 2 ? pk::head_reduce::max : pk::head_reduce::mean;
+      c.opt.heads = rep % 5 == 1 ? pk::head_reduce::max : pk::head_reduce::mean;
+      c.opt.pool = pk::pool_kind(rep % 3);
+      c.opt.pool_kernel = 1 + 2 * (rep % 4);
+      run_window_case<pk::bf16>(rng, c);
+      ++rep;
+    }
+}
+
+TEST_CASE("window scorer bf16: caller LSE == in-kernel softmax; long rows over many tiles; size-1 rows") {
+  auto rng = make_rng(102);
+  for (bool lse : {false, true}) {
+    window_cfg c;  // Llama-like group, many tiles per CTA
+    c.Hk = 1;
+    c.G = 4;
+    c.D = 128;
+    c.w = 8;
+    c.cap = 40000 + int64_t(rng() % 1000);
+    c.caller_lse = lse;
+    run_window_case<pk::bf16>(rng, c);
+  }
+  window_cfg one;  // one token, window 1
+  one.w = 1;
+  one.cap = 1;
+  one.D = 64;
+  one.B = 3;
+  run_window_case<pk::bf16>(rng, one);
+  one.caller_lse = true;
+  one.per_head = true;
+  one.Hk = 2;
+  run_window_case<pk::bf16>(rng, one);
+  window_cfg big;  // G = 8, w = 128, D = 256: several head chunks per kv head (atomic merge), both group modes
+  big.G = 8;
+  big.D = 256;
+  big.w = 128;
+  big.cap = 300;
+  for (auto g : {pk::head_reduce::mean, pk::head_reduce::max}) {
+    big.opt.group = g;
+    run_window_case<pk::bf16>(rng, big);
+  }
+}
+
+TEST_CASE("window scorer: NaN/Inf inputs raise the device status flag; read_status reports it") {
+  auto rng = make_rng(103);
+  const int64_t B = 2, Hk = 2, G = 2, D = 64, w = 8, cap = 150;
+  auto qh = to_storage<pk::bf16>(random_vector<float>(rng, size_t(B * Hk * G * w * D)));
+  auto kh = to_storage<pk::bf16>(random_vector<float>(rng, size_t(B * Hk * cap * D)));
+  for (int which = 0; which < 4; ++which) {
+    auto q2 = qh;
+    auto k2 = kh;
+    std::vector<float> lse_h(size_t(B * Hk * G * w), 3.0f);
+    if (which == 0) k2[size_t(((1 * Hk + 1) * cap + 140) * D + 5)] = pk::bf16::from_float(NAN);
+    if (which == 1) q2[size_t(7)] = pk::bf16::from_float(INFINITY);
+    if (which == 2) k2[size_t(3 * D)] = pk::bf16::from_float(-INFINITY);
+    if (which == 3) lse_h[5] = NAN;
+    device_buffer<pk::bf16> dq(q2), dk(k2);
+    device_buffer<float> dl(lse_h), out(size_t(B * cap));
+    device_buffer<unsigned> status(1);
+    auto q = pk::make_kv_view_bhsd<const pk::bf16>(dq.get(), B, Hk * G, w, D);
+    auto k = pk::make_kv_view_bhsd<const pk::bf16>(dk.get(), B, Hk, cap, D);
+    const pk::lse_view lse = which == 3 ? pk::lse_view{dl.get(), Hk * G * w, w, 1} : pk::lse_view{};
+    run_three_ways(
+        [&](void* t, size_t& bytes, cudaStream_t s) {
+          return pk::window_attention(t, bytes, q, k, lse, {}, pk::segment_grid{1, B, 1}, 0,
+                                      pk::make_uniform_segments(B, cap), out.get(), status.get(), s);
+        },
+        [&] { PKV_CUDA_CHECK(cudaMemset(status.get(), 0, sizeof(unsigned))); },
+        [&](const char* mode) {
+          INFO("mode ", mode, " case ", which);
+          unsigned bits = 0;
+          CHECK(pk::read_status(status.get(), bits) == cudaErrorInvalidValue);
+          CHECK(pk::last_error().why == pk::reason::nonfinite_input);
+          CHECK((bits & pk::status_nonfinite) != 0u);
+        });
+  }
+}
+
+TEST_CASE("window scorer: device row lengths outside [window, capacity] are flagged and zero-filled") {
+  auto rng = make_rng(104);
+  const int64_t D = 64, w = 4, cap = 100;
+  auto qh = to_storage<pk::bf16>(random_vector<float>(rng, size_t(2 * 2 * w * D)));
+  auto kh = to_storage<pk::bf16>(random_vector<float>(rng, size_t(2 * 1 * cap * D)));
+  device_buffer<pk::bf16> dq(qh), dk(kh);
+  std::vector<int64_t> cu = {0, 3, 3 + cap};  // sequence 0 shorter than the window; sequence 1 fine
+  device_buffer<int64_t> dcu(cu);
+  device_buffer<float> out(size_t(cu.back()));
+  device_buffer<unsigned> status(1);
+  auto q = pk::make_kv_view_bhsd<const pk::bf16>(dq.get(), 2, 2, w, D);
+  auto k = pk::make_kv_view_bhsd<const pk::bf16>(dk.get(), 2, 1, cap, D);
+  run_three_ways(
+      [&](void* t, size_t& bytes, cudaStream_t s) {
+        return pk::window_attention(t, bytes, q, k, {}, {}, pk::segment_grid{1, 2, 1}, 0,
+                                    pk::make_offset_segments(2, dcu.get()), out.get(), status.get(), s);
+      },
+      [&] {
+        out.poison();
+        PKV_CUDA_CHECK(cudaMemset(status.get(), 0, sizeof(unsigned)));
+      },
+      [&](const char* mode) {
+        INFO("mode ", mode);
+        const auto got = out.download();
+        CHECK(status.download()[0] == unsigned(pk::status_bad_length));
+        for (int i = 0; i < 3; ++i) CHECK(got[i] == 0.0f);
+        float sum = 0;
+        for (int64_t i = 3; i < cu.back(); ++i) sum += got[i];
+        CHECK(std::fabs(sum - float(w)) < 1e-3f);  // each of the w queries' probabilities sum to 1
+        unsigned bits = 0;
+        CHECK(pk::read_status(status.get(), bits) == cudaErrorInvalidValue);
+        CHECK(pk::last_error().why == pk::reason::out_of_range);
+      });
+}
