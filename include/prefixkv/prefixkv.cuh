@@ -5,3 +5,8 @@
 #include "prefixkv.hpp"
 
 #include "core/launch.cuh"
+#include "score/score.cuh"
+#include "curve/curve.cuh"
+#include "solve/solve.cuh"
+#include "select/select.cuh"
+#include "compact/compact.cuh"
