@@ -39,7 +39,7 @@ TEST_CASE("window scorer bf16: caller LSE == in-kernel softmax; long rows over m
     c.G = 4;
     c.D = 128;
     c.w = 8;
-    c.cap = 40000 + int64_t(rng() % 1000);
+    c.cap = (quick_mode() ? 3000 : 40000) + int64_t(rng() % 1000);  // quick: still dozens of tiles
     c.caller_lse = lse;
     run_window_case<pk::bf16>(rng, c);
   }

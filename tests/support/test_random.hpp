@@ -25,6 +25,10 @@ inline uint64_t test_seed() {
   return seed;
 }
 
+//! True when PREFIXKV_TEST_QUICK is set (scripts/gpu-check.sh sets it for the compute-sanitizer runs, which are
+//! 10-100x slower): tests shrink their largest cases, keeping every code path covered.
+inline bool quick_mode() { return std::getenv("PREFIXKV_TEST_QUICK") != nullptr; }
+
 //! A generator seeded from the run seed and a per-test salt.
 inline std::mt19937_64 make_rng(uint64_t salt = 0) { return std::mt19937_64(test_seed() ^ (salt * 0x9E3779B97F4A7C15ull)); }
 
