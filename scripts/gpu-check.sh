@@ -25,21 +25,34 @@ else
 fi
 
 command -v compute-sanitizer >/dev/null || { echo "compute-sanitizer: not found"; exit 1; }
+# PREFIXKV_TEST_QUICK shrinks the largest test cases (every code path stays covered): sanitizers run 10-100x
+# slower than the plain suite.
+# All (tool, binary) sanitizer runs go in parallel (each is mostly waiting on instrumented kernels).
+run_one() {  # tool binary -> writes $logs/$tool-$binary.log and .rc
+  PREFIXKV_TEST_QUICK=1 timeout "${SAN_TIMEOUT:-900}" \
+    compute-sanitizer --tool "$1" --error-exitcode 99 --print-limit 50 "$build/bin/$2" >"$logs/$1-$2.log" 2>&1
+  echo $? >"$logs/$1-$2.rc"
+}
+pids=()
+for tool in $tools; do
+  while read -r t; do
+    [ -n "$t" ] || continue
+    run_one "$tool" "$t" &
+    pids+=($!)
+  done <"$build/gpu_tests.txt"
+done
+wait "${pids[@]}"
 for tool in $tools; do
   errors=0; failed=0; n=0
   while read -r t; do
     [ -n "$t" ] || continue
     n=$((n + 1))
     log="$logs/$tool-$t.log"
-    # PREFIXKV_TEST_QUICK shrinks the largest test cases (every code path stays covered): sanitizers run 10-100x
-    # slower than the plain suite.
-    PREFIXKV_TEST_QUICK=1 timeout "${SAN_TIMEOUT:-900}" \
-      compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 50 "$build/bin/$t" >"$log" 2>&1
-    rc=$?
+    rc=$(cat "$logs/$tool-$t.rc")
     # memcheck: "ERROR SUMMARY: N errors"; racecheck: "RACECHECK SUMMARY: H hazards displayed (N errors, W warnings)"
     e=$( { grep -Eo "ERROR SUMMARY: [0-9]+" "$log"; grep -Eo "\([0-9]+ errors" "$log"; } | grep -Eo "[0-9]+" | tail -1)
     [ -n "$e" ] && errors=$((errors + e))
-    if [ $rc -ne 0 ]; then failed=$((failed + 1)); echo "  $tool $t: exit $rc (see $log)"; fi
+    if [ "$rc" -ne 0 ]; then failed=$((failed + 1)); echo "  $tool $t: exit $rc (see $log)"; tail -5 "$log"; fi
   done <"$build/gpu_tests.txt"
   echo "compute-sanitizer $tool: $n binaries, $errors errors, $failed failed"
   [ $errors -eq 0 ] && [ $failed -eq 0 ] || status=1

@@ -5,8 +5,8 @@
 // Shapes (segments x tokens): 32 x 4K, 80 x 32K, 80 x 128K (one problem each), and 16 problems of 32 x 4K in one
 // launch. Heavy-tailed random scores; curves built once on the host. Cold L2 before every timed run.
 // Counters: baseline_us (median of the bisection), ratio_vs_bisection (baseline / this run's median),
-// bisection_steps (host round-trips the baseline needed). fast:0 rows force the general path (no shared-memory
-// narrowing) for comparison.
+// bisection_steps (host round-trips the baseline needed). path:1 = sample-select (the default), path:2 = the
+// earlier shared-memory narrowing path, path:0 = general path only (for comparison in the same run).
 #include <prefixkv/select/select.cuh>
 #include <prefixkv/solve/solve.cuh>
 
@@ -16,6 +16,7 @@
 #include <map>
 #include <memory>
 #include <random>
+#include <string>
 #include <vector>
 
 namespace pk = prefixkv;
@@ -152,13 +153,13 @@ void BM_solve_device(benchmark::State& state) {
   device_array<int32_t> status(size_t(w.problems));
   size_t bytes = 0;
   const auto budget = pk::budget_evict_ratio(evict_ratio);
-  const bool fast = state.range(3) != 0;  // 0: force the general path (for comparison)
+  const int path = int(state.range(3));  // 1: sample-select (default), 2: earlier narrowing path, 0: general only
   PKV_BENCH_CHECK(pk::detail::solve_impl(nullptr, bytes, w.dev, w.problems, w.poff->ptr, budget, {}, keep.ptr, thr.ptr,
-                                         status.ptr, st, fast));
+                                         status.ptr, st, path));
   device_array<char> temp(bytes);
   auto solve = [&](cudaStream_t s) {
     PKV_BENCH_CHECK(pk::detail::solve_impl(temp.ptr, bytes, w.dev, w.problems, w.poff->ptr, budget, {}, keep.ptr,
-                                           thr.ptr, status.ptr, s, fast && PREFIXKV_SOLVE_FAST_PATH != 0));
+                                           thr.ptr, status.ptr, s, path));
   };
   // baseline in the same run: the paper's bisection, one problem at a time
   bisection bis;
@@ -182,6 +183,20 @@ void BM_solve_device(benchmark::State& state) {
   if (total != N - int64_t(std::nearbyint(evict_ratio * double(w.segments * w.tokens))) * w.problems)
     state.SkipWithError("device solve missed the budget");
   set_counters(state, ms, baseline, bis.steps);
+#if defined(PREFIXKV_SOLVE_TRACE)
+  // phase times of the last (cold) run, thread 0 of problem 0: t<i> = microseconds from the kernel's start to
+  // mark i (1 prologue, 2/3 level-0 samples loaded/selected, 4/5 level 1, 6/7 level 2, 8 gathered, 9 final
+  // select, 10 end); -1 = mark not reached
+  long long tr[16];
+  PKV_BENCH_CHECK(cudaMemcpyFromSymbol(tr, pk::detail::solve_trace, sizeof(tr)));
+  int dev = 0, khz = 0;
+  PKV_BENCH_CHECK(cudaGetDevice(&dev));
+  PKV_BENCH_CHECK(cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, dev));
+  for (int i = 1; i <= 10; ++i)
+    state.counters["t" + std::to_string(i)] = tr[i] >= tr[0] ? double(tr[i] - tr[0]) / (double(khz) * 1e-3) : -1.0;
+  const long long neg[16] = {-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1};
+  PKV_BENCH_CHECK(cudaMemcpyToSymbol(pk::detail::solve_trace, neg, sizeof(neg)));
+#endif
   cudaStreamDestroy(st);
 }
 
@@ -227,9 +242,12 @@ BENCHMARK(BM_solve_device)
     ->Args({1, 80, 32768, 1})
     ->Args({1, 80, 131072, 1})
     ->Args({16, 32, 4096, 1})
+    ->Args({1, 32, 4096, 2})
+    ->Args({1, 80, 32768, 2})
+    ->Args({1, 80, 131072, 2})
     ->Args({1, 32, 4096, 0})
     ->Args({1, 80, 131072, 0})
-    ->ArgNames({"problems", "segments", "tokens", "fast"})
+    ->ArgNames({"problems", "segments", "tokens", "path"})
     ->UseManualTime()
     ->Iterations(50)
     ->Repetitions(5)

@@ -9,6 +9,7 @@
 #include "support/test_random.hpp"
 
 #include <algorithm>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -16,6 +17,9 @@ using namespace prefixkv_test;
 namespace pk = prefixkv;
 
 namespace {
+
+// PREFIXKV_TEST_QUICK set (sanitizer runs): smaller large cases and fewer budgets, every code path still covered.
+bool quick() { return std::getenv("PREFIXKV_TEST_QUICK") != nullptr; }
 
 struct batch {
   std::vector<int64_t> rows, poff;
@@ -106,13 +110,20 @@ void run_and_compare(const batch& b, const pk::solve_budget& hb, const pk::solve
   int64_t rejected = 0;
   for (auto s : estatus) rejected += s != 0;
   INFO("P ", P, " S ", S, " rejected ", rejected);
-  for (bool fast : {true, false}) {
-  INFO("fast path enabled: ", fast);
+  // every device path on the same inputs: sample-select (public entry), sample-select with a small shared-memory
+  // key budget (more narrowing levels, gather overflow -> general fallback), the earlier narrowing path, and
+  // the general path alone
+  struct variant {
+    int path, key_cap;
+  };
+  for (variant var : {variant{1, 0}, variant{1, 4096}, variant{2, 0}, variant{0, 0}}) {
+  INFO("path ", var.path, " key cap limit ", var.key_cap);
   run_three_ways(
       [&](void* t, size_t& bytes, cudaStream_t st) {
-        if (fast) return pk::solve(t, bytes, dc.view, P, poff.get(), db, dbd, keep.get(), thr.get(), status.get(), st);
+        if (var.path == 1 && var.key_cap == 0)
+          return pk::solve(t, bytes, dc.view, P, poff.get(), db, dbd, keep.get(), thr.get(), status.get(), st);
         return pk::detail::solve_impl(t, bytes, dc.view, P, poff.get(), db, dbd, keep.get(), thr.get(), status.get(),
-                                      st, false);
+                                      st, var.path, var.key_cap);
       },
       [&] {
         keep.poison();
@@ -137,8 +148,8 @@ TEST_CASE("device solver == host solver: ragged batches, thousands of segments, 
   auto rng = make_rng(401);
   for (score_kind kind : {score_kind::mixed, score_kind::tied, score_kind::zeros, score_kind::onehot,
                           score_kind::heavy, score_kind::uniform}) {
-    const int64_t P = 1 + rng() % 97;
-    batch b = make_batch(rng, P, 1 + rng() % 80, 1 + rng() % 300,
+    const int64_t P = 1 + rng() % (quick() ? 9 : 97);
+    batch b = make_batch(rng, P, 1 + rng() % (quick() ? 40 : 80), 1 + rng() % (quick() ? 150 : 300),
                          pk::protect_policy{int64_t(rng() % 5), int64_t(rng() % 3)}, kind);
     INFO("kind ", name(kind));
     std::vector<double> ratios(P);
@@ -192,10 +203,21 @@ TEST_CASE("device solver: large problems (multi-level windows, uncached metadata
     int64_t segs, n;
     score_kind kind;
   };
-  for (shape sh : {shape{32, 4096, score_kind::mixed}, shape{3, 70000, score_kind::mixed},
-                   shape{80, 20000, score_kind::heavy}, shape{50, 5000, score_kind::onehot},
-                   shape{40, 3000, score_kind::tied}, shape{1500, 40, score_kind::mixed},
-                   shape{20000, 9, score_kind::mixed}}) {
+  // full: the bench's 32 x 4K, a few very long rows, 80 x 20K, 200 x 5K (two sample-select levels), ties and
+  // one-hot rows (windows stop shrinking -> general fallback), and problems over the 1024-segment metadata cache.
+  // quick: the same kinds of shapes, smaller (the small key-cap variant still forces several levels).
+  std::vector<shape> shapes = {shape{32, 4096, score_kind::mixed},  shape{3, 70000, score_kind::mixed},
+                               shape{80, 20000, score_kind::heavy}, shape{200, 5000, score_kind::mixed},
+                               shape{50, 5000, score_kind::onehot}, shape{40, 3000, score_kind::tied},
+                               shape{1500, 40, score_kind::mixed},  shape{20000, 9, score_kind::mixed}};
+  std::vector<double> ratios = {0.0, 0.1, 0.5, 0.77};
+  if (quick()) {
+    shapes = {shape{32, 1500, score_kind::mixed}, shape{3, 6000, score_kind::mixed},
+              shape{80, 700, score_kind::heavy},  shape{20, 500, score_kind::onehot},
+              shape{16, 600, score_kind::tied},   shape{1100, 6, score_kind::mixed}};
+    ratios = {0.5};
+  }
+  for (shape sh : shapes) {
     batch b;
     b.poff = {0, sh.segs};
     b.rows.assign(sh.segs + 1, 0);
@@ -206,7 +228,7 @@ TEST_CASE("device solver: large problems (multi-level windows, uncached metadata
     REQUIRE(pk::build_curves_host(b.scores.data(), pk::make_offset_segments(sh.segs, b.rows.data()),
                                   pk::protect_policy{}, b.curves) == cudaSuccess);
     INFO("segments ", sh.segs, " tokens ", sh.n, " kind ", name(sh.kind));
-    for (double r : {0.0, 0.1, 0.5, 0.77}) {
+    for (double r : ratios) {
       const auto bud = pk::budget_evict_ratio(r);
       run_and_compare(b, bud, bud, {}, {});
     }

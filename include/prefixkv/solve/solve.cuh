@@ -2,18 +2,20 @@
 //! The exact global prefix solver on the device: one kernel launch for P independent problems, no host sync,
 //! graph-capturable. Same semantics and bit-identical keep counts as `prefixkv::solve_host` (solve.hpp).
 //!
-//! Algorithm (one block of 1024 threads per problem, grid-stride over problems):
+//! Algorithm (one block of 512 threads per problem, grid-stride over problems):
 //! 1. per-problem totals (tokens, candidates, bounds) and the budget -> R = candidates still to pick;
-//! 2. fast path (problems of <= 1024 segments): narrow every segment's eligible ranks to a window that must hold
-//!    the answer using shared-memory samples only (256 per window per level, two 128-way searches on the
-//!    sample bounds of count(t)), until all windows fit in shared memory; gather them and finish the exact
-//!    256-way search on the 32-bit ordered keys there (see `narrow_and_gather`);
-//! 3. general path (large problems, or windows that stop shrinking because of massive exact ties): a sample of
+//! 2. sample-select fast path (problems of <= 512 segments, see `sample_select`): per level, m samples of every
+//!    segment's window at one stride D; two radix selections (8-bit digits) over the samples in shared memory
+//!    give keys L* / H* with count(L*) < R <= count(H*), which cut every window to about 3 strides; when all
+//!    windows fit in shared memory they are gathered and v is one more radix selection there. 1-3 levels, one
+//!    global round trip each, no per-probe binary searches;
+//! 3. (path 2, kept for comparison) the earlier narrowing path: 128-way searches on sample bounds of count(t);
+//! 4. general path (large problems, or windows that stop shrinking because of massive exact ties): a sample of
 //!    every row in shared memory, then 256-way rounds over the key space where count(t) = sum_s #eligible ranks
 //!    with key <= t is a binary search per segment (sample, then the short global window between two samples);
-//! 4. every segment keeps lo_s + #(eligible keys < v) + its share of the keys == v, shares handed out in
+//! 5. every segment keeps lo_s + #(eligible keys < v) + its share of the keys == v, shares handed out in
 //!    segment order (a block scan), which is the (e, s, r) lexicographic tie break.
-//! Both paths compute the same v (the smallest key with count(v) >= R) and the same counts.
+//! All paths compute the same v (the smallest key with count(v) >= R) and the same counts.
 //!
 //! \code
 //! size_t bytes = 0;
@@ -29,7 +31,8 @@
 #include "../select/block_util.cuh"
 #include "solve.hpp"
 
-//! Set to 0 to make `prefixkv::solve` always take the general path (the fast path's answers are identical).
+//! Path `prefixkv::solve` takes: 1 = sample-select (default), 2 = earlier narrowing path, 0 = general path only
+//! (all answers are identical).
 #ifndef PREFIXKV_SOLVE_FAST_PATH
 #define PREFIXKV_SOLVE_FAST_PATH 1
 #endif
@@ -37,7 +40,26 @@
 PREFIXKV_NAMESPACE_BEGIN
 namespace detail {
 
-inline constexpr int solve_threads = 1024;
+// Phase timestamps (clock64 of thread 0, problem 0) for bench/solve's trace build only; no-ops otherwise.
+#if defined(PREFIXKV_SOLVE_TRACE)
+__device__ long long solve_trace[16];
+#define PKV_SOLVE_MARK(i)                                                               \
+  do {                                                                                  \
+    if (threadIdx.x == 0 && blockIdx.x == 0 && (i) < 16) solve_trace[(i)] = clock64(); \
+  } while (0)
+#else
+#define PKV_SOLVE_MARK(i) \
+  do {                    \
+  } while (0)
+#endif
+
+// 512 threads leave 128 registers per thread; at 1024 (64 registers) the kernel spilled ~750 bytes per thread
+// to local memory and every path ran 3-5x slower (see bench/solve/RESULTS.md).
+#ifndef PREFIXKV_SOLVE_THREADS
+#define PREFIXKV_SOLVE_THREADS 512
+#endif
+inline constexpr int solve_threads = PREFIXKV_SOLVE_THREADS;
+static_assert(solve_threads % 256 == 0 && solve_threads <= 1024, "solve_threads: a multiple of 256, at most 1024");
 inline constexpr int solve_probes = 256;                    // thresholds evaluated per round
 inline constexpr int solve_parts = solve_threads / solve_probes;
 inline constexpr int solve_seg_cap = 1024;                  // segment metadata cached in shared memory
@@ -169,7 +191,36 @@ struct solve_shared {
   long long part[solve_parts][solve_probes];
   long long newL, newH;
   long long cL[2], cH[2];
+  long long red[solve_threads / 32][6];  // per-warp partials of the prologue reduction
 };
+
+// Block reduction of N values in one pass (2 barriers): the first NMAX values are maximised, the others summed;
+// every thread gets all N results.
+template <int NMAX = 0, int N>
+__device__ inline void block_sums(long long (&v)[N], solve_shared& sh) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+#pragma unroll
+    for (int d = 16; d > 0; d >>= 1) {
+      const long long o = __shfl_xor_sync(0xFFFFFFFFu, v[j], d);
+      v[j] = j < NMAX ? (o > v[j] ? o : v[j]) : v[j] + o;
+    }
+  __syncthreads();  // protect sh.red from a previous use
+  if (lane == 0)
+#pragma unroll
+    for (int j = 0; j < N; ++j) sh.red[warp][j] = v[j];
+  __syncthreads();
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    long long t = sh.red[0][j];
+    for (int w = 1; w < solve_threads / 32; ++w) {
+      const long long o = sh.red[w][j];
+      t = j < NMAX ? (o > t ? o : t) : t + o;
+    }
+    v[j] = t;
+  }
+}
 
 // Keys <= t in a sorted shared-memory window of w keys.
 __device__ inline long long window_le(const uint32_t* k, int32_t w, long long t) {
@@ -205,7 +256,8 @@ __device__ inline int32_t sample_bound(const uint32_t* smp, int m, int32_t A, in
   return qa > 0 ? A + static_cast<int32_t>((static_cast<int64_t>(qa) * w) / (m + 1)) + 1 : A;
 }
 
-// Fast path (ns <= solve_seg_cap, metadata cached): narrow every segment's eligible range [lo, hi) to a window
+// Earlier fast path, path 2 (ns <= solve_threads, metadata cached): narrow every segment's eligible range
+// [lo, hi) to a window
 // [wa, wb) that must contain the answer, using only shared-memory samples (each level loads m keys per window
 // and runs two 128-way searches on sample bounds), until all windows fit `key_cap` keys; then gather the
 // windows' keys into shared memory and finish the exact 256-way search there. Invariant for t in [L, H]:
@@ -368,20 +420,237 @@ __device__ inline bool narrow_and_gather(const curve_set& cv, int64_t ns, long l
   return true;
 }
 
+// ---- sample-select fast path ----------------------------------------------------------------------------------
+
+inline constexpr int solve_sel_samples = 8192;   // shared-memory samples per narrowing level (at most)
+inline constexpr int solve_sel_max_m = 512;      // samples per segment window (a power of two >= 32)
+inline constexpr int solve_sel_min_m = 32;
+inline constexpr int solve_sel_max_levels = 6;
+
+// State of up to two concurrent radix selections (8-bit digits, 4 passes) over keys in shared memory.
+struct solve_select_state {
+  uint32_t hist[2][2][256];  // [selection][buffer][digit]
+  uint32_t prefix[2];        // key bits decided so far
+  uint32_t rem[2];           // 1-based rank still to find among keys matching the prefix
+};
+
+// k-th smallest (1-based, k[s] in [1, n]) of n keys in shared memory, for NS <= 2 ranks at once; every thread of
+// the block calls it and gets the keys in out[]. Counting uses runs of equal digits along each warp's 32
+// consecutive keys (keys are mostly sorted runs, so a run is counted with at most two shared atomics: -first
+// lane at its start, +last lane + 1 at its end), no per-key atomics on a few hot bins. 1 + 2 * 4 barriers.
+template <int NS>
+__device__ inline void block_select(const uint32_t* keys, int n, const uint32_t (&k)[NS], uint32_t (&out)[NS],
+                                    solve_select_state& st) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  for (int x = tid; x < NS * 256; x += solve_threads) st.hist[x >> 8][0][x & 255] = 0;
+  if (tid < NS) {
+    st.prefix[tid] = 0;
+    st.rem[tid] = k[tid];
+  }
+  __syncthreads();
+#pragma unroll 1
+  for (int pass = 0; pass < 4; ++pass) {
+    const int shift = 24 - 8 * pass, buf = pass & 1;
+    const uint32_t hi_mask = pass == 0 ? 0u : (0xFFFFFFFFu << (shift + 8));
+    uint32_t pre[NS];
+#pragma unroll
+    for (int s = 0; s < NS; ++s) pre[s] = st.prefix[s];
+    for (int base = warp * 32; base < n; base += solve_threads) {
+      const int idx = base + lane;
+      const bool valid = idx < n;
+      const uint32_t key = valid ? keys[idx] : 0u;
+#pragma unroll
+      for (int s = 0; s < NS; ++s) {
+        const uint32_t code = valid && ((key ^ pre[s]) & hi_mask) == 0 ? (key >> shift) & 255u : 0x100u;
+        const uint32_t up = __shfl_up_sync(0xFFFFFFFFu, code, 1), dn = __shfl_down_sync(0xFFFFFFFFu, code, 1);
+        if (code != 0x100u) {
+          const bool start = lane == 0 || up != code, end = lane == 31 || dn != code;
+          const uint32_t delta = (end ? uint32_t(lane + 1) : 0u) - (start ? uint32_t(lane) : 0u);
+          if (delta != 0u) atomicAdd(&st.hist[s][buf][code], delta);
+        }
+      }
+    }
+    __syncthreads();
+    if (warp < NS) {
+      const int s = warp;
+      uint32_t v[8];
+      uint32_t run = 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        v[j] = st.hist[s][buf][lane * 8 + j];
+        run += v[j];
+        st.hist[s][buf ^ 1][lane * 8 + j] = 0;  // the next pass's buffer
+      }
+      uint32_t incl = run;
+#pragma unroll
+      for (int d = 1; d < 32; d <<= 1) {
+        const uint32_t o = __shfl_up_sync(0xFFFFFFFFu, incl, d);
+        if (lane >= d) incl += o;
+      }
+      const uint32_t rem = st.rem[s];
+      __syncwarp();  // every lane has read rem before one lane rewrites it
+      uint32_t before = incl - run;
+      if (before < rem && rem <= incl) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          if (before < rem && rem <= before + v[j]) {
+            st.prefix[s] |= uint32_t(lane * 8 + j) << shift;
+            st.rem[s] = rem - before;
+          }
+          before += v[j];
+        }
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int s = 0; s < NS; ++s) out[s] = st.prefix[s];
+}
+
+// Sample-select fast path (ns <= solve_threads: one thread per segment; ns * solve_sel_min_m <= key_cap).
+// Windows [wa_i, wb_i) (initially [lo_i, hi_i)) with the invariant: for t in [L, H], count(t) = sum_i (wa_i - lo_i)
+// + #(window keys <= t), count(L) < R <= count(H) (L, H implicit). One level: m samples per window at ranks
+// wa_i + q * D (one stride D = ceil(max window / m) for all), invalid slots = 0xFFFFFFFF. With Q(t) = #samples
+// <= t and R' = R - base: count(t) - base <= D * Q(t) and >= D * (Q(t) - active windows). So
+// L* = (floor((R'-1)/D) + 1)-th smallest sample - 1 has count < R, and H* = (ceil(R'/D) + active)-th smallest
+// sample has count >= R; the new windows run from just after the last sample <= L* to the first sample > H*
+// (total about 3 * ns * D keys). Levels repeat until all windows fit `key_cap`; then the windows are gathered and
+// v = the (R - base)-th smallest gathered key. Returns false (nothing decided) if windows stop shrinking.
+__device__ inline bool sample_select(const curve_set& cv, int64_t ns, long long R, int key_cap,
+                                     const solve_smem_view& sm, solve_shared& sh, solve_select_state& st,
+                                     int64_t& v_out) {
+  const int tid = threadIdx.x;
+  const bool mine = tid < ns;  // one thread per segment (ns <= solve_threads)
+  int32_t a = 0, b = 0;
+  if (mine) {
+    a = sm.lo[tid];
+    b = sm.hi[tid];
+  }
+  const int samples_cap = key_cap < solve_sel_samples ? key_cap : solve_sel_samples;
+  int lm = 5;  // log2(m)
+  while ((2 << lm) <= solve_sel_max_m && (static_cast<long long>(ns) << (lm + 1)) <= samples_cap) ++lm;
+  const int m = 1 << lm;
+  long long prevW = 0x7FFFFFFFFFFFFFFFll;
+  for (int level = 0;; ++level) {
+    const int32_t w = b - a;
+    // total window keys, widest window, non-empty windows, windows' offset from lo (one block reduction)
+    long long red[4] = {w, w, w > 0 ? 1 : 0, mine ? a - sm.lo[tid] : 0};
+    block_sums<1>(red, sh);
+    const long long maxw = red[0], W = red[1], active = red[2];
+    if (W <= key_cap) break;
+    if (level >= solve_sel_max_levels || 2 * W > prevW) return false;
+    prevW = W;
+    const long long D = (maxw + m - 1) >> lm;
+    if (mine) {
+      sm.wa[tid] = a;
+      sm.wb[tid] = b;
+    }
+    __syncthreads();
+    const int total = static_cast<int>(ns) << lm;
+    for (int b0 = tid; b0 < total; b0 += solve_threads * 8) {
+      uint32_t kk[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        const int idx = b0 + u * solve_threads;
+        kk[u] = 0xFFFFFFFFu;
+        if (idx < total) {
+          const int i = idx >> lm, q = idx & (m - 1);
+          const int64_t A = sm.wa[i], r = static_cast<int64_t>(q) * D;
+          if (r < sm.wb[i] - A) kk[u] = entry_key(cv.cumulative + sm.off[i], A + r);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < 8; ++u)
+        if (b0 + u * solve_threads < total) sm.keys[b0 + u * solve_threads] = kk[u];
+    }
+    __syncthreads();
+    PKV_SOLVE_MARK(2 + 2 * level);
+    const long long base = red[3];
+    const long long Rp = R - base;  // >= 1 by the invariant
+    const long long kL = (Rp - 1) / D + 1;
+    const long long kH = (Rp + D - 1) / D + active;
+    uint32_t ks[2], vs[2];
+    ks[0] = static_cast<uint32_t>(kL);
+    ks[1] = static_cast<uint32_t>(kH <= total ? kH : total);
+    block_select<2>(sm.keys, total, ks, vs, st);
+    PKV_SOLVE_MARK(3 + 2 * level);
+    const long long Ls = static_cast<long long>(vs[0]) - 1;
+    const long long Hs = kH <= total ? static_cast<long long>(vs[1]) : 0x100000000ll;
+    if (mine && b > a) {
+      const uint32_t* smp = sm.keys + (static_cast<int64_t>(tid) << lm);
+      const long long qa = window_le(smp, m, Ls), qb = window_le(smp, m, Hs);
+      const long long na = qa > 0 ? a + (qa - 1) * D + 1 : a;
+      long long nb = a + qb * D;
+      if (nb > b) nb = b;
+      a = static_cast<int32_t>(na);
+      b = static_cast<int32_t>(nb < na ? na : nb);
+    }
+    __syncthreads();  // samples read before the next level overwrites them
+  }
+  if (mine) {
+    sm.wa[tid] = a;
+    sm.wb[tid] = b;
+  }
+  // gather the windows' keys
+  long long W = 0;
+  const long long g_mine = block_exclusive_sum(mine ? b - a : 0, W, sh.sc);  // (syncs: wa/wb visible)
+  if (mine) sm.goff[tid] = static_cast<int32_t>(g_mine);
+  __syncthreads();
+  for (long long b0 = tid; b0 < W; b0 += solve_threads * 8) {
+    uint32_t kk[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const long long idx = b0 + u * solve_threads;
+      kk[u] = 0;
+      if (idx < W) {
+        int lo = 0, n = static_cast<int>(ns);  // last window with goff <= idx
+        while (n > 0) {
+          const int h = n >> 1;
+          if (sm.goff[lo + h] <= idx) {
+            lo += h + 1;
+            n -= h + 1;
+          } else {
+            n = h;
+          }
+        }
+        const int i = lo - 1;
+        kk[u] = entry_key(cv.cumulative + sm.off[i], sm.wa[i] + (idx - sm.goff[i]));
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < 8; ++u)
+      if (b0 + u * solve_threads < W) sm.keys[b0 + u * solve_threads] = kk[u];
+  }
+  const long long base = block_sum(mine ? a - sm.lo[tid] : 0, sh.sc);  // (syncs: keys visible)
+  PKV_SOLVE_MARK(8);
+  uint32_t ks[1] = {static_cast<uint32_t>(R - base)}, vs[1];
+  block_select<1>(sm.keys, static_cast<int>(W), ks, vs, st);
+  PKV_SOLVE_MARK(9);
+  v_out = static_cast<int64_t>(vs[0]);
+  return true;
+}
+
+// Kernels in headers are templates (a dummy parameter) so that several translation units may include them.
+template <int = 0>
 PREFIXKV_KERNEL void __launch_bounds__(solve_threads, 1)
     solve_kernel(curve_set cv, int64_t P, const int64_t* poff, solve_budget bud, keep_bounds bnd, int64_t* keep,
-                 float* thr, int32_t* status, int key_cap, int fast) {
+                 float* thr, int32_t* status, int key_cap, int path) {
   extern __shared__ __align__(16) unsigned char solve_dyn_smem[];
   __shared__ solve_shared sh;
+  __shared__ solve_select_state sst;
+  // segment metadata in static shared arrays (constant addresses: no registers held for them)
+  __shared__ int64_t s_off[solve_seg_cap];
+  __shared__ int32_t s_cnt[solve_seg_cap], s_lo[solve_seg_cap], s_hi[solve_seg_cap], s_wa[solve_seg_cap],
+      s_wb[solve_seg_cap], s_goff[solve_seg_cap];
   solve_smem_view sm;
-  sm.off = reinterpret_cast<int64_t*>(solve_dyn_smem);
-  sm.cnt = reinterpret_cast<int32_t*>(sm.off + solve_seg_cap);
-  sm.lo = sm.cnt + solve_seg_cap;
-  sm.hi = sm.lo + solve_seg_cap;
-  sm.wa = sm.hi + solve_seg_cap;
-  sm.wb = sm.wa + solve_seg_cap;
-  sm.goff = sm.wb + solve_seg_cap;
-  sm.keys = reinterpret_cast<uint32_t*>(sm.goff + solve_seg_cap);
+  sm.off = s_off;
+  sm.cnt = s_cnt;
+  sm.lo = s_lo;
+  sm.hi = s_hi;
+  sm.wa = s_wa;
+  sm.wb = s_wb;
+  sm.goff = s_goff;
+  sm.keys = reinterpret_cast<uint32_t*>(solve_dyn_smem);
   const int tid = threadIdx.x;
   const int64_t S = cv.count;
 
@@ -397,22 +666,19 @@ PREFIXKV_KERNEL void __launch_bounds__(solve_threads, 1)
     const int64_t ns = s1 - s0;
     const bool cached = ns <= solve_seg_cap;
 
-    // 1. totals, validity, largest eligible key
-    long long tok = 0, cand = 0, slo = 0, shi = 0, bad_shape = 0, bad_bounds = 0, maxkey = 0;
+    PKV_SOLVE_MARK(0);
+    // 1. totals and validity (one block reduction)
+    long long red[6] = {0, 0, 0, 0, 0, 0};  // tokens, candidates, sum lo, sum hi, bad shape, bad bounds
     for (int64_t i = tid; i < ns; i += solve_threads) {
       const int64_t s = s0 + i;
       const int64_t o = cv.offsets[s], c = cv.offsets[s + 1] - o, n = cv.tokens[s];
       int64_t lo = 0, hi = 0;
-      if (n < 0 || c != candidate_count(n, cv.protect)) bad_shape = 1;
-      if (!segment_bounds(bnd, s, c, lo, hi)) bad_bounds = 1;
-      tok += n;
-      cand += c;
-      slo += lo;
-      shi += hi;
-      if (hi > lo && c > 0 && c == candidate_count(n, cv.protect)) {
-        const long long k = order_key(entry_value(cv.cumulative + o, hi - 1));
-        maxkey = k > maxkey ? k : maxkey;
-      }
+      if (n < 0 || c != candidate_count(n, cv.protect)) red[4] = 1;
+      if (!segment_bounds(bnd, s, c, lo, hi)) red[5] = 1;
+      red[0] += n;
+      red[1] += c;
+      red[2] += lo;
+      red[3] += hi;
       if (cached) {
         sm.off[i] = o;
         sm.cnt[i] = static_cast<int32_t>(c);
@@ -420,13 +686,14 @@ PREFIXKV_KERNEL void __launch_bounds__(solve_threads, 1)
         sm.hi[i] = static_cast<int32_t>(hi);
       }
     }
+    block_sums(red, sh);
+    PKV_SOLVE_MARK(1);
     problem_totals t;
-    t.tokens = block_sum(tok, sh.sc);
-    t.candidates = block_sum(cand, sh.sc);
-    t.lo = block_sum(slo, sh.sc);
-    t.hi = block_sum(shi, sh.sc);
-    const long long shape_err = block_sum(bad_shape, sh.sc), bounds_err = block_sum(bad_bounds, sh.sc);
-    const long long H0 = block_max(maxkey, sh.sc);
+    t.tokens = red[0];
+    t.candidates = red[1];
+    t.lo = red[2];
+    t.hi = red[3];
+    const long long shape_err = red[4], bounds_err = red[5];
     int64_t B = 0;
     reason why = shape_err ? reason::shape_mismatch
                            : (bounds_err ? reason::infeasible_bounds : problem_budget(bud, p, t, B));
@@ -443,7 +710,22 @@ PREFIXKV_KERNEL void __launch_bounds__(solve_threads, 1)
     const int64_t R = B - t.lo;
     int64_t v = -1;
     bool gathered = false;
-    if (R > 0 && fast && cached) {
+    if (R > 0 && path == 1 && ns <= solve_threads && ns * solve_sel_min_m <= key_cap) {
+      gathered = sample_select(cv, ns, R, key_cap, sm, sh, sst, v);
+    }
+    long long H0 = 0;  // largest eligible key (the general and legacy paths search [0, H0])
+    if (R > 0 && !gathered) {
+      long long maxkey = 0;
+      for (int64_t i = tid; i < ns; i += solve_threads) {
+        const seg_info g = load_seg(cv, bnd, s0, i, cached, sm);
+        if (g.hi > g.lo) {
+          const long long k = order_key(entry_value(cv.cumulative + g.off, g.hi - 1));
+          maxkey = k > maxkey ? k : maxkey;
+        }
+      }
+      H0 = block_max(maxkey, sh.sc);
+    }
+    if (R > 0 && !gathered && path == 2 && ns <= solve_threads) {
       gathered = narrow_and_gather(cv, ns, R, H0, key_cap, sm, sh, v);
     }
     const int m = static_cast<int>(ns > 0 && ns <= key_cap ? key_cap / ns : 0);
@@ -533,6 +815,7 @@ PREFIXKV_KERNEL void __launch_bounds__(solve_threads, 1)
       if (status) status[p] = 0;
       if (thr) thr[p] = R > 0 ? key_value(static_cast<uint32_t>(v)) : 0.0f;
     }
+    PKV_SOLVE_MARK(10);
     __syncthreads();
   }
 }
@@ -548,21 +831,22 @@ inline int solve_key_cap() noexcept {
       cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
     optin = 96 * 1024;
   cudaFuncAttributes fa{};
-  if (cudaFuncGetAttributes(&fa, solve_kernel) != cudaSuccess) fa.sharedSizeBytes = 16 * 1024;
-  const long long avail = static_cast<long long>(optin) - static_cast<long long>(fa.sharedSizeBytes) -
-                          static_cast<long long>(solve_meta_bytes) - 1024;
+  if (cudaFuncGetAttributes(&fa, solve_kernel<>) != cudaSuccess) fa.sharedSizeBytes = 16 * 1024 + solve_meta_bytes;
+  const long long avail = static_cast<long long>(optin) - static_cast<long long>(fa.sharedSizeBytes) - 1024;
   long long keys = avail / 4 / 32 * 32;
   if (keys > solve_max_keys) keys = solve_max_keys;
   if (keys < solve_min_keys) keys = solve_min_keys;
   return static_cast<int>(keys);
 }
 
-// `fast` = false forces the general path (tests use it to cover both paths on the same inputs).
+// `path`: 1 = sample-select fast path (default), 2 = the earlier shared-memory narrowing path, 0 = general path
+// only (tests cover every path on the same inputs; the answers are identical). Problems a fast path cannot take
+// (more than solve_seg_cap segments, windows that stop shrinking) fall back to the general path.
 [[nodiscard]] inline cudaError_t solve_impl(void* d_temp, size_t& temp_bytes, const curve_set& curves,
                                             int64_t num_problems, const int64_t* problem_offsets,
                                             const solve_budget& budget, const keep_bounds& bounds, int64_t* keep,
                                             float* threshold, int32_t* status, cudaStream_t stream,
-                                            bool fast) noexcept {
+                                            int path, int key_cap_limit = 0) noexcept {
   PREFIXKV_TRY(validate(curves.protect));
   if (curves.count < 0 || num_problems < 0) return fail(reason::negative_extent, "solve: negative segment or problem count");
   if (problem_offsets == nullptr && num_problems != 1)
@@ -584,14 +868,15 @@ inline int solve_key_cap() noexcept {
   }
   PREFIXKV_TRY(ws.map(d_temp, temp_bytes));
   if (num_problems == 0) return cudaSuccess;
-  const int key_cap = solve_key_cap();
-  const size_t smem = solve_meta_bytes + static_cast<size_t>(key_cap) * sizeof(uint32_t);
+  int key_cap = solve_key_cap();
+  if (key_cap_limit >= solve_min_keys && key_cap_limit < key_cap) key_cap = key_cap_limit / 32 * 32;  // tests
+  const size_t smem = static_cast<size_t>(key_cap) * sizeof(uint32_t);
   PREFIXKV_TRY(check_runtime(
-      cudaFuncSetAttribute(solve_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+      cudaFuncSetAttribute(solve_kernel<>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
       "solve: cudaFuncSetAttribute failed"));
   const int64_t grid = num_problems < 65535 * 16 ? num_problems : 65535 * 16;
-  solve_kernel<<<static_cast<unsigned>(grid), solve_threads, smem, stream>>>(
-      curves, num_problems, problem_offsets, budget, bounds, keep, threshold, status, key_cap, fast ? 1 : 0);
+  solve_kernel<><<<static_cast<unsigned>(grid), solve_threads, smem, stream>>>(
+      curves, num_problems, problem_offsets, budget, bounds, keep, threshold, status, key_cap, path);
   return check_launch(stream);
 }
 
@@ -616,7 +901,7 @@ inline int solve_key_cap() noexcept {
                                        float* threshold = nullptr, int32_t* status = nullptr,
                                        cudaStream_t stream = 0) noexcept {
   return detail::solve_impl(d_temp, temp_bytes, curves, num_problems, problem_offsets, budget, bounds, keep,
-                            threshold, status, stream, PREFIXKV_SOLVE_FAST_PATH != 0);
+                            threshold, status, stream, PREFIXKV_SOLVE_FAST_PATH);
 }
 
 PREFIXKV_NAMESPACE_END
