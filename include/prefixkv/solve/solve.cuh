@@ -256,6 +256,38 @@ __device__ inline int32_t sample_bound(const uint32_t* smp, int m, int32_t A, in
   return qa > 0 ? A + static_cast<int32_t>((static_cast<int64_t>(qa) * w) / (m + 1)) + 1 : A;
 }
 
+//! Copy every segment's key window into shared memory, back to back: window i (ranks [wa[i], ...)) lands at
+//! keys[goff[i] ...]; W keys in all. Each thread keeps `Unroll` independent global loads in flight.
+template <int Unroll>
+__device__ inline void gather_window_keys(const curve_set& cv, int64_t ns, long long W, const solve_smem_view& sm) {
+  const int tid = static_cast<int>(threadIdx.x);
+  for (long long b0 = tid; b0 < W; b0 += solve_threads * Unroll) {
+    uint32_t kk[Unroll];
+#pragma unroll
+    for (int u = 0; u < Unroll; ++u) {
+      const long long idx = b0 + u * solve_threads;
+      kk[u] = 0;
+      if (idx < W) {
+        int lo = 0, n = static_cast<int>(ns);  // last window with goff <= idx
+        while (n > 0) {
+          const int h = n >> 1;
+          if (sm.goff[lo + h] <= idx) {
+            lo += h + 1;
+            n -= h + 1;
+          } else {
+            n = h;
+          }
+        }
+        const int i = lo - 1;
+        kk[u] = entry_key(cv.cumulative + sm.off[i], sm.wa[i] + (idx - sm.goff[i]));
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < Unroll; ++u)
+      if (b0 + u * solve_threads < W) sm.keys[b0 + u * solve_threads] = kk[u];
+  }
+}
+
 // Earlier fast path, path 2 (ns <= solve_threads, metadata cached): narrow every segment's eligible range
 // [lo, hi) to a window
 // [wa, wb) that must contain the answer, using only shared-memory samples (each level loads m keys per window
@@ -362,31 +394,7 @@ __device__ inline bool narrow_and_gather(const curve_set& cv, int64_t ns, long l
   const long long g_mine = block_exclusive_sum(w_mine, W, sh.sc);
   if (tid < ns) sm.goff[tid] = static_cast<int32_t>(g_mine);
   __syncthreads();
-  for (long long b0 = tid; b0 < W; b0 += solve_threads * 4) {
-    uint32_t kk[4];
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      const long long idx = b0 + u * solve_threads;
-      kk[u] = 0;
-      if (idx < W) {
-        int a = 0, n = static_cast<int>(ns);  // last window with goff <= idx
-        while (n > 0) {
-          const int h = n >> 1;
-          if (sm.goff[a + h] <= idx) {
-            a += h + 1;
-            n -= h + 1;
-          } else {
-            n = h;
-          }
-        }
-        const int i = a - 1;
-        kk[u] = entry_key(cv.cumulative + sm.off[i], sm.wa[i] + (idx - sm.goff[i]));
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < 4; ++u)
-      if (b0 + u * solve_threads < W) sm.keys[b0 + u * solve_threads] = kk[u];
-  }
+  gather_window_keys<4>(cv, ns, W, sm);
   const long long base = block_sum(tid < ns ? sm.wa[tid] - sm.lo[tid] : 0, sh.sc);  // (syncs: keys visible)
   // exact 256-way search in shared memory
   while (H - L > 1) {
@@ -596,31 +604,7 @@ __device__ inline bool sample_select(const curve_set& cv, int64_t ns, long long 
   const long long g_mine = block_exclusive_sum(mine ? b - a : 0, W, sh.sc);  // (syncs: wa/wb visible)
   if (mine) sm.goff[tid] = static_cast<int32_t>(g_mine);
   __syncthreads();
-  for (long long b0 = tid; b0 < W; b0 += solve_threads * 8) {
-    uint32_t kk[8];
-#pragma unroll
-    for (int u = 0; u < 8; ++u) {
-      const long long idx = b0 + u * solve_threads;
-      kk[u] = 0;
-      if (idx < W) {
-        int lo = 0, n = static_cast<int>(ns);  // last window with goff <= idx
-        while (n > 0) {
-          const int h = n >> 1;
-          if (sm.goff[lo + h] <= idx) {
-            lo += h + 1;
-            n -= h + 1;
-          } else {
-            n = h;
-          }
-        }
-        const int i = lo - 1;
-        kk[u] = entry_key(cv.cumulative + sm.off[i], sm.wa[i] + (idx - sm.goff[i]));
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < 8; ++u)
-      if (b0 + u * solve_threads < W) sm.keys[b0 + u * solve_threads] = kk[u];
-  }
+  gather_window_keys<8>(cv, ns, W, sm);
   const long long base = block_sum(mine ? a - sm.lo[tid] : 0, sh.sc);  // (syncs: keys visible)
   PKV_SOLVE_MARK(8);
   uint32_t ks[1] = {static_cast<uint32_t>(R - base)}, vs[1];
