@@ -6,7 +6,9 @@
 //   GBps        bytes moved / time, bytes moved = kept rows read + written = 2 * kept * row bytes (K and V)
 //   memcpy_GBps the same for cudaMemcpyAsync D2D of the kept bytes, timed in the same process
 //   ratio       memcpy time / kernel time (1.0 = copy speed)
-// `_trusted` variants skip the device-side index check kernel (index_check::trusted).
+// `trusted:1` skips the device-side index check kernel (index_check::trusted).
+// `kernel` picks a launch variant (detail::compact_tune, same run): 0 default (move kernel launched with
+// programmatic dependent launch after the check kernel), 1 previous launch (plain stream order).
 #include <prefixkv/compact/compact.cuh>
 
 #include "support/bench_util.cuh"
@@ -27,9 +29,14 @@ constexpr int64_t L = 32, H = 8, D = 128, B = 1, P = 16;
 enum mode { contig_inplace = 0, contig_gather = 1, paged_inplace = 2, paged_gather = 3 };
 const char* mode_name[] = {"contig_inplace", "contig_gather", "paged_inplace", "paged_to_contig_gather"};
 
+// One arena for every case, allocated once at the size of the largest case (out-of-place, 128K tokens, 75 %):
+// growing it between cases made the first case timed on a fresh allocation slow (measured: contiguous gather at
+// 4K tokens with the device check read 0.77 of memcpy right after a re-allocation, 0.87-0.90 otherwise).
+constexpr size_t arena_max = size_t(2) * 32 * 8 * 128 * 2 * (131072 + 131072 * 75 / 100);
 char* arena(size_t bytes) {
   static char* p = nullptr;
   static size_t have = 0;
+  if (bytes < arena_max) bytes = arena_max;
   if (have < bytes) {
     if (p) PKV_BENCH_CHECK(cudaFree(p));
     PKV_BENCH_CHECK(cudaMalloc(&p, bytes));
@@ -53,6 +60,9 @@ void BM_compact(benchmark::State& state) {
   const int64_t pct = state.range(1);
   const mode md = static_cast<mode>(state.range(2));
   const auto check = state.range(3) ? prefixkv::index_check::trusted : prefixkv::index_check::device;
+  auto& tune = prefixkv::detail::compact_tune();
+  tune = prefixkv::detail::compact_tuning{};
+  tune.pdl = state.range(4) == 0;
   const int64_t kept = T * pct / 100;
   const int64_t row = D * sizeof(bf16);
   const size_t layer_bytes = size_t(B * H * T * row);           // one K or V tensor of one layer
@@ -141,14 +151,15 @@ void BM_compact(benchmark::State& state) {
 }
 
 void args(benchmark::internal::Benchmark* b) {
-  for (int64_t trusted : {0, 1})
-    for (int64_t md : {0, 1, 2, 3})
-      for (int64_t T : {4096, 32768, 131072})
-        for (int64_t pct : {25, 50, 75}) {
-          if (trusted && T != 4096) continue;  // the check kernel only matters for short caches
-          b->Args({T, pct, md, trusted});
-        }
-  b->ArgNames({"tokens", "kept_pct", "mode", "trusted"});
+  for (int64_t kernel : {0, 1})
+    for (int64_t trusted : {0, 1})
+      for (int64_t md : {0, 1, 2, 3})
+        for (int64_t T : {4096, 32768, 131072})
+          for (int64_t pct : {25, 50, 75}) {
+            if (trusted && T != 4096) continue;  // the check kernel only matters for short caches
+            b->Args({T, pct, md, trusted, kernel});
+          }
+  b->ArgNames({"tokens", "kept_pct", "mode", "trusted", "kernel"});
 }
 
 }  // namespace

@@ -118,3 +118,32 @@ TEST_CASE("in place: shift-by-one and keep-the-tail patterns") {
         });
   }
 }
+
+// Launch variants of the move kernel (benchmark hook): programmatic dependent launch on/off, and a tiny grid so
+// that every block walks several lanes.
+TEST_CASE("in place and gather: launch variants, several lanes per block") {
+  auto rng = make_rng(606);
+  auto& tune = prefixkv::detail::compact_tune();
+  const auto saved = tune;
+  for (int variant = 0; variant < 4; ++variant) {
+    tune.pdl = variant % 2 == 0;
+    tune.max_blocks = variant == 1 || variant == 2 ? 3 : 0;
+    for (layout l : {layout::bhsd, layout::strided, layout::nhd, layout::hnd}) {
+      case_cfg c;
+      c.src = l;
+      c.dst = variant % 2 ? layout::bshd : layout::bhsd;
+      c.g.L = 2;
+      c.g.B = 2;
+      c.g.H = 3;
+      c.g.T = 300 + int64_t(rng() % 100);
+      c.g.D = variant < 2 ? 128 : 64;
+      c.frac = 3 + variant % 3;
+      INFO("variant " << variant);
+      run_inplace_case<uint16_t>(c, rng);
+      run_gather_case<uint16_t>(c, rng);
+      c.g.D = 3;  // narrow path
+      run_inplace_case<uint8_t>(c, rng);
+    }
+  }
+  tune = saved;
+}

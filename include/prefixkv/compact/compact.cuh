@@ -12,7 +12,10 @@
 //!   block into the workspace; every block of the move kernel reads those words at its start and returns
 //!   without writing anything when one is non-zero. `out.status` then receives the `reason` (0 when valid), so
 //!   the caller can read it whenever it synchronises anyway. The call itself returns cudaSuccess.
-//!   Everything is stream-ordered and capturable in a CUDA graph.
+//!   Everything is stream-ordered and capturable in a CUDA graph. On sm_90 the move kernel is launched with
+//!   programmatic dependent launch: its blocks may be scheduled while the check kernel finishes, but each one
+//!   executes `griddepcontrol.wait` (full completion and memory flush of the check grid) before it reads a
+//!   status word or writes anything.
 //!
 //! In-place safety (no second buffer): see `detail::compact_move_rows`.
 #pragma once
@@ -58,6 +61,11 @@ __device__ __forceinline__ void compact_atomic_error(int32_t* slot, int32_t r) {
 //! (A template only so that the header can be included by several translation units.)
 template <int Unused = 0>
 PREFIXKV_KERNEL void __launch_bounds__(compact_threads) compact_check_kernel(compact_meta m, int32_t* block_status) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // let the move kernel (launched with programmatic stream serialization) get scheduled early; it still waits
+  // for this whole grid to finish and flush (griddepcontrol.wait) before it reads a status word or writes
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
   __shared__ int32_t err;
   if (threadIdx.x == 0) err = 0;
   __syncthreads();
@@ -277,49 +285,104 @@ __device__ inline void compact_write_outputs(const compact_meta& m) {
     }
 }
 
-template <bool InPlace>
-PREFIXKV_KERNEL void __launch_bounds__(compact_threads) compact_move_kernel(const compact_meta m,
-                                                                            const compact_ptrs p) {
-  // 1. honour the check kernel: no block writes anything when a check failed
+//! Start of every move kernel: waits for the check kernel (programmatic dependent launch), honours its status
+//! words (returns false, after block 0 wrote `out.status`, when a check failed), writes the small outputs.
+__device__ inline bool compact_prologue(const compact_meta& m) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");  // no-op without a programmatic dependency
+#endif
+  __shared__ int32_t first;
   if (m.vstatus) {
     int32_t e = 0;
     for (int i = threadIdx.x; i < m.vblocks; i += blockDim.x)
       if (m.vstatus[i]) e = m.vstatus[i];
     if (__syncthreads_or(e != 0)) {
       if (blockIdx.x == 0 && m.out.status) {
-        __shared__ int32_t first;
         if (threadIdx.x == 0) first = 0;
         __syncthreads();
         if (e) atomicCAS(&first, 0, e);
         __syncthreads();
         if (threadIdx.x == 0) *m.out.status = first;
       }
-      return;
+      return false;
     }
   }
   if (blockIdx.x == 0) {
     if (m.out.status && threadIdx.x == 0) *m.out.status = 0;
     compact_write_outputs(m);
   }
+  return true;
+}
+
+//! Lane decomposition shared by the move kernels: work item w -> (layer, sequence, kind, head, rows [r0, r1)).
+struct compact_work {
+  int64_t l, b, h, r0, r1, off;
+  int k;
+};
+__device__ __forceinline__ compact_work compact_work_of(const compact_meta& m, int64_t w) {
+  compact_work x;
+  const int64_t lpl = m.lanes_per_lb();
+  const int64_t lane = w / m.nchunk, chunk = w - lane * m.nchunk;
+  const int64_t lb = lane / lpl, rr = lane - lb * lpl;
+  x.l = lb / m.batch;
+  x.b = lb - x.l * m.batch;
+  int k = 0;
+  while (k + 1 < m.kinds && rr >= m.lane_prefix[k + 1]) ++k;
+  x.k = k;
+  x.h = rr - m.lane_prefix[k];
+  const int64_t seg = m.grid.heads == 1 ? m.grid.id(x.l, x.b) : m.grid.id(x.l, x.b, x.h);
+  x.off = m.sel.offsets[seg];
+  const int64_t kept = m.sel.offsets[seg + 1] - x.off;
+  const int64_t per = (kept + m.nchunk - 1) / m.nchunk;
+  x.r0 = chunk * per;
+  x.r1 = min(kept, x.r0 + per);
+  return x;
+}
+
+//! 128 registers, 2 blocks per SM. (Measured: capping at 80 registers for 3 blocks/SM spills and loses 0.06-0.14
+//! of memcpy; a cp.async.bulk shared-memory pipeline with one warp per block reached only 0.83-0.85. See
+//! bench/compact/RESULTS.md.)
+template <bool InPlace>
+PREFIXKV_KERNEL void __launch_bounds__(compact_threads, 2) compact_move_kernel(const compact_meta m,
+                                                                               const compact_ptrs p) {
+  // 1. honour the check kernel: no block writes anything when a check failed
+  if (!compact_prologue(m)) return;
   // 2. lanes (layer, sequence, kind, head) x chunks of kept rows
   __shared__ compact_stage_smem sm;
-  const int64_t lpl = m.lanes_per_lb();
   const int64_t total = m.lanes() * m.nchunk;
   for (int64_t w = blockIdx.x; w < total; w += gridDim.x) {
-    const int64_t lane = w / m.nchunk, chunk = w - lane * m.nchunk;
-    const int64_t lb = lane / lpl, rr = lane - lb * lpl;
-    const int64_t l = lb / m.batch, b = lb - l * m.batch;
-    int k = 0;
-    while (k + 1 < m.kinds && rr >= m.lane_prefix[k + 1]) ++k;
-    const int64_t h = rr - m.lane_prefix[k];
-    const int64_t seg = m.grid.heads == 1 ? m.grid.id(l, b) : m.grid.id(l, b, h);
-    const int64_t off = m.sel.offsets[seg];
-    const int64_t kept = m.sel.offsets[seg + 1] - off;
-    const int64_t per = (kept + m.nchunk - 1) / m.nchunk;
-    const int64_t r0 = chunk * per, r1 = min(kept, r0 + per);
-    if (r0 >= r1) continue;
-    compact_dispatch<InPlace>(m, k, p.src[l][k], p.dst[l][k], m.sel.indices + off, b, h, r0, r1, sm);
+    const compact_work x = compact_work_of(m, w);
+    if (x.r0 >= x.r1) continue;
+    compact_dispatch<InPlace>(m, x.k, p.src[x.l][x.k], p.dst[x.l][x.k], m.sel.indices + x.off, x.b, x.h, x.r0, x.r1,
+                              sm);
   }
+}
+
+//! Benchmark/test hook (not API): launch variants of the move kernel, compared in one process by bench_compact.
+struct compact_tuning {
+  bool pdl = true;         // programmatic dependent launch of the move kernel after the check kernel
+  int64_t max_blocks = 0;  // > 0: cap the move kernel's grid (tests: several lanes per block)
+};
+inline compact_tuning& compact_tune() {
+  static compact_tuning t;
+  return t;
+}
+
+//! Launches `kernel` with programmatic stream serialization (overlaps its launch with the check kernel's tail).
+template <class... Params, class... Args>
+cudaError_t compact_launch_kernel(void (*kernel)(Params...), unsigned blocks, unsigned threads, size_t smem,
+                                  cudaStream_t stream, bool pdl, const Args&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(blocks);
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 
 template <class SrcCache, class DstCache>
@@ -365,11 +428,13 @@ cudaError_t compact_launch(void* d_temp, size_t& temp_bytes, const SrcCache& src
     m.vblocks = static_cast<int32_t>(vblocks);
   }
   const int64_t work = std::max<int64_t>(1, lanes * m.nchunk);
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(work, 64 * static_cast<int64_t>(sms)));
-  if (inplace)
-    compact_move_kernel<true><<<blocks, compact_threads, 0, stream>>>(m, ptrs);
-  else
-    compact_move_kernel<false><<<blocks, compact_threads, 0, stream>>>(m, ptrs);
+  const bool pdl = validate_on_device && compact_tune().pdl;
+  int64_t cap = 64 * static_cast<int64_t>(sms);
+  if (compact_tune().max_blocks > 0) cap = compact_tune().max_blocks;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(work, cap));
+  auto kernel = inplace ? compact_move_kernel<true> : compact_move_kernel<false>;
+  PREFIXKV_TRY(check_runtime(compact_launch_kernel(kernel, blocks, compact_threads, 0, stream, pdl, m, ptrs),
+                             "compact: launch"));
   return check_launch(stream);
 }
 
