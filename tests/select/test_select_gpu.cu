@@ -35,7 +35,10 @@ void check_selection(const std::vector<int64_t>& rows, const std::vector<float>&
   const int64_t total = rows[S], slack = 37;
 
   device_buffer<int64_t> doff(c.offsets), dtok(c.tokens), dkeep(keep), out_off(S + 1);
-  device_buffer<int32_t> dpos(c.positions), out_idx(total + slack), status(1);
+  // Non-null even when no segment has a candidate (the API takes no null arrays; see solve.cuh).
+  std::vector<int32_t> pos = c.positions;
+  if (pos.empty()) pos.push_back(0);
+  device_buffer<int32_t> dpos(pos), out_idx(total + slack), status(1);
   std::vector<float> cum = c.cumulative;
   device_buffer<float> dcum(cum);
   pk::curve_set cv = c.view();

@@ -51,8 +51,15 @@ struct device_curves {
   device_buffer<int32_t> positions;
   device_buffer<float> cumulative;
   pk::curve_set view;
+  // The solver's array arguments must be valid pointers even when a batch has no candidates at all (every
+  // token protected): pad empty arrays to one element rather than passing null.
+  template <class T>
+  static std::vector<T> non_empty(std::vector<T> v) {
+    if (v.empty()) v.push_back(T{});
+    return v;
+  }
   explicit device_curves(const pk::curve_buffers& c)
-      : offsets(c.offsets), tokens(c.tokens), positions(c.positions), cumulative(c.cumulative) {
+      : offsets(c.offsets), tokens(c.tokens), positions(non_empty(c.positions)), cumulative(non_empty(c.cumulative)) {
     view = c.view();
     view.offsets = offsets.get();
     view.tokens = tokens.get();

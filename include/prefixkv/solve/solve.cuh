@@ -877,6 +877,8 @@ inline int solve_key_cap() noexcept {
 //! * `status`: (P) optional output, 0 or the `prefixkv::reason` that rejected the problem (bad ratio,
 //!   infeasible budget or bounds, inconsistent curve shape, bad problem offsets). A rejected problem keeps
 //!   every token (keep[s] = n_s) and has threshold 0; with bad problem offsets its segments are not written.
+//! * Array pointers must be valid whenever `curves.count > 0`, also when no segment has a candidate (pass a
+//!   one-element buffer rather than null): the host cannot see the device offsets to tell.
 //! Host-checkable arguments are validated before anything is enqueued. The solve is one kernel launch, no
 //! temporary storage is used (the size query returns the minimal 256 bytes), no host synchronisation.
 [[nodiscard]] inline cudaError_t solve(void* d_temp, size_t& temp_bytes, const curve_set& curves,
