@@ -3,19 +3,13 @@
 # GPU machine:  source .device/env.sh && bash bench/compact/device_run.sh [tests|bench|all|perf]
 # perf: builds only test_compact_gpu + bench_compact, runs the GPU tests, the C++ bench (BENCH_FILTER, default
 # all) and both sanitizers with PREFIXKV_TEST_QUICK=1 (no torch script, no host test).
-# Builds from a shadow source tree holding only the foundation + compaction folders, so that other stages'
-# work in progress cannot break this build.
 set -u -o pipefail
 what=${1:-all}
 R=$PWD
-S=/tmp/pkvsrc-compact
 OUT=${OUT:-/tmp/out-compact}
-mkdir -p "$S/tests" "$S/bench" "$OUT"
-for f in CMakeLists.txt cmake include; do ln -sfn "$R/$f" "$S/$f"; done
-for f in CMakeLists.txt core support consumer compact; do ln -sfn "$R/tests/$f" "$S/tests/$f"; done
-for f in CMakeLists.txt support compact; do ln -sfn "$R/bench/$f" "$S/bench/$f"; done
+mkdir -p "$OUT"
 B=build-gpu-compact
-cmake -S "$S" -B $B -G Ninja -DPREFIXKV_BUILD_BENCHMARKS=ON -DPREFIXKV_BUILD_EXAMPLES=OFF \
+cmake -S "$R" -B $B -G Ninja -DPREFIXKV_BUILD_BENCHMARKS=ON -DPREFIXKV_BUILD_EXAMPLES=OFF \
   -DCMAKE_BUILD_TYPE=Release > /tmp/cmake-compact.txt 2>&1 || { tail -30 /tmp/cmake-compact.txt; exit 1; }
 if [ "$what" = perf ]; then tg="test_compact_gpu bench_compact"; else tg="test_compact_gpu test_compact_host bench_compact"; fi
 cmake --build $B --target $tg -j16 2>&1 | tail -3 || exit 1
