@@ -170,6 +170,38 @@ inline int64_t compact_span_of(const int64_t (&ext)[4], const int64_t (&str)[4],
   return (last + 1) * elem;
 }
 
+//! Fill the byte geometry of one tensor kind and record every layer's pointer and byte span.
+//! `ext`/`str` (elements) are in (outer, head, token-or-slot, dim) order: (batch, head, token, dim) for strided
+//! views, (page, head, slot, dim) for paged pools. `data_of(view)` gives a layer's base pointer.
+template <class View, class DataOf>
+void compact_fill_geom(compact_side& side, int kind, size_t elem_size, int64_t heads, int64_t tokens, int64_t dim,
+                       bool contiguous, const int64_t (&ext)[4], const int64_t (&str)[4], const View* views,
+                       int64_t layers, DataOf data_of) {
+  const int64_t e = static_cast<int64_t>(elem_size);
+  compact_geom& g = side.g[kind];
+  g.heads = heads;
+  g.tokens = tokens;
+  g.row_bytes = dim * e;
+  g.contiguous = contiguous;
+  g.elem_bytes = g.contiguous ? g.row_bytes : e;
+  g.s_batch = str[0] * e;
+  g.s_head = str[1] * e;
+  g.s_token = str[2] * e;
+  g.s_dim = str[3] * e;
+  int64_t vec = common_pow2(16, {g.contiguous ? g.row_bytes : e, ext[0] > 1 ? g.s_batch : 0,
+                                 ext[1] > 1 ? g.s_head : 0, ext[2] > 1 ? g.s_token : 0, g.contiguous ? 0 : g.s_dim});
+  side.ptr[kind].resize(layers);
+  const int64_t span = compact_span_of(ext, str, e);
+  for (int64_t l = 0; l < layers; ++l) {
+    char* p = reinterpret_cast<char*>(const_cast<void*>(static_cast<const void*>(data_of(views[l]))));
+    side.ptr[kind][l] = p;
+    vec = common_pow2(vec, {static_cast<int64_t>(reinterpret_cast<std::uintptr_t>(p) % 16)});
+    if (span) side.spans.push_back({reinterpret_cast<std::uintptr_t>(p), reinterpret_cast<std::uintptr_t>(p) + span});
+  }
+  g.vec = static_cast<int32_t>(vec);
+  side.present[kind] = true;
+}
+
 template <class T>
 cudaError_t compact_describe(const kv_view<T>* views, int64_t layers, int kind, compact_side& side) {
   const kv_view<T>& v0 = views[0];
@@ -181,32 +213,10 @@ cudaError_t compact_describe(const kv_view<T>* views, int64_t layers, int kind, 
         v.stride_dim != v0.stride_dim)
       return fail(reason::shape_mismatch, "compact: the layers of one tensor kind differ in extents or strides");
   }
-  const int64_t e = static_cast<int64_t>(sizeof(T));
-  compact_geom& g = side.g[kind];
-  g.heads = v0.heads;
-  g.tokens = v0.tokens;
-  g.row_bytes = v0.dim * e;
-  g.contiguous = v0.rows_contiguous();
-  g.elem_bytes = g.contiguous ? g.row_bytes : e;
-  g.s_dim = v0.stride_dim * e;
-  g.s_batch = v0.stride_batch * e;
-  g.s_head = v0.stride_head * e;
-  g.s_token = v0.stride_token * e;
-  int64_t vec = common_pow2(16, {g.contiguous ? g.row_bytes : e, v0.batch > 1 ? g.s_batch : 0,
-                                 v0.heads > 1 ? g.s_head : 0, v0.tokens > 1 ? g.s_token : 0,
-                                 g.contiguous ? 0 : g.s_dim});
-  side.ptr[kind].resize(layers);
-  const int64_t ext[4] = {v0.batch, v0.heads, v0.tokens, v0.dim};
-  const int64_t str[4] = {v0.stride_batch, v0.stride_head, v0.stride_token, v0.stride_dim};
-  const int64_t span = compact_span_of(ext, str, e);
-  for (int64_t l = 0; l < layers; ++l) {
-    char* p = reinterpret_cast<char*>(const_cast<std::remove_const_t<T>*>(views[l].data));
-    side.ptr[kind][l] = p;
-    vec = common_pow2(vec, {static_cast<int64_t>(reinterpret_cast<std::uintptr_t>(p) % 16)});
-    if (span) side.spans.push_back({reinterpret_cast<std::uintptr_t>(p), reinterpret_cast<std::uintptr_t>(p) + span});
-  }
-  g.vec = static_cast<int32_t>(vec);
-  side.present[kind] = true;
+  compact_fill_geom(side, kind, sizeof(T), v0.heads, v0.tokens, v0.dim, v0.rows_contiguous(),
+                    {v0.batch, v0.heads, v0.tokens, v0.dim},
+                    {v0.stride_batch, v0.stride_head, v0.stride_token, v0.stride_dim}, views, layers,
+                    [](const kv_view<T>& v) { return v.data; });
   if (kind == 0) {
     side.batch = v0.batch;
     side.tokens = v0.tokens;
@@ -228,32 +238,10 @@ cudaError_t compact_describe(const paged_kv_view<T>* views, int64_t layers, int 
         v.max_blocks != v0.max_blocks || v.block_table_stride != v0.block_table_stride)
       return fail(reason::shape_mismatch, "compact: the layers of one paged tensor kind differ in geometry or table");
   }
-  const int64_t e = static_cast<int64_t>(sizeof(T));
-  compact_geom& g = side.g[kind];
-  g.heads = v0.heads;
-  g.tokens = v0.max_blocks * v0.page_size;
-  g.row_bytes = v0.dim * e;
-  g.contiguous = v0.rows_contiguous();
-  g.elem_bytes = g.contiguous ? g.row_bytes : e;
-  g.s_dim = v0.stride_dim * e;
-  g.s_batch = v0.stride_page * e;
-  g.s_head = v0.stride_head * e;
-  g.s_token = v0.stride_slot * e;
-  int64_t vec = common_pow2(16, {g.contiguous ? g.row_bytes : e, v0.num_pages > 1 ? g.s_batch : 0,
-                                 v0.heads > 1 ? g.s_head : 0, v0.page_size > 1 ? g.s_token : 0,
-                                 g.contiguous ? 0 : g.s_dim});
-  side.ptr[kind].resize(layers);
-  const int64_t ext[4] = {v0.num_pages, v0.page_size, v0.heads, v0.dim};
-  const int64_t str[4] = {v0.stride_page, v0.stride_slot, v0.stride_head, v0.stride_dim};
-  const int64_t span = compact_span_of(ext, str, e);
-  for (int64_t l = 0; l < layers; ++l) {
-    char* p = reinterpret_cast<char*>(const_cast<std::remove_const_t<T>*>(views[l].pages));
-    side.ptr[kind][l] = p;
-    vec = common_pow2(vec, {static_cast<int64_t>(reinterpret_cast<std::uintptr_t>(p) % 16)});
-    if (span) side.spans.push_back({reinterpret_cast<std::uintptr_t>(p), reinterpret_cast<std::uintptr_t>(p) + span});
-  }
-  g.vec = static_cast<int32_t>(vec);
-  side.present[kind] = true;
+  compact_fill_geom(side, kind, sizeof(T), v0.heads, v0.max_blocks * v0.page_size, v0.dim, v0.rows_contiguous(),
+                    {v0.num_pages, v0.heads, v0.page_size, v0.dim},
+                    {v0.stride_page, v0.stride_head, v0.stride_slot, v0.stride_dim}, views, layers,
+                    [](const paged_kv_view<T>& v) { return v.pages; });
   compact_table t;
   t.paged = true;
   t.table = v0.block_table;

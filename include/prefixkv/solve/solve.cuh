@@ -256,6 +256,35 @@ __device__ inline int32_t sample_bound(const uint32_t* smp, int m, int32_t A, in
   return qa > 0 ? A + static_cast<int32_t>((static_cast<int64_t>(qa) * w) / (m + 1)) + 1 : A;
 }
 
+//! One round of the 256-way search on [L, H): every thread has stored its partial count of keys <= tp(probe) in
+//! sh.part[part][probe]. Add the parts up (plus `base`), find the first probe whose count reaches R and narrow
+//! [L, H) to the interval that ends at it. `tp` is this thread's probe value (threads tid < solve_probes own
+//! probe tid). Block-uniform: every thread returns the same new bounds.
+__device__ inline void narrow_to_probe(solve_shared& sh, long long base, long long R, long long tp, long long& L,
+                                       long long& H) {
+  const int tid = static_cast<int>(threadIdx.x);
+  __syncthreads();
+  if (tid < solve_probes) {
+    long long tot = base;
+#pragma unroll
+    for (int k = 0; k < solve_parts; ++k) tot += sh.part[k][tid];
+    sh.part[0][tid] = tot;
+  }
+  __syncthreads();
+  if (tid < solve_probes) {
+    const long long tot = sh.part[0][tid];
+    const bool prev_short = tid == 0 || sh.part[0][tid - 1] < R;
+    if (tot >= R && prev_short) {
+      sh.newH = tp;
+      sh.newL = tid == 0 ? L : L + (tid * (H - L) + solve_probes - 1) / solve_probes;
+    }
+  }
+  __syncthreads();
+  L = sh.newL;
+  H = sh.newH;
+  __syncthreads();
+}
+
 //! Copy every segment's key window into shared memory, back to back: window i (ranks [wa[i], ...)) lands at
 //! keys[goff[i] ...]; W keys in all. Each thread keeps `Unroll` independent global loads in flight.
 template <int Unroll>
@@ -403,26 +432,7 @@ __device__ inline bool narrow_and_gather(const curve_set& cv, int64_t ns, long l
     long long acc = 0;
     for (int64_t i = part; i < ns; i += solve_parts) acc += window_le(sm.keys + sm.goff[i], sm.wb[i] - sm.wa[i], tp);
     sh.part[part][probe] = acc;
-    __syncthreads();
-    if (tid < solve_probes) {
-      long long tot = base;
-#pragma unroll
-      for (int k = 0; k < solve_parts; ++k) tot += sh.part[k][tid];
-      sh.part[0][tid] = tot;
-    }
-    __syncthreads();
-    if (tid < solve_probes) {
-      const long long tot = sh.part[0][tid];
-      const bool prev_short = tid == 0 || sh.part[0][tid - 1] < R;
-      if (tot >= R && prev_short) {
-        sh.newH = tp;
-        sh.newL = tid == 0 ? L : L + (tid * Wd + solve_probes - 1) / solve_probes;
-      }
-    }
-    __syncthreads();
-    L = sh.newL;
-    H = sh.newH;
-    __syncthreads();
+    narrow_to_probe(sh, base, R, tp, L, H);
   }
   v_out = H;
   return true;
@@ -732,26 +742,7 @@ PREFIXKV_KERNEL void __launch_bounds__(solve_threads, 1)
         for (int64_t first = part; first < ns; first += int64_t(solve_parts) * solve_batch)
           acc += count_le_batch(cv, bnd, s0, ns, first, solve_parts, tp, cached, m, sm);
         sh.part[part][probe] = acc;
-        __syncthreads();
-        if (tid < solve_probes) {
-          long long tot = 0;
-#pragma unroll
-          for (int k = 0; k < solve_parts; ++k) tot += sh.part[k][tid];
-          sh.part[0][tid] = tot;
-        }
-        __syncthreads();
-        if (tid < solve_probes) {
-          const long long tot = sh.part[0][tid];
-          const bool prev_short = tid == 0 || sh.part[0][tid - 1] < R;
-          if (tot >= R && prev_short) {
-            sh.newH = tp;
-            sh.newL = tid == 0 ? L : L + (tid * W + solve_probes - 1) / solve_probes;
-          }
-        }
-        __syncthreads();
-        L = sh.newL;
-        H = sh.newH;
-        __syncthreads();
+        narrow_to_probe(sh, 0, R, tp, L, H);
       }
       v = H;
     }
