@@ -57,18 +57,9 @@ void BM_build_curves(benchmark::State& state) {
   const float sort_ms = median_ms([&](cudaStream_t s) {
     PKV_BENCH_CHECK(pk::segmented_sort_only(sort_temp.ptr, sort_bytes, keys.ptr, sorted.ptr, vals.ptr, pos.ptr, total, offsets.ptr, S, s));
   });
-  event_timer t;
-  t.time_ms(build);
-  double sum = 0;
-  int iters = 0;
-  for (auto _ : state) {
-    const float ms = t.time_ms(build);
-    state.SetIterationTime(ms / 1e3);
-    sum += ms;
-    ++iters;
-  }
+  const double mean_ms = timed_loop(state, build);
   state.counters["sort_ms"] = sort_ms;
-  state.counters["ratio_vs_sort"] = (sum / iters) / sort_ms;
+  state.counters["ratio_vs_sort"] = mean_ms / sort_ms;
   state.counters["items_M"] = double(total) / 1e6;
 }
 

@@ -77,19 +77,10 @@ void run_window(benchmark::State& state, bool with_lse) {
     PKV_BENCH_CHECK(pk::window_attention(temp.ptr, bytes, L.qv(), L.kv(), lse, {}, grid, 0, rows, L.scores.ptr, L.status.ptr, s));
   };
   const float floor = L.floor_ms();
-  event_timer t;
-  t.time_ms(fn);  // warm-up
-  double sum = 0;
-  int iters = 0;
-  for (auto _ : state) {
-    const float ms = t.time_ms(fn);
-    state.SetIterationTime(ms / 1e3);
-    sum += ms;
-    ++iters;
-  }
+  const double mean_ms = timed_loop(state, fn);
   state.counters["floor_ms"] = floor;
-  state.counters["ms"] = sum / iters;
-  state.counters["ratio_vs_floor"] = (sum / iters) / floor;
+  state.counters["ms"] = mean_ms;
+  state.counters["ratio_vs_floor"] = mean_ms / floor;
   state.counters["K_MiB"] = double(L.k.bytes()) / (1 << 20);
 }
 
@@ -107,18 +98,9 @@ void BM_key_norm(benchmark::State& state) {
     PKV_BENCH_CHECK(pk::key_norm(temp.ptr, bytes, L.kv(), {}, grid, 0, rows, L.scores.ptr, L.status.ptr, s));
   };
   const float floor = L.floor_ms();
-  event_timer t;
-  t.time_ms(fn);
-  double sum = 0;
-  int iters = 0;
-  for (auto _ : state) {
-    const float ms = t.time_ms(fn);
-    state.SetIterationTime(ms / 1e3);
-    sum += ms;
-    ++iters;
-  }
+  const double mean_ms = timed_loop(state, fn);
   state.counters["floor_ms"] = floor;
-  state.counters["ratio_vs_floor"] = (sum / iters) / floor;
+  state.counters["ratio_vs_floor"] = mean_ms / floor;
 }
 
 }  // namespace

@@ -79,6 +79,24 @@ struct event_timer {
   }
 };
 
+//! The benchmark loop: one warm-up, then every iteration timed with CUDA events (cold L2) and handed to Google
+//! Benchmark as manual time. Returns the mean of the timed iterations in milliseconds (register the benchmark
+//! with Repetitions(...) to get the median over repetitions).
+template <class F>
+double timed_loop(benchmark::State& state, F&& fn) {
+  event_timer t;
+  t.time_ms(fn);  // warm-up
+  double sum = 0;
+  int iters = 0;
+  for (auto _ : state) {
+    const float ms = t.time_ms(fn);
+    state.SetIterationTime(ms / 1e3);
+    sum += ms;
+    ++iters;
+  }
+  return iters ? sum / iters : 0.0;
+}
+
 //! Median of a few timings of `fn` (after one warm-up), in milliseconds.
 template <class F>
 float median_ms(F&& fn, int reps = 15, cudaStream_t stream = 0) {

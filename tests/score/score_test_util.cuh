@@ -9,6 +9,7 @@
 
 #include "support/gpu_harness.cuh"
 #include "support/test_random.hpp"
+#include "score_storage.hpp"
 
 #include <cmath>
 #include <type_traits>
@@ -17,18 +18,6 @@
 namespace score_test {
 using namespace prefixkv_test;
 namespace pk = prefixkv;
-
-template <class T>
-std::vector<T> to_storage(const std::vector<float>& v) {
-  std::vector<T> o(v.size());
-  for (size_t i = 0; i < v.size(); ++i) {
-    if constexpr (std::is_same_v<T, float>)
-      o[i] = v[i];
-    else
-      o[i] = T::from_float(v[i]);
-  }
-  return o;
-}
 
 // Documented tolerance of the window scorer vs its host twin (both accumulate in fp32; only the order of the
 // dot products and of the sums over window queries differs): |gpu - host| <= 2e-4 |host| + 1e-6.

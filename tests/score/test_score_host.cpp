@@ -6,6 +6,7 @@
 #include <prefixkv/score/score.hpp>
 
 #include "support/test_random.hpp"
+#include "score_storage.hpp"
 
 #include <cmath>
 #include <cstring>
@@ -13,6 +14,7 @@
 
 using namespace prefixkv_test;
 namespace pk = prefixkv;
+using score_test::to_storage;
 
 namespace {
 
@@ -97,18 +99,6 @@ std::vector<double> ref_window(const pk::kv_view<const T>& q, const pk::kv_view<
     }
   }
   return out;
-}
-
-template <class T>
-std::vector<T> to_storage(const std::vector<float>& v) {
-  std::vector<T> o(v.size());
-  for (size_t i = 0; i < v.size(); ++i) {
-    if constexpr (std::is_same_v<T, float>)
-      o[i] = v[i];
-    else
-      o[i] = T::from_float(v[i]);
-  }
-  return o;
 }
 
 }  // namespace
