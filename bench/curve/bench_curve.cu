@@ -1,10 +1,14 @@
-// Curve building (gather + CUB stable segmented sort + double-precision normalised prefix sums) for
-// 32 x 4K, 32 x 32K and 80 x 128K segments, against CUB's segmented sort alone on the same candidates, timed in
-// the same benchmark.
+// Curve building (candidates gathered, ranked by a CUB sort, double-precision normalised prefix sums) for
+// 32 x 4K, 32 x 32K and 80 x 128K segments, with each `curve_sort` method, against two CUB sorts alone on the
+// same number of candidates, timed in the same benchmark:
+//   sort_ms  = cub::DeviceSegmentedSort::StableSortPairsDescending (float keys, int32 values), as the
+//              `segmented` method calls it;
+//   radix_ms = cub::DeviceRadixSort::SortPairs on the 64-bit (segment, score) keys the `radix` method sorts.
 //
-//   bench_curve --benchmark_repetitions=7 --benchmark_report_aggregates_only=true
+//   bench_curve --benchmark_counters_tabular=true
 //
-// Counters: sort_ms (median of the sort alone), ratio_vs_sort (build_curves / sort alone).
+// Arguments: segments, tokens, method (0 automatic, 1 block, 2 radix, 3 segmented).
+// Counters: ratio_vs_sort = build_curves / sort_ms, ratio_vs_radix = build_curves / radix_ms.
 #include "support/bench_util.cuh"
 
 #include <prefixkv/curve/curve.cuh>
@@ -21,6 +25,7 @@ namespace {
 
 void BM_build_curves(benchmark::State& state) {
   const int64_t S = state.range(0), n = state.range(1);
+  const auto method = static_cast<pk::curve_sort>(state.range(2));
   const pk::protect_policy protect{};
   const int64_t c = pk::candidate_count(n, protect), total = S * c;
   std::vector<float> h(static_cast<size_t>(S * n));
@@ -37,10 +42,10 @@ void BM_build_curves(benchmark::State& state) {
   pk::curve_device_out out{offsets.ptr, tokens.ptr, pos.ptr, cum.ptr, sorted.ptr};
   pk::curve_set set;
   size_t bytes = 0;
-  PKV_BENCH_CHECK(pk::build_curves(nullptr, bytes, scores.ptr, rows, protect, total, out, set, status.ptr));
+  PKV_BENCH_CHECK(pk::build_curves(nullptr, bytes, scores.ptr, rows, protect, total, out, set, status.ptr, 0, method));
   device_array<char> temp(bytes);
   auto build = [&](cudaStream_t s) {
-    PKV_BENCH_CHECK(pk::build_curves(temp.ptr, bytes, scores.ptr, rows, protect, total, out, set, status.ptr, s));
+    PKV_BENCH_CHECK(pk::build_curves(temp.ptr, bytes, scores.ptr, rows, protect, total, out, set, status.ptr, s, method));
   };
   // Baseline: the CUB sort alone on the same candidate layout (offsets from a first build).
   build(0);
@@ -57,14 +62,44 @@ void BM_build_curves(benchmark::State& state) {
   const float sort_ms = median_ms([&](cudaStream_t s) {
     PKV_BENCH_CHECK(pk::segmented_sort_only(sort_temp.ptr, sort_bytes, keys.ptr, sorted.ptr, vals.ptr, pos.ptr, total, offsets.ptr, S, s));
   });
+  // Baseline 2: the radix sort alone on composite keys of the same count and bit width.
+  int seg_bits = 0;
+  while ((int64_t(1) << seg_bits) < S) ++seg_bits;
+  std::vector<uint64_t> hk64(static_cast<size_t>(total));
+  for (int64_t i = 0; i < total; ++i)
+    hk64[static_cast<size_t>(i)] = (uint64_t(i / c) << 31) | uint64_t(rng() & 0x7FFFFFFFu);
+  device_array<uint64_t> k64(static_cast<size_t>(total) * 2);
+  PKV_BENCH_CHECK(cudaMemcpy(k64.ptr, hk64.data(), hk64.size() * 8, cudaMemcpyHostToDevice));
+  size_t radix_bytes = 0;
+  {
+    cub::DoubleBuffer<uint64_t> kb(k64.ptr, k64.ptr + total);
+    cub::DoubleBuffer<int32_t> vb(vals.ptr, pos.ptr);
+    PKV_BENCH_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, radix_bytes, kb, vb, total, 0, 31 + seg_bits));
+  }
+  device_array<char> radix_temp(radix_bytes);
+  const float radix_ms = median_ms([&](cudaStream_t s) {
+    cub::DoubleBuffer<uint64_t> kb(k64.ptr, k64.ptr + total);
+    cub::DoubleBuffer<int32_t> vb(vals.ptr, pos.ptr);
+    PKV_BENCH_CHECK(cub::DeviceRadixSort::SortPairs(radix_temp.ptr, radix_bytes, kb, vb, total, 0, 31 + seg_bits, s));
+  });
   const double mean_ms = timed_loop(state, build);
+  unsigned h_status = 0;
+  PKV_BENCH_CHECK(cudaMemcpy(&h_status, status.ptr, 4, cudaMemcpyDeviceToHost));
+  if (h_status != 0) state.SkipWithError("device status flag set");
   state.counters["sort_ms"] = sort_ms;
+  state.counters["radix_ms"] = radix_ms;
   state.counters["ratio_vs_sort"] = mean_ms / sort_ms;
+  state.counters["ratio_vs_radix"] = mean_ms / radix_ms;
   state.counters["items_M"] = double(total) / 1e6;
 }
 
 }  // namespace
 
-BENCHMARK(BM_build_curves)->Args({32, 4096})->Args({32, 32768})->Args({80, 131072})->UseManualTime()->Iterations(10)->Repetitions(5)->ReportAggregatesOnly(true)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_build_curves)
+    ->ArgNames({"segments", "tokens", "method"})
+    ->Args({32, 4096, 0})->Args({32, 4096, 1})->Args({32, 4096, 2})->Args({32, 4096, 3})
+    ->Args({32, 32768, 0})->Args({32, 32768, 2})->Args({32, 32768, 3})
+    ->Args({80, 131072, 0})->Args({80, 131072, 2})->Args({80, 131072, 3})
+    ->UseManualTime()->Iterations(10)->Repetitions(5)->ReportAggregatesOnly(true)->Unit(benchmark::kMillisecond);
 
 BENCHMARK_MAIN();

@@ -32,9 +32,19 @@ struct curve_case {
   int64_t extra_capacity = 0;
 };
 
-void run_curve_case(std::mt19937_64& rng, const curve_case& c) {
+constexpr pk::curve_sort kMethods[] = {pk::curve_sort::automatic, pk::curve_sort::block, pk::curve_sort::radix,
+                                       pk::curve_sort::segmented};
+
+//! Whether `build_curves` must accept curve_sort::block for these rows (the host-provable rule).
+bool block_allowed(const curve_case& c, int64_t capacity) {
+  if (capacity <= pk::curve_block_capacity) return true;
+  return c.uniform && !c.lengths.empty() && pk::candidate_count(c.lengths[0], c.protect) <= pk::curve_block_capacity;
+}
+
+void run_curve_case_with(std::mt19937_64& rng, const curve_case& c, pk::curve_sort method) {
   const int64_t S = int64_t(c.lengths.size());
-  INFO("S ", S, " sinks ", c.protect.sinks, " recent ", c.protect.recent, " dist ", int(c.d), " uniform ", c.uniform);
+  INFO("S ", S, " sinks ", c.protect.sinks, " recent ", c.protect.recent, " dist ", int(c.d), " uniform ", c.uniform,
+       " method ", int(method));
   // rows with gaps (begins + lengths), or uniform
   std::vector<int64_t> begins(S);
   int64_t off = 0;
@@ -67,9 +77,16 @@ void run_curve_case(std::mt19937_64& rng, const curve_case& c) {
   device_buffer<unsigned> status(1);
   pk::curve_device_out out{offsets.get(), tokens.get(), positions.get(), cumulative.get(), c.with_sorted ? sorted.get() : nullptr};
   pk::curve_set set;
+  if (method == pk::curve_sort::block && !block_allowed(c, capacity)) {
+    size_t bytes = 0;
+    CHECK(pk::build_curves(nullptr, bytes, dscores.get(), drows, c.protect, capacity, out, set, status.get(), 0, method) ==
+          cudaErrorInvalidValue);
+    CHECK(pk::last_error().why == pk::reason::bad_parameter);
+    return;
+  }
   run_three_ways(
       [&](void* t, size_t& bytes, cudaStream_t s) {
-        return pk::build_curves(t, bytes, dscores.get(), drows, c.protect, capacity, out, set, status.get(), s);
+        return pk::build_curves(t, bytes, dscores.get(), drows, c.protect, capacity, out, set, status.get(), s, method);
       },
       [&] {
         offsets.poison();
@@ -114,6 +131,10 @@ void run_curve_case(std::mt19937_64& rng, const curve_case& c) {
       });
 }
 
+void run_curve_case(std::mt19937_64& rng, const curve_case& c) {
+  for (pk::curve_sort m : kMethods) run_curve_case_with(rng, c, m);
+}
+
 std::vector<int64_t> random_lengths(std::mt19937_64& rng, int64_t S, int64_t maxlen) {
   std::vector<int64_t> v(S);
   for (auto& x : v) x = int64_t(rng() % (maxlen + 1));
@@ -144,6 +165,15 @@ TEST_CASE("curves: GPU == host for distinct scores over ragged segments and prot
   uni.lengths.assign(12, 333);
   uni.with_sorted = false;
   run_curve_case(rng, uni);
+  // uniform rows at the block-sort boundary: exactly curve_block_capacity candidates (fills every item slot),
+  // one more (block refused, automatic picks the radix sort), and ties among them
+  for (int64_t extra : {0, 1}) {
+    curve_case edge;
+    edge.uniform = true;
+    edge.d = extra ? dist::ties : dist::tiny;
+    edge.lengths.assign(quick_mode() ? 2 : 5, pk::curve_block_capacity + 5 + extra);
+    run_curve_case(rng, edge);
+  }
 }
 
 TEST_CASE("curves: ties keep ascending positions; zero-mass rows; -0 == +0") {
@@ -184,35 +214,52 @@ TEST_CASE("curves: NaN, negative scores, capacity and bad arguments") {
   std::vector<float> scores(64, 1.0f);
   scores[10] = NAN;
   scores[40] = -2.0f;
-  device_buffer<float> d(scores);
+  std::vector<float> sink_nan(64, 1.0f);  // bad values only in protected positions (a sink, the recent token)
+  sink_nan[32] = INFINITY;
+  sink_nan[63] = -1.0f;
+  device_buffer<float> d(scores), dsink(sink_nan);
   device_buffer<int64_t> offsets(3), tokens(2);
   device_buffer<int32_t> pos(64);
   device_buffer<float> cum(64);
   device_buffer<unsigned> status(1);
   pk::curve_device_out out{offsets.get(), tokens.get(), pos.get(), cum.get(), nullptr};
   pk::curve_set set;
-  run_three_ways(
-      [&](void* t, size_t& bytes, cudaStream_t s) {
-        return pk::build_curves(t, bytes, d.get(), pk::make_uniform_segments(2, 32), {}, 64, out, set, status.get(), s);
-      },
-      [&] { PKV_CUDA_CHECK(cudaMemset(status.get(), 0, 4)); },
-      [&](const char*) { CHECK(status.download()[0] == unsigned(pk::status_nonfinite | pk::status_negative)); });
+  for (pk::curve_sort m : kMethods) {
+    INFO("method ", int(m));
+    for (const float* src : {d.get(), dsink.get()}) {
+      run_three_ways(
+          [&](void* t, size_t& bytes, cudaStream_t s) {
+            return pk::build_curves(t, bytes, src, pk::make_uniform_segments(2, 32), {}, 64, out, set, status.get(), s, m);
+          },
+          [&] { PKV_CUDA_CHECK(cudaMemset(status.get(), 0, 4)); },
+          [&](const char*) { CHECK(status.download()[0] == unsigned(pk::status_nonfinite | pk::status_negative)); });
+    }
+  }
   // device-side lengths beyond the capacity: flagged, curves emptied, nothing written past capacity
   std::vector<int64_t> cu = {0, 30, 64};
   device_buffer<int64_t> dcu(cu);
   std::vector<float> ok(64, 1.0f);
   device_buffer<float> dok(ok);
-  run_three_ways(
-      [&](void* t, size_t& bytes, cudaStream_t s) {
-        return pk::build_curves(t, bytes, dok.get(), pk::make_offset_segments(2, dcu.get()), {}, 20, out, set, status.get(), s);
-      },
-      [&] { PKV_CUDA_CHECK(cudaMemset(status.get(), 0, 4)); },
-      [&](const char*) {
-        unsigned bits = 0;
-        CHECK(pk::read_status(status.get(), bits) == cudaErrorInvalidValue);
-        CHECK(pk::last_error().why == pk::reason::capacity_exceeded);
-        CHECK(offsets.download() == std::vector<int64_t>{0, 0, 0});
-      });
+  for (pk::curve_sort m : kMethods) {
+    INFO("method ", int(m));
+    run_three_ways(
+        [&](void* t, size_t& bytes, cudaStream_t s) {
+          return pk::build_curves(t, bytes, dok.get(), pk::make_offset_segments(2, dcu.get()), {}, 20, out, set, status.get(), s, m);
+        },
+        [&] {
+          PKV_CUDA_CHECK(cudaMemset(status.get(), 0, 4));
+          cum.poison();
+        },
+        [&](const char*) {
+          unsigned bits = 0;
+          CHECK(pk::read_status(status.get(), bits) == cudaErrorInvalidValue);
+          CHECK(pk::last_error().why == pk::reason::capacity_exceeded);
+          CHECK(offsets.download() == std::vector<int64_t>{0, 0, 0});
+          const auto gc = cum.download();  // nothing written at all (in particular not past the capacity)
+          const float kPoison = poison_value<float>();
+          for (float x : gc) CHECK(std::memcmp(&x, &kPoison, 4) == 0);
+        });
+  }
   size_t bytes = 0;
   CHECK(pk::build_curves(nullptr, bytes, d.get(), pk::make_uniform_segments(2, 32), {}, 10, out, set) == cudaErrorInvalidValue);
   CHECK(pk::last_error().why == pk::reason::capacity_exceeded);
@@ -227,4 +274,8 @@ TEST_CASE("curves: NaN, negative scores, capacity and bad arguments") {
   CHECK(pk::last_error().why == pk::reason::null_pointer);
   CHECK(pk::build_curves(nullptr, bytes, d.get(), pk::make_uniform_segments(2, 32, 16), {}, 64, out, set) == cudaErrorInvalidValue);
   CHECK(pk::last_error().why == pk::reason::overlapping_strides);
+  // block sort refused when a segment might not fit one block (uniform rows too long)
+  CHECK(pk::build_curves(nullptr, bytes, d.get(), pk::make_uniform_segments(1, 5000), {}, 5000, out, set, nullptr, 0,
+                         pk::curve_sort::block) == cudaErrorInvalidValue);
+  CHECK(pk::last_error().why == pk::reason::bad_parameter);
 }

@@ -31,8 +31,10 @@
 #include "../core/workspace.hpp"
 #include "../score/score.hpp"  // status_bits
 
+#include <cub/block/block_radix_sort.cuh>
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
+#include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_scan.cuh>
 #include <cub/device/device_segmented_sort.cuh>
 
@@ -47,7 +49,26 @@ struct curve_device_out {
   float* sorted_scores = nullptr;  //!< (capacity) ranked scores, or null (then kept in the workspace)
 };
 
+//! Which CUB sort ranks the candidates (`build_curves`). All give identical curves; they differ in speed only
+//! (bench/curve/RESULTS.md has the measurements behind `automatic`).
+enum class curve_sort {
+  automatic,  //!< `block` when every segment provably fits one block, else `radix`
+  block,      //!< one thread block per segment: load, cub::BlockRadixSort and the prefix sum fused in one kernel;
+              //!< only when the host can prove every segment has <= `curve_block_capacity` candidates (uniform
+              //!< rows that short, or a capacity that small)
+  radix,      //!< one cub::DeviceRadixSort over (segment, score) composite 64-bit keys: cost grows with the total
+              //!< number of candidates only, whatever the segment lengths
+  segmented,  //!< cub::DeviceSegmentedSort, in calls of at most 256 segments
+};
+
+//! Most candidates one segment may have for `curve_sort::block`.
+inline constexpr int64_t curve_block_capacity = 4096;
+
 namespace detail {
+
+inline constexpr int curve_block_threads = 512;
+inline constexpr int curve_block_items = 8;
+static_assert(int64_t(curve_block_threads) * curve_block_items == curve_block_capacity, "block sort geometry");
 
 inline constexpr int64_t curve_sort_chunk = 256;  // segments per CUB call (below its host-sync threshold)
 
@@ -61,7 +82,8 @@ PREFIXKV_KERNEL void curve_counts_kernel(segments rows, protect_policy protect, 
       n = 0;
     }
     tokens[s] = n;
-    offsets[s + 1] = candidate_count(n, protect);
+    // uniform rows: the offsets are known in closed form (no scan launch needed)
+    offsets[s + 1] = rows.offsets == nullptr ? (s + 1) * candidate_count(n, protect) : candidate_count(n, protect);
     if (s == 0) offsets[0] = 0;
   }
 }
@@ -100,9 +122,9 @@ PREFIXKV_KERNEL void curve_gather_kernel(const float* scores, segments rows, pro
   if (bad && status) atomicOr(status, bad);
 }
 
-template <int Threads, int Items>
+template <int Threads, int Items, class Ranked>
 PREFIXKV_KERNEL void __launch_bounds__(Threads) curve_cumulative_kernel(const int64_t* offsets, int64_t S,
-                                                                        const float* sorted, float* cumulative) {
+                                                                        Ranked sorted, float* cumulative) {
   using reduce_t = cub::BlockReduce<double, Threads>;
   using scan_t = cub::BlockScan<double, Threads>;
   __shared__ union {
@@ -114,7 +136,7 @@ PREFIXKV_KERNEL void __launch_bounds__(Threads) curve_cumulative_kernel(const in
     const int64_t base = offsets[s], c = offsets[s + 1] - base;
     if (c <= 0) continue;
     double part = 0.0;
-    for (int64_t i = threadIdx.x; i < c; i += Threads) part += sorted[base + i];
+    for (int64_t i = threadIdx.x; i < c; i += Threads) part += sorted(base + i);
     const double mass = reduce_t(tmp.reduce).Sum(part);
     if (threadIdx.x == 0) mass_s = mass;
     __syncthreads();
@@ -126,7 +148,12 @@ PREFIXKV_KERNEL void __launch_bounds__(Threads) curve_cumulative_kernel(const in
       const int64_t i0 = start + int64_t(threadIdx.x) * Items;
 #pragma unroll
       for (int k = 0; k < Items; ++k) {
-        v[k] = i0 + k < c ? double(sorted[base + i0 + k]) : 0.0;
+        float x = 0.0f;
+        if (i0 + k < c) {
+          x = sorted(base + i0 + k);
+          sorted.emit(base + i0 + k, x);
+        }
+        v[k] = double(x);
         tsum += v[k];
       }
       double excl, total;
@@ -144,6 +171,146 @@ PREFIXKV_KERNEL void __launch_bounds__(Threads) curve_cumulative_kernel(const in
   }
 }
 
+//! Scan a row's protected positions (not loaded by the candidate paths) for NaN/Inf/negative scores.
+template <int = 0>
+__device__ unsigned curve_check_protected(const float* row, int64_t n, protect_policy protect) {
+  unsigned bad = 0;
+  const int64_t first = protect.sinks < n ? protect.sinks : n;
+  const int64_t tail = n - protect.recent > first ? n - protect.recent : first;
+  for (int64_t t = threadIdx.x; t < first + (n - tail); t += blockDim.x) {
+    const float x = row[t < first ? t : tail + (t - first)];
+    if (!isfinite(x)) bad |= status_nonfinite;
+    if (x < 0.0f) bad |= status_negative;
+  }
+  return bad;
+}
+
+//! `curve_sort::block`: one block per segment (<= Threads * Items candidates): load the candidates of the row,
+//! sort (score descending; BlockRadixSort is stable, so equal scores keep ascending positions), and write
+//! positions, sorted scores and the normalised inclusive prefix sum (double) — one kernel for the whole curve.
+template <int Threads, int Items>
+PREFIXKV_KERNEL void __launch_bounds__(Threads) curve_block_kernel(const float* scores, segments rows,
+                                                                   protect_policy protect, const int64_t* offsets,
+                                                                   const int64_t* tokens, int32_t* positions,
+                                                                   float* sorted_out, float* cumulative,
+                                                                   unsigned* status) {
+  using sort_t = cub::BlockRadixSort<unsigned, Threads, Items, int32_t>;
+  using scan_t = cub::BlockScan<double, Threads>;
+  __shared__ union {
+    typename sort_t::TempStorage sort;
+    typename scan_t::TempStorage scan;
+  } tmp;
+  unsigned bad = 0;
+  for (int64_t s = blockIdx.x; s < rows.count; s += gridDim.x) {
+    const int64_t n = tokens[s], base = offsets[s], c = offsets[s + 1] - base;
+    const float* row = scores + rows.begin(s);
+    if (c != candidate_count(n, protect)) continue;  // emptied by the capacity guard
+    bad |= curve_check_protected(row, n, protect);
+    if (c <= 0) continue;
+    unsigned key[Items];
+    int32_t val[Items];
+    const int64_t i0 = int64_t(threadIdx.x) * Items;
+#pragma unroll
+    for (int k = 0; k < Items; ++k) {
+      const int64_t j = i0 + k;
+      key[k] = 0u;  // padding sorts last (stable: after the real zeros, which come first in the input)
+      val[k] = 0;
+      if (j < c) {
+        float x = row[protect.sinks + j];
+        if (!isfinite(x)) bad |= status_nonfinite;
+        if (x < 0.0f) bad |= status_negative;
+        x = x == 0.0f ? 0.0f : x;  // -0 -> +0
+        key[k] = __float_as_uint(x);
+        val[k] = static_cast<int32_t>(protect.sinks + j);
+      }
+    }
+    __syncthreads();  // tmp is reused across segments
+    sort_t(tmp.sort).SortDescending(key, val);
+    __syncthreads();
+    double v[Items], tsum = 0.0;
+#pragma unroll
+    for (int k = 0; k < Items; ++k) {
+      v[k] = i0 + k < c ? double(__uint_as_float(key[k])) : 0.0;
+      tsum += v[k];
+    }
+    double excl, mass;
+    scan_t(tmp.scan).ExclusiveSum(tsum, excl, mass);
+    double run = excl;
+#pragma unroll
+    for (int k = 0; k < Items; ++k) {
+      const int64_t r = i0 + k;
+      run += v[k];
+      if (r < c) {
+        positions[base + r] = val[k];
+        sorted_out[base + r] = __uint_as_float(key[k]);
+        cumulative[base + r] = static_cast<float>(mass > 0.0 ? run / mass : double(r + 1) / double(c));
+      }
+    }
+  }
+  if (bad && status) atomicOr(status, bad);
+}
+
+//! `curve_sort::radix` key: segment in the high bits, then the 31 magnitude bits of the score inverted, so one
+//! ascending radix sort orders by segment, then score descending; ties keep input (= position) order.
+__device__ inline uint64_t curve_composite_key(int64_t segment, float score) {
+  const uint32_t bits = __float_as_uint(score);
+  return (uint64_t(segment) << 31) | uint64_t(0x7FFFFFFFu - (bits & 0x7FFFFFFFu));
+}
+
+__device__ inline float curve_key_score(uint64_t key) {
+  return __uint_as_float(0x7FFFFFFFu - uint32_t(key & 0x7FFFFFFFu));
+}
+
+//! Gather for `curve_sort::radix`: composite keys + positions; the unused tail [total, capacity) gets the largest
+//! key so it stays behind every real candidate.
+template <int = 0>
+PREFIXKV_KERNEL void curve_gather_keys_kernel(const float* scores, segments rows, protect_policy protect,
+                                              const int64_t* offsets, const int64_t* tokens, int64_t capacity,
+                                              uint64_t* keys, int32_t* vals, unsigned* status) {
+  unsigned bad = 0;
+  for (int64_t s = blockIdx.y; s < rows.count; s += gridDim.y) {
+    const int64_t n = tokens[s], c = offsets[s + 1] - offsets[s];
+    const bool write = c == candidate_count(n, protect);
+    const float* row = scores + rows.begin(s);
+    const int64_t base = offsets[s], first = protect.sinks;
+    for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < n; t += int64_t(gridDim.x) * blockDim.x) {
+      float x = row[t];
+      if (!isfinite(x)) bad |= status_nonfinite;
+      if (x < 0.0f) bad |= status_negative;
+      x = x == 0.0f ? 0.0f : x;
+      const int64_t j = t - first;
+      if (write && j >= 0 && j < c) {
+        keys[base + j] = curve_composite_key(s, x);
+        vals[base + j] = static_cast<int32_t>(t);
+      }
+    }
+  }
+  const int64_t total = offsets[rows.count];
+  const int64_t nthreads = int64_t(gridDim.x) * gridDim.y * blockDim.x;
+  const int64_t tid = (int64_t(blockIdx.y) * gridDim.x + blockIdx.x) * blockDim.x + threadIdx.x;
+  for (int64_t i = total + tid; i < capacity; i += nthreads) keys[i] = ~uint64_t(0);
+  if (bad && status) atomicOr(status, bad);
+}
+
+//! Where the cumulative kernel reads ranked scores from: a float array, or sorted composite keys (+ the values
+//! array to copy into the caller's positions when the sort left them elsewhere).
+struct curve_ranked_floats {
+  const float* sorted;
+  __device__ float operator()(int64_t i) const { return sorted[i]; }
+  __device__ void emit(int64_t, float) const {}
+};
+struct curve_ranked_keys {
+  const uint64_t* keys;
+  const int32_t* vals;
+  int32_t* positions;
+  float* sorted_out;
+  __device__ float operator()(int64_t i) const { return curve_key_score(keys[i]); }
+  __device__ void emit(int64_t i, float x) const {
+    sorted_out[i] = x;
+    if (vals != positions) positions[i] = vals[i];
+  }
+};
+
 }  // namespace detail
 
 //! Device curve builder. Same semantics as `build_curves_host`, outputs in caller memory `out`, and `set`
@@ -152,9 +319,12 @@ PREFIXKV_KERNEL void __launch_bounds__(Threads) curve_cumulative_kernel(const in
 //! scores: device flat scores addressed by `rows` (device or uniform segments, S = rows.count);
 //! capacity: host-known upper bound of the total candidates (e.g. total tokens) sizing positions/cumulative and
 //! the workspace. Bad scores (NaN/Inf/negative) and an exceeded capacity are reported through `d_status`.
+//! method: which CUB sort ranks the candidates (`curve_sort`; every method gives the same curves). `block` is
+//! refused (`cudaErrorInvalidValue`) unless the host can prove every segment fits one block.
 [[nodiscard]] inline cudaError_t build_curves(void* d_temp, size_t& temp_bytes, const float* scores, segments rows,
                                               protect_policy protect, int64_t capacity, curve_device_out out,
-                                              curve_set& set, unsigned* d_status = nullptr, cudaStream_t stream = 0) {
+                                              curve_set& set, unsigned* d_status = nullptr, cudaStream_t stream = 0,
+                                              curve_sort method = curve_sort::automatic) {
   PREFIXKV_TRY(validate(rows));
   PREFIXKV_TRY(validate(protect));
   if (capacity < 0) return detail::fail(reason::negative_extent, "build_curves: capacity is negative");
@@ -164,69 +334,120 @@ PREFIXKV_KERNEL void __launch_bounds__(Threads) curve_cumulative_kernel(const in
   if (S > 0 && capacity > 0 && (out.positions == nullptr || out.cumulative == nullptr || scores == nullptr))
     return detail::fail(reason::null_pointer, "build_curves: scores / out.positions / out.cumulative is null");
   if (protect.sinks > INT32_MAX) return detail::fail(reason::bad_parameter, "build_curves: sinks too large");
-  if (rows.offsets == nullptr && S > 0) {
+  const bool uniform = rows.offsets == nullptr;
+  if (uniform && S > 0) {
     if (rows.uniform_length > INT32_MAX) return detail::fail(reason::out_of_range, "build_curves: rows longer than int32 positions");
     if (candidate_count(rows.uniform_length, protect) * S > capacity)
       return detail::fail(reason::capacity_exceeded, "build_curves: candidates exceed the capacity given");
   }
-  const int64_t chunk = S < detail::curve_sort_chunk ? S : detail::curve_sort_chunk;
-  const int64_t last = S > 0 ? S - (S - 1) / detail::curve_sort_chunk * detail::curve_sort_chunk : 0;
-  size_t sort_bytes = 0, sort_bytes_last = 0, scan_bytes = 0;
+  // Which sort: `block` needs a host-side proof that no segment exceeds one block; the composite radix key needs
+  // the segment id to fit beside the 31 score bits.
+  const bool block_ok = capacity <= curve_block_capacity ||
+                        (uniform && candidate_count(rows.uniform_length, protect) <= curve_block_capacity);
+  int seg_bits = 0;
+  while (seg_bits < 63 && (int64_t(1) << seg_bits) < S) ++seg_bits;
+  const bool radix_ok = seg_bits <= 33;
+  if (method == curve_sort::automatic) method = block_ok ? curve_sort::block : (radix_ok ? curve_sort::radix : curve_sort::segmented);
+  if (method == curve_sort::block && !block_ok)
+    return detail::fail(reason::bad_parameter, "build_curves: curve_sort::block needs every segment to fit one block");
+  if (method == curve_sort::radix && !radix_ok)
+    return detail::fail(reason::bad_parameter, "build_curves: too many segments for curve_sort::radix");
   const int64_t cap = capacity > 0 ? capacity : 1;
-  PREFIXKV_TRY(detail::check_runtime(
-      cub::DeviceSegmentedSort::StableSortPairsDescending(nullptr, sort_bytes, static_cast<const float*>(nullptr),
-                                                          static_cast<float*>(nullptr), static_cast<const int32_t*>(nullptr),
-                                                          static_cast<int32_t*>(nullptr), cap, chunk > 0 ? chunk : 1,
-                                                          static_cast<const int64_t*>(nullptr),
-                                                          static_cast<const int64_t*>(nullptr), stream),
-      "build_curves: sort size query failed"));
-  if (last > 0 && last != chunk)
-    PREFIXKV_TRY(detail::check_runtime(
-        cub::DeviceSegmentedSort::StableSortPairsDescending(nullptr, sort_bytes_last, static_cast<const float*>(nullptr),
-                                                            static_cast<float*>(nullptr), static_cast<const int32_t*>(nullptr),
-                                                            static_cast<int32_t*>(nullptr), cap, last,
-                                                            static_cast<const int64_t*>(nullptr),
-                                                            static_cast<const int64_t*>(nullptr), stream),
-        "build_curves: sort size query failed"));
-  PREFIXKV_TRY(detail::check_runtime(cub::DeviceScan::InclusiveSum(nullptr, scan_bytes, static_cast<int64_t*>(nullptr),
-                                                                   static_cast<int64_t*>(nullptr), S > 0 ? S : 1, stream),
-                                     "build_curves: scan size query failed"));
-  workspace_layout<5> ws;
-  ws.reserve<float>(0, size_t(cap));
-  ws.reserve<int32_t>(1, size_t(cap));
+  size_t sort_bytes = 0, scan_bytes = 0;
+  if (method == curve_sort::segmented) {
+    const int64_t chunk = S < detail::curve_sort_chunk ? S : detail::curve_sort_chunk;
+    const int64_t last = S > 0 ? S - (S - 1) / detail::curve_sort_chunk * detail::curve_sort_chunk : 0;
+    for (int64_t ns : {chunk, last}) {
+      size_t b = 0;
+      if (ns <= 0) continue;
+      PREFIXKV_TRY(detail::check_runtime(
+          cub::DeviceSegmentedSort::StableSortPairsDescending(nullptr, b, static_cast<const float*>(nullptr),
+                                                              static_cast<float*>(nullptr), static_cast<const int32_t*>(nullptr),
+                                                              static_cast<int32_t*>(nullptr), cap, ns,
+                                                              static_cast<const int64_t*>(nullptr),
+                                                              static_cast<const int64_t*>(nullptr), stream),
+          "build_curves: sort size query failed"));
+      sort_bytes = b > sort_bytes ? b : sort_bytes;
+    }
+  } else if (method == curve_sort::radix) {
+    cub::DoubleBuffer<uint64_t> k(nullptr, nullptr);
+    cub::DoubleBuffer<int32_t> v(nullptr, nullptr);
+    PREFIXKV_TRY(detail::check_runtime(cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, k, v, cap, 0, 31 + seg_bits, stream),
+                                       "build_curves: sort size query failed"));
+  }
+  if (!uniform)
+    PREFIXKV_TRY(detail::check_runtime(cub::DeviceScan::InclusiveSum(nullptr, scan_bytes, static_cast<int64_t*>(nullptr),
+                                                                     static_cast<int64_t*>(nullptr), S > 0 ? S : 1, stream),
+                                       "build_curves: scan size query failed"));
+  // Workspace: segmented: keys/values in (+ sorted scores when the caller keeps none); radix: two 64-bit key
+  // buffers and one value buffer (the caller's positions are the other); block: sorted scores only.
+  workspace_layout<6> ws;
+  if (method == curve_sort::segmented) {
+    ws.reserve<float>(0, size_t(cap));
+    ws.reserve<int32_t>(1, size_t(cap));
+  } else if (method == curve_sort::radix) {
+    ws.reserve<uint64_t>(5, size_t(cap) * 2);
+    ws.reserve<int32_t>(1, size_t(cap));
+  }
   if (out.sorted_scores == nullptr) ws.reserve<float>(2, size_t(cap));
-  ws.reserve_bytes(3, sort_bytes > sort_bytes_last ? sort_bytes : sort_bytes_last);
+  ws.reserve_bytes(3, sort_bytes);
   ws.reserve_bytes(4, scan_bytes);
   if (d_temp == nullptr) {
     temp_bytes = ws.bytes();
     return cudaSuccess;
   }
   PREFIXKV_TRY(ws.map(d_temp, temp_bytes));
-  float* keys_in = ws.get<float>(0);
-  int32_t* vals_in = ws.get<int32_t>(1);
-  float* keys_out = out.sorted_scores ? out.sorted_scores : ws.get<float>(2);
+  float* sorted_out = out.sorted_scores ? out.sorted_scores : ws.get<float>(2);
   set = curve_set{};
   set.count = S;
   set.offsets = out.offsets;
   set.tokens = out.tokens;
   set.positions = out.positions;
   set.cumulative = out.cumulative;
-  set.sorted_scores = keys_out;
+  set.sorted_scores = sorted_out;
   set.protect = protect;
   if (S == 0) return cudaSuccess;
 
+  // 1. tokens and candidate offsets (closed form for uniform rows; a device scan otherwise)
   const int64_t blocks_s = (S + 255) / 256;
   detail::curve_counts_kernel<><<<unsigned(blocks_s < 1024 ? blocks_s : 1024), 256, 0, stream>>>(rows, protect, out.offsets,
                                                                                              out.tokens, d_status);
   PREFIXKV_TRY(detail::check_launch(stream));
-  size_t sb = scan_bytes;
-  PREFIXKV_TRY(detail::check_runtime(cub::DeviceScan::InclusiveSum(ws.get<void>(4), sb, out.offsets + 1, out.offsets + 1, S, stream),
-                                     "build_curves: scan failed"));
-  detail::curve_capacity_guard<><<<1, 256, 0, stream>>>(out.offsets, S, capacity, d_status);
-  PREFIXKV_TRY(detail::check_launch(stream));
+  if (!uniform) {
+    size_t sb = scan_bytes;
+    PREFIXKV_TRY(detail::check_runtime(cub::DeviceScan::InclusiveSum(ws.get<void>(4), sb, out.offsets + 1, out.offsets + 1, S, stream),
+                                       "build_curves: scan failed"));
+    detail::curve_capacity_guard<><<<1, 256, 0, stream>>>(out.offsets, S, capacity, d_status);
+    PREFIXKV_TRY(detail::check_launch(stream));
+  }
   if (capacity == 0) return cudaSuccess;
+
+  const int64_t cb = S < 4096 ? S : 4096;
+  if (method == curve_sort::block) {  // 2. everything else in one kernel
+    detail::curve_block_kernel<detail::curve_block_threads, detail::curve_block_items>
+        <<<unsigned(S < 65535 ? S : 65535), detail::curve_block_threads, 0, stream>>>(
+            scores, rows, protect, out.offsets, out.tokens, out.positions, sorted_out, out.cumulative, d_status);
+    return detail::check_launch(stream);
+  }
+  // 2. gather the candidates, 3. sort, 4. normalised prefix sums
   const int64_t per_seg = (capacity / S + 1023) / 1024;
   const dim3 gg(unsigned(per_seg < 1 ? 1 : (per_seg > 256 ? 256 : per_seg)), unsigned(S < 65535 ? S : 65535));
+  if (method == curve_sort::radix) {
+    uint64_t* keys = ws.get<uint64_t>(5);
+    cub::DoubleBuffer<uint64_t> k(keys, keys + cap);
+    cub::DoubleBuffer<int32_t> v(ws.get<int32_t>(1), out.positions);
+    detail::curve_gather_keys_kernel<><<<gg, 256, 0, stream>>>(scores, rows, protect, out.offsets, out.tokens, capacity,
+                                                               k.Current(), v.Current(), d_status);
+    PREFIXKV_TRY(detail::check_launch(stream));
+    size_t bytes = ws.size_of(3);
+    PREFIXKV_TRY(detail::check_runtime(cub::DeviceRadixSort::SortPairs(ws.get<void>(3), bytes, k, v, capacity, 0, 31 + seg_bits, stream),
+                                       "build_curves: radix sort failed"));
+    const detail::curve_ranked_keys ranked{k.Current(), v.Current(), out.positions, sorted_out};
+    detail::curve_cumulative_kernel<256, 4><<<unsigned(cb), 256, 0, stream>>>(out.offsets, S, ranked, out.cumulative);
+    return detail::check_launch(stream);
+  }
+  float* keys_in = ws.get<float>(0);
+  int32_t* vals_in = ws.get<int32_t>(1);
   detail::curve_gather_kernel<><<<gg, 256, 0, stream>>>(scores, rows, protect, out.offsets, out.tokens, keys_in, vals_in,
                                                       d_status);
   PREFIXKV_TRY(detail::check_launch(stream));
@@ -234,13 +455,13 @@ PREFIXKV_KERNEL void __launch_bounds__(Threads) curve_cumulative_kernel(const in
     const int64_t ns = S - c0 < detail::curve_sort_chunk ? S - c0 : detail::curve_sort_chunk;
     size_t bytes = ws.size_of(3);
     PREFIXKV_TRY(detail::check_runtime(
-        cub::DeviceSegmentedSort::StableSortPairsDescending(ws.get<void>(3), bytes, keys_in, keys_out, vals_in,
+        cub::DeviceSegmentedSort::StableSortPairsDescending(ws.get<void>(3), bytes, keys_in, sorted_out, vals_in,
                                                             out.positions, capacity, ns, out.offsets + c0,
                                                             out.offsets + c0 + 1, stream),
         "build_curves: segmented sort failed"));
   }
-  const int64_t cb = S < 4096 ? S : 4096;
-  detail::curve_cumulative_kernel<256, 4><<<unsigned(cb), 256, 0, stream>>>(out.offsets, S, keys_out, out.cumulative);
+  detail::curve_cumulative_kernel<256, 4><<<unsigned(cb), 256, 0, stream>>>(out.offsets, S, detail::curve_ranked_floats{sorted_out},
+                                                                          out.cumulative);
   return detail::check_launch(stream);
 }
 
