@@ -119,15 +119,19 @@ TEST_CASE("in place: shift-by-one and keep-the-tail patterns") {
   }
 }
 
-// Launch variants of the move kernel (benchmark hook): programmatic dependent launch on/off, and a tiny grid so
-// that every block walks several lanes.
+// Launch variants of the move kernel (benchmark hook): programmatic dependent launch on/off, a tiny grid so that
+// every block walks several lanes, the general and fast move kernels, persistent grids, short out-of-place blocks.
 TEST_CASE("in place and gather: launch variants, several lanes per block") {
   auto rng = make_rng(606);
   auto& tune = prefixkv::detail::compact_tune();
   const auto saved = tune;
-  for (int variant = 0; variant < 4; ++variant) {
+  for (int variant = 0; variant < 8; ++variant) {
     tune.pdl = variant % 2 == 0;
     tune.max_blocks = variant == 1 || variant == 2 ? 3 : 0;
+    // move kernel: default pick, the general kernel, or a fast variant (persistent grid for variants >= 4)
+    tune.kernel = variant % 3 == 0 ? -1 : (variant % 3 == 1 ? 0 : 1 + variant % prefixkv::detail::compact_fast_variants);
+    tune.resident = variant >= 4 && variant != 6 ? 1 + variant % 4 : 0;
+    tune.chunk_rows = variant == 3 || variant == 6 ? 32 : (variant == 0 ? -1 : 0);  // out of place: short blocks
     for (layout l : {layout::bhsd, layout::strided, layout::nhd, layout::hnd}) {
       case_cfg c;
       c.src = l;
@@ -136,7 +140,7 @@ TEST_CASE("in place and gather: launch variants, several lanes per block") {
       c.g.B = 2;
       c.g.H = 3;
       c.g.T = 300 + int64_t(rng() % 100);
-      c.g.D = variant < 2 ? 128 : 64;
+      c.g.D = variant % 4 < 2 ? 128 : 64;
       c.frac = 3 + variant % 3;
       INFO("variant " << variant);
       run_inplace_case<uint16_t>(c, rng);

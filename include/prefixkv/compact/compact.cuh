@@ -78,6 +78,9 @@ PREFIXKV_KERNEL void __launch_bounds__(compact_threads) compact_check_kernel(com
       return;
     }
     const int32_t key = static_cast<int32_t>(b * m.dt.max_blocks + blk);
+    // all layers of a sequence mark the same (block, page) pairs: a plain read first keeps the atomics (which
+    // serialise per address) down to about one per page
+    if (*static_cast<volatile const int32_t*>(m.owner + page) == key) return;
     const int32_t old = atomicCAS(m.owner + page, -1, key);
     if (old != -1 && old != key) local = static_cast<int32_t>(reason::overlapping_buffers);
   };
@@ -105,7 +108,8 @@ PREFIXKV_KERNEL void __launch_bounds__(compact_threads) compact_check_kernel(com
         local = static_cast<int32_t>(reason::out_of_range);
         continue;
       }
-      if (m.inplace && p > 0 && m.sel.indices[off + p - 1] >= t) local = static_cast<int32_t>(reason::not_ascending);
+      const int64_t prev = m.inplace && p > 0 ? m.sel.indices[off + p - 1] : -1;
+      if (prev >= t) local = static_cast<int32_t>(reason::not_ascending);
       if (m.st.paged) {
         const int64_t blk = m.st.block_of(t);
         const int64_t page = m.st.table[b * m.st.stride + blk];
@@ -113,7 +117,9 @@ PREFIXKV_KERNEL void __launch_bounds__(compact_threads) compact_check_kernel(com
           local = static_cast<int32_t>(reason::out_of_range);
           continue;
         }
-        if (m.inplace) mark(b, blk);
+        // in place the indices ascend (or not_ascending is reported): marking the first kept token of each
+        // source block marks every touched block
+        if (m.inplace && (prev < 0 || m.st.block_of(prev) != blk)) mark(b, blk);
       }
       if (m.paged_dst && p % m.dt.page_size == 0) mark(b, m.dt.block_of(p));
     }
@@ -123,13 +129,21 @@ PREFIXKV_KERNEL void __launch_bounds__(compact_threads) compact_check_kernel(com
   if (threadIdx.x == 0) block_status[blockIdx.x] = err;
 }
 
-template <class V>
+//! Cache hints of the data accesses (bit 0: streaming loads `ld.global.cs`, bit 1: streaming stores
+//! `st.global.cs`; a clear bit = plain access).
+//! Plain accesses are the default: measured 0.01-0.02 of memcpy faster than streaming ones, for this kernel and for
+//! a plain copy kernel alike (bench/compact/RESULTS.md).
+inline constexpr int compact_hint_cs = 3;
+inline constexpr int compact_hint_plain = 0;
+template <class V, int Hint = compact_hint_plain>
 __device__ __forceinline__ V compact_load(const void* p) {
-  return __ldcs(reinterpret_cast<const V*>(p));
+  if constexpr ((Hint & 1) != 0) return __ldcs(reinterpret_cast<const V*>(p));
+  else return *reinterpret_cast<const V*>(p);
 }
-template <class V>
+template <class V, int Hint = compact_hint_plain>
 __device__ __forceinline__ void compact_store(void* p, const V& v) {
-  __stcs(reinterpret_cast<V*>(p), v);
+  if constexpr ((Hint & 2) != 0) __stcs(reinterpret_cast<V*>(p), v);
+  else *reinterpret_cast<V*>(p) = v;
 }
 
 //! Row offsets of one stage (one row per thread), double-buffered in shared memory.
@@ -157,13 +171,16 @@ struct compact_stage_smem {
 //! j*vpr + c, i.e. p' > j, so idx[p'] > j for every row j stored earlier: loads never see a store of the current
 //! or an earlier round by any thread, and one barrier per round suffices. A lane is handled by exactly one block
 //! (nchunk == 1 in place). If p == j (row stays put) load and store hit the same bytes with the same value.
-template <int W, bool InPlace>
+//! Template knobs: U accesses in flight per thread (0: by width), Hint (cache hints, see compact_load), Contig
+//! (both sides' rows are packed: no per-element stride math; the fast kernel's case).
+template <int W, bool InPlace, int U0 = 0, int Hint = compact_hint_plain, bool Contig = false>
 __device__ __forceinline__ void compact_move_rows(const compact_meta& m, const compact_geom& sg,
                                                   const compact_geom& dg, const char* sbase, char* dbase,
                                                   const int32_t* idx, int64_t b, int64_t h, int64_t r0, int64_t r1,
                                                   compact_stage_smem& sm) {
   using word = typename compact_word<W>::type;
-  constexpr int U = W == 16 ? compact_unroll : (W == 8 ? 4 : 2);  // narrow paths: odd rows, not bandwidth critical
+  // narrow paths: odd rows, not bandwidth critical
+  constexpr int U = U0 > 0 ? U0 : (W == 16 ? compact_unroll : (W == 8 ? 4 : 2));
   const int S = blockDim.x;
   const int tid = threadIdx.x;
   const int32_t vpr = static_cast<int32_t>(sg.row_bytes / W);
@@ -214,7 +231,8 @@ __device__ __forceinline__ void compact_move_rows(const compact_meta& m, const c
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         if (q0 + u * S + tid < items)
-          buf[u] = compact_load<word>(sbase + sm.src[cur][rr] + sg.chunk(static_cast<int64_t>(cc) * W));
+          buf[u] = compact_load<word, Hint>(sbase + sm.src[cur][rr] +
+                                            (Contig ? cc * W : sg.chunk(static_cast<int64_t>(cc) * W)));
         rr += dr;
         cc += dc;
         if (cc >= vpr) {
@@ -228,7 +246,8 @@ __device__ __forceinline__ void compact_move_rows(const compact_meta& m, const c
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         if (q0 + u * S + tid < items)
-          compact_store<word>(dbase + sm.dst[cur][rr] + dg.chunk(static_cast<int64_t>(cc) * W), buf[u]);
+          compact_store<word, Hint>(dbase + sm.dst[cur][rr] + (Contig ? cc * W : dg.chunk(static_cast<int64_t>(cc) * W)),
+                                    buf[u]);
         rr += dr;
         cc += dc;
         if (cc >= vpr) {
@@ -339,6 +358,7 @@ __device__ __forceinline__ compact_work compact_work_of(const compact_meta& m, i
   return x;
 }
 
+//! The general kernel (any access width, strided rows); `compact_fast_kernel` serves packed 16-byte rows.
 //! 128 registers, 2 blocks per SM. (Measured: capping at 80 registers for 3 blocks/SM spills and loses 0.06-0.14
 //! of memcpy; a cp.async.bulk shared-memory pipeline with one warp per block reached only 0.83-0.85. See
 //! bench/compact/RESULTS.md.)
@@ -358,10 +378,32 @@ PREFIXKV_KERNEL void __launch_bounds__(compact_threads, 2) compact_move_kernel(c
   }
 }
 
+//! Fast move kernel: every kind moves 16-byte words between packed rows (the common case: fp16/bf16/fp8 rows of
+//! >= 16 bytes, any token/head/page strides). Same staging and in-place proof as `compact_move_rows`, without the
+//! width switch and per-element stride math. U accesses in flight per thread, MinBlocks blocks per SM.
+template <bool InPlace, int U, int MinBlocks, int Hint>
+PREFIXKV_KERNEL void __launch_bounds__(compact_threads, MinBlocks) compact_fast_kernel(const compact_meta m,
+                                                                                       const compact_ptrs p) {
+  if (!compact_prologue(m)) return;
+  __shared__ compact_stage_smem sm;
+  const int64_t total = m.lanes() * m.nchunk;
+  for (int64_t w = blockIdx.x; w < total; w += gridDim.x) {
+    const compact_work x = compact_work_of(m, w);
+    if (x.r0 >= x.r1) continue;
+    compact_move_rows<16, InPlace, U, Hint, true>(m, m.src[x.k], m.dst[x.k], p.src[x.l][x.k], p.dst[x.l][x.k],
+                                                  m.sel.indices + x.off, x.b, x.h, x.r0, x.r1, sm);
+  }
+}
+
 //! Benchmark/test hook (not API): launch variants of the move kernel, compared in one process by bench_compact.
 struct compact_tuning {
   bool pdl = true;         // programmatic dependent launch of the move kernel after the check kernel
   int64_t max_blocks = 0;  // > 0: cap the move kernel's grid (tests: several lanes per block)
+  int kernel = -1;         // -1: default choice; 0: general kernel; 1..: fast kernel variants (compact_fast_pick)
+  int resident = 0;        // > 0: persistent grid of (blocks per SM of the variant) x SMs, out of place split into
+                           //      about `resident` x grid equal chunks
+  int64_t chunk_rows = -1; // out of place: lanes cut into chunks of about this many destination rows, one block
+                           //      each, grid uncapped (0: the ~16 x SMs work items split; -1: default)
 };
 inline compact_tuning& compact_tune() {
   static compact_tuning t;
@@ -383,6 +425,24 @@ cudaError_t compact_launch_kernel(void (*kernel)(Params...), unsigned blocks, un
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 1 : 0;
   return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
+//! Fast kernel variants (bench_compact compares them in one process): variant -> kernel, blocks per SM.
+//! 1: streaming (.cs) loads and stores; 2 (default): plain accesses, 0.01-0.02 of memcpy faster. Dropped after
+//! device run 6 (bench/compact/RESULTS.md): 16 accesses in flight (spills at 128 registers, -0.03..-0.04),
+//! 4 blocks/SM with 8 or 4 accesses (64 registers, spills, -0.01..-0.23).
+inline constexpr int compact_default_variant = 2;
+inline constexpr int compact_fast_variants = 2;
+//! Out of place: chunks of about this many destination rows, one short-lived block each (device runs 7-8:
+//! 0.955-0.973 of memcpy at 32K/128K tokens vs 0.92-0.93 for ~16 x SMs long chunks; 128 and 512 rows mixed).
+inline constexpr int64_t compact_default_chunk_rows = 256;
+inline void compact_fast_pick(int variant, bool inplace, void (*&kernel)(compact_meta, compact_ptrs), int& per_sm) {
+  per_sm = 2;
+  if (variant == 1)
+    kernel = inplace ? compact_fast_kernel<true, 8, 2, compact_hint_cs> : compact_fast_kernel<false, 8, 2, compact_hint_cs>;
+  else
+    kernel = inplace ? compact_fast_kernel<true, 8, 2, compact_hint_plain>
+                     : compact_fast_kernel<false, 8, 2, compact_hint_plain>;
 }
 
 template <class SrcCache, class DstCache>
@@ -411,7 +471,7 @@ cudaError_t compact_launch(void* d_temp, size_t& temp_bytes, const SrcCache& src
   }
   PREFIXKV_TRY(ws.map(d_temp, temp_bytes));
   // grid shape: in place one block per lane (its rows in ascending tiles); out of place lanes are split in
-  // chunks of kept rows so that small batches still fill the machine
+  // chunks of kept rows (by default short chunks of compact_default_chunk_rows rows, one block each, below)
   const int64_t lanes = m.lanes();
   if (!inplace && lanes > 0) {
     const int64_t want = 16 * static_cast<int64_t>(sms);
@@ -427,12 +487,33 @@ cudaError_t compact_launch(void* d_temp, size_t& temp_bytes, const SrcCache& src
     m.vstatus = ws.get<int32_t>(0);
     m.vblocks = static_cast<int32_t>(vblocks);
   }
+  bool fast = m.kinds > 0;
+  for (int k = 0; k < m.kinds; ++k)
+    fast = fast && m.vec[k] == 16 && m.src[k].contiguous && m.dst[k].contiguous;
+  const int variant = !fast ? 0 : (compact_tune().kernel >= 0 ? compact_tune().kernel : compact_default_variant);
+  void (*kernel)(compact_meta, compact_ptrs) = inplace ? compact_move_kernel<true> : compact_move_kernel<false>;
+  int per_sm = 2;
+  if (variant > 0) compact_fast_pick(variant, inplace, kernel, per_sm);
+  const int64_t resident = static_cast<int64_t>(per_sm) * sms;
+  if (compact_tune().resident > 0 && !inplace && lanes > 0) {
+    const int64_t by_rows = std::max<int64_t>(1, m.src_tokens / 128);
+    m.nchunk = std::max<int64_t>(1, std::min<int64_t>((compact_tune().resident * resident + lanes - 1) / lanes, by_rows));
+  }
+  const int64_t chunk_rows = compact_tune().chunk_rows >= 0 ? compact_tune().chunk_rows : compact_default_chunk_rows;
+  const bool short_blocks = !inplace && lanes > 0 && chunk_rows > 0 && compact_tune().resident <= 0;
+  if (short_blocks) {
+    // many short-lived blocks, consecutive ones on consecutive row chunks of one lane (a compact window of memory
+    // in flight, as in a plain copy kernel); bounded so that lanes x nchunk fits the grid
+    const int64_t want = (std::max<int64_t>(m.dst_capacity, 1) + chunk_rows - 1) / chunk_rows;
+    m.nchunk = std::max<int64_t>(1, std::min<int64_t>(want, std::max<int64_t>(1, (int64_t(1) << 30) / lanes)));
+  }
   const int64_t work = std::max<int64_t>(1, lanes * m.nchunk);
   const bool pdl = validate_on_device && compact_tune().pdl;
-  int64_t cap = 64 * static_cast<int64_t>(sms);
+  // (every grid walks its work items grid-stride, so any cap is correct)
+  int64_t cap = compact_tune().resident > 0 ? resident
+                                            : (short_blocks ? std::min<int64_t>(work, INT32_MAX) : 64 * static_cast<int64_t>(sms));
   if (compact_tune().max_blocks > 0) cap = compact_tune().max_blocks;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(work, cap));
-  auto kernel = inplace ? compact_move_kernel<true> : compact_move_kernel<false>;
   PREFIXKV_TRY(check_runtime(compact_launch_kernel(kernel, blocks, compact_threads, 0, stream, pdl, m, ptrs),
                              "compact: launch"));
   return check_launch(stream);
