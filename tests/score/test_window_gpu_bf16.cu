@@ -64,12 +64,42 @@ TEST_CASE("window scorer bf16: caller LSE == in-kernel softmax; long rows over m
   }
 }
 
+TEST_CASE("window scorer bf16: mma accumulate kernel shapes (Llama group, 1-stage and chunked groups, splits)") {
+  // D 64/128 with 16-byte K rows take the mma.sync kernel in the accumulate pass; these shapes reach its plan
+  // variants: whole group with 2 K stages (G 4, w 64), whole group with 1 stage (G 8, w 64, D 128), head chunks
+  // merged with atomics (G 8, w 128, D 128), many key splits with ragged rows whose causal tail straddles a split.
+  auto rng = make_rng(105);
+  struct shape {
+    int64_t G, D, w;
+  };
+  const shape shapes[] = {{4, 128, 64}, {8, 128, 64}, {8, 128, 128}, {4, 64, 64}, {2, 128, 33}, {8, 64, 100}};
+  int rep = 0;
+  for (const auto& sh : shapes) {
+    window_cfg c;
+    c.G = sh.G;
+    c.D = sh.D;
+    c.w = sh.w;
+    c.Hk = 1 + int64_t(rng() % 2);
+    c.B = 1 + int64_t(rng() % 2);
+    c.cap = sh.w + (quick_mode() ? 300 : 2500) + int64_t(rng() % 700);
+    c.strided = rep % 2 == 1;
+    c.caller_lse = rep % 3 != 1;
+    c.per_head = rep % 3 == 2;
+    c.opt.group = rep % 2 ? pk::head_reduce::max : pk::head_reduce::mean;
+    c.opt.heads = rep % 4 == 1 ? pk::head_reduce::max : pk::head_reduce::mean;
+    c.opt.pool = pk::pool_kind(rep % 3);
+    c.opt.pool_kernel = 3;
+    run_window_case<pk::bf16>(rng, c);
+    ++rep;
+  }
+}
+
 TEST_CASE("window scorer: NaN/Inf inputs raise the device status flag; read_status reports it") {
   auto rng = make_rng(103);
   const int64_t B = 2, Hk = 2, G = 2, D = 64, w = 8, cap = 150;
   auto qh = to_storage<pk::bf16>(random_vector<float>(rng, size_t(B * Hk * G * w * D)));
   auto kh = to_storage<pk::bf16>(random_vector<float>(rng, size_t(B * Hk * cap * D)));
-  for (int which = 0; which < 4; ++which) {
+  for (int which = 0; which < 6; ++which) {  // 4, 5: caller LSE, so only the accumulate (mma) kernel reads K
     auto q2 = qh;
     auto k2 = kh;
     std::vector<float> lse_h(size_t(B * Hk * G * w), 3.0f);
@@ -77,12 +107,14 @@ TEST_CASE("window scorer: NaN/Inf inputs raise the device status flag; read_stat
     if (which == 1) q2[size_t(7)] = pk::bf16::from_float(INFINITY);
     if (which == 2) k2[size_t(3 * D)] = pk::bf16::from_float(-INFINITY);
     if (which == 3) lse_h[5] = NAN;
+    if (which == 4) k2[size_t(((1 * Hk + 0) * cap + 77) * D + 63)] = pk::bf16::from_float(-INFINITY);
+    if (which == 5) k2[size_t(((0 * Hk + 1) * cap + 149) * D + 17)] = pk::bf16::from_float(NAN);
     device_buffer<pk::bf16> dq(q2), dk(k2);
     device_buffer<float> dl(lse_h), out(size_t(B * cap));
     device_buffer<unsigned> status(1);
     auto q = pk::make_kv_view_bhsd<const pk::bf16>(dq.get(), B, Hk * G, w, D);
     auto k = pk::make_kv_view_bhsd<const pk::bf16>(dk.get(), B, Hk, cap, D);
-    const pk::lse_view lse = which == 3 ? pk::lse_view{dl.get(), Hk * G * w, w, 1} : pk::lse_view{};
+    const pk::lse_view lse = which >= 3 ? pk::lse_view{dl.get(), Hk * G * w, w, 1} : pk::lse_view{};
     run_three_ways(
         [&](void* t, size_t& bytes, cudaStream_t s) {
           return pk::window_attention(t, bytes, q, k, lse, {}, pk::segment_grid{1, B, 1}, 0,

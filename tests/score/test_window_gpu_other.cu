@@ -39,6 +39,23 @@ TEST_CASE("window scorer f16 and fp32: GPU == host twin") {
   run_window_case<float>(rng, odd);
 }
 
+TEST_CASE("window scorer f16: mma accumulate kernel at Llama-like shapes") {
+  auto rng = make_rng(202);
+  for (int rep = 0; rep < 3; ++rep) {
+    window_cfg c;
+    c.G = rep == 2 ? 8 : 4;
+    c.D = rep == 1 ? 64 : 128;
+    c.w = rep == 0 ? 64 : 1 + int64_t(rng() % 128);
+    c.Hk = 2;
+    c.B = 2;
+    c.cap = c.w + (quick_mode() ? 300 : 2000) + int64_t(rng() % 500);
+    c.caller_lse = rep != 1;
+    c.strided = rep == 2;
+    c.opt.group = rep == 1 ? pk::head_reduce::max : pk::head_reduce::mean;
+    run_window_case<pk::f16>(rng, c);
+  }
+}
+
 TEST_CASE("window scorer (device) rejects bad arguments before writing") {
   const int64_t D = 64;
   device_buffer<pk::bf16> dq(size_t(2 * 8 * 4 * D + 8)), dk(size_t(2 * 2 * 32 * D));

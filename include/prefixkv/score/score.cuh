@@ -3,9 +3,12 @@
 //! CUB-style workspace, a stream and an optional device status word).
 //!
 //! * `accumulated_attention`  — the paper's scorer from materialised probabilities (bit-identical to the twin).
-//! * `window_attention`       — observation-window attention from Q and K (FlashAttention-compatible): tensor
-//!                              cores (WMMA, fp32 accumulation) for f16/bf16 with head_dim % 16 == 0, exact fp32
-//!                              CUDA-core dot products otherwise. Softmax in two passes (row statistics, then
+//! * `window_attention`       — observation-window attention from Q and K (FlashAttention-compatible). The
+//!                              probability pass runs on tensor cores: mma.sync m16n8k16 + ldmatrix with the
+//!                              probabilities reduced in registers (detail/window_mma.cuh) for f16/bf16, head_dim
+//!                              64 or 128 and 16-byte-aligned K rows; otherwise (and for the row-statistics pass
+//!                              of the in-kernel softmax) WMMA for f16/bf16 with head_dim % 16 == 0, exact fp32
+//!                              CUDA-core dot products for the rest. Softmax in two passes (row statistics, then
 //!                              probabilities) or one pass with a caller LSE. Probabilities live only in
 //!                              registers/shared memory; K is read per kv head (never expanded by the group).
 //! * `key_norm`               — minus (or reciprocal of) the key L2 norms.
@@ -37,6 +40,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
+
+#include <algorithm>
+#include <type_traits>
 
 PREFIXKV_NAMESPACE_BEGIN
 
@@ -117,6 +123,8 @@ struct window_params {
   int vec_q, vec_k;    // 16-byte vector loads allowed
   int lse_natural;
   head_reduce group;
+  int stages;          // mma kernel: K stages per warp (1 or 2)
+  int64_t split_keys;  // mma kernel: keys per CTA (multiple of 32)
 };
 
 template <class T>
@@ -535,6 +543,14 @@ PREFIXKV_KERNEL void __launch_bounds__(win_warps * 32, 2) window_kernel(window_p
   if (__syncthreads_or(bad) && threadIdx.x == 0) flag(p.status, status_nonfinite);
 }
 
+}  // namespace detail
+PREFIXKV_NAMESPACE_END
+
+#include "detail/window_mma.cuh"
+
+PREFIXKV_NAMESPACE_BEGIN
+namespace detail {
+
 //! LSE (log2 domain) of every window query from the per-split statistics.
 // Kernels in headers are templates (a dummy parameter) so that several translation units may include them.
 template <int = 0>
@@ -636,6 +652,135 @@ inline cudaError_t plan_window(const kv_view<const T>& q, const kv_view<const T>
   return cudaSuccess;
 }
 
+//! Kernel configuration of the mma accumulate pass: NJ n8 query tiles per step, warps per CTA, most K stages
+//! per warp. Measured on the H100 (bench/score/RESULTS.md): {4, 8, 2} 0.262 ms at 128K; {2, 12, 1} 0.280,
+//! {2, 8, 2} 0.286, {4, 8, 1} 0.260, {1, 16, 1} 0.255 (not taken: within 3 %, validated in quick mode only).
+struct window_mma_cfg {
+  int NJ, warps, max_stages;
+};
+inline constexpr window_mma_cfg window_mma_config{4, 8, 2};
+
+//! Plan of the tensor-core accumulate kernel (window_mma.cuh); `use == false` falls back to window_kernel.
+struct window_mma_plan {
+  bool use = false;
+  int NK = 2, NJ = 4, warps = 8, HC = 1, chunks = 1, WP = wmma_qstep, R = wmma_qstep, stages = 2, splits = 1;
+  int64_t split_keys = wmma_keys;
+  size_t smem = 0;
+};
+
+//! Raises the dynamic shared-memory limit of window_mma_kernel<T, NK, ...> to the device maximum (once per device
+//! ordinal < 64; benign race: idempotent) and returns that maximum in `optin`.
+template <class T, int NK>
+inline cudaError_t configure_window_mma(int& optin) {
+  static unsigned long long configured = 0;
+  int dev = 0;
+  PREFIXKV_TRY(check_runtime(cudaGetDevice(&dev), "window scorer: no current device"));
+  PREFIXKV_TRY(check_runtime(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+                             "window scorer: cannot query shared memory"));
+  const unsigned long long bit = dev < 64 ? (1ull << dev) : 0ull;
+  if (!(configured & bit)) {
+    PREFIXKV_TRY(check_runtime(cudaFuncSetAttribute(window_mma_kernel<T, NK, window_mma_config.NJ, window_mma_config.warps>,
+                                                    cudaFuncAttributeMaxDynamicSharedMemorySize, optin),
+                               "window scorer: cannot reserve shared memory"));
+    configured |= bit;
+  }
+  return cudaSuccess;
+}
+
+template <class T, int NK>
+inline cudaError_t plan_window_mma_nk(const kv_view<const T>& q, const kv_view<const T>& k, window_mma_plan& pl) {
+  int optin = 0;
+  PREFIXKV_TRY((configure_window_mma<T, NK>(optin)));
+  int dev = 0, major = 0;
+  PREFIXKV_TRY(check_runtime(cudaGetDevice(&dev), "window scorer: no current device"));
+  PREFIXKV_TRY(check_runtime(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev),
+                             "window scorer: cannot query the device"));
+  if (major < 8) return cudaSuccess;  // mma.sync bf16 needs sm_80+
+  constexpr window_mma_cfg cfg = window_mma_config;
+  const int64_t G = q.heads / k.heads, w = q.tokens, D = q.dim;
+  const int64_t WP = (w + wmma_qstep - 1) / wmma_qstep * wmma_qstep;
+  if (WP * G > (int64_t(1) << 20)) return cudaSuccess;
+  pl.NK = NK;
+  pl.NJ = cfg.NJ;
+  pl.warps = cfg.warps;
+  pl.WP = int(WP);
+  auto smem_of = [&](int64_t HC, int stages) {
+    return window_mma_smem(int(HC * WP), int(D), stages, int(sizeof(T)), cfg.warps).total;
+  };
+  bool found = false;
+  for (int st = cfg.max_stages; st >= 1 && !found; --st)  // the whole group in one CTA first (no atomics)
+    if (smem_of(G, st) <= size_t(optin)) {
+      pl.HC = int(G);
+      pl.stages = st;
+      found = true;
+    }
+  for (int st = cfg.max_stages; st >= 1 && !found; --st)
+    for (int64_t hc = G - 1; hc >= 1 && !found; --hc)
+      if (smem_of(hc, st) <= size_t(optin)) {
+        pl.HC = int(hc);
+        pl.stages = st;
+        found = true;
+      }
+  if (!found) return cudaSuccess;
+  pl.R = int(pl.HC * WP);
+  pl.smem = smem_of(pl.HC, pl.stages);
+  pl.chunks = int((G + pl.HC - 1) / pl.HC);
+  int per_sm = 0;
+  PREFIXKV_TRY(check_runtime(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, window_mma_kernel<T, NK, cfg.NJ, cfg.warps>,
+                                                                           cfg.warps * 32, pl.smem),
+                             "window scorer: occupancy query failed"));
+  if (per_sm < 1) return cudaSuccess;
+  // Key splits per (batch, kv head, chunk) unit: minimise waves x rounds (a round = one 32-key tile per warp),
+  // the time of the slowest CTA in a grid of equal-work CTAs; ties go to fewer CTAs. Starts at one full wave.
+  const int64_t units = q.batch * k.heads * pl.chunks;
+  const int64_t slots = int64_t(sm_count()) * per_sm;
+  const int64_t cap = k.tokens > 0 ? k.tokens : 1;
+  const int64_t max_splits = std::max<int64_t>(1, (cap + wmma_keys - 1) / wmma_keys);
+  int64_t splits = std::min(max_splits, std::max<int64_t>(1, units > 0 ? slots / units : 1));
+  int64_t best = -1;
+  const int64_t first = splits;
+  for (int64_t sp = first; sp <= std::min(max_splits, 4 * first); ++sp) {
+    const int64_t tiles = ((cap + sp - 1) / sp + wmma_keys - 1) / wmma_keys;
+    const int64_t rounds = (tiles + cfg.warps - 1) / cfg.warps;
+    const int64_t waves = (units * sp + slots - 1) / slots;
+    if (best < 0 || waves * rounds < best) {
+      best = waves * rounds;
+      splits = sp;
+    }
+  }
+  int64_t sk = (cap + splits - 1) / splits;
+  sk = (sk + wmma_keys - 1) / wmma_keys * wmma_keys;
+  pl.split_keys = sk;
+  pl.splits = int((cap + sk - 1) / sk);
+  pl.use = true;
+  return cudaSuccess;
+}
+
+template <class T>
+inline cudaError_t plan_window_mma(const kv_view<const T>& q, const kv_view<const T>& k, window_mma_plan& pl) {
+  pl = window_mma_plan{};
+  if constexpr (sizeof(T) == 2) {
+    if (vector_bytes(k) != 16) return cudaSuccess;
+    if (q.dim == 64) return plan_window_mma_nk<T, 1>(q, k, pl);
+    if (q.dim == 128) return plan_window_mma_nk<T, 2>(q, k, pl);
+  }
+  return cudaSuccess;
+}
+
+template <class T>
+inline cudaError_t launch_window_mma(const window_params<T>& p, const window_mma_plan& pl, cudaStream_t stream) {
+  const dim3 grid(unsigned(pl.splits), unsigned(p.q.batch * p.k.heads * pl.chunks));
+  const unsigned threads = unsigned(pl.warps * 32);
+  if constexpr (sizeof(T) == 2) {
+    constexpr window_mma_cfg c = window_mma_config;
+    if (pl.NK == 1)
+      window_mma_kernel<T, 1, c.NJ, c.warps><<<grid, threads, pl.smem, stream>>>(p);
+    else
+      window_mma_kernel<T, 2, c.NJ, c.warps><<<grid, threads, pl.smem, stream>>>(p);
+  }
+  return check_launch(stream);
+}
+
 template <class T, bool Stats, bool Mma>
 inline cudaError_t launch_window_kernel(const window_params<T>& p, const window_plan& pl, dim3 grid, cudaStream_t stream) {
   auto kernel = window_kernel<T, Stats, Mma>;
@@ -666,6 +811,7 @@ inline cudaError_t launch_window_pass(const window_params<T>& p, const window_pl
   return launch_window_kernel<T, Stats, false>(p, pl, grid, stream);
 }
 
+
 }  // namespace detail
 
 //! Observation-window attention scores of one layer (device). Same arguments and semantics as
@@ -683,6 +829,9 @@ template <class T>
   detail::window_plan pl;
   PREFIXKV_TRY(detail::plan_window(q, k, pl));
   const int64_t B = q.batch, Hq = q.heads, Hk = k.heads, w = q.tokens;
+  detail::window_mma_plan mp;
+  if (d_temp != nullptr && B > 0 && rows.count > 0)
+    PREFIXKV_TRY(detail::plan_window_mma(q, k, mp));
   const bool own_lse = lse.data == nullptr;
   workspace_layout<3> ws;
   ws.reserve<float>(0, size_t(B * Hk * k.tokens));
@@ -721,7 +870,9 @@ template <class T>
   p.stats = ws.get<float2>(1);
   const dim3 g(unsigned(pl.splits), unsigned(B * Hk * pl.chunks));
   if (g.y > 65535u) return detail::fail(reason::unsupported, "window scorer: batch x kv_heads too large for one launch");
-  if (pl.chunks > 1)
+  if (mp.use && mp.splits > 0 && B * Hk * mp.chunks > 65535)
+    return detail::fail(reason::unsupported, "window scorer: batch x kv_heads too large for one launch");
+  if ((mp.use ? mp.chunks : pl.chunks) > 1)
     PREFIXKV_TRY(detail::check_runtime(cudaMemsetAsync(p.kvrows, 0, size_t(B * Hk * k.tokens) * sizeof(float), stream),
                                        "window scorer: memset failed"));
   if (own_lse) {
@@ -738,7 +889,18 @@ template <class T>
     p.lse = lse;
     p.lse_natural = 1;
   }
-  PREFIXKV_TRY((detail::launch_window_pass<T, false>(p, pl, g, stream)));
+  if (mp.use) {
+    detail::window_params<T> pm = p;
+    pm.HC = mp.HC;
+    pm.chunks = mp.chunks;
+    pm.WP = mp.WP;
+    pm.R = mp.R;
+    pm.stages = mp.stages;
+    pm.split_keys = mp.split_keys;
+    PREFIXKV_TRY(detail::launch_window_mma(pm, mp, stream));
+  } else {
+    PREFIXKV_TRY((detail::launch_window_pass<T, false>(p, pl, g, stream)));
+  }
 
   detail::window_final_params f;
   f.kvrows = p.kvrows;
