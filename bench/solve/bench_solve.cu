@@ -5,8 +5,10 @@
 // Shapes (segments x tokens): 32 x 4K, 80 x 32K, 80 x 128K (one problem each), and 16 problems of 32 x 4K in one
 // launch. Heavy-tailed random scores; curves built once on the host. Cold L2 before every timed run.
 // Counters: baseline_us (median of the bisection), ratio_vs_bisection (baseline / this run's median),
-// bisection_steps (host round-trips the baseline needed). path:1 = sample-select (the default), path:2 = the
-// earlier shared-memory narrowing path, path:0 = general path only (for comparison in the same run).
+// bisection_steps (host round-trips the baseline needed). path:3 = cluster path for problems that fit a thread-block
+// cluster, sample-select for the others (the default), path:1 = sample-select only, path:2 = the earlier
+// shared-memory narrowing path, path:0 = general path only (for comparison in the same run). cluster: CTAs per
+// cluster for path 3 (0 = the library's choice from the device and the problem count).
 #include <prefixkv/select/select.cuh>
 #include <prefixkv/solve/solve.cuh>
 
@@ -153,13 +155,14 @@ void BM_solve_device(benchmark::State& state) {
   device_array<int32_t> status(size_t(w.problems));
   size_t bytes = 0;
   const auto budget = pk::budget_evict_ratio(evict_ratio);
-  const int path = int(state.range(3));  // 1: sample-select (default), 2: earlier narrowing path, 0: general only
+  const int path = int(state.range(3));  // 3: cluster (default), 1: sample-select, 2: narrowing, 0: general only
+  const int cluster = int(state.range(4));
   PKV_BENCH_CHECK(pk::detail::solve_impl(nullptr, bytes, w.dev, w.problems, w.poff->ptr, budget, {}, keep.ptr, thr.ptr,
-                                         status.ptr, st, path));
+                                         status.ptr, st, path, 0, cluster));
   device_array<char> temp(bytes);
   auto solve = [&](cudaStream_t s) {
     PKV_BENCH_CHECK(pk::detail::solve_impl(temp.ptr, bytes, w.dev, w.problems, w.poff->ptr, budget, {}, keep.ptr,
-                                           thr.ptr, status.ptr, s, path));
+                                           thr.ptr, status.ptr, s, path, 0, cluster));
   };
   // baseline in the same run: the paper's bisection, one problem at a time
   bisection bis;
@@ -185,8 +188,9 @@ void BM_solve_device(benchmark::State& state) {
   set_counters(state, ms, baseline, bis.steps);
 #if defined(PREFIXKV_SOLVE_TRACE)
   // phase times of the last (cold) run, thread 0 of problem 0: t<i> = microseconds from the kernel's start to
-  // mark i (1 prologue, 2/3 level-0 samples loaded/selected, 4/5 level 1, 6/7 level 2, 8 gathered, 9 final
-  // select, 10 end); -1 = mark not reached
+  // mark i; block path: 1 prologue, 2/3 level-0 samples loaded/selected, 4/5 level 1, 6/7 level 2, 8 gathered,
+  // 9 final select, 10 end; cluster path: 1 metadata validated, 2 keys in shared memory, 3-6 radix passes,
+  // 7 per-segment sums, 10 end; -1 = mark not reached
   long long tr[16];
   PKV_BENCH_CHECK(cudaMemcpyFromSymbol(tr, pk::detail::solve_trace, sizeof(tr)));
   int dev = 0, khz = 0;
@@ -238,16 +242,18 @@ void BM_select_device(benchmark::State& state) {
 }  // namespace
 
 BENCHMARK(BM_solve_device)
-    ->Args({1, 32, 4096, 1})
-    ->Args({1, 80, 32768, 1})
-    ->Args({1, 80, 131072, 1})
-    ->Args({16, 32, 4096, 1})
-    ->Args({1, 32, 4096, 2})
-    ->Args({1, 80, 32768, 2})
-    ->Args({1, 80, 131072, 2})
-    ->Args({1, 32, 4096, 0})
-    ->Args({1, 80, 131072, 0})
-    ->ArgNames({"problems", "segments", "tokens", "path"})
+    ->Args({1, 32, 4096, 3, 0})
+    ->Args({1, 32, 4096, 3, 8})
+    ->Args({1, 32, 4096, 3, 16})
+    ->Args({1, 80, 32768, 3, 0})
+    ->Args({1, 80, 131072, 3, 0})
+    ->Args({16, 32, 4096, 3, 0})
+    ->Args({1, 32, 4096, 1, 0})
+    ->Args({1, 80, 32768, 1, 0})
+    ->Args({1, 80, 131072, 1, 0})
+    ->Args({16, 32, 4096, 1, 0})
+    ->Args({1, 32, 4096, 0, 0})
+    ->ArgNames({"problems", "segments", "tokens", "path", "cluster"})
     ->UseManualTime()
     ->Iterations(50)
     ->Repetitions(5)

@@ -21,6 +21,15 @@ namespace {
 // PREFIXKV_TEST_QUICK set (sanitizer runs): smaller large cases and fewer budgets, every code path still covered.
 bool quick() { return std::getenv("PREFIXKV_TEST_QUICK") != nullptr; }
 
+// PREFIXKV_SOLVE_VARIANTS="0,1" (racecheck runs, which are slow on this kernel): only those device variants of
+// run_and_compare (indices into its list); unset = all.
+bool variant_enabled(int index) {
+  const char* e = std::getenv("PREFIXKV_SOLVE_VARIANTS");
+  if (e == nullptr) return true;
+  const std::string list = std::string(",") + e + ",";
+  return list.find("," + std::to_string(index) + ",") != std::string::npos;
+}
+
 struct batch {
   std::vector<int64_t> rows, poff;
   std::vector<float> scores;
@@ -117,20 +126,26 @@ void run_and_compare(const batch& b, const pk::solve_budget& hb, const pk::solve
   int64_t rejected = 0;
   for (auto s : estatus) rejected += s != 0;
   INFO("P ", P, " S ", S, " rejected ", rejected);
-  // every device path on the same inputs: sample-select (public entry), sample-select with a small shared-memory
-  // key budget (more narrowing levels, gather overflow -> general fallback), the earlier narrowing path, and
-  // the general path alone
+  // every device path on the same inputs: the public entry (cluster path where a problem fits, cluster size
+  // chosen from the device and P), the cluster path forced to 2 CTAs with a 4096-key budget per CTA (problems over
+  // 8192 candidates then take the block path in the same launch), to 8 and to 16 CTAs; sample-select without
+  // clusters, also with a small key budget (more narrowing levels, gather overflow -> general fallback); the
+  // earlier narrowing path; the general path alone
   struct variant {
-    int path, key_cap;
+    int path, key_cap, cluster;
   };
-  for (variant var : {variant{1, 0}, variant{1, 4096}, variant{2, 0}, variant{0, 0}}) {
-  INFO("path ", var.path, " key cap limit ", var.key_cap);
+  const variant variants[] = {variant{3, 0, 0}, variant{3, 4096, 2}, variant{3, 0, 8}, variant{3, 0, 16},
+                              variant{1, 0, 0}, variant{1, 4096, 0}, variant{2, 0, 0}, variant{0, 0, 0}};
+  for (int vi = 0; vi < int(sizeof(variants) / sizeof(variants[0])); ++vi) {
+  if (!variant_enabled(vi)) continue;
+  const variant var = variants[vi];
+  INFO("path ", var.path, " key cap limit ", var.key_cap, " cluster ", var.cluster);
   run_three_ways(
       [&](void* t, size_t& bytes, cudaStream_t st) {
-        if (var.path == 1 && var.key_cap == 0)
+        if (var.path == 3 && var.key_cap == 0 && var.cluster == 0)
           return pk::solve(t, bytes, dc.view, P, poff.get(), db, dbd, keep.get(), thr.get(), status.get(), st);
         return pk::detail::solve_impl(t, bytes, dc.view, P, poff.get(), db, dbd, keep.get(), thr.get(), status.get(),
-                                      st, var.path, var.key_cap);
+                                      st, var.path, var.key_cap, var.cluster);
       },
       [&] {
         keep.poison();
@@ -294,4 +309,85 @@ TEST_CASE("device solver: bad problem offsets are reported per problem") {
         CHECK(status.download() == std::vector<int32_t>{int32_t(pk::reason::out_of_range), int32_t(pk::reason::out_of_range)});
         for (auto k : keep.download()) CHECK(k == poison_value<int64_t>());
       });
+}
+
+TEST_CASE("device solver: cluster-path and block-path problems in one launch (ragged, size-1 and empty segments)") {
+  auto rng = make_rng(405);
+  // Problem kinds: small (fits any cluster), one segment of one token, only protected tokens (no candidates),
+  // no segments at all, a few long rows (over 8192 candidates: block path when the cluster is forced to 2 x 4096
+  // keys, cluster path otherwise), more segments than the cluster path's 1024-segment limit (block path always).
+  const int64_t P = quick() ? 14 : 40;
+  const pk::protect_policy prot{int64_t(rng() % 5), int64_t(rng() % 3)};
+  batch b;
+  b.poff.assign(P + 1, 0);
+  std::vector<int64_t> lens;
+  for (int64_t q = 0; q < P; ++q) {
+    const int kind = q < 6 ? int(q) : int(rng() % 6);
+    int64_t nseg = 0;
+    if (kind == 0) {
+      nseg = 1 + int64_t(rng() % 40);
+      for (int64_t s = 0; s < nseg; ++s) lens.push_back(rng() % 4 == 0 ? int64_t(rng() % 3) : int64_t(rng() % 301));
+    } else if (kind == 1) {
+      nseg = 1;
+      lens.push_back(1 + prot.sinks + prot.recent);  // exactly one candidate
+    } else if (kind == 2) {
+      nseg = 1 + int64_t(rng() % 5);
+      for (int64_t s = 0; s < nseg; ++s) lens.push_back(int64_t(rng() % (prot.sinks + prot.recent + 1)));
+    } else if (kind == 3) {
+      nseg = 0;
+    } else if (kind == 4) {
+      nseg = 2 + int64_t(rng() % 3);
+      for (int64_t s = 0; s < nseg; ++s) lens.push_back(3000 + int64_t(rng() % (quick() ? 3000 : 9000)));
+    } else {
+      nseg = 1025 + int64_t(rng() % 80);
+      for (int64_t s = 0; s < nseg; ++s) lens.push_back(int64_t(rng() % 12));
+    }
+    b.poff[q + 1] = b.poff[q] + nseg;
+  }
+  const int64_t S = b.poff[P];
+  b.rows.assign(S + 1, 0);
+  for (int64_t s = 0; s < S; ++s) b.rows[s + 1] = b.rows[s] + lens[s];
+  b.scores.resize(b.rows[S]);
+  const score_kind kinds[] = {score_kind::mixed, score_kind::tied, score_kind::zeros, score_kind::heavy,
+                              score_kind::onehot, score_kind::uniform};
+  for (int64_t s = 0; s < S; ++s) fill_row(rng, kinds[rng() % 6], b.scores.data() + b.rows[s], b.rows[s + 1] - b.rows[s]);
+  REQUIRE(pk::build_curves_host(b.scores.data(), pk::make_offset_segments(S, b.rows.data()), prot, b.curves) ==
+          cudaSuccess);
+  INFO("P ", P, " S ", S);
+  // per-problem evict ratios (one likely infeasible)
+  std::vector<double> ratios(P);
+  for (auto& r : ratios) r = std::uniform_real_distribution<double>(0.0, 0.9)(rng);
+  ratios[P - 1] = 0.999;
+  device_buffer<double> dratios(ratios);
+  pk::solve_budget hb = pk::budget_evict_ratio(0), db = hb;
+  hb.ratios = ratios.data();
+  db.ratios = dratios.get();
+  run_and_compare(b, hb, db, {}, {});
+  // per-problem token budgets with per-segment bound arrays
+  std::vector<int64_t> counts(P), lo(S), hi(S);
+  for (int64_t s = 0; s < S; ++s) {
+    lo[s] = rng() % 3;
+    hi[s] = rng() % 4 == 0 ? lo[s] + int64_t(rng() % 50) : INT64_MAX;
+  }
+  for (int64_t q = 0; q < P; ++q) {
+    int64_t N = 0;
+    for (int64_t s = b.poff[q]; s < b.poff[q + 1]; ++s) N += b.curves.tokens[s];
+    counts[q] = N ? int64_t(rng() % (N + 1)) : 0;
+  }
+  device_buffer<int64_t> dcounts(counts), dlo(lo), dhi(hi);
+  pk::solve_budget hk = pk::budget_keep_tokens(0), dk = hk;
+  hk.counts = counts.data();
+  dk.counts = dcounts.get();
+  pk::keep_bounds hbd, dbd;
+  hbd.lo = lo.data();
+  hbd.hi = hi.data();
+  dbd.lo = dlo.get();
+  dbd.hi = dhi.get();
+  run_and_compare(b, hk, dk, hbd, dbd);
+  // uniform bounds, keep-candidates budget
+  pk::keep_bounds ub;
+  ub.min_keep = 1;
+  ub.max_keep = 1 + int64_t(rng() % 200);
+  const auto kc = pk::budget_keep_candidates(int64_t(rng() % 300));
+  run_and_compare(b, kc, kc, ub, ub);
 }

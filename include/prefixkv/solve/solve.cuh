@@ -2,7 +2,11 @@
 //! The exact global prefix solver on the device: one kernel launch for P independent problems, no host sync,
 //! graph-capturable. Same semantics and bit-identical keep counts as `prefixkv::solve_host` (solve.hpp).
 //!
-//! Algorithm (one block of 512 threads per problem, grid-stride over problems):
+//! Algorithm. On sm_90 the launch is a thread-block cluster launch (16 or 8 CTAs, from the device and P): a problem
+//! whose candidates fit the cluster's shared memory (<= 1024 segments) is solved by one cluster (`cluster path`,
+//! below: slices of the candidates loaded by all CTAs at once, an exact 4-pass radix selection whose per-digit
+//! counts are binary searches in sorted runs, summed across the cluster through distributed shared memory).
+//! Every other problem is solved by one block of 512 threads (grid-stride over problems):
 //! 1. per-problem totals (tokens, candidates, bounds) and the budget -> R = candidates still to pick;
 //! 2. sample-select fast path (problems of <= 512 segments, see `sample_select`): per level, m samples of every
 //!    segment's window at one stride D; two radix selections (8-bit digits) over the samples in shared memory
@@ -31,10 +35,14 @@
 #include "../select/block_util.cuh"
 #include "solve.hpp"
 
-//! Path `prefixkv::solve` takes: 1 = sample-select (default), 2 = earlier narrowing path, 0 = general path only
-//! (all answers are identical).
+#include <cooperative_groups.h>
+
+#include <atomic>
+
+//! Path `prefixkv::solve` takes: 3 = cluster path where a problem fits, sample-select for the others (default),
+//! 1 = sample-select only, 2 = earlier narrowing path, 0 = general path only (all answers are identical).
 #ifndef PREFIXKV_SOLVE_FAST_PATH
-#define PREFIXKV_SOLVE_FAST_PATH 1
+#define PREFIXKV_SOLVE_FAST_PATH 3
 #endif
 
 PREFIXKV_NAMESPACE_BEGIN
@@ -447,7 +455,7 @@ inline constexpr int solve_sel_max_levels = 6;
 
 // State of up to two concurrent radix selections (8-bit digits, 4 passes) over keys in shared memory.
 struct solve_select_state {
-  uint32_t hist[2][2][256];  // [selection][buffer][digit]
+  alignas(16) uint32_t hist[2][2][256];  // [selection][buffer][digit]
   uint32_t prefix[2];        // key bits decided so far
   uint32_t rem[2];           // 1-based rank still to find among keys matching the prefix
 };
@@ -624,11 +632,447 @@ __device__ inline bool sample_select(const curve_set& cv, int64_t ns, long long 
   return true;
 }
 
+
+// One problem solved by one block (the sample-select / narrowing / general paths).
+__device__ __forceinline__ void solve_block_problem(const curve_set& cv, int64_t p, const int64_t* poff, const solve_budget& bud,
+                                          const keep_bounds& bnd, int64_t* keep, float* thr, int32_t* status,
+                                          int key_cap, int path, const solve_smem_view& sm, solve_shared& sh,
+                                          solve_select_state& sst) {
+  const int tid = threadIdx.x;
+  const int64_t S = cv.count;
+  const int64_t s0 = poff ? poff[p] : 0, s1 = poff ? poff[p + 1] : S;
+  if (s0 < 0 || s1 < s0 || s1 > S) {
+    if (tid == 0) {
+      if (status) status[p] = static_cast<int32_t>(reason::out_of_range);
+      if (thr) thr[p] = 0.0f;
+    }
+    return;
+  }
+  const int64_t ns = s1 - s0;
+  const bool cached = ns <= solve_seg_cap;
+
+  PKV_SOLVE_MARK(0);
+  // 1. totals and validity (one block reduction)
+  long long red[6] = {0, 0, 0, 0, 0, 0};  // tokens, candidates, sum lo, sum hi, bad shape, bad bounds
+  for (int64_t i = tid; i < ns; i += solve_threads) {
+    const int64_t s = s0 + i;
+    const int64_t o = cv.offsets[s], c = cv.offsets[s + 1] - o, n = cv.tokens[s];
+    int64_t lo = 0, hi = 0;
+    if (n < 0 || c != candidate_count(n, cv.protect)) red[4] = 1;
+    if (!segment_bounds(bnd, s, c, lo, hi)) red[5] = 1;
+    red[0] += n;
+    red[1] += c;
+    red[2] += lo;
+    red[3] += hi;
+    if (cached) {
+      sm.off[i] = o;
+      sm.cnt[i] = static_cast<int32_t>(c);
+      sm.lo[i] = static_cast<int32_t>(lo);
+      sm.hi[i] = static_cast<int32_t>(hi);
+    }
+  }
+  block_sums(red, sh);
+  PKV_SOLVE_MARK(1);
+  problem_totals t;
+  t.tokens = red[0];
+  t.candidates = red[1];
+  t.lo = red[2];
+  t.hi = red[3];
+  const long long shape_err = red[4], bounds_err = red[5];
+  int64_t B = 0;
+  reason why = shape_err ? reason::shape_mismatch
+                         : (bounds_err ? reason::infeasible_bounds : problem_budget(bud, p, t, B));
+  if (why != reason::none) {
+    // Safe fallback: a rejected problem keeps every token.
+    for (int64_t i = tid; i < ns; i += solve_threads) keep[s0 + i] = cv.tokens[s0 + i];
+    if (tid == 0) {
+      if (status) status[p] = static_cast<int32_t>(why);
+      if (thr) thr[p] = 0.0f;
+    }
+    __syncthreads();
+    return;
+  }
+  const int64_t R = B - t.lo;
+  int64_t v = -1;
+  bool gathered = false;
+  if (R > 0 && path == 1 && ns <= solve_threads && ns * solve_sel_min_m <= key_cap) {
+    gathered = sample_select(cv, ns, R, key_cap, sm, sh, sst, v);
+  }
+  long long H0 = 0;  // largest eligible key (the general and legacy paths search [0, H0])
+  if (R > 0 && !gathered) {
+    long long maxkey = 0;
+    for (int64_t i = tid; i < ns; i += solve_threads) {
+      const seg_info g = load_seg(cv, bnd, s0, i, cached, sm);
+      if (g.hi > g.lo) {
+        const long long k = order_key(entry_value(cv.cumulative + g.off, g.hi - 1));
+        maxkey = k > maxkey ? k : maxkey;
+      }
+    }
+    H0 = block_max(maxkey, sh.sc);
+  }
+  if (R > 0 && !gathered && path == 2 && ns <= solve_threads) {
+    gathered = narrow_and_gather(cv, ns, R, H0, key_cap, sm, sh, v);
+  }
+  const int m = static_cast<int>(ns > 0 && ns <= key_cap ? key_cap / ns : 0);
+  if (R > 0 && !gathered) {
+    // 2. samples
+    for (int64_t idx = tid; idx < ns * m; idx += solve_threads) {
+      const int64_t i = idx / m, q = idx % m;
+      const seg_info g = load_seg(cv, bnd, s0, i, cached, sm);
+      const int64_t b = ((q + 1) * g.c) / (m + 1);
+      sm.keys[idx] = g.c > 0 ? order_key(entry_value(cv.cumulative + g.off, b)) : 0xFFFFFFFFu;
+    }
+    __syncthreads();
+    // 3. 256-way search: count(L) < R <= count(H)
+    long long L = -1, H = H0;
+    const int probe = tid % solve_probes, part = tid / solve_probes;
+    while (H - L > 1) {
+      const long long W = H - L;
+      const long long tp = L + ((probe + 1) * W + solve_probes - 1) / solve_probes;
+      long long acc = 0;
+      for (int64_t first = part; first < ns; first += int64_t(solve_parts) * solve_batch)
+        acc += count_le_batch(cv, bnd, s0, ns, first, solve_parts, tp, cached, m, sm);
+      sh.part[part][probe] = acc;
+      narrow_to_probe(sh, 0, R, tp, L, H);
+    }
+    v = H;
+  }
+  // eligible ranks of local segment i with key <= t (t in [v - 1, v])
+  auto seg_le = [&](int64_t i, long long t) -> long long {
+    if (gathered) {
+      const int32_t a = sm.wa[i], w = sm.wb[i] - a;
+      return (a - sm.lo[i]) + window_le(sm.keys + sm.goff[i], w, t);
+    }
+    return count_le_batch(cv, bnd, s0, ns, i, ns, t, cached, m, sm);
+  };
+  // 4. per-segment keep counts, ties handed out in segment order
+  long long rem_less = 0;
+  {
+    long long less_local = 0;
+    for (int64_t i = tid; i < ns; i += solve_threads)
+      if (R > 0) less_local += seg_le(i, v - 1);
+    rem_less = block_sum(less_local, sh.sc);
+  }
+  const long long rem = R - rem_less;  // picks among keys == v
+  long long carry = 0;
+  for (int64_t c0 = 0; c0 < ns; c0 += solve_threads) {
+    const int64_t i = c0 + tid;
+    long long less = 0, eq = 0;
+    int64_t lo = 0, c = 0;
+    if (i < ns) {
+      const seg_info g = load_seg(cv, bnd, s0, i, cached, sm);
+      lo = g.lo;
+      c = g.c;
+      if (R > 0) {
+        less = seg_le(i, v - 1);
+        eq = seg_le(i, v) - less;
+      }
+    }
+    long long chunk_total = 0;
+    const long long before = carry + block_exclusive_sum(eq, chunk_total, sh.sc);
+    carry += chunk_total;
+    if (i < ns) {
+      long long take = rem - before;
+      take = take < 0 ? 0 : (take > eq ? eq : take);
+      keep[s0 + i] = (cv.tokens[s0 + i] - c) + lo + less + take;
+    }
+  }
+  if (tid == 0) {
+    if (status) status[p] = 0;
+    if (thr) thr[p] = R > 0 ? key_value(static_cast<uint32_t>(v)) : 0.0f;
+  }
+  PKV_SOLVE_MARK(10);
+  __syncthreads();
+}
+
+// ---- cluster path ---------------------------------------------------------------------------------------------
+// One thread-block cluster per problem whose candidates fit the cluster's shared memory (csize * ckey_cap keys,
+// at most solve_seg_cap segments). CTA r copies the contiguous slice [r*T/cs, (r+1)*T/cs) of the problem's flat
+// candidate array once (cp.async; all CTAs in parallel, so the cold load is spread over cs SMs) and turns it into
+// ordered keys. The slice is a concatenation of sorted runs (one per segment it touches, cut to the eligible
+// ranks [lo, hi)). v is found by a radix selection over the union with 8-bit digits, 4 passes: the count of
+// eligible keys below each of the 255 digit boundaries prefix + d * 2^shift is a binary search per run (no
+// histogram atomics: runs are sorted), the per-CTA counts are pushed to every CTA through distributed shared
+// memory and summed there, and every CTA picks the same digit. Then per run #keys < v and #keys == v go to CTA 0
+// (remote atomics per segment), which hands out the keys == v in segment order (the (e, s, r) tie break) and
+// writes the keep counts.
+
+inline constexpr int solve_cluster_max = 16;
+// Gather buffers of the cluster path's radix passes. 1 (validated default): one buffer, the barrier split around
+// the next pass's searches (arrive after reading, wait before pushing: two barrier completions per pass). 2 (NOT
+// yet run on a device; 16 KB more shared memory per CTA): pass k pushes into buffer k & 1, whose previous readers
+// (pass k - 2) are ordered by pass k - 1's barrier: one barrier per pass. See bench/solve/RESULTS.md.
+#ifndef PREFIXKV_SOLVE_CLUSTER_BUFFERS
+#define PREFIXKV_SOLVE_CLUSTER_BUFFERS 1
+#endif
+inline constexpr int solve_cluster_buffers = PREFIXKV_SOLVE_CLUSTER_BUFFERS;
+static_assert(solve_cluster_buffers == 1 || solve_cluster_buffers == 2, "PREFIXKV_SOLVE_CLUSTER_BUFFERS: 1 or 2");
+
+// 4-byte asynchronous copy global -> shared (no registers held while the load is in flight).
+__device__ inline void cp_async4(void* smem, const void* gmem) {
+  const unsigned sa = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(sa), "l"(gmem) : "memory");
+}
+
+struct solve_cluster_shared {
+  alignas(16) uint32_t gather[solve_cluster_buffers][solve_cluster_max][256];  // [buffer][rank][d]: #keys < boundary d in CTA rank, pushed by that CTA
+  uint32_t cnt[257];            // cluster totals of the current pass (at most csize * key_cap)
+  int16_t rseg[solve_seg_cap];  // run -> local segment
+  int32_t acc[solve_seg_cap];   // (CTA 0) per segment: eligible keys < v
+  int32_t eqa[solve_seg_cap];   // (CTA 0) per segment: eligible keys == v
+  uint32_t prefix;
+  long long c_low, c_high;
+};
+// bytes of dynamic shared memory in front of the keys
+inline constexpr size_t solve_cluster_bytes = (sizeof(solve_cluster_shared) + 15) / 16 * 16;
+
+// #keys < t1 in the sorted run k1[0, n1) and #keys < t2 in k2[0, n2): two binary searches interleaved (their
+// shared-memory latencies overlap).
+__device__ inline void run_lower2(const uint32_t* k1, int n1, uint32_t t1, const uint32_t* k2, int n2, uint32_t t2,
+                                  int& a1, int& a2) {
+  a1 = 0;
+  a2 = 0;
+  while (n1 > 0 || n2 > 0) {
+    const int h1 = n1 >> 1, h2 = n2 >> 1;
+    const bool r1 = n1 > 0 && k1[a1 + h1] < t1;
+    const bool r2 = n2 > 0 && k2[a2 + h2] < t2;
+    a1 = r1 ? a1 + h1 + 1 : a1;
+    n1 = r1 ? n1 - h1 - 1 : h1;
+    a2 = r2 ? a2 + h2 + 1 : a2;
+    n2 = r2 ? n2 - h2 - 1 : h2;
+  }
+}
+
+// barrier.cluster in two halves (every thread of the cluster arrives; wait returns when all have arrived)
+__device__ inline void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory"); }
+__device__ inline void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
+
+// Does problem p go to the cluster path? Uniform over the cluster (every CTA reads the same values).
+__device__ inline bool solve_cluster_fits(const curve_set& cv, int64_t P, const int64_t* poff, int64_t p, int csize,
+                                          int key_cap, int64_t& s0, int64_t& s1) {
+  const int64_t S = cv.count;
+  s0 = poff ? poff[p] : 0;
+  s1 = poff ? poff[p + 1] : S;
+  if (s0 < 0 || s1 < s0 || s1 > S || s1 - s0 > solve_seg_cap) return false;
+  if (s1 == s0) return true;
+  const int64_t T = cv.offsets[s1] - cv.offsets[s0];
+  return T >= 0 && T <= static_cast<int64_t>(csize) * key_cap;
+}
+
+template <class Cluster>
+__device__ inline void solve_cluster_problem(const Cluster& cluster, const curve_set& cv, int64_t p, int64_t s0,
+                                             int64_t s1, const solve_budget& bud, const keep_bounds& bnd,
+                                             int64_t* keep, float* thr, int32_t* status, const solve_smem_view& sm,
+                                             solve_shared& sh, solve_select_state& sst, solve_cluster_shared& cs) {
+  // partial counts per digit and thread group (the radix-select state is free here: 4 x 256 words)
+  constexpr int nparts = solve_threads / 256;
+  static_assert(nparts <= 4, "solve_select_state holds 4 x 256 partial counts");
+  uint32_t(*part)[256] = &sst.hist[0][0];
+  const int tid = threadIdx.x;
+  const int rank = static_cast<int>(cluster.block_rank()), csize = static_cast<int>(cluster.num_blocks());
+  const int64_t ns = s1 - s0;
+  PKV_SOLVE_MARK(0);
+  const int64_t base = ns > 0 ? cv.offsets[s0] : 0;
+  const int64_t T = ns > 0 ? cv.offsets[s1] - base : 0;
+  const int64_t a = base + (rank * T) / csize, b = base + ((rank + 1) * T) / csize;
+  const int n_mine = static_cast<int>(b - a);
+  // The whole slice goes straight to shared memory with asynchronous copies, issued before the metadata
+  // reduction so that the cold loads overlap it (flat index j holds the entry value cum[j - 1]; segment starts
+  // are fixed up below). In bounds whenever the curve offsets are valid (the precondition).
+  for (int x = tid; x < n_mine; x += solve_threads) {
+    if (a + x > 0)
+      cp_async4(sm.keys + x, cv.cumulative + a + x - 1);
+    else
+      sm.keys[x] = 0u;  // the bits of 0.0f
+  }
+  asm volatile("cp.async.commit_group;" ::: "memory");
+  // metadata and validation (every CTA redundantly: no cluster exchange needed)
+  long long red[6] = {0, 0, 0, 0, 0, 0};  // tokens, candidates, sum lo, sum hi, bad shape, bad bounds
+  for (int64_t i = tid; i < ns; i += solve_threads) {
+    const int64_t s = s0 + i;
+    const int64_t o = cv.offsets[s], c = cv.offsets[s + 1] - o, n = cv.tokens[s];
+    int64_t lo = 0, hi = 0;
+    if (n < 0 || c != candidate_count(n, cv.protect)) red[4] = 1;
+    if (!segment_bounds(bnd, s, c, lo, hi)) red[5] = 1;
+    red[0] += n;
+    red[1] += c;
+    red[2] += lo;
+    red[3] += hi;
+    sm.off[i] = o;
+    sm.cnt[i] = static_cast<int32_t>(c);
+    sm.lo[i] = static_cast<int32_t>(lo);
+    sm.hi[i] = static_cast<int32_t>(hi);
+    if (rank == 0) cs.acc[i] = cs.eqa[i] = 0;
+  }
+  block_sums(red, sh);
+  PKV_SOLVE_MARK(1);
+  problem_totals t;
+  t.tokens = red[0];
+  t.candidates = red[1];
+  t.lo = red[2];
+  t.hi = red[3];
+  int64_t B = 0;
+  const reason why = red[4] ? reason::shape_mismatch : (red[5] ? reason::infeasible_bounds : problem_budget(bud, p, t, B));
+  if (why != reason::none || B == t.lo) {
+    // rejected: keep every token; nothing to pick: keep lo. No cluster exchange (CTA 0's acc is untouched).
+    for (int64_t i = tid + static_cast<int64_t>(rank) * solve_threads; i < ns;
+         i += static_cast<int64_t>(solve_threads) * csize)
+      keep[s0 + i] = why != reason::none ? cv.tokens[s0 + i] : cv.tokens[s0 + i] - sm.cnt[i] + sm.lo[i];
+    if (rank == 0 && tid == 0) {
+      if (status) status[p] = static_cast<int32_t>(why);
+      if (thr) thr[p] = 0.0f;
+    }
+    asm volatile("cp.async.wait_all;" ::: "memory");
+    __syncthreads();
+    return;
+  }
+  const long long R = B - t.lo;  // >= 1
+  // entry values -> ordered keys, in place (each thread converts the words its own copies wrote)
+  asm volatile("cp.async.wait_all;" ::: "memory");
+  for (int x = tid; x < n_mine; x += solve_threads) sm.keys[x] = order_key(__uint_as_float(sm.keys[x]));
+  __syncthreads();
+  // segment starts (entry value 0) and this CTA's runs: eligible ranks of segment i within [a, b)
+  long long carry = 0;
+  for (int64_t c0 = 0; c0 < ns; c0 += solve_threads) {
+    const int64_t i = c0 + tid;
+    int64_t ra = 0, rb = 0;
+    if (i < ns) {
+      const int64_t o = sm.off[i];
+      if (sm.cnt[i] > 0 && o >= a && o < b) sm.keys[o - a] = order_key(0.0f);
+      ra = o + sm.lo[i];
+      rb = o + sm.hi[i];
+      ra = ra < a ? a : ra;
+      rb = rb > b ? b : rb;
+    }
+    const bool run = rb > ra;
+    long long tot = 0;
+    const long long k = carry + block_exclusive_sum(run ? 1 : 0, tot, sh.sc);
+    if (run) {
+      sm.wa[k] = static_cast<int32_t>(ra - a);
+      sm.wb[k] = static_cast<int32_t>(rb - ra);
+      cs.rseg[k] = static_cast<int16_t>(i);
+    }
+    carry += tot;
+  }
+  const int nruns = static_cast<int>(carry);
+  __syncthreads();  // keys fixed up, runs visible
+  PKV_SOLVE_MARK(2);
+  // radix selection over the cluster's keys: C(d) = #eligible keys < prefix + d * 2^shift
+  uint32_t prefix = 0;
+  long long c_low = 0, c_high = t.hi - t.lo;  // C(0), C(256)
+  const int d = tid & 255, half = tid >> 8;
+  // Every CTA pushes its 255 counts into slot [rank] of every CTA's gather array (remote stores do not stall),
+  // then one cluster barrier, then each CTA sums its local gather array. The barrier is split around the next
+  // pass's searches: a CTA's reads of gather (arrive) precede the next pushes into it (wait).
+#pragma unroll 1
+  for (int pass = 0; pass < 4; ++pass) {
+    const int shift = 24 - 8 * pass, buf = solve_cluster_buffers == 2 ? (pass & 1) : 0;
+    uint32_t n = 0;
+    if (d > 0) {
+      const uint32_t bound = prefix + (static_cast<uint32_t>(d) << shift);
+      for (int k = half; k < nruns; k += 2 * nparts) {
+        const int k2 = k + nparts;
+        int x1, x2;
+        run_lower2(sm.keys + sm.wa[k], sm.wb[k], bound, sm.keys + (k2 < nruns ? sm.wa[k2] : 0),
+                   k2 < nruns ? sm.wb[k2] : 0, bound, x1, x2);
+        n += x1 + x2;
+      }
+    }
+    part[half][d] = n;
+    __syncthreads();
+    {
+      // 16-byte pushes: thread t sends digits 4q..4q+3 (q = t % 64) to ranks t / 64, t / 64 + 8, ...
+      const int q = tid & 63;
+      uint4 sum = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+      for (int h = 0; h < nparts; ++h) {
+        const uint4 x = reinterpret_cast<const uint4*>(part[h])[q];
+        sum.x += x.x;
+        sum.y += x.y;
+        sum.z += x.z;
+        sum.w += x.w;
+      }
+      if (solve_cluster_buffers == 1 && pass > 0) cluster_wait();  // every CTA has read the previous pass's gather
+      for (int r = tid >> 6; r < csize; r += solve_threads / 64)
+        *reinterpret_cast<uint4*>(cluster.map_shared_rank(&cs.gather[buf][rank][4 * q], r)) = sum;
+    }
+    cluster.sync();  // every CTA's counts visible
+    if (tid < 256 && tid > 0) {
+      uint32_t sum = 0;
+#pragma unroll
+      for (int r = 0; r < solve_cluster_max; ++r)
+        if (r < csize) sum += cs.gather[buf][r][tid];
+      cs.cnt[tid] = sum;
+    }
+    if (tid == 0) {
+      cs.cnt[0] = static_cast<uint32_t>(c_low);
+      cs.cnt[256] = static_cast<uint32_t>(c_high);
+    }
+    __syncthreads();
+    if (tid < 256) {
+      const long long lo_c = cs.cnt[tid], hi_c = cs.cnt[tid + 1];  // (uint32: at most csize * key_cap keys)
+      if (lo_c < R && R <= hi_c) {
+        cs.prefix = prefix + (static_cast<uint32_t>(tid) << shift);
+        cs.c_low = lo_c;
+        cs.c_high = hi_c;
+      }
+    }
+    __syncthreads();
+    prefix = cs.prefix;
+    c_low = cs.c_low;
+    c_high = cs.c_high;
+    if (solve_cluster_buffers == 1 && pass < 3) cluster_arrive();  // this CTA's reads of gather are done
+    PKV_SOLVE_MARK(3 + pass);
+  }
+  const uint32_t v = prefix;  // count(< v) = c_low < R <= count(<= v)
+  // per run: #keys < v and == v (at most two runs per thread: nruns <= solve_seg_cap = 2 * solve_threads), summed
+  // per segment in CTA 0's shared memory (remote atomics, no return value: they do not stall)
+  static_assert(solve_seg_cap <= 2 * solve_threads, "two runs per thread at most");
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int k = tid + h * solve_threads;
+    if (k < nruns) {
+      const uint32_t* kk = sm.keys + sm.wa[k];
+      int less = 0, le = 0;
+      run_lower2(kk, sm.wb[k], v, kk, v == 0xFFFFFFFFu ? 0 : sm.wb[k], v + 1, less, le);
+      const int eq = (v == 0xFFFFFFFFu ? sm.wb[k] : le) - less;
+      const int i = cs.rseg[k];
+      if (less != 0) atomicAdd(cluster.map_shared_rank(&cs.acc[i], 0), less);
+      if (eq != 0) atomicAdd(cluster.map_shared_rank(&cs.eqa[i], 0), eq);
+    }
+  }
+  cluster.sync();  // per-segment sums complete in CTA 0; after this barrier no CTA touches another's memory
+  PKV_SOLVE_MARK(7);
+  if (rank == 0) {
+    // CTA 0: keys == v handed out in segment order (the (e, s, r) tie break), keep counts
+    const long long rem = R - c_low;
+    long long carry = 0;
+    for (int64_t c0 = 0; c0 < ns; c0 += solve_threads) {
+      const int64_t i = c0 + tid;
+      const long long eq = i < ns ? cs.eqa[i] : 0;
+      long long tot = 0;
+      const long long before = carry + block_exclusive_sum(eq, tot, sh.sc);
+      carry += tot;
+      if (i < ns) {
+        long long take = rem - before;
+        take = take < 0 ? 0 : (take > eq ? eq : take);
+        keep[s0 + i] = cv.tokens[s0 + i] - sm.cnt[i] + sm.lo[i] + cs.acc[i] + take;
+      }
+    }
+    if (tid == 0) {
+      if (status) status[p] = 0;
+      if (thr) thr[p] = key_value(v);
+    }
+  }
+  PKV_SOLVE_MARK(10);
+  __syncthreads();
+}
+
 // Kernels in headers are templates (a dummy parameter) so that several translation units may include them.
 template <int = 0>
 PREFIXKV_KERNEL void __launch_bounds__(solve_threads, 1)
     solve_kernel(curve_set cv, int64_t P, const int64_t* poff, solve_budget bud, keep_bounds bnd, int64_t* keep,
-                 float* thr, int32_t* status, int key_cap, int path) {
+                 float* thr, int32_t* status, int key_cap, int path, int csize, int ckey_cap) {
   extern __shared__ __align__(16) unsigned char solve_dyn_smem[];
   __shared__ solve_shared sh;
   __shared__ solve_select_state sst;
@@ -644,154 +1088,45 @@ PREFIXKV_KERNEL void __launch_bounds__(solve_threads, 1)
   sm.wa = s_wa;
   sm.wb = s_wb;
   sm.goff = s_goff;
+  // dynamic shared memory: the block path's keys (key_cap); in the cluster path the cluster state, then its keys
+  // (ckey_cap). A CTA runs its cluster problems first; no other CTA touches its memory after the last of them.
+  solve_cluster_shared& cs = *reinterpret_cast<solve_cluster_shared*>(solve_dyn_smem);
   sm.keys = reinterpret_cast<uint32_t*>(solve_dyn_smem);
-  const int tid = threadIdx.x;
-  const int64_t S = cv.count;
-
+  solve_smem_view smc = sm;
+  smc.keys = reinterpret_cast<uint32_t*>(solve_dyn_smem + solve_cluster_bytes);
+  if (threadIdx.x < 5) {
+    // warm the translations (and first lines) of the arrays every problem touches, so that the cold misses of
+    // the dependent loads below overlap
+    const int x = threadIdx.x;
+    const void* q = x == 0 ? static_cast<const void*>(poff)
+                    : x == 1 ? static_cast<const void*>(cv.offsets)
+                    : x == 2 ? static_cast<const void*>(cv.tokens)
+                    : x == 3 ? static_cast<const void*>(cv.cumulative)
+                             : static_cast<const void*>(keep);
+    if (q) asm volatile("prefetch.global.L2 [%0];" ::"l"(q));
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (csize > 1) {
+    // cluster launch: every cluster takes the problems that fit it (all its CTAs together), then every CTA takes
+    // the problems that do not fit, one per CTA (so large problems keep one SM each, as without clusters)
+    const auto cluster = cooperative_groups::this_cluster();
+    const int64_t nclusters = gridDim.x / csize, cid = blockIdx.x / csize;
+    for (int64_t p = cid; p < P; p += nclusters) {
+      int64_t s0, s1;
+      if (solve_cluster_fits(cv, P, poff, p, csize, ckey_cap, s0, s1))
+        solve_cluster_problem(cluster, cv, p, s0, s1, bud, bnd, keep, thr, status, smc, sh, sst, cs);
+    }
+  }
+#else
+  // built for an architecture without clusters: every problem takes the block path, whatever the launch
+  csize = 1;
+  (void)smc;
+  (void)cs;
+#endif
   for (int64_t p = blockIdx.x; p < P; p += gridDim.x) {
-    const int64_t s0 = poff ? poff[p] : 0, s1 = poff ? poff[p + 1] : S;
-    if (s0 < 0 || s1 < s0 || s1 > S) {
-      if (tid == 0) {
-        if (status) status[p] = static_cast<int32_t>(reason::out_of_range);
-        if (thr) thr[p] = 0.0f;
-      }
-      continue;
-    }
-    const int64_t ns = s1 - s0;
-    const bool cached = ns <= solve_seg_cap;
-
-    PKV_SOLVE_MARK(0);
-    // 1. totals and validity (one block reduction)
-    long long red[6] = {0, 0, 0, 0, 0, 0};  // tokens, candidates, sum lo, sum hi, bad shape, bad bounds
-    for (int64_t i = tid; i < ns; i += solve_threads) {
-      const int64_t s = s0 + i;
-      const int64_t o = cv.offsets[s], c = cv.offsets[s + 1] - o, n = cv.tokens[s];
-      int64_t lo = 0, hi = 0;
-      if (n < 0 || c != candidate_count(n, cv.protect)) red[4] = 1;
-      if (!segment_bounds(bnd, s, c, lo, hi)) red[5] = 1;
-      red[0] += n;
-      red[1] += c;
-      red[2] += lo;
-      red[3] += hi;
-      if (cached) {
-        sm.off[i] = o;
-        sm.cnt[i] = static_cast<int32_t>(c);
-        sm.lo[i] = static_cast<int32_t>(lo);
-        sm.hi[i] = static_cast<int32_t>(hi);
-      }
-    }
-    block_sums(red, sh);
-    PKV_SOLVE_MARK(1);
-    problem_totals t;
-    t.tokens = red[0];
-    t.candidates = red[1];
-    t.lo = red[2];
-    t.hi = red[3];
-    const long long shape_err = red[4], bounds_err = red[5];
-    int64_t B = 0;
-    reason why = shape_err ? reason::shape_mismatch
-                           : (bounds_err ? reason::infeasible_bounds : problem_budget(bud, p, t, B));
-    if (why != reason::none) {
-      // Safe fallback: a rejected problem keeps every token.
-      for (int64_t i = tid; i < ns; i += solve_threads) keep[s0 + i] = cv.tokens[s0 + i];
-      if (tid == 0) {
-        if (status) status[p] = static_cast<int32_t>(why);
-        if (thr) thr[p] = 0.0f;
-      }
-      __syncthreads();
-      continue;
-    }
-    const int64_t R = B - t.lo;
-    int64_t v = -1;
-    bool gathered = false;
-    if (R > 0 && path == 1 && ns <= solve_threads && ns * solve_sel_min_m <= key_cap) {
-      gathered = sample_select(cv, ns, R, key_cap, sm, sh, sst, v);
-    }
-    long long H0 = 0;  // largest eligible key (the general and legacy paths search [0, H0])
-    if (R > 0 && !gathered) {
-      long long maxkey = 0;
-      for (int64_t i = tid; i < ns; i += solve_threads) {
-        const seg_info g = load_seg(cv, bnd, s0, i, cached, sm);
-        if (g.hi > g.lo) {
-          const long long k = order_key(entry_value(cv.cumulative + g.off, g.hi - 1));
-          maxkey = k > maxkey ? k : maxkey;
-        }
-      }
-      H0 = block_max(maxkey, sh.sc);
-    }
-    if (R > 0 && !gathered && path == 2 && ns <= solve_threads) {
-      gathered = narrow_and_gather(cv, ns, R, H0, key_cap, sm, sh, v);
-    }
-    const int m = static_cast<int>(ns > 0 && ns <= key_cap ? key_cap / ns : 0);
-    if (R > 0 && !gathered) {
-      // 2. samples
-      for (int64_t idx = tid; idx < ns * m; idx += solve_threads) {
-        const int64_t i = idx / m, q = idx % m;
-        const seg_info g = load_seg(cv, bnd, s0, i, cached, sm);
-        const int64_t b = ((q + 1) * g.c) / (m + 1);
-        sm.keys[idx] = g.c > 0 ? order_key(entry_value(cv.cumulative + g.off, b)) : 0xFFFFFFFFu;
-      }
-      __syncthreads();
-      // 3. 256-way search: count(L) < R <= count(H)
-      long long L = -1, H = H0;
-      const int probe = tid % solve_probes, part = tid / solve_probes;
-      while (H - L > 1) {
-        const long long W = H - L;
-        const long long tp = L + ((probe + 1) * W + solve_probes - 1) / solve_probes;
-        long long acc = 0;
-        for (int64_t first = part; first < ns; first += int64_t(solve_parts) * solve_batch)
-          acc += count_le_batch(cv, bnd, s0, ns, first, solve_parts, tp, cached, m, sm);
-        sh.part[part][probe] = acc;
-        narrow_to_probe(sh, 0, R, tp, L, H);
-      }
-      v = H;
-    }
-    // eligible ranks of local segment i with key <= t (t in [v - 1, v])
-    auto seg_le = [&](int64_t i, long long t) -> long long {
-      if (gathered) {
-        const int32_t a = sm.wa[i], w = sm.wb[i] - a;
-        return (a - sm.lo[i]) + window_le(sm.keys + sm.goff[i], w, t);
-      }
-      return count_le_batch(cv, bnd, s0, ns, i, ns, t, cached, m, sm);
-    };
-    // 4. per-segment keep counts, ties handed out in segment order
-    long long rem_less = 0;
-    {
-      long long less_local = 0;
-      for (int64_t i = tid; i < ns; i += solve_threads)
-        if (R > 0) less_local += seg_le(i, v - 1);
-      rem_less = block_sum(less_local, sh.sc);
-    }
-    const long long rem = R - rem_less;  // picks among keys == v
-    long long carry = 0;
-    for (int64_t c0 = 0; c0 < ns; c0 += solve_threads) {
-      const int64_t i = c0 + tid;
-      long long less = 0, eq = 0;
-      int64_t lo = 0, c = 0;
-      if (i < ns) {
-        const seg_info g = load_seg(cv, bnd, s0, i, cached, sm);
-        lo = g.lo;
-        c = g.c;
-        if (R > 0) {
-          less = seg_le(i, v - 1);
-          eq = seg_le(i, v) - less;
-        }
-      }
-      long long chunk_total = 0;
-      const long long before = carry + block_exclusive_sum(eq, chunk_total, sh.sc);
-      carry += chunk_total;
-      if (i < ns) {
-        long long take = rem - before;
-        take = take < 0 ? 0 : (take > eq ? eq : take);
-        keep[s0 + i] = (cv.tokens[s0 + i] - c) + lo + less + take;
-      }
-    }
-    if (tid == 0) {
-      if (status) status[p] = 0;
-      if (thr) thr[p] = R > 0 ? key_value(static_cast<uint32_t>(v)) : 0.0f;
-    }
-    PKV_SOLVE_MARK(10);
-    __syncthreads();
+    int64_t s0, s1;
+    if (csize > 1 && solve_cluster_fits(cv, P, poff, p, csize, ckey_cap, s0, s1)) continue;
+    solve_block_problem(cv, p, poff, bud, bnd, keep, thr, status, key_cap, path == 3 ? 1 : path, sm, sh, sst);
   }
 }
 
@@ -799,29 +1134,100 @@ PREFIXKV_KERNEL void __launch_bounds__(solve_threads, 1)
 
 namespace detail {
 
-// Shared-memory keys per block: what the device's opt-in limit leaves after the static and metadata parts.
-inline int solve_key_cap() noexcept {
-  int dev = 0, optin = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
-    optin = 96 * 1024;
+// Per-device launch facts, computed on the first call on that device (the attributes are set once): the
+// shared-memory key budget per block and the largest usable cluster sizes. Keeping these host queries out of the
+// per-call path matters: the solve is a ~10-40 us launch and every host call before it is on the timed path.
+struct solve_device_facts {
+  int key_cap = 0;
+  int active[5] = {0, 0, 0, 0, 0};  // co-resident clusters of 1 (unused), 2, 4, 8, 16 CTAs
+};
+
+inline cudaError_t solve_facts(solve_device_facts& out) noexcept {
+  constexpr int max_dev = 64;
+  static std::atomic<int> ready[max_dev] = {};
+  static solve_device_facts facts[max_dev];
+  int dev = 0;
+  PREFIXKV_TRY(check_runtime(cudaGetDevice(&dev), "solve: cudaGetDevice failed"));
+  if (dev >= 0 && dev < max_dev && ready[dev].load(std::memory_order_acquire) == 2) {
+    out = facts[dev];
+    return cudaSuccess;
+  }
+  solve_device_facts f;
+  int optin = 0;
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) optin = 96 * 1024;
   cudaFuncAttributes fa{};
-  if (cudaFuncGetAttributes(&fa, solve_kernel<>) != cudaSuccess) fa.sharedSizeBytes = 16 * 1024 + solve_meta_bytes;
+  if (cudaFuncGetAttributes(&fa, solve_kernel<>) != cudaSuccess) fa.sharedSizeBytes = 24 * 1024 + solve_meta_bytes;
   const long long avail = static_cast<long long>(optin) - static_cast<long long>(fa.sharedSizeBytes) - 1024;
   long long keys = avail / 4 / 32 * 32;
   if (keys > solve_max_keys) keys = solve_max_keys;
   if (keys < solve_min_keys) keys = solve_min_keys;
-  return static_cast<int>(keys);
+  f.key_cap = static_cast<int>(keys);
+  const size_t smem = static_cast<size_t>(f.key_cap) * sizeof(uint32_t);
+  PREFIXKV_TRY(check_runtime(
+      cudaFuncSetAttribute(solve_kernel<>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+      "solve: cudaFuncSetAttribute failed"));
+  int cc_major = 0;
+  (void)cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (cc_major >= 9) {
+    // cluster sizes above 8 are "non-portable"; without the attribute (or where unsupported) they are skipped
+    const bool big = cudaFuncSetAttribute(solve_kernel<>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) ==
+                     cudaSuccess;
+    for (int lg = 1; lg <= 4; ++lg) {
+      const int c = 1 << lg;
+      if (c > 8 && !big) break;
+      cudaLaunchConfig_t cfg = {};
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeClusterDimension;
+      attr[0].val.clusterDim.x = static_cast<unsigned>(c);
+      attr[0].val.clusterDim.y = 1;
+      attr[0].val.clusterDim.z = 1;
+      cfg.gridDim = dim3(static_cast<unsigned>(c));
+      cfg.blockDim = dim3(solve_threads);
+      cfg.dynamicSmemBytes = smem;
+      cfg.attrs = attr;
+      cfg.numAttrs = 1;
+      int n = 0;
+      if (cudaOccupancyMaxActiveClusters(&n, solve_kernel<>, &cfg) != cudaSuccess) n = 0;
+      f.active[lg] = n;
+    }
+    (void)cudaGetLastError();  // a refused query leaves no sticky error behind
+  }
+  int idle = 0;  // 0 = not cached, 1 = being stored by one thread, 2 = cached (others just use their own copy)
+  if (dev >= 0 && dev < max_dev && ready[dev].compare_exchange_strong(idle, 1, std::memory_order_acq_rel)) {
+    facts[dev] = f;
+    ready[dev].store(2, std::memory_order_release);
+  }
+  out = f;
+  return cudaSuccess;
 }
 
-// `path`: 1 = sample-select fast path (default), 2 = the earlier shared-memory narrowing path, 0 = general path
-// only (tests cover every path on the same inputs; the answers are identical). Problems a fast path cannot take
-// (more than solve_seg_cap segments, windows that stop shrinking) fall back to the general path.
+// Cluster size for P problems: the largest one (16, 8, 4, 2) with which every problem gets its own co-resident
+// cluster; with more problems than that, 4 (or the largest usable); 1 = no cluster launch.
+inline int solve_cluster_size(const solve_device_facts& f, int64_t P) noexcept {
+  for (int lg = 4; lg >= 1; --lg)
+    if (f.active[lg] > 0 && P <= f.active[lg]) return 1 << lg;
+  for (int lg = 2; lg >= 1; --lg)
+    if (f.active[lg] > 0) return 1 << lg;
+  return 1;
+}
+
+// Shared-memory keys per block (tests, benches).
+inline int solve_key_cap() noexcept {
+  solve_device_facts f;
+  return solve_facts(f) == cudaSuccess ? f.key_cap : solve_min_keys;
+}
+
+// `path`: 3 = cluster path for the problems that fit a cluster, sample-select for the others (default), 1 =
+// sample-select fast path (no clusters), 2 = the earlier shared-memory narrowing path, 0 = general path only
+// (tests cover every path on the same inputs; the answers are identical). Problems a fast path cannot take (more
+// than solve_seg_cap segments, windows that stop shrinking) fall back to the general path. `key_cap_limit`
+// (tests) shrinks the shared-memory key budget per block; `cluster` (tests, benches; path 3) forces a cluster size
+// (2, 4, 8 or 16; 0 = chosen from the device and P).
 [[nodiscard]] inline cudaError_t solve_impl(void* d_temp, size_t& temp_bytes, const curve_set& curves,
                                             int64_t num_problems, const int64_t* problem_offsets,
                                             const solve_budget& budget, const keep_bounds& bounds, int64_t* keep,
                                             float* threshold, int32_t* status, cudaStream_t stream,
-                                            int path, int key_cap_limit = 0) noexcept {
+                                            int path, int key_cap_limit = 0, int cluster = 0) noexcept {
   PREFIXKV_TRY(validate(curves.protect));
   if (curves.count < 0 || num_problems < 0) return fail(reason::negative_extent, "solve: negative segment or problem count");
   if (problem_offsets == nullptr && num_problems != 1)
@@ -843,15 +1249,44 @@ inline int solve_key_cap() noexcept {
   }
   PREFIXKV_TRY(ws.map(d_temp, temp_bytes));
   if (num_problems == 0) return cudaSuccess;
-  int key_cap = solve_key_cap();
+  solve_device_facts f;
+  PREFIXKV_TRY(solve_facts(f));
+  int key_cap = f.key_cap;
   if (key_cap_limit >= solve_min_keys && key_cap_limit < key_cap) key_cap = key_cap_limit / 32 * 32;  // tests
-  const size_t smem = static_cast<size_t>(key_cap) * sizeof(uint32_t);
-  PREFIXKV_TRY(check_runtime(
-      cudaFuncSetAttribute(solve_kernel<>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-      "solve: cudaFuncSetAttribute failed"));
-  const int64_t grid = num_problems < 65535 * 16 ? num_problems : 65535 * 16;
-  solve_kernel<><<<static_cast<unsigned>(grid), solve_threads, smem, stream>>>(
-      curves, num_problems, problem_offsets, budget, bounds, keep, threshold, status, key_cap, path);
+  const size_t smem = static_cast<size_t>(f.key_cap) * sizeof(uint32_t);
+  // cluster path: keys per CTA after the cluster state (same dynamic shared memory), limited like key_cap
+  int ckey_cap = f.key_cap - static_cast<int>(solve_cluster_bytes / sizeof(uint32_t));
+  if (key_cap_limit >= solve_min_keys && key_cap_limit < ckey_cap) ckey_cap = key_cap_limit / 32 * 32;  // tests
+  int csize = 1;
+  if (path == 3 && ckey_cap >= solve_min_keys) {
+    csize = solve_cluster_size(f, num_problems);
+    if (cluster > 1) {
+      int lg = 1;
+      while ((2 << lg) <= cluster && lg < 4) ++lg;
+      csize = f.active[lg] > 0 ? (1 << lg) : csize;
+    }
+  }
+  const int64_t max_grid = 65535 * 16;
+  int64_t grid = num_problems < max_grid ? num_problems : max_grid;
+  if (csize > 1) {
+    const int64_t clusters = num_problems < max_grid / csize ? num_problems : max_grid / csize;
+    grid = clusters * csize;
+  }
+  cudaLaunchConfig_t cfg = {};
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(csize);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.gridDim = dim3(static_cast<unsigned>(grid));
+  cfg.blockDim = dim3(solve_threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = csize > 1 ? 1 : 0;
+  const cudaError_t e = cudaLaunchKernelEx(&cfg, solve_kernel<>, curves, num_problems, problem_offsets, budget,
+                                           bounds, keep, threshold, status, key_cap, path, csize, ckey_cap);
+  if (e != cudaSuccess) return fail(reason::cuda_runtime, "kernel launch failed", e);
   return check_launch(stream);
 }
 
@@ -870,8 +1305,10 @@ inline int solve_key_cap() noexcept {
 //!   every token (keep[s] = n_s) and has threshold 0; with bad problem offsets its segments are not written.
 //! * Array pointers must be valid whenever `curves.count > 0`, also when no segment has a candidate (pass a
 //!   one-element buffer rather than null): the host cannot see the device offsets to tell.
-//! Host-checkable arguments are validated before anything is enqueued. The solve is one kernel launch, no
-//! temporary storage is used (the size query returns the minimal 256 bytes), no host synchronisation.
+//! Host-checkable arguments are validated before anything is enqueued. The solve is one kernel launch
+//! (`cudaLaunchKernelEx`, with a cluster dimension on devices that support it; graph-capturable), no temporary
+//! storage is used (the size query returns the minimal 256 bytes), no host synchronisation. Device facts (shared
+//! memory budget, usable cluster sizes) are queried once per device and cached.
 [[nodiscard]] inline cudaError_t solve(void* d_temp, size_t& temp_bytes, const curve_set& curves,
                                        int64_t num_problems, const int64_t* problem_offsets,
                                        const solve_budget& budget, const keep_bounds& bounds, int64_t* keep,
