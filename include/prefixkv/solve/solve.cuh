@@ -845,6 +845,7 @@ __device__ inline void run_lower2(const uint32_t* k1, int n1, uint32_t t1, const
 
 // barrier.cluster in two halves (every thread of the cluster arrives; wait returns when all have arrived)
 __device__ inline void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory"); }
+__device__ inline void cluster_arrive_relaxed() { asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory"); }
 __device__ inline void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
 
 // Does problem p go to the cluster path? Uniform over the cluster (every CTA reads the same values).
@@ -927,6 +928,11 @@ __device__ inline void solve_cluster_problem(const Cluster& cluster, const curve
     return;
   }
   const long long R = B - t.lo;  // >= 1
+  // Every CTA of the cluster must be running before anyone writes into its shared memory: arrive here (relaxed,
+  // no ordering needed), wait just before the first push below, so the barrier overlaps the key preparation.
+  // (compute-sanitizer racecheck flagged the first pushes as writes into "a block that might not have entered
+  // yet" before this barrier existed.)
+  cluster_arrive_relaxed();
   // entry values -> ordered keys, in place (each thread converts the words its own copies wrote)
   asm volatile("cp.async.wait_all;" ::: "memory");
   for (int x = tid; x < n_mine; x += solve_threads) sm.keys[x] = order_key(__uint_as_float(sm.keys[x]));
@@ -992,7 +998,9 @@ __device__ inline void solve_cluster_problem(const Cluster& cluster, const curve
         sum.z += x.z;
         sum.w += x.w;
       }
-      if (solve_cluster_buffers == 1 && pass > 0) cluster_wait();  // every CTA has read the previous pass's gather
+      // pass 0: every CTA has started (the arrive above); later passes with one buffer: every CTA has read the
+      // previous pass's gather (the arrive at the end of that pass)
+      if (pass == 0 || solve_cluster_buffers == 1) cluster_wait();
       for (int r = tid >> 6; r < csize; r += solve_threads / 64)
         *reinterpret_cast<uint4*>(cluster.map_shared_rank(&cs.gather[buf][rank][4 * q], r)) = sum;
     }
