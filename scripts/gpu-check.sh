@@ -3,6 +3,8 @@
 # then every GPU test binary under compute-sanitizer memcheck and racecheck. Prints one summary line per tool
 # and exits non-zero on any failure. Logs go to $LOG_DIR (default build-gpu/logs).
 #   BUILD_DIR=build-gpu  LOG_DIR=...  BENCH=ON|OFF  TOOLS="memcheck racecheck"  SAN_TIMEOUT=900 (s per binary)
+#   RACECHECK_SOLVE_VARIANTS=0,1,4: solver variants under racecheck (cluster path as chosen, cluster path forced to
+#   2 CTAs next to the block path, sample-select); racecheck is slowest on the cluster kernel. Empty = all.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [ -f .device/env.sh ] && source .device/env.sh
@@ -29,7 +31,9 @@ command -v compute-sanitizer >/dev/null || { echo "compute-sanitizer: not found"
 # slower than the plain suite.
 # All (tool, binary) sanitizer runs go in parallel (each is mostly waiting on instrumented kernels).
 run_one() {  # tool binary -> writes $logs/$tool-$binary.log and .rc
-  PREFIXKV_TEST_QUICK=1 timeout "${SAN_TIMEOUT:-900}" \
+  local variants=""
+  [ "$1" = racecheck ] && variants=${RACECHECK_SOLVE_VARIANTS-0,1,4}
+  PREFIXKV_TEST_QUICK=1 PREFIXKV_SOLVE_VARIANTS=$variants timeout "${SAN_TIMEOUT:-900}" \
     compute-sanitizer --tool "$1" --error-exitcode 99 --print-limit 50 "$build/bin/$2" >"$logs/$1-$2.log" 2>&1
   echo $? >"$logs/$1-$2.rc"
 }
