@@ -64,11 +64,12 @@ TEST_CASE("window scorer bf16: caller LSE == in-kernel softmax; long rows over m
   }
 }
 
-TEST_CASE("window scorer bf16: mma accumulate kernel shapes (Llama group, 1-stage and chunked groups, splits)") {
-  // D 64/128 with 16-byte K rows take the mma.sync kernel in the accumulate pass; these shapes reach its plan
-  // variants: whole group with 2 K stages (G 4, w 64), whole group with 1 stage (G 8, w 64, D 128), head chunks
-  // merged with atomics (G 8, w 128, D 128), many key splits with ragged rows whose causal tail straddles a split.
-  auto rng = make_rng(105);
+// D 64/128 with 16-byte K rows take a tensor-core accumulate kernel (wgmma in PREFIXKV_SM90A builds on a
+// compute capability 9.0 device, else mma.sync); these shapes reach its plan variants: whole group with several K
+// stages (G 4, w 64), whole group with fewer stages (G 8, w 64, D 128), head chunks merged with atomics (G 8,
+// w 128, D 128), padded query steps (w 33, w 100), many key splits with ragged rows whose causal tail straddles
+// a split.
+static void run_accumulate_shapes(std::mt19937_64& rng) {
   struct shape {
     int64_t G, D, w;
   };
@@ -91,6 +92,52 @@ TEST_CASE("window scorer bf16: mma accumulate kernel shapes (Llama group, 1-stag
     c.opt.pool_kernel = 3;
     run_window_case<pk::bf16>(rng, c);
     ++rep;
+  }
+}
+
+// Restores the tuning hook whatever happens.
+struct tuning_guard {
+  pk::detail::window_tuning_t saved = pk::detail::window_tuning();
+  ~tuning_guard() { pk::detail::window_tuning() = saved; }
+};
+
+TEST_CASE("window scorer bf16: tensor-core accumulate kernel shapes (default kernel)") {
+  auto rng = make_rng(105);
+  run_accumulate_shapes(rng);
+}
+
+TEST_CASE("window scorer bf16: accumulate kernel selection and the other kernel configurations") {
+  int dev = 0, major = 0, minor = 0;
+  PKV_CUDA_CHECK(cudaGetDevice(&dev));
+  PKV_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  PKV_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+  pk::bf16* none = nullptr;
+  auto q = pk::make_kv_view_bhsd<const pk::bf16>(none, 1, 32, 64, 128);
+  auto k = pk::make_kv_view_bhsd<const pk::bf16>(none, 1, 8, 131072, 128);
+  tuning_guard guard;
+  pk::detail::window_mma_plan pl;
+  REQUIRE(pk::detail::plan_window_accumulate(q, k, pl) == cudaSuccess);
+  CHECK(pl.use);
+#if defined(PREFIXKV_SM90A)
+  const bool wgmma = major == 9 && minor == 0;
+#else
+  const bool wgmma = false;
+#endif
+  CHECK((pl.NJ == 0) == wgmma);  // the Llama-3-8B layer takes wgmma exactly when built for and run on sm_90a
+  MESSAGE("accumulate kernel: ", std::string(pl.NJ == 0 ? "wgmma" : "mma.sync"), ", ", pl.warps, " warps, ", pl.stages,
+          " stages, ", pl.splits, " splits");
+  auto rng = make_rng(106);
+  pk::detail::window_tuning().use_wgmma = 0;  // the mma.sync kernel
+  REQUIRE(pk::detail::plan_window_accumulate(q, k, pl) == cudaSuccess);
+  CHECK((pl.use && pl.NJ != 0));
+  run_accumulate_shapes(rng);
+  if (wgmma) {
+    pk::detail::window_tuning().use_wgmma = 1;
+    pk::detail::window_tuning().wgmma_groups = 2;  // two warpgroups per CTA (default 3)
+    run_accumulate_shapes(rng);
+    pk::detail::window_tuning().wgmma_groups = 0;
+    pk::detail::window_tuning().wgmma_max_stages = 1;  // one K stage per warp
+    run_accumulate_shapes(rng);
   }
 }
 

@@ -547,6 +547,7 @@ PREFIXKV_KERNEL void __launch_bounds__(win_warps * 32, 2) window_kernel(window_p
 PREFIXKV_NAMESPACE_END
 
 #include "detail/window_mma.cuh"
+#include "detail/window_wgmma.cuh"
 
 PREFIXKV_NAMESPACE_BEGIN
 namespace detail {
@@ -781,6 +782,157 @@ inline cudaError_t launch_window_mma(const window_params<T>& p, const window_mma
   return check_launch(stream);
 }
 
+//! Test/bench tuning hook (process-wide, not thread-safe; leave at the defaults in production):
+//! `use_wgmma == 0` forces the mma.sync kernel even in a PREFIXKV_SM90A build; `wgmma_groups` (2; default 3) and
+//! `wgmma_max_stages` (1-3) override the wgmma kernel configuration; 0 = default.
+struct window_tuning_t {
+  int use_wgmma = 1, wgmma_groups = 0, wgmma_max_stages = 0;
+};
+inline window_tuning_t& window_tuning() {
+  static window_tuning_t t;
+  return t;
+}
+
+//! Default configuration of the wgmma kernel: warpgroups per CTA and most K stages per warp. H100, 128K Llama
+//! layer: 3 warpgroups 0.220 ms, 2 warpgroups 0.266 ms (3 stages), 2 warpgroups 2 stages 0.268 ms.
+inline constexpr int window_wgmma_groups = 3, window_wgmma_max_stages = 3;
+
+#if defined(PREFIXKV_SM90A)
+template <class T, int NK, int WGS>
+inline cudaError_t configure_window_wgmma(int& optin) {
+  static unsigned long long configured = 0;
+  int dev = 0;
+  PREFIXKV_TRY(check_runtime(cudaGetDevice(&dev), "window scorer: no current device"));
+  PREFIXKV_TRY(check_runtime(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+                             "window scorer: cannot query shared memory"));
+  const unsigned long long bit = dev < 64 ? (1ull << dev) : 0ull;
+  if (!(configured & bit)) {
+    PREFIXKV_TRY(check_runtime(cudaFuncSetAttribute(window_wgmma_kernel<T, NK, WGS>,
+                                                    cudaFuncAttributeMaxDynamicSharedMemorySize, optin),
+                               "window scorer: cannot reserve shared memory"));
+    configured |= bit;
+  }
+  return cudaSuccess;
+}
+
+//! Plan of the wgmma kernel, stored in a window_mma_plan (NJ = 0 marks wgmma, `warps` = 4 x warpgroups).
+template <class T, int NK, int WGS>
+inline cudaError_t plan_window_wgmma_nk(const kv_view<const T>& q, const kv_view<const T>& k, window_mma_plan& pl) {
+  int dev = 0, major = 0, minor = 0;
+  PREFIXKV_TRY(check_runtime(cudaGetDevice(&dev), "window scorer: no current device"));
+  PREFIXKV_TRY(check_runtime(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev),
+                             "window scorer: cannot query the device"));
+  PREFIXKV_TRY(check_runtime(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev),
+                             "window scorer: cannot query the device"));
+  if (major != 9 || minor != 0) return cudaSuccess;  // sm_90a code runs on compute capability 9.0 only
+  int optin = 0;
+  PREFIXKV_TRY((configure_window_wgmma<T, NK, WGS>(optin)));
+  const int64_t G = q.heads / k.heads, w = q.tokens, D = q.dim;
+  const int64_t WP = (w + wgmma_qstep - 1) / wgmma_qstep * wgmma_qstep;
+  if (WP * G > (int64_t(1) << 20)) return cudaSuccess;
+  const int max_st = window_tuning().wgmma_max_stages > 0 ? std::min(3, window_tuning().wgmma_max_stages)
+                                                          : window_wgmma_max_stages;
+  auto smem_of = [&](int64_t HC, int stages) {
+    return window_wgmma_smem(int(HC * WP), int(D), stages, int(sizeof(T)), WGS * 4).total;
+  };
+  bool found = false;
+  int HC = 1, st_found = 1;
+  for (int st = max_st; st >= 2 && !found; --st)  // the whole group in one CTA first (no atomics)
+    if (smem_of(G, st) <= size_t(optin)) HC = int(G), st_found = st, found = true;
+  for (int st = std::min(max_st, 2); st >= 1 && !found; --st)
+    for (int64_t hc = G; hc >= 1 && !found; --hc)
+      if (smem_of(hc, st) <= size_t(optin)) HC = int(hc), st_found = st, found = true;
+  if (!found) return cudaSuccess;
+  window_mma_plan out{};
+  out.NK = NK;
+  out.NJ = 0;
+  out.warps = WGS * 4;
+  out.WP = int(WP);
+  out.HC = HC;
+  out.stages = st_found;
+  out.R = int(HC * WP);
+  out.smem = smem_of(HC, st_found);
+  out.chunks = int((G + HC - 1) / HC);
+  int per_sm = 0;
+  PREFIXKV_TRY(check_runtime(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, window_wgmma_kernel<T, NK, WGS>,
+                                                                           WGS * 128, out.smem),
+                             "window scorer: occupancy query failed"));
+  if (per_sm < 1) return cudaSuccess;
+  // Key splits: minimise waves x rounds (a round = one 64-key tile per warpgroup); ties go to fewer CTAs.
+  const int64_t units = q.batch * k.heads * out.chunks;
+  const int64_t slots = int64_t(sm_count()) * per_sm;
+  const int64_t cap = k.tokens > 0 ? k.tokens : 1;
+  const int64_t max_splits = std::max<int64_t>(1, (cap + wgmma_keys - 1) / wgmma_keys);
+  int64_t splits = std::min(max_splits, std::max<int64_t>(1, units > 0 ? slots / units : 1));
+  int64_t best = -1;
+  const int64_t first = splits;
+  for (int64_t sp = first; sp <= std::min(max_splits, 4 * first); ++sp) {
+    const int64_t tiles = ((cap + sp - 1) / sp + wgmma_keys - 1) / wgmma_keys;
+    const int64_t rounds = (tiles + WGS - 1) / WGS;
+    const int64_t waves = (units * sp + slots - 1) / slots;
+    if (best < 0 || waves * rounds < best) {
+      best = waves * rounds;
+      splits = sp;
+    }
+  }
+  int64_t sk = (cap + splits - 1) / splits;
+  sk = (sk + wgmma_keys - 1) / wgmma_keys * wgmma_keys;
+  out.split_keys = sk;
+  out.splits = int((cap + sk - 1) / sk);
+  out.use = true;
+  pl = out;
+  return cudaSuccess;
+}
+
+template <class T, int NK>
+inline cudaError_t plan_window_wgmma_groups(const kv_view<const T>& q, const kv_view<const T>& k, window_mma_plan& pl) {
+  if (window_tuning().wgmma_groups == 2) return plan_window_wgmma_nk<T, NK, 2>(q, k, pl);
+  return plan_window_wgmma_nk<T, NK, window_wgmma_groups>(q, k, pl);
+}
+#endif  // PREFIXKV_SM90A
+
+//! Picks the accumulate kernel: wgmma (PREFIXKV_SM90A builds on compute capability 9.0), else mma.sync, else
+//! `use == false` (window_kernel).
+template <class T>
+inline cudaError_t plan_window_accumulate(const kv_view<const T>& q, const kv_view<const T>& k, window_mma_plan& pl) {
+  pl = window_mma_plan{};
+#if defined(PREFIXKV_SM90A)
+  if constexpr (sizeof(T) == 2) {
+    if (window_tuning().use_wgmma != 0 && vector_bytes(k) == 16) {
+      if (q.dim == 64) PREFIXKV_TRY((plan_window_wgmma_groups<T, 1>(q, k, pl)));
+      if (q.dim == 128) PREFIXKV_TRY((plan_window_wgmma_groups<T, 2>(q, k, pl)));
+      if (pl.use) return cudaSuccess;
+    }
+  }
+#endif
+  return plan_window_mma(q, k, pl);
+}
+
+template <class T>
+inline cudaError_t launch_window_accumulate(const window_params<T>& p, const window_mma_plan& pl, cudaStream_t stream) {
+#if defined(PREFIXKV_SM90A)
+  if constexpr (sizeof(T) == 2) {
+    if (pl.NJ == 0) {
+      const dim3 grid(unsigned(pl.splits), unsigned(p.q.batch * p.k.heads * pl.chunks));
+      const unsigned threads = unsigned(pl.warps * 32);
+      if (pl.warps == 8) {
+        if (pl.NK == 1)
+          window_wgmma_kernel<T, 1, 2><<<grid, threads, pl.smem, stream>>>(p);
+        else
+          window_wgmma_kernel<T, 2, 2><<<grid, threads, pl.smem, stream>>>(p);
+      } else {
+        if (pl.NK == 1)
+          window_wgmma_kernel<T, 1, window_wgmma_groups><<<grid, threads, pl.smem, stream>>>(p);
+        else
+          window_wgmma_kernel<T, 2, window_wgmma_groups><<<grid, threads, pl.smem, stream>>>(p);
+      }
+      return check_launch(stream);
+    }
+  }
+#endif
+  return launch_window_mma(p, pl, stream);
+}
+
 template <class T, bool Stats, bool Mma>
 inline cudaError_t launch_window_kernel(const window_params<T>& p, const window_plan& pl, dim3 grid, cudaStream_t stream) {
   auto kernel = window_kernel<T, Stats, Mma>;
@@ -831,7 +983,7 @@ template <class T>
   const int64_t B = q.batch, Hq = q.heads, Hk = k.heads, w = q.tokens;
   detail::window_mma_plan mp;
   if (d_temp != nullptr && B > 0 && rows.count > 0)
-    PREFIXKV_TRY(detail::plan_window_mma(q, k, mp));
+    PREFIXKV_TRY(detail::plan_window_accumulate(q, k, mp));
   const bool own_lse = lse.data == nullptr;
   workspace_layout<3> ws;
   ws.reserve<float>(0, size_t(B * Hk * k.tokens));
@@ -897,7 +1049,7 @@ template <class T>
     pm.R = mp.R;
     pm.stages = mp.stages;
     pm.split_keys = mp.split_keys;
-    PREFIXKV_TRY(detail::launch_window_mma(pm, mp, stream));
+    PREFIXKV_TRY(detail::launch_window_accumulate(pm, mp, stream));
   } else {
     PREFIXKV_TRY((detail::launch_window_pass<T, false>(p, pl, g, stream)));
   }
