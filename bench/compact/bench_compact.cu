@@ -110,8 +110,6 @@ void BM_compact(benchmark::State& state) {
   tune.kernel = static_cast<int>(state.range(4));
   tune.resident = static_cast<int>(state.range(5));
   tune.chunk_rows = state.range(6);
-  tune.inplace_rows = state.range(7);
-  tune.inplace_grid = state.range(8);
   const int64_t kept = T * pct / 100;
   const int64_t row = D * sizeof(bf16);
   const size_t layer_bytes = size_t(B * H * T * row);           // one K or V tensor of one layer
@@ -209,13 +207,9 @@ void BM_compact(benchmark::State& state) {
 void args(benchmark::internal::Benchmark* b) {
   const bool explore = std::getenv("PREFIXKV_BENCH_EXPLORE") != nullptr;
   struct variant {
-    int64_t kernel, resident, chunk_rows, inplace_rows = -1, inplace_grid = 0;
+    int64_t kernel, resident, chunk_rows;
   };
   std::vector<variant> variants = {{-1, 0, -1}, {-1, 0, 0}, {-1, 0, 128}, {-1, 0, 512}};
-  // in place: one block per lane (inplace_rows 0) vs chained short blocks (128 / 64 rows; grid 2 x SMs looping
-  // over tickets (inplace_grid 0 = default), or -1 = uncapped: one block per (lane, chunk) of the capacity)
-  const std::vector<variant> inplace_variants = {
-      {-1, 0, -1, 0, 0}, {-1, 0, -1, 128, 0}, {-1, 0, -1, 64, 0}, {-1, 0, -1, 128, -1}, {-1, 0, -1, 64, -1}};
   if (explore) {
     variants = {{0, 0, 0}, {0, 4, 0}};
     for (int64_t v = 1; v <= prefixkv::detail::compact_fast_variants; ++v) variants.push_back({v, 0, 0});
@@ -225,17 +219,15 @@ void args(benchmark::internal::Benchmark* b) {
     for (int64_t md : {0, 1, 2, 3})
       for (int64_t T : {4096, 32768, 131072})
         for (int64_t pct : {25, 50, 75})
-          for (const auto& v : (!explore && (md == contig_inplace || md == paged_inplace)) ? inplace_variants : variants) {
+          for (const auto& v : variants) {
             if (trusted && T != 4096) continue;  // the check kernel only matters for short caches
             if (explore && (T == 32768 || pct == 50)) continue;
             if (explore && trusted && v.kernel > 1) continue;
             const bool gather = md == contig_gather || md == paged_gather;
             if (!explore && v.chunk_rows != -1 && (!gather || trusted)) continue;
-            if (trusted && v.inplace_rows > 0 && (v.inplace_rows != 128 || v.inplace_grid != 0)) continue;
-            b->Args({T, pct, md, trusted, v.kernel, v.resident, v.chunk_rows, v.inplace_rows, v.inplace_grid});
+            b->Args({T, pct, md, trusted, v.kernel, v.resident, v.chunk_rows});
           }
-  b->ArgNames({"tokens", "kept_pct", "mode", "trusted", "kernel", "resident", "chunk_rows", "inplace_rows",
-               "inplace_grid"});
+  b->ArgNames({"tokens", "kept_pct", "mode", "trusted", "kernel", "resident", "chunk_rows"});
 }
 
 // Diagnostic: a plain 16-byte-vector copy kernel (no gather) against cudaMemcpyAsync of the same bytes, to split

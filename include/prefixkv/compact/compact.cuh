@@ -17,15 +17,12 @@
 //!   executes `griddepcontrol.wait` (full completion and memory flush of the check grid) before it reads a
 //!   status word or writes anything.
 //!
-//! In-place safety (no second buffer): see `detail::compact_move_rows` (default: one block per lane) and
-//! `detail::compact_chain_kernel` (opt-in: chained short blocks, ordered across blocks by per-chunk flags).
+//! In-place safety (no second buffer): see `detail::compact_move_rows`.
 #pragma once
 
 #include "../core/launch.cuh"
 #include "../core/workspace.hpp"
 #include "compact.hpp"
-
-#include <cuda/atomic>
 
 #include <cstdint>
 
@@ -60,37 +57,6 @@ struct compact_word<1> {
 
 __device__ __forceinline__ void compact_atomic_error(int32_t* slot, int32_t r) { atomicCAS(slot, 0, r); }
 
-//! Chained in-place control words (m.chain, see compact_chain_kernel): block 0 writes the ticket counter (0) and
-//! the largest kept count of any segment (so that tickets past the last non-empty chunk end the work), every
-//! block zeroes a grid-stride share of the per-(lane, chunk) "loaded" flags. Runs in the check kernel (or, with
-//! index_check::trusted, in compact_chain_prep_kernel) before the move kernel in stream order.
-__device__ inline void compact_chain_prep(const compact_meta& m) {
-  if (m.chain == nullptr) return;
-  for (int64_t i = 2 + int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < m.chain_words;
-       i += int64_t(gridDim.x) * blockDim.x)
-    m.chain[i] = 0u;
-  if (blockIdx.x != 0) return;
-  __shared__ unsigned long long mx;
-  if (threadIdx.x == 0) mx = 0;
-  __syncthreads();
-  unsigned long long local = 0;
-  for (int64_t s = threadIdx.x; s < m.sel.count; s += blockDim.x) {
-    const int64_t k = m.sel.offsets[s + 1] - m.sel.offsets[s];  // (bad offsets: the check kernel rejects them)
-    if (k > 0 && static_cast<unsigned long long>(k) > local) local = static_cast<unsigned long long>(k);
-  }
-  atomicMax(&mx, local);
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    m.chain[0] = 0u;
-    m.chain[1] = static_cast<uint32_t>(min(mx, static_cast<unsigned long long>(m.dst_capacity)));
-  }
-}
-
-template <int Unused = 0>
-PREFIXKV_KERNEL void __launch_bounds__(256) compact_chain_prep_kernel(compact_meta m) {
-  compact_chain_prep(m);
-}
-
 //! Device-side content checks. One status word per block (no memset needed): 0 or a `reason`.
 //! (A template only so that the header can be included by several translation units.)
 template <int Unused = 0>
@@ -100,7 +66,6 @@ PREFIXKV_KERNEL void __launch_bounds__(compact_threads) compact_check_kernel(com
   // for this whole grid to finish and flush (griddepcontrol.wait) before it reads a status word or writes
   asm volatile("griddepcontrol.launch_dependents;");
 #endif
-  compact_chain_prep(m);
   __shared__ int32_t err;
   if (threadIdx.x == 0) err = 0;
   __syncthreads();
@@ -181,66 +146,6 @@ __device__ __forceinline__ void compact_store(void* p, const V& v) {
   else *reinterpret_cast<V*>(p) = v;
 }
 
-//! A work item of the move kernels: (layer, sequence, kind, head, rows [r0, r1), first kept index).
-struct compact_work {
-  int64_t l, b, h, r0, r1, off;
-  int k;
-};
-
-//! In-place barrier between a round's loads and its stores (one block per lane: the block's own barrier).
-struct compact_plain_sync {
-  __device__ __forceinline__ void operator()() const { __syncthreads(); }
-};
-
-//! In-place barrier of a chained short block (compact_chain_kernel): chunk c of a lane (destination rows
-//! [cR, cR + R), all loaded in ONE round) publishes "loaded" once every thread's loads are performed, then waits
-//! until every earlier chunk c' < c of the lane whose last source row idx[(c' + 1)R - 1] >= cR has published
-//! (those are exactly the chunks that may read rows this chunk overwrites; they form a suffix c0 .. c - 1 because
-//! idx ascends), then the block meets again and stores. Proof: compact_chain_kernel.
-//! Ticket of a chained block, decoded (thread 0 fetches the next one while the current chunk's loads are in
-//! flight; written before a barrier, read by all threads after the next one).
-struct compact_chain_ticket {
-  int64_t t, kept;
-  compact_work x;
-};
-__device__ __forceinline__ void compact_chain_take(const compact_meta& m, int64_t total, compact_chain_ticket& tk);
-
-struct compact_chain_sync {
-  uint32_t* flags;     // (chunks) this lane's "loaded" flags
-  const int32_t* idx;  // (kept) this lane's kept indices
-  int64_t c, R;
-  const compact_meta* m;       // to take the block's next ticket (prefetch) ...
-  int64_t total;               // ... below this bound
-  compact_chain_ticket* next;  // (shared) where thread 0 puts it (null: no next ticket, chain_once)
-  __device__ __forceinline__ void operator()() const {
-    const int64_t lo = c * R;  // first destination row of this chunk
-    // thread t checks predecessors c - 1 - t, c - 1 - t - blockDim, ... (all full chunks: this one has rows)
-    int64_t q = c - 1 - static_cast<int64_t>(threadIdx.x);
-    int64_t last = q >= 0 ? idx[(q + 1) * R - 1] : -1;
-    // next work item of this block (a higher ticket, taken while this chunk's loads are in flight: a block waits
-    // only on lower tickets, so holding one more never blocks progress, see compact_chain_kernel)
-    if (next != nullptr && threadIdx.x == 0) compact_chain_take(*m, total, *next);
-    // this thread's data loads are performed before anything below (with the barrier and thread 0's release
-    // store: every load of the chunk happens before any store that observes the flag)
-    cuda::atomic_thread_fence(cuda::std::memory_order_acq_rel, cuda::thread_scope_device);
-    __syncthreads();
-    if (threadIdx.x == 0) cuda::atomic_ref<uint32_t, cuda::thread_scope_device>(flags[c]).store(1u, cuda::std::memory_order_release);
-    while (q >= 0 && last >= lo) {
-      cuda::atomic_ref<uint32_t, cuda::thread_scope_device> f(flags[q]);
-      unsigned ns = 32;
-      while (f.load(cuda::std::memory_order_acquire) == 0u) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
-        __nanosleep(ns);
-#endif
-        ns = ns < 1024 ? 2 * ns : ns;
-      }
-      q -= blockDim.x;
-      if (q >= 0) last = idx[(q + 1) * R - 1];
-    }
-    __syncthreads();  // every conflicting predecessor has loaded: the block may store
-  }
-};
-
 //! Row offsets of one stage (one row per thread), double-buffered in shared memory.
 struct compact_stage_smem {
   int64_t src[2][compact_threads];
@@ -268,14 +173,11 @@ struct compact_stage_smem {
 //! (nchunk == 1 in place). If p == j (row stays put) load and store hit the same bytes with the same value.
 //! Template knobs: U accesses in flight per thread (0: by width), Hint (cache hints, see compact_load), Contig
 //! (both sides' rows are packed: no per-element stride math; the fast kernel's case).
-//! `sync` is the in-place barrier between a round's loads and its stores (compact_plain_sync, or
-//! compact_chain_sync for chained short blocks, whose chunks fit one round).
-template <int W, bool InPlace, int U0 = 0, int Hint = compact_hint_plain, bool Contig = false,
-          class Sync = compact_plain_sync>
+template <int W, bool InPlace, int U0 = 0, int Hint = compact_hint_plain, bool Contig = false>
 __device__ __forceinline__ void compact_move_rows(const compact_meta& m, const compact_geom& sg,
                                                   const compact_geom& dg, const char* sbase, char* dbase,
                                                   const int32_t* idx, int64_t b, int64_t h, int64_t r0, int64_t r1,
-                                                  compact_stage_smem& sm, const Sync& sync = Sync{}) {
+                                                  compact_stage_smem& sm) {
   using word = typename compact_word<W>::type;
   // narrow paths: odd rows, not bandwidth critical
   constexpr int U = U0 > 0 ? U0 : (W == 16 ? compact_unroll : (W == 8 ? 4 : 2));
@@ -338,7 +240,7 @@ __device__ __forceinline__ void compact_move_rows(const compact_meta& m, const c
           ++rr;
         }
       }
-      if (InPlace) sync();
+      if (InPlace) __syncthreads();
       rr = rr0;
       cc = cc0;
 #pragma unroll
@@ -363,18 +265,18 @@ __device__ __forceinline__ void compact_move_rows(const compact_meta& m, const c
   }
 }
 
-template <bool InPlace, class Sync = compact_plain_sync>
+template <bool InPlace>
 __device__ __forceinline__ void compact_dispatch(const compact_meta& m, int k, const char* s, char* d,
                                                  const int32_t* idx, int64_t b, int64_t h, int64_t r0, int64_t r1,
-                                                 compact_stage_smem& sm, const Sync& sync = Sync{}) {
+                                                 compact_stage_smem& sm) {
   const compact_geom& sg = m.src[k];
   const compact_geom& dg = m.dst[k];
   switch (m.vec[k]) {
-    case 16: compact_move_rows<16, InPlace, 0, compact_hint_plain, false, Sync>(m, sg, dg, s, d, idx, b, h, r0, r1, sm, sync); break;
-    case 8: compact_move_rows<8, InPlace, 0, compact_hint_plain, false, Sync>(m, sg, dg, s, d, idx, b, h, r0, r1, sm, sync); break;
-    case 4: compact_move_rows<4, InPlace, 0, compact_hint_plain, false, Sync>(m, sg, dg, s, d, idx, b, h, r0, r1, sm, sync); break;
-    case 2: compact_move_rows<2, InPlace, 0, compact_hint_plain, false, Sync>(m, sg, dg, s, d, idx, b, h, r0, r1, sm, sync); break;
-    default: compact_move_rows<1, InPlace, 0, compact_hint_plain, false, Sync>(m, sg, dg, s, d, idx, b, h, r0, r1, sm, sync); break;
+    case 16: compact_move_rows<16, InPlace>(m, sg, dg, s, d, idx, b, h, r0, r1, sm); break;
+    case 8: compact_move_rows<8, InPlace>(m, sg, dg, s, d, idx, b, h, r0, r1, sm); break;
+    case 4: compact_move_rows<4, InPlace>(m, sg, dg, s, d, idx, b, h, r0, r1, sm); break;
+    case 2: compact_move_rows<2, InPlace>(m, sg, dg, s, d, idx, b, h, r0, r1, sm); break;
+    default: compact_move_rows<1, InPlace>(m, sg, dg, s, d, idx, b, h, r0, r1, sm); break;
   }
 }
 
@@ -432,20 +334,10 @@ __device__ inline bool compact_prologue(const compact_meta& m) {
 }
 
 //! Lane decomposition shared by the move kernels: work item w -> (layer, sequence, kind, head, rows [r0, r1)).
-//! Lane -> (layer, sequence, kind, head, first kept index); returns the lane's kept count.
-__device__ __forceinline__ int64_t compact_lane_of(const compact_meta& m, int64_t lane, compact_work& x) {
-  const int64_t lpl = m.lanes_per_lb();
-  const int64_t lb = lane / lpl, rr = lane - lb * lpl;
-  x.l = lb / m.batch;
-  x.b = lb - x.l * m.batch;
-  int k = 0;
-  while (k + 1 < m.kinds && rr >= m.lane_prefix[k + 1]) ++k;
-  x.k = k;
-  x.h = rr - m.lane_prefix[k];
-  const int64_t seg = m.grid.heads == 1 ? m.grid.id(x.l, x.b) : m.grid.id(x.l, x.b, x.h);
-  x.off = m.sel.offsets[seg];
-  return m.sel.offsets[seg + 1] - x.off;
-}
+struct compact_work {
+  int64_t l, b, h, r0, r1, off;
+  int k;
+};
 __device__ __forceinline__ compact_work compact_work_of(const compact_meta& m, int64_t w) {
   compact_work x;
   const int64_t lpl = m.lanes_per_lb();
@@ -503,92 +395,6 @@ PREFIXKV_KERNEL void __launch_bounds__(compact_threads, MinBlocks) compact_fast_
   }
 }
 
-//! In place with chained short blocks: many blocks per lane, ordered across blocks, no second buffer.
-//!
-//! Work: chunk c of a lane = destination rows (kept ranks) [cR, cR + R), sources idx[cR .. cR + R) (ascending,
-//! idx[j] >= j), R = m.chain_rows, small enough that the whole chunk is loaded into registers in one round of
-//! compact_move_rows (R <= blockDim and R x words per row <= blockDim x U). Blocks take (lane, chunk) work items
-//! from a ticket counter (atomicAdd, dynamic: ticket order, not blockIdx order), chunk-major: ticket = c x lanes +
-//! lane, so every chunk's predecessors in its lane (c' < c) hold LOWER tickets. Tickets past lanes x
-//! ceil(max kept / R) (max kept written on the device by compact_chain_prep) end a block's loop, so the grid can be
-//! sized on the host (capped) although kept counts live on the device. Per chunk: load all rows (registers),
-//! every thread fences, barrier, thread 0 release-stores the chunk's "loaded" flag, the block acquire-waits for
-//! the flags of the conflicting predecessors (below), barrier, store.
-//!
-//! Why it is race-free (same lane; different lanes never alias, see compact_move_rows): the destination row j of
-//! a store of chunk c lies in [cR, cR + R) and is stored by no other chunk. A load that reads row j is a load of
-//! source row idx[p] == j for some kept rank p of chunk c' = p / R. Since p <= idx[p] = j < (c + 1)R, c' <= c.
-//! (a) c' == c: the chunk's loads all precede its barrier, its stores follow it.
-//! (b) c' < c: idx[(c' + 1)R - 1] >= idx[p] = j >= cR (ascending), so c' is a "conflicting predecessor" and chunk
-//!     c waits for its flag. c' published the flag after all of its loads were performed (per-thread fence,
-//!     barrier, release store), chunk c's stores follow its acquire load of that flag and a barrier, so the load
-//!     happens before the store and reads the original bytes.
-//! So every load reads the original row (no store to a row precedes a load of it), every store happens after
-//! all loads of its row, and stores of different chunks hit disjoint rows: the result equals the sequential
-//! host twin. Conflicting predecessors form a suffix c0 .. c - 1 (idx ascends), found by walking back from c - 1
-//! (256 threads in parallel, each stops at its first non-conflicting chunk).
-//! Progress: a block waits only on chunks with lower tickets, which blocks already running hold; a chunk
-//! publishes its flag before it waits on anything, so the lowest ticket not yet published can always proceed
-//! (no co-residency assumption; blocks not yet scheduled hold no tickets). Empty chunks (r0 >= kept) publish
-//! nothing and nobody waits on them: a chunk with rows has only full predecessors.
-__device__ __forceinline__ void compact_chain_take(const compact_meta& m, int64_t total, compact_chain_ticket& tk) {
-  const int64_t t = atomicAdd(m.chain, 1u);
-  tk.t = t;
-  tk.kept = 0;
-  if (t < total) {
-    const int64_t lanes = m.lanes();
-    const int64_t c = t / lanes;
-    tk.kept = compact_lane_of(m, t - c * lanes, tk.x);
-  }
-}
-
-template <bool Fast>
-PREFIXKV_KERNEL void __launch_bounds__(compact_threads, 2) compact_chain_kernel(
-    const __grid_constant__ compact_meta m, const compact_ptrs p) {
-  const int64_t R = m.chain_rows;
-  const int64_t lanes = m.lanes();
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");  // (the prologue waits too; the chain words come first)
-#endif
-  const int64_t max_kept = *static_cast<volatile const uint32_t*>(m.chain + 1);
-  const int64_t total = lanes * ((max_kept + R - 1) / R);
-  // one ticket per block: blocks [0, total) take exactly the tickets [0, total); the others have nothing to do
-  // (block 0 always runs the prologue, which writes the small outputs)
-  if (m.chain_once && blockIdx.x != 0 && blockIdx.x >= total) return;
-  if (!compact_prologue(m)) return;
-  __shared__ compact_stage_smem sm;
-  __shared__ compact_chain_ticket ticket;
-  uint32_t* const flags = m.chain + 2;
-  if (threadIdx.x == 0) compact_chain_take(m, total, ticket);
-  __syncthreads();
-  for (;;) {
-    const int64_t t = ticket.t;
-    const int64_t kept = ticket.kept;
-    const compact_work x = ticket.x;
-    __syncthreads();  // everyone has read the ticket before thread 0 overwrites it
-    if (t >= total) break;
-    const int64_t c = t / lanes, lane = t - c * lanes;
-    const int64_t r0 = c * R;
-    if (r0 >= kept) {
-      if (m.chain_once) break;
-      if (threadIdx.x == 0) compact_chain_take(m, total, ticket);
-      __syncthreads();
-      continue;
-    }
-    const int64_t r1 = min(kept, r0 + R);
-    const int32_t* idx = m.sel.indices + x.off;
-    // (the sync takes the block's next ticket into `ticket`; compact_move_rows ends with a barrier)
-    const compact_chain_sync sync{flags + lane * m.nchunk, idx, c, R, &m, total, m.chain_once ? nullptr : &ticket};
-    if constexpr (Fast)
-      compact_move_rows<16, true, 8, compact_hint_plain, true, compact_chain_sync>(
-          m, m.src[x.k], m.dst[x.k], p.src[x.l][x.k], p.dst[x.l][x.k], idx, x.b, x.h, r0, r1, sm, sync);
-    else
-      compact_dispatch<true, compact_chain_sync>(m, x.k, p.src[x.l][x.k], p.dst[x.l][x.k], idx, x.b, x.h, r0, r1, sm,
-                                                 sync);
-    if (m.chain_once) break;
-  }
-}
-
 //! Benchmark/test hook (not API): launch variants of the move kernel, compared in one process by bench_compact.
 struct compact_tuning {
   bool pdl = true;         // programmatic dependent launch of the move kernel after the check kernel
@@ -598,11 +404,6 @@ struct compact_tuning {
                            //      about `resident` x grid equal chunks
   int64_t chunk_rows = -1; // out of place: lanes cut into chunks of about this many destination rows, one block
                            //      each, grid uncapped (0: the ~16 x SMs work items split; -1: default)
-  int64_t inplace_rows = -1;  // in place: -1 default; 0: one block per lane (compact_move_kernel /
-                              //   compact_fast_kernel); r > 0: chained short blocks (compact_chain_kernel) of
-                              //   min(r, largest one-round chunk) rows (tests force tiny r)
-  int64_t inplace_grid = 0;   // chained in place: > 0 caps the grid at this many blocks x SMs, blocks loop over
-                              //   tickets (0: default); < 0: one short-lived block per (lane, chunk) of the capacity
 };
 inline compact_tuning& compact_tune() {
   static compact_tuning t;
@@ -635,16 +436,6 @@ inline constexpr int compact_fast_variants = 2;
 //! Out of place: chunks of about this many destination rows, one short-lived block each (device runs 7-8:
 //! 0.955-0.973 of memcpy at 32K/128K tokens vs 0.92-0.93 for ~16 x SMs long chunks; 128 and 512 rows mixed).
 inline constexpr int64_t compact_default_chunk_rows = 256;
-//! In place: chained short blocks of this many destination rows (capped to one register round), 0 = one block per
-//! lane (the default). Device run 9 (bench/compact/RESULTS.md): chained blocks reach only 0.70-0.80 of memcpy
-//! (128 rows, 2 x SMs blocks looping over tickets; 64 rows or one short-lived block per chunk: 0.33-0.71) against
-//! 0.90-0.93 for one block per lane, so they stay opt-in (compact_tune().inplace_rows > 0).
-//! When enabled, chained blocks are used only when the chunk holds >= compact_chain_min_rows rows.
-inline constexpr int64_t compact_default_inplace_rows = 0;
-inline constexpr int64_t compact_chain_min_rows = 16;
-//! Chained in place: default grid = this many blocks per SM (the resident count at 128 registers), each looping
-//! over tickets.
-inline constexpr int64_t compact_default_inplace_grid = 2;
 inline void compact_fast_pick(int variant, bool inplace, void (*&kernel)(compact_meta, compact_ptrs), int& per_sm) {
   per_sm = 2;
   if (variant == 1)
@@ -671,50 +462,17 @@ cudaError_t compact_launch(void* d_temp, size_t& temp_bytes, const SrcCache& src
   const int64_t vblocks =
       validate_on_device ? std::max<int64_t>(1, std::min<int64_t>(sel.count * m.vchunk, 2 * sms)) : 0;
   const bool need_owner = validate_on_device && m.paged_dst && m.dt.num_pages > 0;
-  bool fast = m.kinds > 0;
-  for (int k = 0; k < m.kinds; ++k)
-    fast = fast && m.vec[k] == 16 && m.src[k].contiguous && m.dst[k].contiguous;
-  const int variant = !fast ? 0 : (compact_tune().kernel >= 0 ? compact_tune().kernel : compact_default_variant);
-  const int64_t lanes = m.lanes();
-  // in place, chained short blocks: chunks of R rows that one register round of the move kernel holds
-  int64_t chain_rows = 0;
-  if (inplace && lanes > 0) {
-    const int64_t want = compact_tune().inplace_rows >= 0 ? compact_tune().inplace_rows : compact_default_inplace_rows;
-    int64_t rmax = compact_threads;
-    for (int k = 0; k < m.kinds; ++k) {
-      const int w = variant > 0 ? 16 : m.vec[k];
-      const int64_t u = w == 16 ? compact_unroll : (w == 8 ? 4 : 2);  // compact_move_rows' U per width
-      const int64_t vpr = std::max<int64_t>(1, m.src[k].row_bytes / w);
-      rmax = std::min<int64_t>(rmax, compact_threads * u / vpr);
-    }
-    chain_rows = std::min<int64_t>(want, rmax);
-    const bool forced = compact_tune().inplace_rows > 0;
-    if (chain_rows < 1 || (!forced && chain_rows < compact_chain_min_rows)) chain_rows = 0;
-    if (chain_rows > 0) {
-      m.nchunk = std::max<int64_t>(1, (m.dst_capacity + chain_rows - 1) / chain_rows);
-      if (lanes * m.nchunk + 2 > INT32_MAX) {
-        chain_rows = 0;
-        m.nchunk = 1;
-      }
-    }
-  }
-  workspace_layout<3> ws;
+  workspace_layout<2> ws;
   ws.reserve<int32_t>(0, static_cast<size_t>(vblocks));
   ws.reserve<int32_t>(1, need_owner ? static_cast<size_t>(m.dt.num_pages) : 0);
-  ws.reserve<uint32_t>(2, chain_rows > 0 ? static_cast<size_t>(2 + lanes * m.nchunk) : 0);
   if (d_temp == nullptr) {
     temp_bytes = ws.bytes();
     return cudaSuccess;
   }
   PREFIXKV_TRY(ws.map(d_temp, temp_bytes));
-  // grid shape: in place chained short blocks (chain_rows > 0, below) or one block per lane (its rows in
-  // ascending tiles); out of place lanes are split in chunks of kept rows (by default short chunks of
-  // compact_default_chunk_rows rows, one block each, below)
-  if (chain_rows > 0) {
-    m.chain = ws.get<uint32_t>(2);
-    m.chain_rows = chain_rows;
-    m.chain_words = 2 + lanes * m.nchunk;
-  }
+  // grid shape: in place one block per lane (its rows in ascending tiles); out of place lanes are split in
+  // chunks of kept rows (by default short chunks of compact_default_chunk_rows rows, one block each, below)
+  const int64_t lanes = m.lanes();
   if (!inplace && lanes > 0) {
     const int64_t want = 16 * static_cast<int64_t>(sms);
     const int64_t by_rows = std::max<int64_t>(1, m.src_tokens / 128);
@@ -728,27 +486,11 @@ cudaError_t compact_launch(void* d_temp, size_t& temp_bytes, const SrcCache& src
     PREFIXKV_TRY(check_launch(stream));
     m.vstatus = ws.get<int32_t>(0);
     m.vblocks = static_cast<int32_t>(vblocks);
-  } else if (chain_rows > 0) {
-    // trusted: no check kernel to reset the chain words
-    const int64_t pb = std::max<int64_t>(1, std::min<int64_t>((m.chain_words + 255) / 256, 2 * sms));
-    compact_chain_prep_kernel<0><<<static_cast<unsigned>(pb), 256, 0, stream>>>(m);
-    PREFIXKV_TRY(check_launch(stream));
   }
-  const bool pdl = validate_on_device && compact_tune().pdl;
-  if (chain_rows > 0) {
-    const int64_t work = std::max<int64_t>(1, lanes * m.nchunk);
-    const int64_t g = compact_tune().inplace_grid != 0 ? compact_tune().inplace_grid : compact_default_inplace_grid;
-    int64_t cap = g > 0 ? g * sms : work;
-    if (compact_tune().max_blocks > 0) cap = compact_tune().max_blocks;
-    // g < 0: short-lived blocks, one (lane, chunk) each, grid = every chunk of the capacity; else a capped grid of
-    // blocks looping over tickets
-    m.chain_once = cap >= work;
-    const unsigned blocks = static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(work, cap)));
-    void (*ck)(compact_meta, compact_ptrs) = variant > 0 ? compact_chain_kernel<true> : compact_chain_kernel<false>;
-    PREFIXKV_TRY(
-        check_runtime(compact_launch_kernel(ck, blocks, compact_threads, 0, stream, pdl, m, ptrs), "compact: launch"));
-    return check_launch(stream);
-  }
+  bool fast = m.kinds > 0;
+  for (int k = 0; k < m.kinds; ++k)
+    fast = fast && m.vec[k] == 16 && m.src[k].contiguous && m.dst[k].contiguous;
+  const int variant = !fast ? 0 : (compact_tune().kernel >= 0 ? compact_tune().kernel : compact_default_variant);
   void (*kernel)(compact_meta, compact_ptrs) = inplace ? compact_move_kernel<true> : compact_move_kernel<false>;
   int per_sm = 2;
   if (variant > 0) compact_fast_pick(variant, inplace, kernel, per_sm);
@@ -766,6 +508,7 @@ cudaError_t compact_launch(void* d_temp, size_t& temp_bytes, const SrcCache& src
     m.nchunk = std::max<int64_t>(1, std::min<int64_t>(want, std::max<int64_t>(1, (int64_t(1) << 30) / lanes)));
   }
   const int64_t work = std::max<int64_t>(1, lanes * m.nchunk);
+  const bool pdl = validate_on_device && compact_tune().pdl;
   // (every grid walks its work items grid-stride, so any cap is correct)
   int64_t cap = compact_tune().resident > 0 ? resident
                                             : (short_blocks ? std::min<int64_t>(work, INT32_MAX) : 64 * static_cast<int64_t>(sms));

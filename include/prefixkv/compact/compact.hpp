@@ -131,11 +131,6 @@ struct compact_meta {
   const int32_t* vstatus = nullptr;  // per-block results of the check kernel (null: trusted)
   int32_t vblocks = 0;
   int32_t* owner = nullptr;          // (dst num_pages) page -> (b * max_blocks + block), duplicate detection
-  // in place, chained short blocks (compact.cuh, compact_chain_kernel); null: one block per lane
-  uint32_t* chain = nullptr;  // (2 + lanes * nchunk): [0] ticket counter, [1] max kept, then per-(lane, chunk) flags
-  int64_t chain_rows = 0;     // destination rows per chunk (R)
-  int64_t chain_words = 0;    // words of `chain`, zeroed on the device before every move
-  bool chain_once = false;    // one ticket per block (grid = lanes x chunks of the capacity), no ticket loop
   PREFIXKV_HOST_DEVICE int64_t lanes_per_lb() const { return lane_prefix[kinds]; }
   PREFIXKV_HOST_DEVICE int64_t lanes() const { return layers * batch * lane_prefix[kinds]; }
 };
