@@ -38,6 +38,8 @@
 #include <cub/device/device_scan.cuh>
 #include <cub/device/device_segmented_sort.cuh>
 
+#include <type_traits>
+
 PREFIXKV_NAMESPACE_BEGIN
 
 //! Caller-owned device outputs of `build_curves`.
@@ -97,10 +99,26 @@ PREFIXKV_KERNEL void curve_capacity_guard(int64_t* offsets, int64_t S, int64_t c
   if (threadIdx.x == 0 && status) atomicOr(status, status_capacity);
 }
 
-template <int = 0>
+//! `curve_sort::radix` key: segment in the high bits, then the 31 magnitude bits of the score inverted, so one
+//! ascending radix sort orders by segment, then score descending; ties keep input (= position) order.
+__device__ inline uint64_t curve_composite_key(int64_t segment, float score) {
+  const uint32_t bits = __float_as_uint(score);
+  return (uint64_t(segment) << 31) | uint64_t(0x7FFFFFFFu - (bits & 0x7FFFFFFFu));
+}
+
+__device__ inline float curve_key_score(uint64_t key) {
+  return __uint_as_float(0x7FFFFFFFu - uint32_t(key & 0x7FFFFFFFu));
+}
+
+//! Gather of the candidates (positions pre-filled ascending, -0 canonicalised to +0, NaN/Inf/negative flagged).
+//! Key = the score (`curve_sort::segmented`, Key = float) or the composite (segment, score) key
+//! (`curve_sort::radix`, Key = uint64_t; the unused tail [total, capacity) then gets the largest key so it stays
+//! behind every real candidate).
+template <class Key>
 PREFIXKV_KERNEL void curve_gather_kernel(const float* scores, segments rows, protect_policy protect,
-                                         const int64_t* offsets, const int64_t* tokens, float* keys, int32_t* vals,
-                                         unsigned* status) {
+                                         const int64_t* offsets, const int64_t* tokens, int64_t capacity, Key* keys,
+                                         int32_t* vals, unsigned* status) {
+  constexpr bool composite = std::is_same<Key, uint64_t>::value;
   unsigned bad = 0;
   for (int64_t s = blockIdx.y; s < rows.count; s += gridDim.y) {
     const int64_t n = tokens[s], c = offsets[s + 1] - offsets[s];
@@ -114,10 +132,17 @@ PREFIXKV_KERNEL void curve_gather_kernel(const float* scores, segments rows, pro
       x = x == 0.0f ? 0.0f : x;  // -0 -> +0 (the host compares -0 == +0)
       const int64_t j = t - first;
       if (write && j >= 0 && j < c) {
-        keys[base + j] = x;
+        if constexpr (composite) keys[base + j] = curve_composite_key(s, x);
+        else keys[base + j] = x;
         vals[base + j] = static_cast<int32_t>(t);
       }
     }
+  }
+  if constexpr (composite) {
+    const int64_t total = offsets[rows.count];
+    const int64_t nthreads = int64_t(gridDim.x) * gridDim.y * blockDim.x;
+    const int64_t tid = (int64_t(blockIdx.y) * gridDim.x + blockIdx.x) * blockDim.x + threadIdx.x;
+    for (int64_t i = total + tid; i < capacity; i += nthreads) keys[i] = ~uint64_t(0);
   }
   if (bad && status) atomicOr(status, bad);
 }
@@ -247,48 +272,6 @@ PREFIXKV_KERNEL void __launch_bounds__(Threads) curve_block_kernel(const float* 
       }
     }
   }
-  if (bad && status) atomicOr(status, bad);
-}
-
-//! `curve_sort::radix` key: segment in the high bits, then the 31 magnitude bits of the score inverted, so one
-//! ascending radix sort orders by segment, then score descending; ties keep input (= position) order.
-__device__ inline uint64_t curve_composite_key(int64_t segment, float score) {
-  const uint32_t bits = __float_as_uint(score);
-  return (uint64_t(segment) << 31) | uint64_t(0x7FFFFFFFu - (bits & 0x7FFFFFFFu));
-}
-
-__device__ inline float curve_key_score(uint64_t key) {
-  return __uint_as_float(0x7FFFFFFFu - uint32_t(key & 0x7FFFFFFFu));
-}
-
-//! Gather for `curve_sort::radix`: composite keys + positions; the unused tail [total, capacity) gets the largest
-//! key so it stays behind every real candidate.
-template <int = 0>
-PREFIXKV_KERNEL void curve_gather_keys_kernel(const float* scores, segments rows, protect_policy protect,
-                                              const int64_t* offsets, const int64_t* tokens, int64_t capacity,
-                                              uint64_t* keys, int32_t* vals, unsigned* status) {
-  unsigned bad = 0;
-  for (int64_t s = blockIdx.y; s < rows.count; s += gridDim.y) {
-    const int64_t n = tokens[s], c = offsets[s + 1] - offsets[s];
-    const bool write = c == candidate_count(n, protect);
-    const float* row = scores + rows.begin(s);
-    const int64_t base = offsets[s], first = protect.sinks;
-    for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < n; t += int64_t(gridDim.x) * blockDim.x) {
-      float x = row[t];
-      if (!isfinite(x)) bad |= status_nonfinite;
-      if (x < 0.0f) bad |= status_negative;
-      x = x == 0.0f ? 0.0f : x;
-      const int64_t j = t - first;
-      if (write && j >= 0 && j < c) {
-        keys[base + j] = curve_composite_key(s, x);
-        vals[base + j] = static_cast<int32_t>(t);
-      }
-    }
-  }
-  const int64_t total = offsets[rows.count];
-  const int64_t nthreads = int64_t(gridDim.x) * gridDim.y * blockDim.x;
-  const int64_t tid = (int64_t(blockIdx.y) * gridDim.x + blockIdx.x) * blockDim.x + threadIdx.x;
-  for (int64_t i = total + tid; i < capacity; i += nthreads) keys[i] = ~uint64_t(0);
   if (bad && status) atomicOr(status, bad);
 }
 
@@ -436,8 +419,8 @@ struct curve_ranked_keys {
     uint64_t* keys = ws.get<uint64_t>(5);
     cub::DoubleBuffer<uint64_t> k(keys, keys + cap);
     cub::DoubleBuffer<int32_t> v(ws.get<int32_t>(1), out.positions);
-    detail::curve_gather_keys_kernel<><<<gg, 256, 0, stream>>>(scores, rows, protect, out.offsets, out.tokens, capacity,
-                                                               k.Current(), v.Current(), d_status);
+    detail::curve_gather_kernel<uint64_t><<<gg, 256, 0, stream>>>(scores, rows, protect, out.offsets, out.tokens, capacity,
+                                                                  k.Current(), v.Current(), d_status);
     PREFIXKV_TRY(detail::check_launch(stream));
     size_t bytes = ws.size_of(3);
     PREFIXKV_TRY(detail::check_runtime(cub::DeviceRadixSort::SortPairs(ws.get<void>(3), bytes, k, v, capacity, 0, 31 + seg_bits, stream),
@@ -448,8 +431,8 @@ struct curve_ranked_keys {
   }
   float* keys_in = ws.get<float>(0);
   int32_t* vals_in = ws.get<int32_t>(1);
-  detail::curve_gather_kernel<><<<gg, 256, 0, stream>>>(scores, rows, protect, out.offsets, out.tokens, keys_in, vals_in,
-                                                      d_status);
+  detail::curve_gather_kernel<float><<<gg, 256, 0, stream>>>(scores, rows, protect, out.offsets, out.tokens, capacity,
+                                                           keys_in, vals_in, d_status);
   PREFIXKV_TRY(detail::check_launch(stream));
   for (int64_t c0 = 0; c0 < S; c0 += detail::curve_sort_chunk) {
     const int64_t ns = S - c0 < detail::curve_sort_chunk ? S - c0 : detail::curve_sort_chunk;

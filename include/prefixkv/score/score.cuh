@@ -669,23 +669,50 @@ struct window_mma_plan {
   size_t smem = 0;
 };
 
-//! Raises the dynamic shared-memory limit of window_mma_kernel<T, NK, ...> to the device maximum (once per device
-//! ordinal < 64; benign race: idempotent) and returns that maximum in `optin`.
-template <class T, int NK>
-inline cudaError_t configure_window_mma(int& optin) {
-  static unsigned long long configured = 0;
+//! Raises the dynamic shared-memory limit of `kernel` to the device maximum (once per device ordinal < 64, recorded
+//! in the caller's `configured` bits; benign race: idempotent) and returns that maximum in `optin`.
+template <class Kernel>
+inline cudaError_t raise_smem_limit(Kernel* kernel, unsigned long long& configured, int& optin) {
   int dev = 0;
   PREFIXKV_TRY(check_runtime(cudaGetDevice(&dev), "window scorer: no current device"));
   PREFIXKV_TRY(check_runtime(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
                              "window scorer: cannot query shared memory"));
   const unsigned long long bit = dev < 64 ? (1ull << dev) : 0ull;
   if (!(configured & bit)) {
-    PREFIXKV_TRY(check_runtime(cudaFuncSetAttribute(window_mma_kernel<T, NK, window_mma_config.NJ, window_mma_config.warps>,
-                                                    cudaFuncAttributeMaxDynamicSharedMemorySize, optin),
+    PREFIXKV_TRY(check_runtime(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin),
                                "window scorer: cannot reserve shared memory"));
     configured |= bit;
   }
   return cudaSuccess;
+}
+
+//! window_mma_kernel<T, NK, ...>: shared-memory limit raised once per device.
+template <class T, int NK>
+inline cudaError_t configure_window_mma(int& optin) {
+  static unsigned long long configured = 0;
+  return raise_smem_limit(window_mma_kernel<T, NK, window_mma_config.NJ, window_mma_config.warps>, configured, optin);
+}
+
+//! Keys per CTA for the tensor-core window kernels: split each (batch, kv head, head chunk) unit's keys so that
+//! waves x rounds is smallest (a round = one `tile`-key tile per one of `workers` warps/warpgroups: the time of the
+//! slowest CTA in a grid of equal-work CTAs); ties go to fewer CTAs; the search starts at one full wave.
+//! Returns the keys per split, a multiple of `tile`.
+inline int64_t window_split_keys(int64_t units, int64_t slots, int64_t cap, int64_t tile, int64_t workers) {
+  const int64_t max_splits = std::max<int64_t>(1, (cap + tile - 1) / tile);
+  int64_t splits = std::min(max_splits, std::max<int64_t>(1, units > 0 ? slots / units : 1));
+  int64_t best = -1;
+  const int64_t first = splits;
+  for (int64_t sp = first; sp <= std::min(max_splits, 4 * first); ++sp) {
+    const int64_t tiles = ((cap + sp - 1) / sp + tile - 1) / tile;
+    const int64_t rounds = (tiles + workers - 1) / workers;
+    const int64_t waves = (units * sp + slots - 1) / slots;
+    if (best < 0 || waves * rounds < best) {
+      best = waves * rounds;
+      splits = sp;
+    }
+  }
+  const int64_t sk = (cap + splits - 1) / splits;
+  return (sk + tile - 1) / tile * tile;
 }
 
 template <class T, int NK>
@@ -731,26 +758,10 @@ inline cudaError_t plan_window_mma_nk(const kv_view<const T>& q, const kv_view<c
                                                                            cfg.warps * 32, pl.smem),
                              "window scorer: occupancy query failed"));
   if (per_sm < 1) return cudaSuccess;
-  // Key splits per (batch, kv head, chunk) unit: minimise waves x rounds (a round = one 32-key tile per warp),
-  // the time of the slowest CTA in a grid of equal-work CTAs; ties go to fewer CTAs. Starts at one full wave.
-  const int64_t units = q.batch * k.heads * pl.chunks;
-  const int64_t slots = int64_t(sm_count()) * per_sm;
+  // Key splits per (batch, kv head, chunk) unit (a round = one 32-key tile per warp)
   const int64_t cap = k.tokens > 0 ? k.tokens : 1;
-  const int64_t max_splits = std::max<int64_t>(1, (cap + wmma_keys - 1) / wmma_keys);
-  int64_t splits = std::min(max_splits, std::max<int64_t>(1, units > 0 ? slots / units : 1));
-  int64_t best = -1;
-  const int64_t first = splits;
-  for (int64_t sp = first; sp <= std::min(max_splits, 4 * first); ++sp) {
-    const int64_t tiles = ((cap + sp - 1) / sp + wmma_keys - 1) / wmma_keys;
-    const int64_t rounds = (tiles + cfg.warps - 1) / cfg.warps;
-    const int64_t waves = (units * sp + slots - 1) / slots;
-    if (best < 0 || waves * rounds < best) {
-      best = waves * rounds;
-      splits = sp;
-    }
-  }
-  int64_t sk = (cap + splits - 1) / splits;
-  sk = (sk + wmma_keys - 1) / wmma_keys * wmma_keys;
+  const int64_t sk = window_split_keys(q.batch * k.heads * pl.chunks, int64_t(sm_count()) * per_sm, cap, wmma_keys,
+                                       cfg.warps);
   pl.split_keys = sk;
   pl.splits = int((cap + sk - 1) / sk);
   pl.use = true;
@@ -801,18 +812,7 @@ inline constexpr int window_wgmma_groups = 3, window_wgmma_max_stages = 3;
 template <class T, int NK, int WGS>
 inline cudaError_t configure_window_wgmma(int& optin) {
   static unsigned long long configured = 0;
-  int dev = 0;
-  PREFIXKV_TRY(check_runtime(cudaGetDevice(&dev), "window scorer: no current device"));
-  PREFIXKV_TRY(check_runtime(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
-                             "window scorer: cannot query shared memory"));
-  const unsigned long long bit = dev < 64 ? (1ull << dev) : 0ull;
-  if (!(configured & bit)) {
-    PREFIXKV_TRY(check_runtime(cudaFuncSetAttribute(window_wgmma_kernel<T, NK, WGS>,
-                                                    cudaFuncAttributeMaxDynamicSharedMemorySize, optin),
-                               "window scorer: cannot reserve shared memory"));
-    configured |= bit;
-  }
-  return cudaSuccess;
+  return raise_smem_limit(window_wgmma_kernel<T, NK, WGS>, configured, optin);
 }
 
 //! Plan of the wgmma kernel, stored in a window_mma_plan (NJ = 0 marks wgmma, `warps` = 4 x warpgroups).
@@ -858,25 +858,9 @@ inline cudaError_t plan_window_wgmma_nk(const kv_view<const T>& q, const kv_view
                                                                            WGS * 128, out.smem),
                              "window scorer: occupancy query failed"));
   if (per_sm < 1) return cudaSuccess;
-  // Key splits: minimise waves x rounds (a round = one 64-key tile per warpgroup); ties go to fewer CTAs.
-  const int64_t units = q.batch * k.heads * out.chunks;
-  const int64_t slots = int64_t(sm_count()) * per_sm;
+  // Key splits (a round = one 64-key tile per warpgroup)
   const int64_t cap = k.tokens > 0 ? k.tokens : 1;
-  const int64_t max_splits = std::max<int64_t>(1, (cap + wgmma_keys - 1) / wgmma_keys);
-  int64_t splits = std::min(max_splits, std::max<int64_t>(1, units > 0 ? slots / units : 1));
-  int64_t best = -1;
-  const int64_t first = splits;
-  for (int64_t sp = first; sp <= std::min(max_splits, 4 * first); ++sp) {
-    const int64_t tiles = ((cap + sp - 1) / sp + wgmma_keys - 1) / wgmma_keys;
-    const int64_t rounds = (tiles + WGS - 1) / WGS;
-    const int64_t waves = (units * sp + slots - 1) / slots;
-    if (best < 0 || waves * rounds < best) {
-      best = waves * rounds;
-      splits = sp;
-    }
-  }
-  int64_t sk = (cap + splits - 1) / splits;
-  sk = (sk + wgmma_keys - 1) / wgmma_keys * wgmma_keys;
+  const int64_t sk = window_split_keys(q.batch * k.heads * out.chunks, int64_t(sm_count()) * per_sm, cap, wgmma_keys, WGS);
   out.split_keys = sk;
   out.splits = int((cap + sk - 1) / sk);
   out.use = true;

@@ -202,6 +202,23 @@ struct solve_shared {
   long long red[solve_threads / 32][6];  // per-warp partials of the prologue reduction
 };
 
+// One segment's share of a problem's validation reduction, red = {tokens, candidates, sum lo, sum hi, bad shape,
+// bad bounds}; returns its candidate offset o, count c and kept-candidate bounds [lo, hi].
+__device__ inline void segment_meta(const curve_set& cv, const keep_bounds& bnd, int64_t s, long long (&red)[6],
+                                    int64_t& o, int64_t& c, int64_t& lo, int64_t& hi) {
+  o = cv.offsets[s];
+  c = cv.offsets[s + 1] - o;
+  const int64_t n = cv.tokens[s];
+  lo = 0;
+  hi = 0;
+  if (n < 0 || c != candidate_count(n, cv.protect)) red[4] = 1;
+  if (!segment_bounds(bnd, s, c, lo, hi)) red[5] = 1;
+  red[0] += n;
+  red[1] += c;
+  red[2] += lo;
+  red[3] += hi;
+}
+
 // Block reduction of N values in one pass (2 barriers): the first NMAX values are maximised, the others summed;
 // every thread gets all N results.
 template <int NMAX = 0, int N>
@@ -655,15 +672,8 @@ __device__ __forceinline__ void solve_block_problem(const curve_set& cv, int64_t
   // 1. totals and validity (one block reduction)
   long long red[6] = {0, 0, 0, 0, 0, 0};  // tokens, candidates, sum lo, sum hi, bad shape, bad bounds
   for (int64_t i = tid; i < ns; i += solve_threads) {
-    const int64_t s = s0 + i;
-    const int64_t o = cv.offsets[s], c = cv.offsets[s + 1] - o, n = cv.tokens[s];
-    int64_t lo = 0, hi = 0;
-    if (n < 0 || c != candidate_count(n, cv.protect)) red[4] = 1;
-    if (!segment_bounds(bnd, s, c, lo, hi)) red[5] = 1;
-    red[0] += n;
-    red[1] += c;
-    red[2] += lo;
-    red[3] += hi;
+    int64_t o, c, lo, hi;
+    segment_meta(cv, bnd, s0 + i, red, o, c, lo, hi);
     if (cached) {
       sm.off[i] = o;
       sm.cnt[i] = static_cast<int32_t>(c);
@@ -890,15 +900,8 @@ __device__ inline void solve_cluster_problem(const Cluster& cluster, const curve
   // metadata and validation (every CTA redundantly: no cluster exchange needed)
   long long red[6] = {0, 0, 0, 0, 0, 0};  // tokens, candidates, sum lo, sum hi, bad shape, bad bounds
   for (int64_t i = tid; i < ns; i += solve_threads) {
-    const int64_t s = s0 + i;
-    const int64_t o = cv.offsets[s], c = cv.offsets[s + 1] - o, n = cv.tokens[s];
-    int64_t lo = 0, hi = 0;
-    if (n < 0 || c != candidate_count(n, cv.protect)) red[4] = 1;
-    if (!segment_bounds(bnd, s, c, lo, hi)) red[5] = 1;
-    red[0] += n;
-    red[1] += c;
-    red[2] += lo;
-    red[3] += hi;
+    int64_t o, c, lo, hi;
+    segment_meta(cv, bnd, s0 + i, red, o, c, lo, hi);
     sm.off[i] = o;
     sm.cnt[i] = static_cast<int32_t>(c);
     sm.lo[i] = static_cast<int32_t>(lo);
@@ -1142,6 +1145,24 @@ PREFIXKV_KERNEL void __launch_bounds__(solve_threads, 1)
 
 namespace detail {
 
+// Launch configuration of solve_kernel: `grid` CTAs of solve_threads, `smem` dynamic shared memory, and a cluster
+// dimension of `csize` CTAs (`attr` receives it) when csize > 1.
+inline cudaLaunchConfig_t solve_launch_config(cudaLaunchAttribute (&attr)[1], int64_t grid, int csize, size_t smem,
+                                              cudaStream_t stream) {
+  cudaLaunchConfig_t cfg = {};
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(csize);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.gridDim = dim3(static_cast<unsigned>(grid));
+  cfg.blockDim = dim3(solve_threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = csize > 1 ? 1 : 0;
+  return cfg;
+}
+
 // Per-device launch facts, computed on the first call on that device (the attributes are set once): the
 // shared-memory key budget per block and the largest usable cluster sizes. Keeping these host queries out of the
 // per-call path matters: the solve is a ~10-40 us launch and every host call before it is on the timed path.
@@ -1183,17 +1204,8 @@ inline cudaError_t solve_facts(solve_device_facts& out) noexcept {
     for (int lg = 1; lg <= 4; ++lg) {
       const int c = 1 << lg;
       if (c > 8 && !big) break;
-      cudaLaunchConfig_t cfg = {};
       cudaLaunchAttribute attr[1];
-      attr[0].id = cudaLaunchAttributeClusterDimension;
-      attr[0].val.clusterDim.x = static_cast<unsigned>(c);
-      attr[0].val.clusterDim.y = 1;
-      attr[0].val.clusterDim.z = 1;
-      cfg.gridDim = dim3(static_cast<unsigned>(c));
-      cfg.blockDim = dim3(solve_threads);
-      cfg.dynamicSmemBytes = smem;
-      cfg.attrs = attr;
-      cfg.numAttrs = 1;
+      const cudaLaunchConfig_t cfg = solve_launch_config(attr, c, c, smem, 0);
       int n = 0;
       if (cudaOccupancyMaxActiveClusters(&n, solve_kernel<>, &cfg) != cudaSuccess) n = 0;
       f.active[lg] = n;
@@ -1280,18 +1292,8 @@ inline int solve_key_cap() noexcept {
     const int64_t clusters = num_problems < max_grid / csize ? num_problems : max_grid / csize;
     grid = clusters * csize;
   }
-  cudaLaunchConfig_t cfg = {};
   cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(csize);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.gridDim = dim3(static_cast<unsigned>(grid));
-  cfg.blockDim = dim3(solve_threads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cfg.attrs = attr;
-  cfg.numAttrs = csize > 1 ? 1 : 0;
+  const cudaLaunchConfig_t cfg = solve_launch_config(attr, grid, csize, smem, stream);
   const cudaError_t e = cudaLaunchKernelEx(&cfg, solve_kernel<>, curves, num_problems, problem_offsets, budget,
                                            bounds, keep, threshold, status, key_cap, path, csize, ckey_cap);
   if (e != cudaSuccess) return fail(reason::cuda_runtime, "kernel launch failed", e);

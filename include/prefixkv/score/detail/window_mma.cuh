@@ -84,6 +84,69 @@ PREFIXKV_DEVICE uint32_t exp_probe(uint32_t w) {
     return (w & 0x7C007C00u) + 0x04000400u;
 }
 
+//! A CTA's share of the window work: (batch b, kv head kh, chunk of q heads starting at q head h0, hc of them)
+//! from blockIdx.y, keys [key_begin, key_end) from blockIdx.x; an empty key range when the row length is bad
+//! (flagged once per (batch, kv head)).
+struct window_cta {
+  int64_t b, kh, h0, n, key_begin, key_end;
+  int w, hc;
+};
+
+template <class T>
+PREFIXKV_DEVICE window_cta window_cta_of(const window_params<T>& p) {
+  window_cta c;
+  const int64_t Hk = p.k.heads, by = blockIdx.y;
+  const int chunk = int(by % p.chunks);
+  c.kh = (by / p.chunks) % Hk;
+  c.b = by / (int64_t(p.chunks) * Hk);
+  c.w = int(p.q.tokens);
+  c.n = p.rows.length(p.grid.id(p.layer, c.b, 0));
+  const bool bad_len = c.n < c.w || c.n > p.k.tokens;
+  if (bad_len && blockIdx.x == 0 && chunk == 0 && threadIdx.x == 0) flag(p.status, status_bad_length);
+  c.key_begin = int64_t(blockIdx.x) * p.split_keys;
+  c.key_end = bad_len ? 0 : (c.n < c.key_begin + p.split_keys ? c.n : c.key_begin + p.split_keys);
+  const int h_first = chunk * p.HC;
+  c.hc = min(p.HC, p.G - h_first);
+  c.h0 = c.kh * p.G + h_first;
+  return c;
+}
+
+//! The CTA's base-2 log-sum-exp per query row r (R rows: hc heads x WP padded window rows); padded rows get +inf so
+//! their probabilities are exactly 0. Returns whether any caller value was not finite.
+template <class T>
+PREFIXKV_DEVICE bool window_load_lse2(const window_params<T>& p, const window_cta& c, float* lse2) {
+  bool bad = false;
+  for (int r = int(threadIdx.x); r < p.R; r += int(blockDim.x)) {
+    const int hl = r / p.WP, i = r - hl * p.WP;
+    float v = INFINITY;  // padded query: p = ex2(s - inf) = 0
+    if (hl < c.hc && i < c.w) {
+      v = p.lse(c.b, c.h0 + hl, i);
+      bad |= !isfinite(v);
+      if (p.lse_natural) v *= 1.4426950408889634f;
+    }
+    lse2[r] = v;
+  }
+  return bad;
+}
+
+//! Stores one key's group reduction v (divided by the group size for the mean) into the kv-head row `row`: a plain
+//! store when one CTA covers the whole group, else combined across head chunks (atomic sum / max of non-negative
+//! floats as unsigned). Keys at or past `key_end` are skipped; a non-finite value sets `bad`.
+template <class T>
+PREFIXKV_DEVICE void window_store_key(const window_params<T>& p, float* row, int64_t key, int64_t key_end, float v,
+                                      bool gmax, bool& bad) {
+  if (key >= key_end) return;
+  if (!gmax) v /= float(p.G);
+  bad |= !isfinite(v);
+  float* dst = row + key;
+  if (p.chunks == 1)
+    *dst = v;
+  else if (!gmax)
+    atomicAdd(dst, v);
+  else
+    atomicMax(reinterpret_cast<unsigned*>(dst), __float_as_uint(fmaxf(v, 0.0f)));
+}
+
 //! One CTA: (batch b, kv head kh, chunk of HC q heads) x a contiguous range of `split_keys` keys; warps take
 //! 32-key tiles round robin and run independently after the Q block is loaded.
 template <class T, int NK, int NJ, int WARPS>
@@ -99,32 +162,12 @@ PREFIXKV_KERNEL void __launch_bounds__(WARPS * 32, 1) window_mma_kernel(window_p
   const int warp = int(threadIdx.x >> 5), lane = int(threadIdx.x & 31), g = lane >> 2, t4 = lane & 3;
   T* Kw = reinterpret_cast<T*>(smem_raw + L.k_off) + size_t(warp) * p.stages * wmma_keys * LD;
 
-  const int64_t Hk = p.k.heads;
-  const int64_t by = blockIdx.y;
-  const int chunk = int(by % p.chunks);
-  const int64_t kh = (by / p.chunks) % Hk, b = by / (int64_t(p.chunks) * Hk);
-  const int w = int(p.q.tokens);
-  const int64_t n = p.rows.length(p.grid.id(p.layer, b, 0));
-  const bool bad_len = n < w || n > p.k.tokens;
-  if (bad_len && blockIdx.x == 0 && chunk == 0 && threadIdx.x == 0) flag(p.status, status_bad_length);
-  const int64_t key_begin = int64_t(blockIdx.x) * p.split_keys;
-  const int64_t key_end = bad_len ? 0 : (n < key_begin + p.split_keys ? n : key_begin + p.split_keys);
-  if (key_begin >= key_end) return;  // uniform over the CTA
-  const int h_first = chunk * p.HC;
-  const int hc = min(p.HC, p.G - h_first);
-  const int64_t h0 = kh * p.G + h_first;
-  bool bad = false;
-
-  for (int r = int(threadIdx.x); r < p.R; r += int(blockDim.x)) {
-    const int hl = r / p.WP, i = r - hl * p.WP;
-    float v = INFINITY;  // padded query: p = ex2(s - inf) = 0
-    if (hl < hc && i < w) {
-      v = p.lse(b, h0 + hl, i);
-      bad |= !isfinite(v);
-      if (p.lse_natural) v *= 1.4426950408889634f;
-    }
-    lse2[r] = v;
-  }
+  const window_cta cta = window_cta_of(p);
+  if (cta.key_begin >= cta.key_end) return;  // uniform over the CTA
+  const int64_t Hk = p.k.heads, b = cta.b, kh = cta.kh, n = cta.n, key_begin = cta.key_begin, key_end = cta.key_end,
+                h0 = cta.h0;
+  const int w = cta.w, hc = cta.hc;
+  bool bad = window_load_lse2(p, cta, lse2);
   bad |= load_rows<T>(Qs, LD, p.R, D, p.q.stride_dim, p.vec_q != 0, [&](int r) -> const T* {
     const int hl = r / p.WP, i = r - hl * p.WP;
     return (hl < hc && i < w) ? p.q.row(b, h0 + hl, i) : nullptr;
@@ -277,19 +320,9 @@ PREFIXKV_KERNEL void __launch_bounds__(WARPS * 32, 1) window_mma_kernel(window_p
       }
     }
     // Quad thread t4 writes key 16 * (t4 / 2) + 8 * (t4 % 2) + g of the tile.
-    float v = t4 == 0 ? gs[0][0] : t4 == 1 ? gs[0][1] : t4 == 2 ? gs[1][0] : gs[1][1];
-    if (!gmax) v /= float(p.G);
-    const int64_t key = k0 + 16 * (t4 >> 1) + 8 * (t4 & 1) + g;
-    if (key < key_end) {
-      bad |= !isfinite(v);
-      float* dst = p.kvrows + (b * Hk + kh) * p.k.tokens + key;
-      if (p.chunks == 1)
-        *dst = v;
-      else if (!gmax)
-        atomicAdd(dst, v);
-      else
-        atomicMax(reinterpret_cast<unsigned*>(dst), __float_as_uint(fmaxf(v, 0.0f)));
-    }
+    const float v = t4 == 0 ? gs[0][0] : t4 == 1 ? gs[0][1] : t4 == 2 ? gs[1][0] : gs[1][1];
+    window_store_key(p, p.kvrows + (b * Hk + kh) * p.k.tokens, k0 + 16 * (t4 >> 1) + 8 * (t4 & 1) + g, key_end, v,
+                     gmax, bad);
   }
   cp_async_wait<0>();
   bad |= (probe & 0x80008000u) != 0u;

@@ -117,32 +117,12 @@ PREFIXKV_KERNEL void __launch_bounds__(WGS * 128, 1) window_wgmma_kernel(window_
   const int wg = warp >> 2, wq = warp & 3;  // warpgroup, warp inside it (keys 16 wq .. 16 wq + 15 of a tile)
   T* Kw = reinterpret_cast<T*>(base + L.k_off) + size_t(warp) * p.stages * 16 * LD;
 
-  const int64_t Hk = p.k.heads;
-  const int64_t by = blockIdx.y;
-  const int chunk = int(by % p.chunks);
-  const int64_t kh = (by / p.chunks) % Hk, b = by / (int64_t(p.chunks) * Hk);
-  const int w = int(p.q.tokens);
-  const int64_t n = p.rows.length(p.grid.id(p.layer, b, 0));
-  const bool bad_len = n < w || n > p.k.tokens;
-  if (bad_len && blockIdx.x == 0 && chunk == 0 && threadIdx.x == 0) flag(p.status, status_bad_length);
-  const int64_t key_begin = int64_t(blockIdx.x) * p.split_keys;
-  const int64_t key_end = bad_len ? 0 : (n < key_begin + p.split_keys ? n : key_begin + p.split_keys);
-  if (key_begin >= key_end) return;  // uniform over the CTA
-  const int h_first = chunk * p.HC;
-  const int hc = min(p.HC, p.G - h_first);
-  const int64_t h0 = kh * p.G + h_first;
-  bool bad = false;
-
-  for (int r = int(threadIdx.x); r < p.R; r += int(blockDim.x)) {
-    const int hl = r / p.WP, i = r - hl * p.WP;
-    float v = INFINITY;  // padded query: p = ex2(s - inf) = 0
-    if (hl < hc && i < w) {
-      v = p.lse(b, h0 + hl, i);
-      bad |= !isfinite(v);
-      if (p.lse_natural) v *= 1.4426950408889634f;
-    }
-    lse2[r] = v;
-  }
+  const window_cta cta = window_cta_of(p);
+  if (cta.key_begin >= cta.key_end) return;  // uniform over the CTA
+  const int64_t Hk = p.k.heads, b = cta.b, kh = cta.kh, n = cta.n, key_begin = cta.key_begin, key_end = cta.key_end,
+                h0 = cta.h0;
+  const int w = cta.w, hc = cta.hc;
+  bool bad = window_load_lse2(p, cta, lse2);
   // Q rows in the swizzled canonical layout (zero rows for padded queries / heads past the chunk).
   for (int idx = int(threadIdx.x); idx < p.R * CPR; idx += int(blockDim.x)) {
     const int r = idx / CPR, cd = idx - r * CPR;
@@ -287,19 +267,8 @@ PREFIXKV_KERNEL void __launch_bounds__(WGS * 128, 1) window_wgmma_kernel(window_
     }
     // Quad thread 0 writes key 16 wq + g, thread 1 key 16 wq + g + 8.
     if (t4 < 2) {
-      float v = t4 == 0 ? gs[0] : gs[1];
-      if (!gmax) v /= float(p.G);
-      const int64_t key = k0 + 16 * wq + 8 * t4 + g;
-      if (key < key_end) {
-        bad |= !isfinite(v);
-        float* dst = p.kvrows + (b * Hk + kh) * p.k.tokens + key;
-        if (p.chunks == 1)
-          *dst = v;
-        else if (!gmax)
-          atomicAdd(dst, v);
-        else
-          atomicMax(reinterpret_cast<unsigned*>(dst), __float_as_uint(fmaxf(v, 0.0f)));
-      }
+      window_store_key(p, p.kvrows + (b * Hk + kh) * p.k.tokens, k0 + 16 * wq + 8 * t4 + g, key_end,
+                       t4 == 0 ? gs[0] : gs[1], gmax, bad);
     }
   }
   cp_async_wait<0>();
