@@ -166,6 +166,29 @@ void run_and_compare(const batch& b, const pk::solve_budget& hb, const pk::solve
 
 }  // namespace
 
+// Per-problem kept-token budgets (random, up to each problem's tokens) with per-segment bound arrays lo/hi, as
+// host and device copies, through run_and_compare.
+void run_token_budgets(std::mt19937_64& rng, const batch& b, const std::vector<int64_t>& lo,
+                       const std::vector<int64_t>& hi) {
+  const int64_t P = int64_t(b.poff.size()) - 1;
+  std::vector<int64_t> counts(P);
+  for (int64_t q = 0; q < P; ++q) {
+    int64_t N = 0;
+    for (int64_t s = b.poff[q]; s < b.poff[q + 1]; ++s) N += b.curves.tokens[s];
+    counts[q] = N ? int64_t(rng() % (N + 1)) : 0;
+  }
+  device_buffer<int64_t> dcounts(counts), dlo(lo), dhi(hi);
+  pk::solve_budget hb = pk::budget_keep_tokens(0), db = hb;
+  hb.counts = counts.data();
+  db.counts = dcounts.get();
+  pk::keep_bounds hbd, dbd;
+  hbd.lo = lo.data();
+  hbd.hi = hi.data();
+  dbd.lo = dlo.get();
+  dbd.hi = dhi.get();
+  run_and_compare(b, hb, db, hbd, dbd);
+}
+
 TEST_CASE("device solver == host solver: ragged batches, thousands of segments, every input kind") {
   auto rng = make_rng(401);
   for (score_kind kind : {score_kind::mixed, score_kind::tied, score_kind::zeros, score_kind::onehot,
@@ -197,26 +220,12 @@ TEST_CASE("device solver: per-problem token budgets and per-segment bound arrays
   const int64_t P = 33;
   batch b = make_batch(rng, P, 40, 200, pk::protect_policy{}, score_kind::mixed);
   const int64_t S = b.curves.view().count;
-  std::vector<int64_t> counts(P), lo(S), hi(S);
-  for (int64_t q = 0; q < P; ++q) {
-    int64_t N = 0;
-    for (int64_t s = b.poff[q]; s < b.poff[q + 1]; ++s) N += b.curves.tokens[s];
-    counts[q] = N ? int64_t(rng() % (N + 1)) : 0;
-  }
+  std::vector<int64_t> lo(S), hi(S);
   for (int64_t s = 0; s < S; ++s) {
     lo[s] = rng() % 4;
     hi[s] = rng() % 5 == 0 ? lo[s] + int64_t(rng() % 10) : INT64_MAX;
   }
-  device_buffer<int64_t> dcounts(counts), dlo(lo), dhi(hi);
-  pk::solve_budget hb = pk::budget_keep_tokens(0), db = hb;
-  hb.counts = counts.data();
-  db.counts = dcounts.get();
-  pk::keep_bounds hbd, dbd;
-  hbd.lo = lo.data();
-  hbd.hi = hi.data();
-  dbd.lo = dlo.get();
-  dbd.hi = dhi.get();
-  run_and_compare(b, hb, db, hbd, dbd);
+  run_token_budgets(rng, b, lo, hi);
 }
 
 TEST_CASE("device solver: large problems (multi-level windows, uncached metadata, no samples)") {
@@ -364,26 +373,12 @@ TEST_CASE("device solver: cluster-path and block-path problems in one launch (ra
   db.ratios = dratios.get();
   run_and_compare(b, hb, db, {}, {});
   // per-problem token budgets with per-segment bound arrays
-  std::vector<int64_t> counts(P), lo(S), hi(S);
+  std::vector<int64_t> lo(S), hi(S);
   for (int64_t s = 0; s < S; ++s) {
     lo[s] = rng() % 3;
     hi[s] = rng() % 4 == 0 ? lo[s] + int64_t(rng() % 50) : INT64_MAX;
   }
-  for (int64_t q = 0; q < P; ++q) {
-    int64_t N = 0;
-    for (int64_t s = b.poff[q]; s < b.poff[q + 1]; ++s) N += b.curves.tokens[s];
-    counts[q] = N ? int64_t(rng() % (N + 1)) : 0;
-  }
-  device_buffer<int64_t> dcounts(counts), dlo(lo), dhi(hi);
-  pk::solve_budget hk = pk::budget_keep_tokens(0), dk = hk;
-  hk.counts = counts.data();
-  dk.counts = dcounts.get();
-  pk::keep_bounds hbd, dbd;
-  hbd.lo = lo.data();
-  hbd.hi = hi.data();
-  dbd.lo = dlo.get();
-  dbd.hi = dhi.get();
-  run_and_compare(b, hk, dk, hbd, dbd);
+  run_token_budgets(rng, b, lo, hi);
   // uniform bounds, keep-candidates budget
   pk::keep_bounds ub;
   ub.min_keep = 1;
