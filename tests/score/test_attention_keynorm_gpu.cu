@@ -21,8 +21,7 @@ void attention_case(std::mt19937_64& rng, bool per_head, bool transposed) {
   };
   const pk::segment_grid grid{2, B, per_head ? Hk : 1};
   std::vector<int64_t> cu(grid.count() + 1, 0);
-  for (int64_t id = 0; id < grid.count(); ++id) cu[id + 1] = cu[id] + int64_t(rng() % (cap + 1)) * 0 + (id % 3 == 0 ? cap : cap / 2);
-  // all heads of one (layer, b) must share one length: rebuild lengths per (layer, b)
+  // all heads of one (layer, b) share one length
   std::vector<int64_t> nb(B);
   for (auto& x : nb) x = int64_t(rng() % (cap + 1));
   for (int64_t id = 0; id < grid.count(); ++id) cu[id + 1] = cu[id] + nb[grid.batch_of(id)];

@@ -311,6 +311,28 @@ TEST_CASE("key-norm host twin matches the reference") {
   }
 }
 
+TEST_CASE("scorers accept a null output exactly when every row of the layer is empty") {
+  std::vector<float> pf(2 * 4 * 3 * 8, 0.5f), kf(2 * 2 * 8 * 4, 0.25f);
+  auto p = pk::make_kv_view_bhsd<const float>(pf.data(), 2, 4, 3, 8);  // (batch, q_head, query, key)
+  auto k = pk::make_kv_view_bhsd<const float>(kf.data(), 2, 2, 8, 4);  // (batch, kv_head, token, dim)
+  for (int64_t heads : {int64_t(1), int64_t(2)}) {
+    pk::segment_grid grid{2, 2, heads};
+    const int64_t S = grid.count();
+    // Layer 1 empty, layer 0 not: the rows of the layer scored decide.
+    std::vector<int64_t> cu(size_t(S + 1), 0);
+    for (int64_t id = 0; id < S; ++id) cu[size_t(id + 1)] = cu[size_t(id)] + (id < 2 * heads ? 5 : 0);
+    auto rows = pk::make_offset_segments(S, cu.data());
+    CHECK(pk::accumulated_attention_host(p, grid, 1, rows, nullptr) == cudaSuccess);
+    CHECK(pk::key_norm_host(k, {}, grid, 1, rows, nullptr) == cudaSuccess);
+    CHECK(pk::accumulated_attention_host(p, grid, 0, rows, nullptr) == cudaErrorInvalidValue);
+    CHECK(pk::last_error().why == pk::reason::null_pointer);
+    CHECK(pk::key_norm_host(k, {}, grid, 0, rows, nullptr) == cudaErrorInvalidValue);
+    CHECK(pk::last_error().why == pk::reason::null_pointer);
+    CHECK(pk::key_norm_host(k, {}, grid, 0, pk::make_uniform_segments(S, 0), nullptr) == cudaSuccess);
+    CHECK(pk::key_norm_host(k, {}, grid, 0, pk::make_uniform_segments(S, 1), nullptr) == cudaErrorInvalidValue);
+  }
+}
+
 TEST_CASE("scorers reject bad input with distinct reasons and write nothing") {
   std::vector<float> qf(2 * 8 * 4 * 16, 0.5f), kf(2 * 2 * 32 * 16, 0.25f), out(64 * 8, -3.f);
   auto q = pk::make_kv_view_bhsd<const float>(qf.data(), 2, 8, 4, 16);

@@ -164,8 +164,6 @@ void run_and_compare(const batch& b, const pk::solve_budget& hb, const pk::solve
   }
 }
 
-}  // namespace
-
 // Per-problem kept-token budgets (random, up to each problem's tokens) with per-segment bound arrays lo/hi, as
 // host and device copies, through run_and_compare.
 void run_token_budgets(std::mt19937_64& rng, const batch& b, const std::vector<int64_t>& lo,
@@ -188,6 +186,8 @@ void run_token_budgets(std::mt19937_64& rng, const batch& b, const std::vector<i
   dbd.hi = dhi.get();
   run_and_compare(b, hb, db, hbd, dbd);
 }
+
+}  // namespace
 
 TEST_CASE("device solver == host solver: ragged batches, thousands of segments, every input kind") {
   auto rng = make_rng(401);

@@ -22,10 +22,12 @@ struct problem {
   pk::curve_buffers curves;
 };
 
-problem make_problem(std::mt19937_64& rng, int64_t S, int64_t max_n, score_kind kind, pk::protect_policy prot) {
+// S rows of min_n..max_n tokens each.
+problem make_problem(std::mt19937_64& rng, int64_t S, int64_t max_n, score_kind kind, pk::protect_policy prot,
+                     int64_t min_n = 0) {
   problem p;
   p.rows.assign(S + 1, 0);
-  for (int64_t s = 0; s < S; ++s) p.rows[s + 1] = p.rows[s] + int64_t(rng() % (max_n + 1));
+  for (int64_t s = 0; s < S; ++s) p.rows[s + 1] = p.rows[s] + min_n + int64_t(rng() % (max_n - min_n + 1));
   p.scores.resize(p.rows[S]);
   for (int64_t s = 0; s < S; ++s) fill_row(rng, kind, p.scores.data() + p.rows[s], p.rows[s + 1] - p.rows[s]);
   REQUIRE(pk::build_curves_host(p.scores.data(), pk::make_offset_segments(S, p.rows.data()), prot, p.curves) ==
@@ -225,7 +227,8 @@ TEST_CASE("multiple problems solve independently") {
 
 TEST_CASE("bad input is rejected before anything is written") {
   auto rng = make_rng(306);
-  problem p = make_problem(rng, 4, 30, score_kind::uniform, pk::protect_policy{});
+  // Rows of >= 12 tokens: >= 7 candidates each, so the 0.3 eviction is feasible and min_keep 3 binds.
+  problem p = make_problem(rng, 4, 30, score_kind::uniform, pk::protect_policy{}, 12);
   auto cv = p.curves.view();
   std::vector<int64_t> keep(4, -5);
   auto untouched = [&] { return std::all_of(keep.begin(), keep.end(), [](int64_t k) { return k == -5; }); };
@@ -247,13 +250,12 @@ TEST_CASE("bad input is rejected before anything is written") {
   CHECK(pk::last_error().why == pk::reason::infeasible_bounds);
   // corrupted curves
   std::vector<float> cum = p.curves.cumulative;
-  if (cum.size() > 2) {
-    cum[1] = NAN;
-    cv.cumulative = cum.data();
-    CHECK(pk::solve_host(cv, 1, nullptr, pk::budget_evict_ratio(0.3), {}, keep.data()) == cudaErrorInvalidValue);
-    CHECK(pk::last_error().why == pk::reason::nonfinite_input);
-    cv.cumulative = p.curves.cumulative.data();
-  }
+  REQUIRE(cum.size() > 2);
+  cum[1] = NAN;
+  cv.cumulative = cum.data();
+  CHECK(pk::solve_host(cv, 1, nullptr, pk::budget_evict_ratio(0.3), {}, keep.data()) == cudaErrorInvalidValue);
+  CHECK(pk::last_error().why == pk::reason::nonfinite_input);
+  cv.cumulative = p.curves.cumulative.data();
   std::vector<int64_t> tokens = p.curves.tokens;
   tokens[0] += 1000;  // (+1 was not always a mismatch: rows shorter than the protected span have 0 candidates)
   cv.tokens = tokens.data();

@@ -961,7 +961,7 @@ template <class T>
                                                   kv_view<const T> k, lse_view lse, window_options opt,
                                                   segment_grid grid, int64_t layer, segments rows, float* scores,
                                                   unsigned* d_status = nullptr, cudaStream_t stream = 0) {
-  PREFIXKV_TRY(detail::check_window_args(q, k, lse, opt, grid, layer, rows, scores));
+  PREFIXKV_TRY(detail::check_window_args(q, k, lse, opt, grid, layer, rows, scores, false));
   detail::window_plan pl;
   PREFIXKV_TRY(detail::plan_window(q, k, pl));
   const int64_t B = q.batch, Hq = q.heads, Hk = k.heads, w = q.tokens;
@@ -1093,7 +1093,7 @@ template <class T>
 [[nodiscard]] inline cudaError_t accumulated_attention(void* d_temp, size_t& temp_bytes, kv_view<const T> p,
                                                        segment_grid grid, int64_t layer, segments rows, float* scores,
                                                        unsigned* d_status = nullptr, cudaStream_t stream = 0) {
-  PREFIXKV_TRY(detail::check_attention_args(p, grid, layer, rows, scores));
+  PREFIXKV_TRY(detail::check_attention_args(p, grid, layer, rows, scores, false));
   workspace_layout<1> ws;
   if (d_temp == nullptr) {
     temp_bytes = ws.bytes();
@@ -1153,7 +1153,7 @@ template <class T>
 [[nodiscard]] inline cudaError_t key_norm(void* d_temp, size_t& temp_bytes, kv_view<const T> k, key_norm_options opt,
                                           segment_grid grid, int64_t layer, segments rows, float* scores,
                                           unsigned* d_status = nullptr, cudaStream_t stream = 0) {
-  PREFIXKV_TRY(detail::check_key_norm_args(k, grid, layer, rows, scores));
+  PREFIXKV_TRY(detail::check_key_norm_args(k, grid, layer, rows, scores, false));
   workspace_layout<1> ws;
   if (d_temp == nullptr) {
     temp_bytes = ws.bytes();

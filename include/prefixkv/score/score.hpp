@@ -98,6 +98,20 @@ inline cudaError_t check_grid(const segment_grid& grid, int64_t layer, const seg
   return cudaSuccess;
 }
 
+//! A null `scores` is accepted only when the call provably writes nothing: every row of `layer` is empty.
+//! Host twins read their row table; device entry points can read only uniform rows (device-resident offsets
+//! count as "may write", so they need a real pointer).
+inline cudaError_t check_scores_out(const segment_grid& grid, int64_t layer, const segments& rows, int64_t batch,
+                                    const float* scores, bool rows_on_host, const char* message) {
+  if (scores != nullptr || rows.count == 0 || batch <= 0) return cudaSuccess;
+  if (rows.offsets == nullptr) return rows.uniform_length == 0 ? cudaSuccess : fail(reason::null_pointer, message);
+  if (!rows_on_host) return fail(reason::null_pointer, message);
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t h = 0; h < grid.heads; ++h)
+      if (rows.length(grid.id(layer, b, h)) != 0) return fail(reason::null_pointer, message);
+  return cudaSuccess;
+}
+
 //! Uniform rows are checked on the host; device offsets are checked by the kernels (status_bad_length).
 inline cudaError_t check_uniform_lengths(const segments& rows, int64_t min_len, int64_t capacity) {
   if (rows.offsets == nullptr && rows.count > 0) {
@@ -112,7 +126,7 @@ inline cudaError_t check_uniform_lengths(const segments& rows, int64_t min_len, 
 template <class T>
 inline cudaError_t check_window_args(const kv_view<const T>& q, const kv_view<const T>& k, const lse_view& lse,
                                      const window_options& opt, const segment_grid& grid, int64_t layer,
-                                     const segments& rows, const float* scores) {
+                                     const segments& rows, const float* scores, bool rows_on_host) {
   PREFIXKV_TRY(validate(q));
   PREFIXKV_TRY(validate(k));
   if (q.batch != k.batch) return fail(reason::shape_mismatch, "window scorer: Q and K batch differ");
@@ -129,8 +143,7 @@ inline cudaError_t check_window_args(const kv_view<const T>& q, const kv_view<co
   if (lse.data && (lse.stride_batch < 0 || lse.stride_head < 0 || lse.stride_query < 0))
     return fail(reason::negative_stride, "window scorer: LSE strides must be >= 0");
   PREFIXKV_TRY(check_grid(grid, layer, rows, q.batch, k.heads));
-  if (rows.count > 0 && q.batch > 0 && scores == nullptr)
-    return fail(reason::null_pointer, "window scorer: scores is null");
+  PREFIXKV_TRY(check_scores_out(grid, layer, rows, q.batch, scores, rows_on_host, "window scorer: scores is null"));
   return check_uniform_lengths(rows, q.tokens, k.tokens);
 }
 
@@ -174,7 +187,7 @@ template <class T>
 [[nodiscard]] inline cudaError_t window_attention_host(kv_view<const T> q, kv_view<const T> k, lse_view lse,
                                                        window_options opt, segment_grid grid, int64_t layer,
                                                        segments rows, float* scores) {
-  PREFIXKV_TRY(detail::check_window_args(q, k, lse, opt, grid, layer, rows, scores));
+  PREFIXKV_TRY(detail::check_window_args(q, k, lse, opt, grid, layer, rows, scores, true));
   PREFIXKV_TRY(validate_host_contents(rows));
   const int64_t B = q.batch, Hq = q.heads, Hk = k.heads, G = Hq / Hk, w = q.tokens, D = q.dim;
   for (int64_t b = 0; b < B; ++b) {
@@ -246,14 +259,13 @@ template <class T>
 namespace detail {
 template <class T>
 inline cudaError_t check_attention_args(const kv_view<const T>& p, const segment_grid& grid, int64_t layer,
-                                        const segments& rows, const float* scores) {
+                                        const segments& rows, const float* scores, bool rows_on_host) {
   PREFIXKV_TRY(validate(p));
   if (p.heads <= 0) return fail(reason::bad_parameter, "attention scorer: q_heads must be positive");
   PREFIXKV_TRY(check_grid(grid, layer, rows, p.batch, grid.heads));
   if (p.heads % grid.heads != 0)
     return fail(reason::shape_mismatch, "attention scorer: q_heads is not a multiple of grid.heads (kv heads)");
-  if (rows.count > 0 && p.batch > 0 && scores == nullptr)
-    return fail(reason::null_pointer, "attention scorer: scores is null");
+  PREFIXKV_TRY(check_scores_out(grid, layer, rows, p.batch, scores, rows_on_host, "attention scorer: scores is null"));
   return check_uniform_lengths(rows, 0, p.dim);
 }
 }  // namespace detail
@@ -264,7 +276,7 @@ inline cudaError_t check_attention_args(const kv_view<const T>& p, const segment
 template <class T>
 [[nodiscard]] inline cudaError_t accumulated_attention_host(kv_view<const T> p, segment_grid grid, int64_t layer,
                                                             segments rows, float* scores) {
-  PREFIXKV_TRY(detail::check_attention_args(p, grid, layer, rows, scores));
+  PREFIXKV_TRY(detail::check_attention_args(p, grid, layer, rows, scores, true));
   PREFIXKV_TRY(validate_host_contents(rows));
   for (int64_t b = 0; b < p.batch; ++b)
     if (rows.length(grid.id(layer, b, 0)) > p.dim)
@@ -291,11 +303,11 @@ template <class T>
 namespace detail {
 template <class T>
 inline cudaError_t check_key_norm_args(const kv_view<const T>& k, const segment_grid& grid, int64_t layer,
-                                       const segments& rows, const float* scores) {
+                                       const segments& rows, const float* scores, bool rows_on_host) {
   PREFIXKV_TRY(validate(k));
   if (k.heads <= 0) return fail(reason::bad_parameter, "key-norm scorer: kv_heads must be positive");
   PREFIXKV_TRY(check_grid(grid, layer, rows, k.batch, k.heads));
-  if (rows.count > 0 && k.batch > 0 && scores == nullptr) return fail(reason::null_pointer, "key-norm scorer: scores is null");
+  PREFIXKV_TRY(check_scores_out(grid, layer, rows, k.batch, scores, rows_on_host, "key-norm scorer: scores is null"));
   return check_uniform_lengths(rows, 0, k.tokens);
 }
 }  // namespace detail
@@ -305,7 +317,7 @@ inline cudaError_t check_key_norm_args(const kv_view<const T>& k, const segment_
 template <class T>
 [[nodiscard]] inline cudaError_t key_norm_host(kv_view<const T> k, key_norm_options opt, segment_grid grid,
                                                int64_t layer, segments rows, float* scores) {
-  PREFIXKV_TRY(detail::check_key_norm_args(k, grid, layer, rows, scores));
+  PREFIXKV_TRY(detail::check_key_norm_args(k, grid, layer, rows, scores, true));
   PREFIXKV_TRY(validate_host_contents(rows));
   for (int64_t b = 0; b < k.batch; ++b)
     if (rows.length(grid.id(layer, b, 0)) > k.tokens)
