@@ -143,3 +143,25 @@ TEST_CASE("accumulated attention and key-norm flag NaN/Inf and reject bad shapes
         cudaErrorInvalidValue);
   CHECK(pk::last_error().why == pk::reason::null_pointer);
 }
+
+TEST_CASE("accumulated attention and key-norm: a null output only where nothing can be written") {
+  device_buffer<float> dp(2 * 4 * 3 * 16);
+  PKV_CUDA_CHECK(cudaMemset(dp.get(), 0, dp.size() * sizeof(float)));
+  auto p = pk::make_kv_view_bhsd<const float>(dp.get(), 2, 4, 3, 16);  // (batch, q_head, query, key)
+  auto k = pk::make_kv_view_bhsd<const float>(dp.get(), 2, 4, 3, 16);  // (batch, kv_head, token, dim)
+  const pk::segment_grid grid{1, 2, 1};
+  device_buffer<unsigned char> tmp(256);
+  size_t bytes = tmp.size();
+  // uniform rows of length 0: nothing to write, nothing launched
+  CHECK(pk::accumulated_attention(tmp.get(), bytes, p, grid, 0, pk::make_uniform_segments(2, 0), nullptr) == cudaSuccess);
+  CHECK(pk::key_norm(tmp.get(), bytes, k, {}, grid, 0, pk::make_uniform_segments(2, 0), nullptr) == cudaSuccess);
+  PKV_CUDA_CHECK(cudaDeviceSynchronize());
+  // device-resident offsets cannot be read on the host: a null output is rejected even when every row is empty
+  device_buffer<int64_t> cu(std::vector<int64_t>{0, 0, 0});
+  CHECK(pk::accumulated_attention(tmp.get(), bytes, p, grid, 0, pk::make_offset_segments(2, cu.get()), nullptr) ==
+        cudaErrorInvalidValue);
+  CHECK(pk::last_error().why == pk::reason::null_pointer);
+  CHECK(pk::key_norm(tmp.get(), bytes, k, {}, grid, 0, pk::make_offset_segments(2, cu.get()), nullptr) ==
+        cudaErrorInvalidValue);
+  CHECK(pk::last_error().why == pk::reason::null_pointer);
+}

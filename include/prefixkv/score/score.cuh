@@ -1100,10 +1100,10 @@ template <class T>
     return cudaSuccess;
   }
   PREFIXKV_TRY(ws.map(d_temp, temp_bytes));
-  if (p.batch == 0 || rows.count == 0) return cudaSuccess;
+  if (p.batch == 0 || rows.count == 0 || detail::rows_all_empty(rows)) return cudaSuccess;
   const int64_t ny = p.batch * grid.heads;
   if (ny > 65535) return detail::fail(reason::unsupported, "attention scorer: batch x heads too large for one launch");
-  const int64_t bx = (p.dim + 255) / 256;
+  const int64_t bx = p.dim > 0 ? (p.dim + 255) / 256 : 1;  // no keys: one block flags any non-empty row
   detail::accumulated_attention_kernel<T><<<dim3(unsigned(bx < 2048 ? bx : 2048), unsigned(ny)), 256, 0, stream>>>(
       p, grid, layer, rows, scores, d_status);
   return detail::check_launch(stream);
@@ -1160,9 +1160,9 @@ template <class T>
     return cudaSuccess;
   }
   PREFIXKV_TRY(ws.map(d_temp, temp_bytes));
-  if (k.batch == 0 || rows.count == 0) return cudaSuccess;
+  if (k.batch == 0 || rows.count == 0 || detail::rows_all_empty(rows)) return cudaSuccess;
   if (k.batch > 65535) return detail::fail(reason::unsupported, "key-norm scorer: batch too large for one launch");
-  const int64_t bx = (k.tokens + 7) / 8;
+  const int64_t bx = k.tokens > 0 ? (k.tokens + 7) / 8 : 1;  // no keys: one block flags any non-empty row
   detail::key_norm_kernel<T><<<dim3(unsigned(bx < 4096 ? bx : 4096), unsigned(k.batch)), 256, 0, stream>>>(
       k, opt, grid, layer, rows, scores, d_status);
   return detail::check_launch(stream);

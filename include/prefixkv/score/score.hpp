@@ -98,14 +98,16 @@ inline cudaError_t check_grid(const segment_grid& grid, int64_t layer, const seg
   return cudaSuccess;
 }
 
+//! Uniform rows of length 0: a call over them writes nothing (device entry points return before launching).
+PREFIXKV_HOST_DEVICE bool rows_all_empty(const segments& rows) { return rows.offsets == nullptr && rows.uniform_length == 0; }
+
 //! A null `scores` is accepted only when the call provably writes nothing: every row of `layer` is empty.
 //! Host twins read their row table; device entry points can read only uniform rows (device-resident offsets
 //! count as "may write", so they need a real pointer).
 inline cudaError_t check_scores_out(const segment_grid& grid, int64_t layer, const segments& rows, int64_t batch,
                                     const float* scores, bool rows_on_host, const char* message) {
-  if (scores != nullptr || rows.count == 0 || batch <= 0) return cudaSuccess;
-  if (rows.offsets == nullptr) return rows.uniform_length == 0 ? cudaSuccess : fail(reason::null_pointer, message);
-  if (!rows_on_host) return fail(reason::null_pointer, message);
+  if (scores != nullptr || rows.count == 0 || batch <= 0 || rows_all_empty(rows)) return cudaSuccess;
+  if (rows.offsets == nullptr || !rows_on_host) return fail(reason::null_pointer, message);
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t h = 0; h < grid.heads; ++h)
       if (rows.length(grid.id(layer, b, h)) != 0) return fail(reason::null_pointer, message);
