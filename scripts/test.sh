@@ -36,3 +36,20 @@ if [ -f "$build/CMakeCache.txt" ]; then gen=(); fi  # keep the generator of an e
 cmake -S . -B "$build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release ${CMAKE_ARGS:-}
 cmake --build "$build" -j "$jobs"
 ctest --test-dir "$build" --output-on-failure -j "$jobs" ${CTEST_ARGS:-}
+
+# ---- host code again under AddressSanitizer + UndefinedBehaviorSanitizer ---------------------------------------
+# The host twins, the .npy/JSON readers, the CLI and the demo's host backend are what CPU runtimes call: build
+# them a second time with the sanitizers (CUDA off, so only the C++ compiler runs) and run the host tests.
+# HOST_SANITIZERS=0 skips this stage.
+if [ "${HOST_SANITIZERS:-1}" != 0 ]; then
+  san_build=${build}-asan
+  san_flags="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
+  san_gen=()
+  command -v ninja >/dev/null && [ ! -f "$san_build/CMakeCache.txt" ] && san_gen=(-G Ninja)
+  cmake -S . -B "$san_build" "${san_gen[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPREFIXKV_ENABLE_CUDA=OFF \
+    -DPREFIXKV_BUILD_BENCHMARKS=OFF "-DCMAKE_CXX_FLAGS=$san_flags" -DCMAKE_EXE_LINKER_FLAGS=-fsanitize=address,undefined
+  cmake --build "$san_build" -j "$jobs"
+  # consumer builds use their own flags and the fuzz target its own sanitizers: both ran above
+  ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+    ctest --test-dir "$san_build" --output-on-failure -j "$jobs" -L host -LE "consumer|fuzz"
+fi
