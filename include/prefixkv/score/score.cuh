@@ -1086,6 +1086,24 @@ PREFIXKV_KERNEL void accumulated_attention_kernel(kv_view<const T> p, segment_gr
 }
 }  // namespace detail
 
+namespace detail {
+// Entry points that need no workspace (accumulated attention, key norm): the size query answers the minimum,
+// the workspace is still checked, and `launch` stays false when there is nothing to do (a size query, no
+// sequence, no row, or uniform rows of length 0).
+inline cudaError_t no_workspace_begin(void* d_temp, size_t& temp_bytes, int64_t batch, const segments& rows,
+                                      bool& launch) {
+  launch = false;
+  workspace_layout<1> ws;
+  if (d_temp == nullptr) {
+    temp_bytes = ws.bytes();
+    return cudaSuccess;
+  }
+  PREFIXKV_TRY(ws.map(d_temp, temp_bytes));
+  launch = batch > 0 && rows.count > 0 && !rows_all_empty(rows);
+  return cudaSuccess;
+}
+}  // namespace detail
+
 //! The paper's accumulated-attention scorer (device); bit-identical to `accumulated_attention_host`.
 //! p: (batch, q_head, query, key) as a kv_view (heads = q heads, tokens = queries, dim = keys), any strides.
 //! No workspace is needed (the size query returns the minimum, 256 bytes).
@@ -1094,13 +1112,9 @@ template <class T>
                                                        segment_grid grid, int64_t layer, segments rows, float* scores,
                                                        unsigned* d_status = nullptr, cudaStream_t stream = 0) {
   PREFIXKV_TRY(detail::check_attention_args(p, grid, layer, rows, scores, false));
-  workspace_layout<1> ws;
-  if (d_temp == nullptr) {
-    temp_bytes = ws.bytes();
-    return cudaSuccess;
-  }
-  PREFIXKV_TRY(ws.map(d_temp, temp_bytes));
-  if (p.batch == 0 || rows.count == 0 || detail::rows_all_empty(rows)) return cudaSuccess;
+  bool launch = false;
+  PREFIXKV_TRY(detail::no_workspace_begin(d_temp, temp_bytes, p.batch, rows, launch));
+  if (!launch) return cudaSuccess;
   const int64_t ny = p.batch * grid.heads;
   if (ny > 65535) return detail::fail(reason::unsupported, "attention scorer: batch x heads too large for one launch");
   const int64_t bx = p.dim > 0 ? (p.dim + 255) / 256 : 1;  // no keys: one block flags any non-empty row
@@ -1154,13 +1168,9 @@ template <class T>
                                           segment_grid grid, int64_t layer, segments rows, float* scores,
                                           unsigned* d_status = nullptr, cudaStream_t stream = 0) {
   PREFIXKV_TRY(detail::check_key_norm_args(k, grid, layer, rows, scores, false));
-  workspace_layout<1> ws;
-  if (d_temp == nullptr) {
-    temp_bytes = ws.bytes();
-    return cudaSuccess;
-  }
-  PREFIXKV_TRY(ws.map(d_temp, temp_bytes));
-  if (k.batch == 0 || rows.count == 0 || detail::rows_all_empty(rows)) return cudaSuccess;
+  bool launch = false;
+  PREFIXKV_TRY(detail::no_workspace_begin(d_temp, temp_bytes, k.batch, rows, launch));
+  if (!launch) return cudaSuccess;
   if (k.batch > 65535) return detail::fail(reason::unsupported, "key-norm scorer: batch too large for one launch");
   const int64_t bx = k.tokens > 0 ? (k.tokens + 7) / 8 : 1;  // no keys: one block flags any non-empty row
   detail::key_norm_kernel<T><<<dim3(unsigned(bx < 4096 ? bx : 4096), unsigned(k.batch)), 256, 0, stream>>>(
