@@ -6,14 +6,17 @@
 // launch. Heavy-tailed random scores; curves built once on the host. Cold L2 before every timed run.
 // Counters: baseline_us (median of the bisection), ratio_vs_bisection (baseline / this run's median),
 // bisection_steps (host round-trips the baseline needed). path:3 = cluster path for problems that fit a thread-block
-// cluster, sample-select for the others (the default), path:1 = sample-select only, path:2 = the earlier
-// shared-memory narrowing path, path:0 = general path only (for comparison in the same run). cluster: CTAs per
-// cluster for path 3 (0 = the library's choice from the device and the problem count).
+// cluster, sample-select for the others (the default), path:4 = the cluster path's earlier exchange (cluster
+// barriers, no bulk load), path:5 = the default without the bulk load, path:1 = sample-select only, path:2 = the
+// earlier shared-memory narrowing path, path:0 = general path only (for comparison in the same run). cluster:
+// CTAs per cluster for paths 3-5 (0 = the library's choice from the device and the problem count). BM_floor:
+// launch and barrier floors of the cluster launch on this device.
 #include <prefixkv/select/select.cuh>
 #include <prefixkv/solve/solve.cuh>
 
 #include "support/bench_util.cuh"
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <memory>
@@ -155,7 +158,7 @@ void BM_solve_device(benchmark::State& state) {
   device_array<int32_t> status(size_t(w.problems));
   size_t bytes = 0;
   const auto budget = pk::budget_evict_ratio(evict_ratio);
-  const int path = int(state.range(3));  // 3: cluster (default), 1: sample-select, 2: narrowing, 0: general only
+  const int path = int(state.range(3));  // 3: cluster (default), 4: cluster barriers, 5: no bulk load, 1: sample-select, 2: narrowing, 0: general only
   const int cluster = int(state.range(4));
   PKV_BENCH_CHECK(pk::detail::solve_impl(nullptr, bytes, w.dev, w.problems, w.poff->ptr, budget, {}, keep.ptr, thr.ptr,
                                          status.ptr, st, path, 0, cluster));
@@ -190,13 +193,14 @@ void BM_solve_device(benchmark::State& state) {
   // phase times of the last (cold) run, thread 0 of problem 0: t<i> = microseconds from the kernel's start to
   // mark i; block path: 1 prologue, 2/3 level-0 samples loaded/selected, 4/5 level 1, 6/7 level 2, 8 gathered,
   // 9 final select, 10 end; cluster path: 1 metadata validated, 2 keys in shared memory, 3-6 radix passes,
-  // 7 per-segment sums, 10 end; -1 = mark not reached
+  // 7 per-segment sums, 10 end; pass 0 in detail: 11 searches, 12 counts pushed, 13 exchange complete, 14 counts
+  // summed; -1 = mark not reached
   long long tr[16];
   PKV_BENCH_CHECK(cudaMemcpyFromSymbol(tr, pk::detail::solve_trace, sizeof(tr)));
   int dev = 0, khz = 0;
   PKV_BENCH_CHECK(cudaGetDevice(&dev));
   PKV_BENCH_CHECK(cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, dev));
-  for (int i = 1; i <= 10; ++i)
+  for (int i = 1; i <= 15; ++i)
     state.counters["t" + std::to_string(i)] = tr[i] >= tr[0] ? double(tr[i] - tr[0]) / (double(khz) * 1e-3) : -1.0;
   const long long neg[16] = {-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1};
   PKV_BENCH_CHECK(cudaMemcpyToSymbol(pk::detail::solve_trace, neg, sizeof(neg)));
@@ -239,12 +243,82 @@ void BM_select_device(benchmark::State& state) {
   cudaStreamDestroy(st);
 }
 
+// Floors of the cluster path on this device, same launch shape as the solve (one cluster of `csize` CTAs x
+// solve_threads, the solve's dynamic shared memory): mode 0 = an empty kernel (launch + cold start), 1 = `n`
+// cluster barriers, 2 = `n` block barriers, 3 = `n` rounds of 16-byte remote stores of 1 KB per destination CTA
+// followed by a cluster barrier (the radix passes' exchange). Per-operation cost = (time(n) - time(0)) / n.
+template <int Mode>
+__global__ void __launch_bounds__(pk::detail::solve_threads, 1) floor_kernel(int n, unsigned* sink) {
+  extern __shared__ __align__(16) unsigned char floor_smem[];
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const auto cluster = cooperative_groups::this_cluster();
+  uint4* g = reinterpret_cast<uint4*>(floor_smem);
+  const int csize = int(cluster.num_blocks()), rank = int(cluster.block_rank());
+  if (Mode == 3) cluster.sync();
+  for (int i = 0; i < n; ++i) {
+    if (Mode == 1) cluster.sync();
+    if (Mode == 2) __syncthreads();
+    if (Mode == 3) {
+      const int q = threadIdx.x & 63;  // 64 x 16 B = 1 KB per destination, as the radix passes push
+      for (int r = threadIdx.x >> 6; r < csize; r += pk::detail::solve_threads / 64)
+        *cluster.map_shared_rank(g + rank * 64 + q, r) = make_uint4(i, q, r, 0);
+      cluster.sync();
+    }
+  }
+  if (threadIdx.x == 0 && n < 0) sink[blockIdx.x] = g[0].x;
+#else
+  if (threadIdx.x == 0 && n < 0) sink[blockIdx.x] = floor_smem[0];
+#endif
+}
+
+void BM_floor(benchmark::State& state) {
+  const int mode = int(state.range(0)), n = int(state.range(1)), csize = int(state.range(2));
+  auto fn = mode == 0 ? floor_kernel<0> : mode == 1 ? floor_kernel<1> : mode == 2 ? floor_kernel<2> : floor_kernel<3>;
+  const size_t smem = size_t(pk::detail::solve_key_cap()) * sizeof(uint32_t);
+  PKV_BENCH_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  PKV_BENCH_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  device_array<unsigned> sink(64);
+  cudaStream_t st;
+  PKV_BENCH_CHECK(cudaStreamCreate(&st));
+  auto run = [&](cudaStream_t s) {
+    cudaLaunchAttribute attr[1];
+    const cudaLaunchConfig_t cfg = pk::detail::solve_launch_config(attr, csize, csize, smem, s);
+    PKV_BENCH_CHECK(cudaLaunchKernelEx(&cfg, fn, n, sink.ptr));
+  };
+  event_timer timer;
+  timer.time_ms(run, st);
+  std::vector<float> ms;
+  for (auto _ : state) {
+    const float t = timer.time_ms(run, st);
+    ms.push_back(t);
+    state.SetIterationTime(t * 1e-3);
+  }
+  std::sort(ms.begin(), ms.end());
+  state.counters["median_us"] = ms[ms.size() / 2] * 1e3;
+  cudaStreamDestroy(st);
+}
+
 }  // namespace
+
+BENCHMARK(BM_floor)
+    ->ArgsProduct({{0, 1, 2, 3}, {0, 16}, {8, 16}})
+    ->ArgNames({"mode", "n", "csize"})
+    ->UseManualTime()
+    ->Iterations(50)
+    ->Repetitions(3)
+    ->ReportAggregatesOnly(true);
 
 BENCHMARK(BM_solve_device)
     ->Args({1, 32, 4096, 3, 0})
     ->Args({1, 32, 4096, 3, 8})
     ->Args({1, 32, 4096, 3, 16})
+    ->Args({1, 32, 4096, 3, 4})
+    ->Args({1, 32, 4096, 4, 0})
+    ->Args({1, 32, 4096, 4, 8})
+    ->Args({16, 32, 4096, 4, 0})
+    ->Args({1, 32, 4096, 5, 0})
+    ->Args({1, 32, 4096, 5, 8})
+    ->Args({16, 32, 4096, 5, 0})
     ->Args({1, 80, 32768, 3, 0})
     ->Args({1, 80, 131072, 3, 0})
     ->Args({16, 32, 4096, 3, 0})

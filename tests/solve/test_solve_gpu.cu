@@ -130,12 +130,14 @@ void run_and_compare(const batch& b, const pk::solve_budget& hb, const pk::solve
   // chosen from the device and P), the cluster path forced to 2 CTAs with a 4096-key budget per CTA (problems over
   // 8192 candidates then take the block path in the same launch), to 8 and to 16 CTAs; sample-select without
   // clusters, also with a small key budget (more narrowing levels, gather overflow -> general fallback); the
-  // earlier narrowing path; the general path alone
+  // earlier narrowing path; the general path alone; the cluster path's earlier design (cluster barriers, path 4),
+  // as chosen and forced to 2 CTAs x 4096 keys; the mbarrier exchange without the bulk load (path 5)
   struct variant {
     int path, key_cap, cluster;
   };
   const variant variants[] = {variant{3, 0, 0}, variant{3, 4096, 2}, variant{3, 0, 8}, variant{3, 0, 16},
-                              variant{1, 0, 0}, variant{1, 4096, 0}, variant{2, 0, 0}, variant{0, 0, 0}};
+                              variant{1, 0, 0}, variant{1, 4096, 0}, variant{2, 0, 0}, variant{0, 0, 0},
+                              variant{4, 0, 0}, variant{4, 4096, 2}, variant{5, 0, 0}};
   for (int vi = 0; vi < int(sizeof(variants) / sizeof(variants[0])); ++vi) {
   if (!variant_enabled(vi)) continue;
   const variant var = variants[vi];
@@ -228,6 +230,40 @@ TEST_CASE("device solver: per-problem token budgets and per-segment bound arrays
   run_token_budgets(rng, b, lo, hi);
 }
 
+TEST_CASE("device solver: hand-made curves with large and negative entry values (raw-key passes fall back)") {
+  // The cluster path's passes start on raw float bits, ordered like the floats only without the sign bit; curves
+  // built from scores stay in [0, 1]. Hand-made rows (still non-decreasing from 0) reach other values in some
+  // problems: all rows x3, one row x3, all rows x1e30, one row of -0.0; others unchanged, all in one launch.
+  auto rng = make_rng(406);
+  for (int round = 0; round < (quick() ? 2 : 6); ++round) {
+    const int64_t P = 1 + int64_t(rng() % (quick() ? 8 : 24));
+    batch b = make_batch(rng, P, 1 + rng() % 40, 1 + rng() % 400, pk::protect_policy{int64_t(rng() % 5), int64_t(rng() % 3)},
+                         round % 2 ? score_kind::tied : score_kind::mixed);
+    int64_t scaled = 0;
+    for (int64_t q = 0; q < P; ++q) {
+      // 0 unchanged, 1 all rows x3, 2 the first row x3, 3 all rows x1e30, 4 the first row all -0.0 (entry values
+      // 0 with the sign bit: a valid curve whose raw bits are not ordered like its values)
+      const int mode = int((q + round) % 5);
+      for (int64_t s = b.poff[q]; s < b.poff[q + 1]; ++s) {
+        if (mode == 0 || ((mode == 2 || mode == 4) && s != b.poff[q])) continue;
+        const float f = mode == 3 ? 1e30f : 3.0f;
+        for (int64_t j = b.curves.offsets[s]; j < b.curves.offsets[s + 1]; ++j)
+          b.curves.cumulative[j] = mode == 4 ? -0.0f : b.curves.cumulative[j] * f;
+        scaled += b.curves.offsets[s + 1] - b.curves.offsets[s];
+      }
+    }
+    INFO("round ", round, " scaled values ", scaled);
+    std::vector<double> ratios(P);
+    for (auto& r : ratios) r = std::uniform_real_distribution<double>(0.0, 0.9)(rng);
+    pk::solve_budget hb = pk::budget_evict_ratio(0);
+    hb.ratios = ratios.data();
+    device_buffer<double> dratios(ratios);
+    pk::solve_budget db = hb;
+    db.ratios = dratios.get();
+    run_and_compare(b, hb, db, {}, {});
+  }
+}
+
 TEST_CASE("device solver: large problems (multi-level windows, uncached metadata, no samples)") {
   auto rng = make_rng(403);
   struct shape {
@@ -235,17 +271,20 @@ TEST_CASE("device solver: large problems (multi-level windows, uncached metadata
     score_kind kind;
   };
   // full: the bench's 32 x 4K, a few very long rows, 80 x 20K, 200 x 5K (two sample-select levels), ties and
-  // one-hot rows (windows stop shrinking -> general fallback), and problems over the 1024-segment metadata cache.
+  // one-hot rows (windows stop shrinking -> general fallback), problems over the 1024-segment metadata cache, and
+  // 40 x 9K (360K candidates: more than 8 CTAs hold, so a 16-CTA cluster solves it with all its CTAs).
   // quick: the same kinds of shapes, smaller (the small key-cap variant still forces several levels).
   std::vector<shape> shapes = {shape{32, 4096, score_kind::mixed},  shape{3, 70000, score_kind::mixed},
                                shape{80, 20000, score_kind::heavy}, shape{200, 5000, score_kind::mixed},
                                shape{50, 5000, score_kind::onehot}, shape{40, 3000, score_kind::tied},
-                               shape{1500, 40, score_kind::mixed},  shape{20000, 9, score_kind::mixed}};
+                               shape{1500, 40, score_kind::mixed},  shape{20000, 9, score_kind::mixed},
+                               shape{40, 9000, score_kind::mixed}};
   std::vector<double> ratios = {0.0, 0.1, 0.5, 0.77};
   if (quick()) {
     shapes = {shape{32, 1500, score_kind::mixed}, shape{3, 6000, score_kind::mixed},
               shape{80, 700, score_kind::heavy},  shape{20, 500, score_kind::onehot},
-              shape{16, 600, score_kind::tied},   shape{1100, 6, score_kind::mixed}};
+              shape{16, 600, score_kind::tied},   shape{1100, 6, score_kind::mixed},
+              shape{40, 9000, score_kind::mixed}};
     ratios = {0.5};
   }
   for (shape sh : shapes) {

@@ -4,8 +4,9 @@
 //!
 //! Algorithm. On sm_90 the launch is a thread-block cluster launch (16 or 8 CTAs, from the device and P): a problem
 //! whose candidates fit the cluster's shared memory (<= 1024 segments) is solved by one cluster (`cluster path`,
-//! below: slices of the candidates loaded by all CTAs at once, an exact 4-pass radix selection whose per-digit
-//! counts are binary searches in sorted runs, summed across the cluster through distributed shared memory).
+//! below: slices of the candidates bulk-loaded by all CTAs at once, an exact 4-pass radix selection whose
+//! per-digit counts are binary searches in sorted runs, exchanged across the cluster through distributed shared
+//! memory with mbarrier-signalled asynchronous stores).
 //! Every other problem is solved by one block of 512 threads (grid-stride over problems):
 //! 1. per-problem totals (tokens, candidates, bounds) and the budget -> R = candidates still to pick;
 //! 2. sample-select fast path (problems of <= 512 segments, see `sample_select`): per level, m samples of every
@@ -39,8 +40,9 @@
 
 #include <atomic>
 
-//! Path `prefixkv::solve` takes: 3 = cluster path where a problem fits, sample-select for the others (default),
-//! 1 = sample-select only, 2 = earlier narrowing path, 0 = general path only (all answers are identical).
+//! Path `prefixkv::solve` takes: 3 = cluster path where a problem fits, sample-select for the others (default);
+//! 4 / 5 = the same with the cluster path's earlier exchange (cluster barriers) / without its bulk load; 1 =
+//! sample-select only, 2 = earlier narrowing path, 0 = general path only (all answers are identical).
 #ifndef PREFIXKV_SOLVE_FAST_PATH
 #define PREFIXKV_SOLVE_FAST_PATH 3
 #endif
@@ -651,9 +653,13 @@ __device__ inline bool sample_select(const curve_set& cv, int64_t ns, long long 
 
 
 // One problem solved by one block (the sample-select / narrowing / general paths).
-__device__ __forceinline__ void solve_block_problem(const curve_set& cv, int64_t p, const int64_t* poff, const solve_budget& bud,
+// Not inlined into solve_kernel (a template, like the kernels, so that several translation units may include it):
+// inlined, the two paths together spilled registers in the cluster path's passes (~2 us at 32 x 4K); apart,
+// neither spills (the kernel's parameters are __grid_constant__, so passing them by reference copies nothing).
+template <int = 0>
+__device__ __noinline__ void solve_block_problem(const curve_set& cv, int64_t p, const int64_t* poff, const solve_budget& bud,
                                           const keep_bounds& bnd, int64_t* keep, float* thr, int32_t* status,
-                                          int key_cap, int path, const solve_smem_view& sm, solve_shared& sh,
+                                          int key_cap, int path, const solve_smem_view sm, solve_shared& sh,
                                           solve_select_state& sst) {
   const int tid = threadIdx.x;
   const int64_t S = cv.count;
@@ -798,25 +804,35 @@ __device__ __forceinline__ void solve_block_problem(const curve_set& cv, int64_t
 // ---- cluster path ---------------------------------------------------------------------------------------------
 // One thread-block cluster per problem whose candidates fit the cluster's shared memory (csize * ckey_cap keys,
 // at most solve_seg_cap segments). CTA r copies the contiguous slice [r*T/cs, (r+1)*T/cs) of the problem's flat
-// candidate array once (cp.async; all CTAs in parallel, so the cold load is spread over cs SMs) and turns it into
-// ordered keys. The slice is a concatenation of sorted runs (one per segment it touches, cut to the eligible
-// ranks [lo, hi)). v is found by a radix selection over the union with 8-bit digits, 4 passes: the count of
-// eligible keys below each of the 255 digit boundaries prefix + d * 2^shift is a binary search per run (no
-// histogram atomics: runs are sorted), the per-CTA counts are pushed to every CTA through distributed shared
-// memory and summed there, and every CTA picks the same digit. Then per run #keys < v and #keys == v go to CTA 0
-// (remote atomics per segment), which hands out the keys == v in segment order (the (e, s, r) tie break) and
-// writes the keep counts.
+// candidate array once (cp.async; all CTAs in parallel, so the cold load is spread over cs SMs). The slice is a
+// concatenation of sorted runs (one per segment it touches, cut to the eligible ranks [lo, hi)). v is found by a
+// radix selection over the union with 8-bit digits, 4 passes: the count of eligible keys below each of the 255
+// digit boundaries prefix + d * 2^shift is a binary search per run (no histogram atomics: runs are sorted), the
+// per-CTA counts are pushed to every CTA through distributed shared memory and summed there, and every CTA picks
+// the same digit. Then per run #keys < v and #keys == v go to CTA 0 (remote atomics per segment), which hands out
+// the keys == v in segment order (the (e, s, r) tie break) and writes the keep counts.
+//
+// Keys. The passes first run on the raw bits of the entry values: for floats without the sign bit (every curve
+// built from scores) they are ordered like the floats. Pass 0's boundary 128 << 24 = 0x80000000 counts the keys
+// without the sign bit; if that is not every key (a negative value or -0 in a hand-made curve), every CTA sees it
+// in the same totals, converts its keys to ordered keys (order_key) and runs pass 0 again.
+//
+// Exchange. A cluster barrier costs ~0.7 us on an H100 (bench_solve's BM_floor), about as much as a whole pass's
+// searches, so the passes do without: each CTA's 1 KB of counts goes to every CTA with st.async stores that
+// complete bytes on the receiver's mbarrier, and a CTA reads its gather buffer as soon as its own mbarrier says
+// that every taking-part CTA's KB has arrived. Two buffers (and two mbarriers) alternate by pass: a CTA pushes
+// into a buffer of pass k + 2 only after its own pass k + 1 completed, i.e. after every CTA pushed pass k + 1,
+// which each did after reading its pass k buffer. The first push of a problem waits for the split cluster barrier
+// begun once the problem is accepted (every CTA is running, its mbarriers initialised; every CTA is done with the
+// previous problem). A problem that fits 8 CTAs takes only 8 of a 16-CTA cluster (half the exchange traffic); the
+// other 8 just join the problem's two cluster barriers. The final per-segment sums still end with a cluster
+// barrier (an mbarrier hand-off measured slower). (`exchange` false, path 4: the previous exchange, plain remote
+// stores and cluster barriers throughout, kept for comparison.)
+//
+// Load. The slice's 16-byte aligned middle is one bulk copy (TMA) completing on the CTA's mbarrier `mload`:
+// measured ~0.9 us sooner than 4-byte cp.async copies (path 5 keeps those).
 
 inline constexpr int solve_cluster_max = 16;
-// Gather buffers of the cluster path's radix passes. 1 (validated default): one buffer, the barrier split around
-// the next pass's searches (arrive after reading, wait before pushing: two barrier completions per pass). 2 (NOT
-// yet run on a device; 16 KB more shared memory per CTA): pass k pushes into buffer k & 1, whose previous readers
-// (pass k - 2) are ordered by pass k - 1's barrier: one barrier per pass. See bench/solve/RESULTS.md.
-#ifndef PREFIXKV_SOLVE_CLUSTER_BUFFERS
-#define PREFIXKV_SOLVE_CLUSTER_BUFFERS 1
-#endif
-inline constexpr int solve_cluster_buffers = PREFIXKV_SOLVE_CLUSTER_BUFFERS;
-static_assert(solve_cluster_buffers == 1 || solve_cluster_buffers == 2, "PREFIXKV_SOLVE_CLUSTER_BUFFERS: 1 or 2");
 
 // 4-byte asynchronous copy global -> shared (no registers held while the load is in flight).
 __device__ inline void cp_async4(void* smem, const void* gmem) {
@@ -825,7 +841,9 @@ __device__ inline void cp_async4(void* smem, const void* gmem) {
 }
 
 struct solve_cluster_shared {
-  alignas(16) uint32_t gather[solve_cluster_buffers][solve_cluster_max][256];  // [buffer][rank][d]: #keys < boundary d in CTA rank, pushed by that CTA
+  alignas(16) uint32_t gather[2][solve_cluster_max][256];  // [buffer][rank][d]: #keys < boundary d in CTA rank, pushed by that CTA
+  alignas(8) unsigned long long mbar[2];  // per gather buffer: completes when every CTA's counts are in it
+  unsigned long long mload;     // the slice's bulk copy has landed
   uint32_t cnt[257];            // cluster totals of the current pass (at most csize * key_cap)
   int16_t rseg[solve_seg_cap];  // run -> local segment
   int32_t acc[solve_seg_cap];   // (CTA 0) per segment: eligible keys < v
@@ -858,6 +876,51 @@ __device__ inline void cluster_arrive() { asm volatile("barrier.cluster.arrive.r
 __device__ inline void cluster_arrive_relaxed() { asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory"); }
 __device__ inline void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
 
+// mbarriers of the exchange (sm_90): 32-bit shared-window addresses, as PTX takes them.
+__device__ inline uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+__device__ inline void mbar_init(uint32_t bar, uint32_t arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(arrivals) : "memory");
+}
+__device__ inline void mbar_inval(uint32_t bar) { asm volatile("mbarrier.inval.shared::cta.b64 [%0];" ::"r"(bar) : "memory"); }
+// the initialisations visible to the cluster's other CTAs (before the cluster barrier that publishes them)
+__device__ inline void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
+// this CTA's one arrival of the phase, announcing `bytes` still to come from st.async stores
+__device__ inline void mbar_expect(uint32_t bar, uint32_t bytes) {
+  asm volatile("{\n\t.reg .b64 st;\n\tmbarrier.arrive.expect_tx.release.cta.shared::cta.b64 st, [%0], %1;\n\t}" ::"r"(bar),
+               "r"(bytes)
+               : "memory");
+}
+// wait until the phase of the given parity has completed (acquire at cluster scope: the st.async data is visible)
+__device__ inline void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n\t"
+        "selp.u32 %0, 1, 0, p;\n\t}"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+// bulk copy (TMA) of `bytes` (a multiple of 16, both addresses 16-byte aligned) global -> this CTA's shared
+// memory, completing the bytes on the local mbarrier `bar`
+__device__ inline void bulk_load(void* smem, const void* gmem, uint32_t bytes, uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                   smem_addr(smem)),
+               "l"(gmem), "r"(bytes), "r"(bar)
+               : "memory");
+}
+// 16 bytes into CTA `rank`'s shared memory at the address of `local` there, completing 16 bytes on that CTA's
+// mbarrier at the address of `local_bar` there
+__device__ inline void st_async16(const void* local, const void* local_bar, int rank, uint4 v) {
+  uint32_t ra, rb;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(ra) : "r"(smem_addr(local)), "r"(rank));
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(rb) : "r"(smem_addr(local_bar)), "r"(rank));
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];" ::"r"(ra),
+               "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(rb)
+               : "memory");
+}
+
 // Does problem p go to the cluster path? Uniform over the cluster (every CTA reads the same values).
 __device__ inline bool solve_cluster_fits(const curve_set& cv, int64_t P, const int64_t* poff, int64_t p, int csize,
                                           int key_cap, int64_t& s0, int64_t& s1) {
@@ -870,11 +933,17 @@ __device__ inline bool solve_cluster_fits(const curve_set& cv, int64_t P, const 
   return T >= 0 && T <= static_cast<int64_t>(csize) * key_cap;
 }
 
+// `ph` holds the parity of the next phase of this CTA's mbarriers over the launch: bit b for mbar[b], bit 2 for
+// mload. `ckey_cap`: keys per CTA.
 template <class Cluster>
 __device__ inline void solve_cluster_problem(const Cluster& cluster, const curve_set& cv, int64_t p, int64_t s0,
                                              int64_t s1, const solve_budget& bud, const keep_bounds& bnd,
-                                             int64_t* keep, float* thr, int32_t* status, const solve_smem_view& sm,
-                                             solve_shared& sh, solve_select_state& sst, solve_cluster_shared& cs) {
+                                             int64_t* keep, float* thr, int32_t* status, const solve_smem_view& sm_in,
+                                             solve_shared& sh, solve_select_state& sst, solve_cluster_shared& cs,
+                                             int path, int ckey_cap, uint32_t& ph) {
+  // path 3: bulk slice load and the mbarrier exchange; 5: the same without the bulk load; 4: no bulk load, cluster
+  // barriers throughout (the earlier design); 4 and 5 are kept for comparison (bench/solve)
+  const bool exchange = path != 4, bulk = path == 3;
   // partial counts per digit and thread group (the radix-select state is free here: 4 x 256 words)
   constexpr int nparts = solve_threads / 256;
   static_assert(nparts <= 4, "solve_select_state holds 4 x 256 partial counts");
@@ -885,18 +954,50 @@ __device__ inline void solve_cluster_problem(const Cluster& cluster, const curve
   PKV_SOLVE_MARK(0);
   const int64_t base = ns > 0 ? cv.offsets[s0] : 0;
   const int64_t T = ns > 0 ? cv.offsets[s1] - base : 0;
-  const int64_t a = base + (rank * T) / csize, b = base + ((rank + 1) * T) / csize;
+  // CTAs that take part: with the mbarrier exchange a problem that fits 8 CTAs uses 8 of a 16-CTA cluster (the
+  // exchange is then half the traffic: ~1.3 us less for 32 x 4K); the others only join the cluster barriers
+  const int active = exchange && csize > 8 && T <= 8 * static_cast<int64_t>(ckey_cap) ? 8 : csize;
+  const int64_t a = base + (rank < active ? (rank * T) / active : T);
+  const int64_t b = base + (rank < active ? ((rank + 1) * T) / active : T);
   const int n_mine = static_cast<int>(b - a);
-  // The whole slice goes straight to shared memory with asynchronous copies, issued before the metadata
-  // reduction so that the cold loads overlap it (flat index j holds the entry value cum[j - 1]; segment starts
-  // are fixed up below). In bounds whenever the curve offsets are valid (the precondition).
+  // The whole slice goes straight to shared memory, issued before the metadata reduction so that the cold loads
+  // overlap it (flat index j holds the entry value cum[j - 1]; segment starts are fixed up below). In bounds
+  // whenever the curve offsets are valid (the precondition). keys[x] <- cum[a - 1 + x]: with `bulk`, the 16-byte
+  // aligned middle of the slice is one bulk copy (the keys start 0-3 words into their region so that its
+  // destination is aligned too), the at most 3 + 3 words around it 4-byte asynchronous copies.
+  int h0 = n_mine, h1 = n_mine;  // [h0, h1): the bulk copy's keys
+  solve_smem_view sm = sm_in;
+  if (bulk && n_mine > 0) {
+    const int64_t g = a - 1;  // global index of keys[0] (-1: the problem's first entry value, 0)
+    int lead = static_cast<int>((4 - ((reinterpret_cast<uintptr_t>(cv.cumulative + (g < 0 ? 0 : g)) >> 2) & 3)) & 3);
+    if (g < 0) lead += 1;  // keys[0] is not copied
+    if (lead < n_mine && n_mine - lead >= 4) {
+      h0 = lead;
+      h1 = lead + (n_mine - lead) / 4 * 4;
+      sm.keys += (4 - (h0 & 3)) & 3;  // keys + h0 16-byte aligned
+    }
+  }
+  if (h1 > h0 && tid == 0) {
+    const uint32_t bar = smem_addr(&cs.mload);
+    const uint32_t bytes = static_cast<uint32_t>(h1 - h0) * sizeof(uint32_t);
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // earlier generic accesses before the copy's writes
+    mbar_expect(bar, bytes);
+    bulk_load(sm.keys + h0, cv.cumulative + (a - 1 + h0), bytes, bar);
+  }
   for (int x = tid; x < n_mine; x += solve_threads) {
+    if (x >= h0 && x < h1) {
+      x = h1 - 1 - (h1 - 1 - x) % solve_threads;  // skip to the last x of this thread's stride inside [h0, h1)
+      continue;
+    }
     if (a + x > 0)
       cp_async4(sm.keys + x, cv.cumulative + a + x - 1);
     else
       sm.keys[x] = 0u;  // the bits of 0.0f
   }
   asm volatile("cp.async.commit_group;" ::: "memory");
+  const bool bulk_used = h1 > h0;
+  const uint32_t load_parity = (ph >> 2) & 1u;
+  if (bulk_used) ph ^= 4u;
   // metadata and validation (every CTA redundantly: no cluster exchange needed)
   long long red[6] = {0, 0, 0, 0, 0, 0};  // tokens, candidates, sum lo, sum hi, bad shape, bad bounds
   for (int64_t i = tid; i < ns; i += solve_threads) {
@@ -927,27 +1028,29 @@ __device__ inline void solve_cluster_problem(const Cluster& cluster, const curve
       if (thr) thr[p] = 0.0f;
     }
     asm volatile("cp.async.wait_all;" ::: "memory");
+    if (bulk_used) mbar_wait(smem_addr(&cs.mload), load_parity);
     __syncthreads();
     return;
   }
-  const long long R = B - t.lo;  // >= 1
-  // Every CTA of the cluster must be running before anyone writes into its shared memory: arrive here (relaxed,
-  // no ordering needed), wait just before the first push below, so the barrier overlaps the key preparation.
-  // (compute-sanitizer racecheck flagged the first pushes as writes into "a block that might not have entered
-  // yet" before this barrier existed.)
+  const long long R = B - t.lo;         // >= 1
+  const long long total = t.hi - t.lo;  // eligible keys of the problem
+  // Every CTA of the cluster must be running (and its mbarriers initialised) before anyone writes into its shared
+  // memory: arrive here (relaxed; the initialisation was fenced), wait just before the first push below, so the
+  // barrier overlaps the key preparation. (compute-sanitizer racecheck flagged the first pushes as writes into "a
+  // block that might not have entered yet" before this barrier existed.)
   cluster_arrive_relaxed();
-  // entry values -> ordered keys, in place (each thread converts the words its own copies wrote)
+  // segment starts (entry value 0) and this CTA's runs: eligible ranks of segment i within [a, b). The first
+  // barrier of block_exclusive_sum orders every thread's copies before the fix-ups.
   asm volatile("cp.async.wait_all;" ::: "memory");
-  for (int x = tid; x < n_mine; x += solve_threads) sm.keys[x] = order_key(__uint_as_float(sm.keys[x]));
-  __syncthreads();
-  // segment starts (entry value 0) and this CTA's runs: eligible ranks of segment i within [a, b)
+  if (bulk_used) mbar_wait(smem_addr(&cs.mload), load_parity);
   long long carry = 0;
   for (int64_t c0 = 0; c0 < ns; c0 += solve_threads) {
     const int64_t i = c0 + tid;
-    int64_t ra = 0, rb = 0;
+    int64_t ra = 0, rb = 0, o = 0;
+    bool start = false;
     if (i < ns) {
-      const int64_t o = sm.off[i];
-      if (sm.cnt[i] > 0 && o >= a && o < b) sm.keys[o - a] = order_key(0.0f);
+      o = sm.off[i];
+      start = sm.cnt[i] > 0 && o >= a && o < b;
       ra = o + sm.lo[i];
       rb = o + sm.hi[i];
       ra = ra < a ? a : ra;
@@ -956,6 +1059,7 @@ __device__ inline void solve_cluster_problem(const Cluster& cluster, const curve
     const bool run = rb > ra;
     long long tot = 0;
     const long long k = carry + block_exclusive_sum(run ? 1 : 0, tot, sh.sc);
+    if (start) sm.keys[o - a] = 0u;  // the bits of 0.0f
     if (run) {
       sm.wa[k] = static_cast<int32_t>(ra - a);
       sm.wb[k] = static_cast<int32_t>(rb - ra);
@@ -968,14 +1072,17 @@ __device__ inline void solve_cluster_problem(const Cluster& cluster, const curve
   PKV_SOLVE_MARK(2);
   // radix selection over the cluster's keys: C(d) = #eligible keys < prefix + d * 2^shift
   uint32_t prefix = 0;
-  long long c_low = 0, c_high = t.hi - t.lo;  // C(0), C(256)
+  long long c_low = 0, c_high = total;  // C(0), C(256)
+  bool raw = true;                      // keys are raw float bits (until a key with the sign bit shows up)
+  bool first = true;                    // the problem's first push waits for the cluster barrier begun above
   const int d = tid & 255, half = tid >> 8;
-  // Every CTA pushes its 255 counts into slot [rank] of every CTA's gather array (remote stores do not stall),
-  // then one cluster barrier, then each CTA sums its local gather array. The barrier is split around the next
-  // pass's searches: a CTA's reads of gather (arrive) precede the next pushes into it (wait).
+  int xp = 0;                           // exchanges of this problem: gather buffer xp & 1
+  if (rank >= active) cluster_wait();   // not taking part: the cluster barriers only (begun above, final below)
 #pragma unroll 1
-  for (int pass = 0; pass < 4; ++pass) {
-    const int shift = 24 - 8 * pass, buf = solve_cluster_buffers == 2 ? (pass & 1) : 0;
+  for (int pass = 0; pass < 4 && rank < active; ++pass) {
+    const int shift = 24 - 8 * pass, buf = exchange ? (xp & 1) : 0;
+    const uint32_t bar = smem_addr(&cs.mbar[buf]);
+    if (exchange && tid == 0) mbar_expect(bar, static_cast<uint32_t>(active) * 256u * sizeof(uint32_t));
     uint32_t n = 0;
     if (d > 0) {
       const uint32_t bound = prefix + (static_cast<uint32_t>(d) << shift);
@@ -989,6 +1096,7 @@ __device__ inline void solve_cluster_problem(const Cluster& cluster, const curve
     }
     part[half][d] = n;
     __syncthreads();
+    if (pass == 0) PKV_SOLVE_MARK(11);
     {
       // 16-byte pushes: thread t sends digits 4q..4q+3 (q = t % 64) to ranks t / 64, t / 64 + 8, ...
       const int q = tid & 63;
@@ -1001,18 +1109,31 @@ __device__ inline void solve_cluster_problem(const Cluster& cluster, const curve
         sum.z += x.z;
         sum.w += x.w;
       }
-      // pass 0: every CTA has started (the arrive above); later passes with one buffer: every CTA has read the
+      // the first push: every CTA has started (the arrive above); cluster barriers: every CTA has read the
       // previous pass's gather (the arrive at the end of that pass)
-      if (pass == 0 || solve_cluster_buffers == 1) cluster_wait();
-      for (int r = tid >> 6; r < csize; r += solve_threads / 64)
-        *reinterpret_cast<uint4*>(cluster.map_shared_rank(&cs.gather[buf][rank][4 * q], r)) = sum;
+      if (first || !exchange) cluster_wait();
+      first = false;
+      for (int r = tid >> 6; r < active; r += solve_threads / 64) {
+        if (exchange)
+          st_async16(&cs.gather[buf][rank][4 * q], &cs.mbar[buf], r, sum);
+        else
+          *reinterpret_cast<uint4*>(cluster.map_shared_rank(&cs.gather[buf][rank][4 * q], r)) = sum;
+      }
     }
-    cluster.sync();  // every CTA's counts visible
+    if (pass == 0) PKV_SOLVE_MARK(12);
+    if (exchange) {
+      mbar_wait(bar, (ph >> buf) & 1u);  // every taking-part CTA's counts are in this CTA's buffer
+      ph ^= 1u << buf;
+      ++xp;
+    } else {
+      cluster.sync();  // every CTA's counts visible
+    }
+    if (pass == 0) PKV_SOLVE_MARK(13);
     if (tid < 256 && tid > 0) {
       uint32_t sum = 0;
 #pragma unroll
       for (int r = 0; r < solve_cluster_max; ++r)
-        if (r < csize) sum += cs.gather[buf][r][tid];
+        if (r < active) sum += cs.gather[buf][r][tid];
       cs.cnt[tid] = sum;
     }
     if (tid == 0) {
@@ -1020,6 +1141,17 @@ __device__ inline void solve_cluster_problem(const Cluster& cluster, const curve
       cs.cnt[256] = static_cast<uint32_t>(c_high);
     }
     __syncthreads();
+    if (pass == 0) PKV_SOLVE_MARK(14);
+    if (pass == 0 && raw && static_cast<long long>(cs.cnt[128]) != total) {
+      // a key with the sign bit (C(0x80000000) counts the others): ordered keys, pass 0 again. Uniform: every CTA
+      // sees the same totals. The split barrier's arrive (cluster-barrier exchange) pairs with pass 0's wait.
+      raw = false;
+      for (int x = tid; x < n_mine; x += solve_threads) sm.keys[x] = order_key(__uint_as_float(sm.keys[x]));
+      __syncthreads();
+      if (!exchange) cluster_arrive();
+      pass = -1;
+      continue;
+    }
     if (tid < 256) {
       const long long lo_c = cs.cnt[tid], hi_c = cs.cnt[tid + 1];  // (uint32: at most csize * key_cap keys)
       if (lo_c < R && R <= hi_c) {
@@ -1032,7 +1164,7 @@ __device__ inline void solve_cluster_problem(const Cluster& cluster, const curve
     prefix = cs.prefix;
     c_low = cs.c_low;
     c_high = cs.c_high;
-    if (solve_cluster_buffers == 1 && pass < 3) cluster_arrive();  // this CTA's reads of gather are done
+    if (!exchange && pass < 3) cluster_arrive();  // this CTA's reads of gather are done
     PKV_SOLVE_MARK(3 + pass);
   }
   const uint32_t v = prefix;  // count(< v) = c_low < R <= count(<= v)
@@ -1052,18 +1184,20 @@ __device__ inline void solve_cluster_problem(const Cluster& cluster, const curve
       if (eq != 0) atomicAdd(cluster.map_shared_rank(&cs.eqa[i], 0), eq);
     }
   }
-  cluster.sync();  // per-segment sums complete in CTA 0; after this barrier no CTA touches another's memory
+  // per-segment sums complete in CTA 0; after this barrier no CTA touches another's memory. (An mbarrier
+  // hand-off to CTA 0 instead measured 0.3 us slower, and racecheck cannot see it order CTA 0's exit.)
+  cluster.sync();
   PKV_SOLVE_MARK(7);
   if (rank == 0) {
     // CTA 0: keys == v handed out in segment order (the (e, s, r) tie break), keep counts
     const long long rem = R - c_low;
-    long long carry = 0;
+    long long carry2 = 0;
     for (int64_t c0 = 0; c0 < ns; c0 += solve_threads) {
       const int64_t i = c0 + tid;
       const long long eq = i < ns ? cs.eqa[i] : 0;
       long long tot = 0;
-      const long long before = carry + block_exclusive_sum(eq, tot, sh.sc);
-      carry += tot;
+      const long long before = carry2 + block_exclusive_sum(eq, tot, sh.sc);
+      carry2 += tot;
       if (i < ns) {
         long long take = rem - before;
         take = take < 0 ? 0 : (take > eq ? eq : take);
@@ -1072,7 +1206,8 @@ __device__ inline void solve_cluster_problem(const Cluster& cluster, const curve
     }
     if (tid == 0) {
       if (status) status[p] = 0;
-      if (thr) thr[p] = key_value(v);
+      // raw bits of a float without the sign bit are its value; ordered keys go back through key_value
+      if (thr) thr[p] = raw ? __uint_as_float(v) : key_value(v);
     }
   }
   PKV_SOLVE_MARK(10);
@@ -1082,7 +1217,8 @@ __device__ inline void solve_cluster_problem(const Cluster& cluster, const curve
 // Kernels in headers are templates (a dummy parameter) so that several translation units may include them.
 template <int = 0>
 PREFIXKV_KERNEL void __launch_bounds__(solve_threads, 1)
-    solve_kernel(curve_set cv, int64_t P, const int64_t* poff, solve_budget bud, keep_bounds bnd, int64_t* keep,
+    solve_kernel(const __grid_constant__ curve_set cv, int64_t P, const int64_t* poff,
+                 const __grid_constant__ solve_budget bud, const __grid_constant__ keep_bounds bnd, int64_t* keep,
                  float* thr, int32_t* status, int key_cap, int path, int csize, int ckey_cap) {
   extern __shared__ __align__(16) unsigned char solve_dyn_smem[];
   __shared__ solve_shared sh;
@@ -1122,10 +1258,27 @@ PREFIXKV_KERNEL void __launch_bounds__(solve_threads, 1)
     // the problems that do not fit, one per CTA (so large problems keep one SM each, as without clusters)
     const auto cluster = cooperative_groups::this_cluster();
     const int64_t nclusters = gridDim.x / csize, cid = blockIdx.x / csize;
-    for (int64_t p = cid; p < P; p += nclusters) {
-      int64_t s0, s1;
-      if (solve_cluster_fits(cv, P, poff, p, csize, ckey_cap, s0, s1))
-        solve_cluster_problem(cluster, cv, p, s0, s1, bud, bnd, keep, thr, status, smc, sh, sst, cs);
+    if (cid < P) {
+      if (threadIdx.x == 0) {
+        mbar_init(smem_addr(&cs.mbar[0]), 1);
+        mbar_init(smem_addr(&cs.mbar[1]), 1);
+        mbar_init(smem_addr(&cs.mload), 1);
+        mbar_init_fence();  // published to the other CTAs by the cluster barrier before a problem's first push
+      }
+      __syncthreads();
+      uint32_t ph = 0;
+      for (int64_t p = cid; p < P; p += nclusters) {
+        int64_t s0, s1;
+        if (solve_cluster_fits(cv, P, poff, p, csize, ckey_cap, s0, s1))
+          solve_cluster_problem(cluster, cv, p, s0, s1, bud, bnd, keep, thr, status, smc, sh, sst, cs, path, ckey_cap, ph);
+      }
+      // every phase has completed (each CTA waited for its own); the memory may become block-path keys
+      if (threadIdx.x == 0) {
+        mbar_inval(smem_addr(&cs.mbar[0]));
+        mbar_inval(smem_addr(&cs.mbar[1]));
+        mbar_inval(smem_addr(&cs.mload));
+      }
+      __syncthreads();
     }
   }
 #else
@@ -1137,7 +1290,7 @@ PREFIXKV_KERNEL void __launch_bounds__(solve_threads, 1)
   for (int64_t p = blockIdx.x; p < P; p += gridDim.x) {
     int64_t s0, s1;
     if (csize > 1 && solve_cluster_fits(cv, P, poff, p, csize, ckey_cap, s0, s1)) continue;
-    solve_block_problem(cv, p, poff, bud, bnd, keep, thr, status, key_cap, path == 3 ? 1 : path, sm, sh, sst);
+    solve_block_problem<>(cv, p, poff, bud, bnd, keep, thr, status, key_cap, path >= 3 ? 1 : path, sm, sh, sst);
   }
 }
 
@@ -1237,7 +1390,8 @@ inline int solve_key_cap() noexcept {
   return solve_facts(f) == cudaSuccess ? f.key_cap : solve_min_keys;
 }
 
-// `path`: 3 = cluster path for the problems that fit a cluster, sample-select for the others (default), 1 =
+// `path`: 3 = cluster path for the problems that fit a cluster, sample-select for the others (default; 4: the
+// cluster path's earlier exchange through cluster barriers, 5: no bulk load, for comparison), 1 =
 // sample-select fast path (no clusters), 2 = the earlier shared-memory narrowing path, 0 = general path only
 // (tests cover every path on the same inputs; the answers are identical). Problems a fast path cannot take (more
 // than solve_seg_cap segments, windows that stop shrinking) fall back to the general path. `key_cap_limit`
@@ -1275,10 +1429,10 @@ inline int solve_key_cap() noexcept {
   if (key_cap_limit >= solve_min_keys && key_cap_limit < key_cap) key_cap = key_cap_limit / 32 * 32;  // tests
   const size_t smem = static_cast<size_t>(f.key_cap) * sizeof(uint32_t);
   // cluster path: keys per CTA after the cluster state (same dynamic shared memory), limited like key_cap
-  int ckey_cap = f.key_cap - static_cast<int>(solve_cluster_bytes / sizeof(uint32_t));
+  int ckey_cap = f.key_cap - static_cast<int>(solve_cluster_bytes / sizeof(uint32_t)) - 4;  // (- 4: bulk alignment)
   if (key_cap_limit >= solve_min_keys && key_cap_limit < ckey_cap) ckey_cap = key_cap_limit / 32 * 32;  // tests
   int csize = 1;
-  if (path == 3 && ckey_cap >= solve_min_keys) {
+  if (path >= 3 && path <= 5 && ckey_cap >= solve_min_keys) {
     csize = solve_cluster_size(f, num_problems);
     if (cluster > 1) {
       int lg = 1;
