@@ -139,10 +139,25 @@ struct bisection {
   }
 };
 
+// The timed loop of every benchmark here: one warm-up, then each iteration timed with CUDA events (cold L2) and
+// handed to Google Benchmark; returns the iteration times (ms) sorted, so that the median is the middle one.
+template <class F>
+std::vector<float> timed_runs(benchmark::State& state, F&& fn, cudaStream_t st) {
+  event_timer timer;
+  timer.time_ms(fn, st);  // warm-up
+  std::vector<float> ms;
+  for (auto _ : state) {
+    const float t = timer.time_ms(fn, st);
+    ms.push_back(t);
+    state.SetIterationTime(t * 1e-3);
+  }
+  std::sort(ms.begin(), ms.end());
+  return ms;
+}
+float median_of(const std::vector<float>& sorted) { return sorted.empty() ? 0.f : sorted[sorted.size() / 2]; }
+
 void set_counters(benchmark::State& state, const std::vector<float>& ms, float baseline_ms, int steps) {
-  std::vector<float> v = ms;
-  std::sort(v.begin(), v.end());
-  const float med = v.empty() ? 0.f : v[v.size() / 2];
+  const float med = median_of(ms);  // (sorted by timed_runs)
   state.counters["baseline_us"] = baseline_ms * 1e3;
   state.counters["median_us"] = med * 1e3;
   state.counters["ratio_vs_bisection"] = med > 0 ? baseline_ms / med : 0.0;
@@ -172,14 +187,7 @@ void BM_solve_device(benchmark::State& state) {
   workload& one = get(1, w.segments, w.tokens);
   const float base_one = median_ms([&](cudaStream_t s) { bis.run(one, s); }, 9, st);
   const float baseline = base_one * float(w.problems);
-  event_timer timer;
-  timer.time_ms(solve, st);  // warm-up
-  std::vector<float> ms;
-  for (auto _ : state) {
-    const float t = timer.time_ms(solve, st);
-    ms.push_back(t);
-    state.SetIterationTime(t * 1e-3);
-  }
+  const std::vector<float> ms = timed_runs(state, solve, st);
   // sanity: the device answer meets the budget exactly
   std::vector<int64_t> k(size_t(w.dev.count));
   PKV_BENCH_CHECK(cudaMemcpy(k.data(), keep.ptr, k.size() * sizeof(int64_t), cudaMemcpyDeviceToHost));
@@ -227,16 +235,7 @@ void BM_select_device(benchmark::State& state) {
   };
   // bandwidth reference: copying the kept positions' worth of int32 (read positions + write indices)
   const float copy = time_memcpy_d2d(size_t(cap) * sizeof(int32_t));
-  event_timer timer;
-  timer.time_ms(run, st);
-  std::vector<float> ms;
-  for (auto _ : state) {
-    const float t = timer.time_ms(run, st);
-    ms.push_back(t);
-    state.SetIterationTime(t * 1e-3);
-  }
-  std::sort(ms.begin(), ms.end());
-  const float med = ms[ms.size() / 2];
+  const float med = median_of(timed_runs(state, run, st));
   state.counters["median_us"] = med * 1e3;
   state.counters["memcpy_us"] = copy * 1e3;
   state.counters["ratio_vs_memcpy"] = med > 0 ? med / copy : 0.0;
@@ -285,16 +284,7 @@ void BM_floor(benchmark::State& state) {
     const cudaLaunchConfig_t cfg = pk::detail::solve_launch_config(attr, csize, csize, smem, s);
     PKV_BENCH_CHECK(cudaLaunchKernelEx(&cfg, fn, n, sink.ptr));
   };
-  event_timer timer;
-  timer.time_ms(run, st);
-  std::vector<float> ms;
-  for (auto _ : state) {
-    const float t = timer.time_ms(run, st);
-    ms.push_back(t);
-    state.SetIterationTime(t * 1e-3);
-  }
-  std::sort(ms.begin(), ms.end());
-  state.counters["median_us"] = ms[ms.size() / 2] * 1e3;
+  state.counters["median_us"] = median_of(timed_runs(state, run, st)) * 1e3;
   cudaStreamDestroy(st);
 }
 

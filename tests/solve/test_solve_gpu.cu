@@ -166,6 +166,15 @@ void run_and_compare(const batch& b, const pk::solve_budget& hb, const pk::solve
   }
 }
 
+// Per-problem evict ratios, as host and device copies, through run_and_compare (no bounds).
+void run_ratios(const batch& b, const std::vector<double>& ratios) {
+  device_buffer<double> dratios(ratios);
+  pk::solve_budget hb = pk::budget_evict_ratio(0), db = hb;
+  hb.ratios = ratios.data();
+  db.ratios = dratios.get();
+  run_and_compare(b, hb, db, {}, {});
+}
+
 // Per-problem kept-token budgets (random, up to each problem's tokens) with per-segment bound arrays lo/hi, as
 // host and device copies, through run_and_compare.
 void run_token_budgets(std::mt19937_64& rng, const batch& b, const std::vector<int64_t>& lo,
@@ -202,12 +211,7 @@ TEST_CASE("device solver == host solver: ragged batches, thousands of segments, 
     std::vector<double> ratios(P);
     for (auto& r : ratios) r = std::uniform_real_distribution<double>(0.0, 0.85)(rng);
     ratios[0] = 0.999;  // likely infeasible: exercises the status path
-    pk::solve_budget hb = pk::budget_evict_ratio(0);
-    hb.ratios = ratios.data();
-    device_buffer<double> dratios(ratios);
-    pk::solve_budget db = hb;
-    db.ratios = dratios.get();
-    run_and_compare(b, hb, db, {}, {});
+    run_ratios(b, ratios);
     // uniform keep-candidates budget with uniform bounds
     pk::keep_bounds bd;
     bd.min_keep = rng() % 3;
@@ -255,12 +259,7 @@ TEST_CASE("device solver: hand-made curves with large and negative entry values 
     INFO("round ", round, " scaled values ", scaled);
     std::vector<double> ratios(P);
     for (auto& r : ratios) r = std::uniform_real_distribution<double>(0.0, 0.9)(rng);
-    pk::solve_budget hb = pk::budget_evict_ratio(0);
-    hb.ratios = ratios.data();
-    device_buffer<double> dratios(ratios);
-    pk::solve_budget db = hb;
-    db.ratios = dratios.get();
-    run_and_compare(b, hb, db, {}, {});
+    run_ratios(b, ratios);
   }
 }
 
@@ -406,11 +405,7 @@ TEST_CASE("device solver: cluster-path and block-path problems in one launch (ra
   std::vector<double> ratios(P);
   for (auto& r : ratios) r = std::uniform_real_distribution<double>(0.0, 0.9)(rng);
   ratios[P - 1] = 0.999;
-  device_buffer<double> dratios(ratios);
-  pk::solve_budget hb = pk::budget_evict_ratio(0), db = hb;
-  hb.ratios = ratios.data();
-  db.ratios = dratios.get();
-  run_and_compare(b, hb, db, {}, {});
+  run_ratios(b, ratios);
   // per-problem token budgets with per-segment bound arrays
   std::vector<int64_t> lo(S), hi(S);
   for (int64_t s = 0; s < S; ++s) {
