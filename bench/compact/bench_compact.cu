@@ -8,7 +8,8 @@
 //   ratio       memcpy time / kernel time (1.0 = copy speed)
 // `trusted:1` skips the device-side index check kernel (index_check::trusted).
 // `kernel`, `resident`, `chunk_rows` pick move-kernel variants (detail::compact_tune, same run; see args()).
-// BM_copy: a plain copy kernel against cudaMemcpyAsync of the same bytes (diagnostic, same run).
+// BM_copy: a plain copy kernel against cudaMemcpyAsync of the same bytes (diagnostic, same run); variants 5-9
+// copy the same bytes as 512 long-lived streams (the in-place kernel's one block per lane), see RESULTS.md.
 #include <prefixkv/compact/compact.cuh>
 
 #include "support/bench_util.cuh"
@@ -251,10 +252,77 @@ __global__ void __launch_bounds__(256, MinB) copy_kernel(const uint4* __restrict
   }
 }
 
+// Diagnostic for the in-place gap: 512 independent streams (one block each, like the in-place kernel's one block
+// per lane of a 32-layer x 8-head x K/V cache), each copying its own contiguous region in tiles of 256 x U words
+// with all loads of a tile before its stores. Bar: a block barrier between the loads and the stores of a tile (as
+// in place). Shift: the region's second half moves onto its first half within the source buffer (an in-place move,
+// reads ahead of writes), instead of copying to the destination buffer.
+template <int U, bool Bar, bool Shift>
+__global__ void __launch_bounds__(256, 2) stream_copy_kernel(uint4* __restrict__ s, uint4* __restrict__ d, int64_t per) {
+  uint4* src = s + int64_t(blockIdx.x) * per + (Shift ? per / 2 : 0);
+  uint4* dst = Shift ? s + int64_t(blockIdx.x) * per : d + int64_t(blockIdx.x) * per;
+  const int64_t n = Shift ? per / 2 : per;
+  for (int64_t base = 0; base < n; base += int64_t(256) * U) {
+    uint4 buf[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t i = base + u * 256 + threadIdx.x;
+      if (i < n) buf[u] = src[i];
+    }
+    if (Bar) __syncthreads();
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t i = base + u * 256 + threadIdx.x;
+      if (i < n) dst[i] = buf[u];
+    }
+  }
+}
+
+// The same 512 streams through a shared-memory ring of NS tiles filled with 16-byte cp.async copies, so that
+// NS - 1 tiles of loads stay in flight while a tile is stored (no registers held by loads in flight). Each thread
+// stores exactly the words it copied, so only the in-place case (Shift) needs the block barrier per tile.
+template <int U, int NS, bool Shift>
+__global__ void __launch_bounds__(256, 2) stream_pipe_kernel(uint4* __restrict__ s, uint4* __restrict__ d, int64_t per) {
+  extern __shared__ uint4 ring[];  // [NS][256 * U]
+  uint4* src = s + int64_t(blockIdx.x) * per + (Shift ? per / 2 : 0);
+  uint4* dst = Shift ? s + int64_t(blockIdx.x) * per : d + int64_t(blockIdx.x) * per;
+  const int64_t n = Shift ? per / 2 : per;
+  constexpr int64_t tile = int64_t(256) * U;
+  const int64_t tiles = (n + tile - 1) / tile;
+  auto issue = [&](int64_t t) {
+    if (t < tiles) {
+      uint4* slot = ring + (t % NS) * tile;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t i = t * tile + u * 256 + threadIdx.x;
+        if (i < n) {
+          const unsigned sa = static_cast<unsigned>(__cvta_generic_to_shared(slot + u * 256 + threadIdx.x));
+          asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(sa), "l"(src + i) : "memory");
+        }
+      }
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+  };
+  for (int t = 0; t < NS - 1; ++t) issue(t);
+  for (int64_t t = 0; t < tiles; ++t) {
+    asm volatile("cp.async.wait_group %0;" ::"n"(NS - 2) : "memory");
+    if (Shift) __syncthreads();  // every thread's loads of tile t done before any store of it
+    issue(t + NS - 1);           // into the slot of tile t - 1, whose words this thread stored already
+    const uint4* slot = ring + (t % NS) * tile;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t i = t * tile + u * 256 + threadIdx.x;
+      if (i < n) dst[i] = slot[u * 256 + threadIdx.x];
+    }
+  }
+}
+
 void BM_copy(benchmark::State& state) {
   const int64_t T = state.range(0), pct = state.range(1), v = state.range(2), one_shot = state.range(3);
   const size_t bytes = size_t(2 * L * B * H * (T * pct / 100) * D * sizeof(bf16));
   char* base = arena(2 * bytes);
+  for (auto k : {stream_pipe_kernel<8, 3, false>, stream_pipe_kernel<8, 3, true>})
+    PKV_BENCH_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, 3 * 256 * 8 * 16));
   const int64_t n = int64_t(bytes / 16);
   int sms = 0;
   PKV_BENCH_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
@@ -270,7 +338,13 @@ void BM_copy(benchmark::State& state) {
       case 1: copy_kernel<8, 2, 0><<<grid(8, 2), 256, 0, st>>>(s, d, n); break;
       case 2: copy_kernel<16, 2, 3><<<grid(16, 2), 256, 0, st>>>(s, d, n); break;
       case 3: copy_kernel<4, 4, 3><<<grid(4, 4), 256, 0, st>>>(s, d, n); break;
-      default: copy_kernel<4, 8, 0><<<grid(4, 8), 256, 0, st>>>(s, d, n); break;
+      case 4: copy_kernel<4, 8, 0><<<grid(4, 8), 256, 0, st>>>(s, d, n); break;
+      // 512 streams (n / 512 words each; the moved bytes are n words, as above, except Shift: n / 2)
+      case 5: stream_copy_kernel<8, false, false><<<512, 256, 0, st>>>(const_cast<uint4*>(s), d, n / 512); break;
+      case 6: stream_copy_kernel<8, true, false><<<512, 256, 0, st>>>(const_cast<uint4*>(s), d, n / 512); break;
+      case 7: stream_copy_kernel<8, true, true><<<512, 256, 0, st>>>(const_cast<uint4*>(s), d, n / 512); break;
+      case 8: stream_pipe_kernel<8, 3, false><<<512, 256, 3 * 256 * 8 * 16, st>>>(const_cast<uint4*>(s), d, n / 512); break;
+      default: stream_pipe_kernel<8, 3, true><<<512, 256, 3 * 256 * 8 * 16, st>>>(const_cast<uint4*>(s), d, n / 512); break;
     }
     PKV_BENCH_CHECK(cudaGetLastError());
   };
@@ -284,10 +358,11 @@ void BM_copy(benchmark::State& state) {
   }
   std::sort(times.begin(), times.end());
   const float med = times[times.size() / 2];
-  const float base_ms = memcpy_ms(bytes);
+  const size_t moved = v == 7 || v == 9 ? bytes / 2 : bytes;  // Shift moves half of each region
+  const float base_ms = memcpy_ms(moved);
   state.counters["median_ms"] = med;
   state.counters["memcpy_ms"] = base_ms;
-  state.counters["GBps"] = 2.0 * bytes / (med * 1e6);
+  state.counters["GBps"] = 2.0 * moved / (med * 1e6);
   state.counters["ratio"] = med > 0 ? base_ms / med : 0;
 }
 
@@ -295,9 +370,9 @@ void copy_args(benchmark::internal::Benchmark* b) {
   const bool explore = std::getenv("PREFIXKV_BENCH_EXPLORE") != nullptr;
   for (int64_t T : {4096, 131072})
     for (int64_t pct : {25, 75})
-      for (int64_t v = 0; v < 5; ++v)
+      for (int64_t v = 0; v < 10; ++v)
         for (int64_t one_shot : {0, 1})
-          if (explore || v == 0 || v == 1) b->Args({T, pct, v, one_shot});
+          if ((explore || v == 0 || v == 1 || v >= 5) && !(v >= 5 && one_shot)) b->Args({T, pct, v, one_shot});
   b->ArgNames({"tokens", "kept_pct", "copy_variant", "one_shot"});
 }
 
