@@ -9,7 +9,8 @@
 // `trusted:1` skips the device-side index check kernel (index_check::trusted).
 // `kernel`, `resident`, `chunk_rows` pick move-kernel variants (detail::compact_tune, same run; see args()).
 // BM_copy: a plain copy kernel against cudaMemcpyAsync of the same bytes (diagnostic, same run); variants 5-9
-// copy the same bytes as 512 long-lived streams (the in-place kernel's one block per lane), see RESULTS.md.
+// copy the same bytes as 512 long-lived streams (the in-place kernel's one block per lane), 10 as one-shot
+// blocks interleaved over the 512 streams; see RESULTS.md.
 #include <prefixkv/compact/compact.cuh>
 
 #include "support/bench_util.cuh"
@@ -317,6 +318,27 @@ __global__ void __launch_bounds__(256, 2) stream_pipe_kernel(uint4* __restrict__
   }
 }
 
+// One-shot blocks over the same 512 streams, interleaved: block b copies tile b / 512 of stream b % 512, so the
+// resident blocks touch ~264 separate regions at any time, like the lanes, but each block lives for one tile.
+__global__ void __launch_bounds__(256, 2) stream_oneshot_kernel(const uint4* __restrict__ s, uint4* __restrict__ d,
+                                                                int64_t per) {
+  constexpr int U = 8;
+  const int64_t stream = blockIdx.x % 512, t = blockIdx.x / 512;
+  const uint4* src = s + stream * per;
+  uint4* dst = d + stream * per;
+  uint4 buf[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int64_t i = t * 256 * U + u * 256 + threadIdx.x;
+    if (i < per) buf[u] = src[i];
+  }
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int64_t i = t * 256 * U + u * 256 + threadIdx.x;
+    if (i < per) dst[i] = buf[u];
+  }
+}
+
 void BM_copy(benchmark::State& state) {
   const int64_t T = state.range(0), pct = state.range(1), v = state.range(2), one_shot = state.range(3);
   const size_t bytes = size_t(2 * L * B * H * (T * pct / 100) * D * sizeof(bf16));
@@ -344,7 +366,12 @@ void BM_copy(benchmark::State& state) {
       case 6: stream_copy_kernel<8, true, false><<<512, 256, 0, st>>>(const_cast<uint4*>(s), d, n / 512); break;
       case 7: stream_copy_kernel<8, true, true><<<512, 256, 0, st>>>(const_cast<uint4*>(s), d, n / 512); break;
       case 8: stream_pipe_kernel<8, 3, false><<<512, 256, 3 * 256 * 8 * 16, st>>>(const_cast<uint4*>(s), d, n / 512); break;
-      default: stream_pipe_kernel<8, 3, true><<<512, 256, 3 * 256 * 8 * 16, st>>>(const_cast<uint4*>(s), d, n / 512); break;
+      case 9: stream_pipe_kernel<8, 3, true><<<512, 256, 3 * 256 * 8 * 16, st>>>(const_cast<uint4*>(s), d, n / 512); break;
+      default: {
+        const int64_t per = n / 512, tiles = (per + 2047) / 2048;
+        stream_oneshot_kernel<<<static_cast<unsigned>(512 * tiles), 256, 0, st>>>(s, d, per);
+        break;
+      }
     }
     PKV_BENCH_CHECK(cudaGetLastError());
   };
@@ -370,7 +397,7 @@ void copy_args(benchmark::internal::Benchmark* b) {
   const bool explore = std::getenv("PREFIXKV_BENCH_EXPLORE") != nullptr;
   for (int64_t T : {4096, 131072})
     for (int64_t pct : {25, 75})
-      for (int64_t v = 0; v < 10; ++v)
+      for (int64_t v = 0; v < 11; ++v)
         for (int64_t one_shot : {0, 1})
           if ((explore || v == 0 || v == 1 || v >= 5) && !(v >= 5 && one_shot)) b->Args({T, pct, v, one_shot});
   b->ArgNames({"tokens", "kept_pct", "copy_variant", "one_shot"});
