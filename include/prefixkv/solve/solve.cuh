@@ -804,13 +804,13 @@ __device__ __noinline__ void solve_block_problem(const curve_set& cv, int64_t p,
 // ---- cluster path ---------------------------------------------------------------------------------------------
 // One thread-block cluster per problem whose candidates fit the cluster's shared memory (csize * ckey_cap keys,
 // at most solve_seg_cap segments). CTA r copies the contiguous slice [r*T/cs, (r+1)*T/cs) of the problem's flat
-// candidate array once (cp.async; all CTAs in parallel, so the cold load is spread over cs SMs). The slice is a
-// concatenation of sorted runs (one per segment it touches, cut to the eligible ranks [lo, hi)). v is found by a
-// radix selection over the union with 8-bit digits, 4 passes: the count of eligible keys below each of the 255
-// digit boundaries prefix + d * 2^shift is a binary search per run (no histogram atomics: runs are sorted), the
-// per-CTA counts are pushed to every CTA through distributed shared memory and summed there, and every CTA picks
-// the same digit. Then per run #keys < v and #keys == v go to CTA 0 (remote atomics per segment), which hands out
-// the keys == v in segment order (the (e, s, r) tie break) and writes the keep counts.
+// candidate array once (a bulk copy, see Load; all CTAs in parallel, so the cold load is spread over cs SMs). The
+// slice is a concatenation of sorted runs (one per segment it touches, cut to the eligible ranks [lo, hi)). v is
+// found by a radix selection over the union with 8-bit digits, 4 passes: the count of eligible keys below each of
+// the 255 digit boundaries prefix + d * 2^shift is a binary search per run (no histogram atomics: runs are
+// sorted), the per-CTA counts are pushed to every CTA through distributed shared memory and summed there, and
+// every CTA picks the same digit. Then per run #keys < v and #keys == v go to CTA 0 (remote atomics per segment),
+// which hands out the keys == v in segment order (the (e, s, r) tie break) and writes the keep counts.
 //
 // Keys. The passes first run on the raw bits of the entry values: for floats without the sign bit (every curve
 // built from scores) they are ordered like the floats. Pass 0's boundary 128 << 24 = 0x80000000 counts the keys
