@@ -133,11 +133,14 @@ TEST_CASE("window scorer bf16: accumulate kernel selection and the other kernel 
   run_accumulate_shapes(rng);
   if (wgmma) {
     pk::detail::window_tuning().use_wgmma = 1;
-    pk::detail::window_tuning().wgmma_groups = 2;  // two warpgroups per CTA (default 3)
+    pk::detail::window_tuning().wgmma_max_stages = 2;  // two K stages per warp (default: as many as fit, <= 4)
     run_accumulate_shapes(rng);
-    pk::detail::window_tuning().wgmma_groups = 0;
     pk::detail::window_tuning().wgmma_max_stages = 1;  // one K stage per warp
     run_accumulate_shapes(rng);
+    pk::detail::window_tuning().wgmma_max_stages = 0;
+    pk::detail::window_tuning().wgmma_groups = 2;  // two warpgroups, both accumulators in one turn
+    run_accumulate_shapes(rng);
+
   }
 }
 

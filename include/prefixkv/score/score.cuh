@@ -694,10 +694,11 @@ inline cudaError_t configure_window_mma(int& optin) {
 }
 
 //! Keys per CTA for the tensor-core window kernels: split each (batch, kv head, head chunk) unit's keys so that
-//! waves x rounds is smallest (a round = one `tile`-key tile per one of `workers` warps/warpgroups: the time of the
-//! slowest CTA in a grid of equal-work CTAs); ties go to fewer CTAs; the search starts at one full wave.
-//! Returns the keys per split, a multiple of `tile`.
-inline int64_t window_split_keys(int64_t units, int64_t slots, int64_t cap, int64_t tile, int64_t workers) {
+//! waves x (rounds + prologue) is smallest (a round = one `tile`-key tile per one of `workers` warps/warpgroups;
+//! `prologue` = a CTA's set-up time in rounds: the time of the slowest CTA in a grid of equal-work CTAs); ties go to
+//! fewer CTAs; the search starts at one full wave. Returns the keys per split, a multiple of `tile`.
+inline int64_t window_split_keys(int64_t units, int64_t slots, int64_t cap, int64_t tile, int64_t workers,
+                                 int64_t prologue = 0) {
   const int64_t max_splits = std::max<int64_t>(1, (cap + tile - 1) / tile);
   int64_t splits = std::min(max_splits, std::max<int64_t>(1, units > 0 ? slots / units : 1));
   int64_t best = -1;
@@ -706,8 +707,8 @@ inline int64_t window_split_keys(int64_t units, int64_t slots, int64_t cap, int6
     const int64_t tiles = ((cap + sp - 1) / sp + tile - 1) / tile;
     const int64_t rounds = (tiles + workers - 1) / workers;
     const int64_t waves = (units * sp + slots - 1) / slots;
-    if (best < 0 || waves * rounds < best) {
-      best = waves * rounds;
+    if (best < 0 || waves * (rounds + prologue) < best) {
+      best = waves * (rounds + prologue);
       splits = sp;
     }
   }
@@ -794,29 +795,29 @@ inline cudaError_t launch_window_mma(const window_params<T>& p, const window_mma
 }
 
 //! Test/bench tuning hook (process-wide, not thread-safe; leave at the defaults in production):
-//! `use_wgmma == 0` forces the mma.sync kernel even in a PREFIXKV_SM90A build; `wgmma_groups` (2; default 3) and
-//! `wgmma_max_stages` (1-3) override the wgmma kernel configuration; 0 = default.
+//! `use_wgmma == 0` forces the mma.sync kernel even in a PREFIXKV_SM90A build; `wgmma_max_stages` (1-4) caps the
+//! wgmma kernel's K stages per warp; `wgmma_groups` (2 or 3) its warpgroups per CTA; 0 = default.
 struct window_tuning_t {
-  int use_wgmma = 1, wgmma_groups = 0, wgmma_max_stages = 0;
+  int use_wgmma = 1, wgmma_max_stages = 0, wgmma_groups = 0;
 };
 inline window_tuning_t& window_tuning() {
   static window_tuning_t t;
   return t;
 }
 
-//! Default configuration of the wgmma kernel: warpgroups per CTA and most K stages per warp. H100, 128K Llama
-//! layer: 3 warpgroups 0.220 ms, 2 warpgroups 0.266 ms (3 stages), 2 warpgroups 2 stages 0.268 ms.
-inline constexpr int window_wgmma_groups = 3, window_wgmma_max_stages = 3;
-
 #if defined(PREFIXKV_SM90A)
-template <class T, int NK, int WGS>
-inline cudaError_t configure_window_wgmma(int& optin) {
-  static unsigned long long configured = 0;
-  return raise_smem_limit(window_wgmma_kernel<T, NK, WGS>, configured, optin);
+//! Calls f(kernel) with the wgmma kernel instance for (NK, NP = R / 128, WGS).
+template <class T, int NK, class F>
+inline cudaError_t with_window_wgmma_kernel(int R, int WGS, F&& f) {
+  if (R == 128) return WGS == 3 ? f(window_wgmma_kernel<T, NK, 1, 3>) : f(window_wgmma_kernel<T, NK, 1, 2>);
+  return WGS == 3 ? f(window_wgmma_kernel<T, NK, 2, 3>) : f(window_wgmma_kernel<T, NK, 2, 2>);
 }
 
-//! Plan of the wgmma kernel, stored in a window_mma_plan (NJ = 0 marks wgmma, `warps` = 4 x warpgroups).
-template <class T, int NK, int WGS>
+//! Plan of the wgmma kernel, stored in a window_mma_plan (NJ = 0 marks wgmma, `warps` = 4 x warpgroups). It takes a
+//! CTA query block of R = 128 or 256 rows: the padded window WP (multiple of 64) must be 64, 128 or 256, and HC heads
+//! with HC x WP = R (the whole group when G x WP is 128 or 256, else chunks of 256 / WP heads; a group of one head
+//! with WP = 64 would waste half of every MMA and goes to mma.sync).
+template <class T, int NK>
 inline cudaError_t plan_window_wgmma_nk(const kv_view<const T>& q, const kv_view<const T>& k, window_mma_plan& pl) {
   int dev = 0, major = 0, minor = 0;
   PREFIXKV_TRY(check_runtime(cudaGetDevice(&dev), "window scorer: no current device"));
@@ -825,66 +826,62 @@ inline cudaError_t plan_window_wgmma_nk(const kv_view<const T>& q, const kv_view
   PREFIXKV_TRY(check_runtime(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev),
                              "window scorer: cannot query the device"));
   if (major != 9 || minor != 0) return cudaSuccess;  // sm_90a code runs on compute capability 9.0 only
-  int optin = 0;
-  PREFIXKV_TRY((configure_window_wgmma<T, NK, WGS>(optin)));
   const int64_t G = q.heads / k.heads, w = q.tokens, D = q.dim;
-  const int64_t WP = (w + wgmma_qstep - 1) / wgmma_qstep * wgmma_qstep;
-  if (WP * G > (int64_t(1) << 20)) return cudaSuccess;
-  const int max_st = window_tuning().wgmma_max_stages > 0 ? std::min(3, window_tuning().wgmma_max_stages)
-                                                          : window_wgmma_max_stages;
-  auto smem_of = [&](int64_t HC, int stages) {
-    return window_wgmma_smem(int(HC * WP), int(D), stages, int(sizeof(T)), WGS * 4).total;
-  };
-  bool found = false;
-  int HC = 1, st_found = 1;
-  for (int st = max_st; st >= 2 && !found; --st)  // the whole group in one CTA first (no atomics)
-    if (smem_of(G, st) <= size_t(optin)) HC = int(G), st_found = st, found = true;
-  for (int st = std::min(max_st, 2); st >= 1 && !found; --st)
-    for (int64_t hc = G; hc >= 1 && !found; --hc)
-      if (smem_of(hc, st) <= size_t(optin)) HC = int(hc), st_found = st, found = true;
-  if (!found) return cudaSuccess;
+  const int64_t WP = (w + 63) / 64 * 64;
+  if (WP != 64 && WP != 128 && WP != 256) return cudaSuccess;
+  const int64_t HC = G * WP <= 256 ? G : 256 / WP, R = HC * WP;
+  if (R != 128 && R != 256) return cudaSuccess;
+  const int WGS = window_tuning().wgmma_groups == 2 || window_tuning().wgmma_groups == 3 ? window_tuning().wgmma_groups
+                                                                                       : wgmma_groups;
+  int optin = 0;
+  PREFIXKV_TRY((with_window_wgmma_kernel<T, NK>(int(R), WGS, [&](auto* kernel) {
+    static unsigned long long configured[4] = {0, 0, 0, 0};  // per instance: (NP - 1) + 2 (WGS - 2)
+    return raise_smem_limit(kernel, configured[(R / wgmma_n - 1) + 2 * (WGS - 2)], optin);
+  })));
+  const int max_st = window_tuning().wgmma_max_stages > 0 ? std::min(wgmma_stages_max, window_tuning().wgmma_max_stages)
+                                                          : wgmma_stages_max;
+  auto smem_of = [&](int st) { return window_wgmma_smem(int(R), int(D), st, int(sizeof(T)), WGS).total; };
+  int st = max_st;
+  while (st > 1 && smem_of(st) > size_t(optin)) --st;
   window_mma_plan out{};
   out.NK = NK;
   out.NJ = 0;
   out.warps = WGS * 4;
   out.WP = int(WP);
-  out.HC = HC;
-  out.stages = st_found;
-  out.R = int(HC * WP);
-  out.smem = smem_of(HC, st_found);
+  out.HC = int(HC);
+  out.stages = st;
+  out.R = int(R);
+  out.smem = smem_of(st);
+  if (out.smem > size_t(optin)) return cudaSuccess;
   out.chunks = int((G + HC - 1) / HC);
   int per_sm = 0;
-  PREFIXKV_TRY(check_runtime(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, window_wgmma_kernel<T, NK, WGS>,
-                                                                           WGS * 128, out.smem),
+  PREFIXKV_TRY(check_runtime(with_window_wgmma_kernel<T, NK>(int(R), WGS, [&](auto* kernel) {
+                               return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, WGS * 128, out.smem);
+                             }),
                              "window scorer: occupancy query failed"));
   if (per_sm < 1) return cudaSuccess;
   // Key splits (a round = one 64-key tile per warpgroup)
   const int64_t cap = k.tokens > 0 ? k.tokens : 1;
-  const int64_t sk = window_split_keys(q.batch * k.heads * out.chunks, int64_t(sm_count()) * per_sm, cap, wgmma_keys, WGS);
+  const int64_t sk = window_split_keys(q.batch * k.heads * out.chunks, int64_t(sm_count()) * per_sm, cap, wgmma_keys,
+                                       WGS, wgmma_prologue_rounds);
   out.split_keys = sk;
   out.splits = int((cap + sk - 1) / sk);
   out.use = true;
   pl = out;
   return cudaSuccess;
 }
-
-template <class T, int NK>
-inline cudaError_t plan_window_wgmma_groups(const kv_view<const T>& q, const kv_view<const T>& k, window_mma_plan& pl) {
-  if (window_tuning().wgmma_groups == 2) return plan_window_wgmma_nk<T, NK, 2>(q, k, pl);
-  return plan_window_wgmma_nk<T, NK, window_wgmma_groups>(q, k, pl);
-}
 #endif  // PREFIXKV_SM90A
 
-//! Picks the accumulate kernel: wgmma (PREFIXKV_SM90A builds on compute capability 9.0), else mma.sync, else
-//! `use == false` (window_kernel).
+//! Picks the accumulate kernel: wgmma (PREFIXKV_SM90A builds on compute capability 9.0, query blocks it takes),
+//! else mma.sync, else `use == false` (window_kernel).
 template <class T>
 inline cudaError_t plan_window_accumulate(const kv_view<const T>& q, const kv_view<const T>& k, window_mma_plan& pl) {
   pl = window_mma_plan{};
 #if defined(PREFIXKV_SM90A)
   if constexpr (sizeof(T) == 2) {
     if (window_tuning().use_wgmma != 0 && vector_bytes(k) == 16) {
-      if (q.dim == 64) PREFIXKV_TRY((plan_window_wgmma_groups<T, 1>(q, k, pl)));
-      if (q.dim == 128) PREFIXKV_TRY((plan_window_wgmma_groups<T, 2>(q, k, pl)));
+      if (q.dim == 64) PREFIXKV_TRY((plan_window_wgmma_nk<T, 1>(q, k, pl)));
+      if (q.dim == 128) PREFIXKV_TRY((plan_window_wgmma_nk<T, 2>(q, k, pl)));
       if (pl.use) return cudaSuccess;
     }
   }
@@ -898,18 +895,15 @@ inline cudaError_t launch_window_accumulate(const window_params<T>& p, const win
   if constexpr (sizeof(T) == 2) {
     if (pl.NJ == 0) {
       const dim3 grid(unsigned(pl.splits), unsigned(p.q.batch * p.k.heads * pl.chunks));
-      const unsigned threads = unsigned(pl.warps * 32);
-      if (pl.warps == 8) {
-        if (pl.NK == 1)
-          window_wgmma_kernel<T, 1, 2><<<grid, threads, pl.smem, stream>>>(p);
-        else
-          window_wgmma_kernel<T, 2, 2><<<grid, threads, pl.smem, stream>>>(p);
-      } else {
-        if (pl.NK == 1)
-          window_wgmma_kernel<T, 1, window_wgmma_groups><<<grid, threads, pl.smem, stream>>>(p);
-        else
-          window_wgmma_kernel<T, 2, window_wgmma_groups><<<grid, threads, pl.smem, stream>>>(p);
-      }
+      const int WGS = pl.warps / 4;
+      auto launch = [&](auto* kernel) {
+        kernel<<<grid, unsigned(WGS * 128), pl.smem, stream>>>(p);
+        return cudaSuccess;
+      };
+      if (pl.NK == 1)
+        (void)with_window_wgmma_kernel<T, 1>(pl.R, WGS, launch);
+      else
+        (void)with_window_wgmma_kernel<T, 2>(pl.R, WGS, launch);
       return check_launch(stream);
     }
   }
