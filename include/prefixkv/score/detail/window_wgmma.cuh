@@ -124,15 +124,14 @@ PREFIXKV_DEVICE uint64_t wgmma_desc_sw128(uint32_t addr) {
   return uint64_t((addr & 0x3FFFFu) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
 }
 
-//! Named-barrier halves of the warpgroups' turns (ids 1 .. WGS; id 0 is __syncthreads): `bar_wait` blocks until
-//! the previous warpgroup's 128 threads have arrived, `bar_signal` arrives without waiting.
-template <int Id>
-PREFIXKV_DEVICE void bar_wait() {
-  asm volatile("bar.sync %0, 256;\n" ::"n"(Id) : "memory");
-}
-template <int Id>
-PREFIXKV_DEVICE void bar_signal() {
-  asm volatile("bar.arrive %0, 256;\n" ::"n"(Id) : "memory");
+//! Named barrier `Id` of the warpgroups' turns, 256 threads (id 0 is __syncthreads): `Wait` = bar.sync (blocks
+//! until the previous warpgroup's 128 threads have arrived), else bar.arrive (does not wait).
+template <bool Wait, int Id>
+PREFIXKV_DEVICE void turn_bar() {
+  if constexpr (Wait)
+    asm volatile("bar.sync %0, 256;\n" ::"n"(Id) : "memory");
+  else
+    asm volatile("bar.arrive %0, 256;\n" ::"n"(Id) : "memory");
 }
 
 //! acc = w * 0 + acc on packed halves: acc stays +-0 unless some element of w was NaN or Inf (then NaN sticks).
@@ -183,25 +182,16 @@ PREFIXKV_DEVICE float quad_sum(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
-//! Turn of warpgroup wg (0 .. WGS - 1) on the tensor cores: wait for barrier wg + 1 / signal the next warpgroup's.
-template <int WGS>
-PREFIXKV_DEVICE void wgmma_take_turn(int wg) {
-  if (wg == 0)
-    bar_wait<1>();
-  else if (wg == 1)
-    bar_wait<2>();
+//! Turns on the tensor cores: warpgroup wg waits on barrier wg + 1 (`Wait`) and signals barrier next + 1, next =
+//! the following warpgroup. Immediate ids (a register id would make ptxas reserve all 16 barriers).
+template <bool Wait>
+PREFIXKV_DEVICE void wgmma_turn(int i) {
+  if (i == 0)
+    turn_bar<Wait, 1>();
+  else if (i == 1)
+    turn_bar<Wait, 2>();
   else
-    bar_wait<3>();
-}
-template <int WGS>
-PREFIXKV_DEVICE void wgmma_pass_turn(int wg) {
-  const int next = wg + 1 == WGS ? 0 : wg + 1;
-  if (next == 0)
-    bar_signal<1>();
-  else if (next == 1)
-    bar_signal<2>();
-  else
-    bar_signal<3>();
+    turn_bar<Wait, 3>();
 }
 
 //! NP = accumulators per tile (CTA query block R = 128 NP rows), NK = head_dim / 64, WGS = warpgroups (2 or 3; with
@@ -335,10 +325,10 @@ PREFIXKV_KERNEL void __launch_bounds__(WGS * 128, 1) window_wgmma_kernel(window_
   const int64_t turns = rounds * TPT;
   int64_t turn = 0;
   auto pass = [&]() {
-    if (wg + 1 < WGS || turn + 1 < turns) wgmma_pass_turn<WGS>(wg);
+    if (wg + 1 < WGS || turn + 1 < turns) wgmma_turn<false>(wg + 1 == WGS ? 0 : wg + 1);
     ++turn;
   };
-  if (wg == WGS - 1) bar_signal<1>();
+  if (wg == WGS - 1) turn_bar<false, 1>();
   for (int64_t it = 0; it < my_tiles; ++it) {
     const int64_t tile = it * WGS + wg;
     if (stages >= 4)
@@ -369,7 +359,7 @@ PREFIXKV_KERNEL void __launch_bounds__(WGS * 128, 1) window_wgmma_kernel(window_
 #pragma unroll
     for (int tb = 0; tb < TPT; ++tb) {
       float acc[SPT][64];
-      wgmma_take_turn<WGS>(wg);  // this warpgroup's turn on the tensor cores
+      wgmma_turn<true>(wg);  // this warpgroup's turn on the tensor cores
 #pragma unroll
       for (int s = 0; s < SPT; ++s) wg_fence_acc(acc[s]);
       wgmma_fence();
@@ -427,7 +417,7 @@ PREFIXKV_KERNEL void __launch_bounds__(WGS * 128, 1) window_wgmma_kernel(window_
     if (t4 < 2) window_store_key(p, out_row, k0 + 16 * wq + 8 * t4 + g, key_end, t4 == 0 ? v[0] : v[1], gmax, bad);
   }
   while (turn < turns) {  // empty turns of the last round
-    wgmma_take_turn<WGS>(wg);
+    wgmma_turn<true>(wg);
     pass();
   }
   cp_async_wait<0>();
