@@ -111,21 +111,37 @@ PREFIXKV_DEVICE window_cta window_cta_of(const window_params<T>& p) {
   return c;
 }
 
-//! The CTA's base-2 log-sum-exp per query row r (R rows: hc heads x WP padded window rows); padded rows get +inf so
-//! their probabilities are exactly 0. Returns whether any caller value was not finite.
+//! Query row r of the CTA block (R rows: hc heads x WP padded window rows) is a real window query.
+template <class T>
+PREFIXKV_DEVICE bool window_row_real(const window_params<T>& p, const window_cta& c, int r) {
+  const int hl = r / p.WP;
+  return hl < c.hc && r - hl * p.WP < c.w;
+}
+
+//! Row r's LSE as the caller gave it; +inf for a padded row (its probabilities are then exactly 0). Split from
+//! window_lse2_of so a kernel can issue the load early and use it late.
+template <class T>
+PREFIXKV_DEVICE float window_lse_raw(const window_params<T>& p, const window_cta& c, int r) {
+  const int hl = r / p.WP;
+  return window_row_real(p, c, r) ? p.lse(c.b, c.h0 + hl, r - hl * p.WP) : INFINITY;
+}
+
+//! Base-2 form of row r's raw LSE v; a real row's value that is not finite sets `bad`.
+template <class T>
+PREFIXKV_DEVICE float window_lse2_of(const window_params<T>& p, const window_cta& c, int r, float v, bool& bad) {
+  if (window_row_real(p, c, r)) {
+    bad |= !isfinite(v);
+    if (p.lse_natural) v *= 1.4426950408889634f;
+  }
+  return v;
+}
+
+//! The CTA's base-2 log-sum-exp per query row into lse2[r]. Returns whether any caller value was not finite.
 template <class T>
 PREFIXKV_DEVICE bool window_load_lse2(const window_params<T>& p, const window_cta& c, float* lse2) {
   bool bad = false;
-  for (int r = int(threadIdx.x); r < p.R; r += int(blockDim.x)) {
-    const int hl = r / p.WP, i = r - hl * p.WP;
-    float v = INFINITY;  // padded query: p = ex2(s - inf) = 0
-    if (hl < c.hc && i < c.w) {
-      v = p.lse(c.b, c.h0 + hl, i);
-      bad |= !isfinite(v);
-      if (p.lse_natural) v *= 1.4426950408889634f;
-    }
-    lse2[r] = v;
-  }
+  for (int r = int(threadIdx.x); r < p.R; r += int(blockDim.x))
+    lse2[r] = window_lse2_of(p, c, r, window_lse_raw(p, c, r), bad);
   return bad;
 }
 

@@ -258,11 +258,7 @@ PREFIXKV_KERNEL void __launch_bounds__(WGS * 128, 1) window_wgmma_kernel(window_
   // padded queries / heads past the chunk); all loads of a thread are issued before any is used.
   static_assert(R <= THREADS, "one LSE row per thread");
   bool bad = false;
-  float lse_v = INFINITY;  // padded query: p = ex2(s - inf) = 0
-  {
-    const int r = int(threadIdx.x), hl = r / p.WP, i = r - hl * p.WP;
-    if (r < R && hl < hc && i < w) lse_v = p.lse(b, h0 + hl, i);
-  }
+  const float lse_v = int(threadIdx.x) < R ? window_lse_raw(p, cta, int(threadIdx.x)) : INFINITY;
   constexpr int QIT = (R * CPR + THREADS - 1) / THREADS;  // 16-byte Q chunks per thread
   uint4 qv[QIT];
 #pragma unroll
@@ -295,13 +291,10 @@ PREFIXKV_KERNEL void __launch_bounds__(WGS * 128, 1) window_wgmma_kernel(window_
     *reinterpret_cast<uint4*>(Qs + size_t(hf) * R * 128 + size_t(r) * 128 + ((c ^ (r & 7)) << 4)) = v;
   }
   if (int(threadIdx.x) < R) {
-    const int r = int(threadIdx.x), hl = r / p.WP, i = r - hl * p.WP;
-    if (hl < hc && i < w) {
-      bad |= !isfinite(lse_v);
-      if (p.lse_natural) lse_v *= 1.4426950408889634f;
-    }
+    const int r = int(threadIdx.x);
     const int c = r % wgmma_n;  // column c of accumulator r / 128: thread c % 8 / 2, tile c / 8, element c % 2
-    lse2[(r / wgmma_n) * wgmma_lse_block + (c % 8 / 2) * wgmma_lse_row + (c / 8) * 2 + (c & 1)] = lse_v;
+    lse2[(r / wgmma_n) * wgmma_lse_block + (c % 8 / 2) * wgmma_lse_row + (c / 8) * 2 + (c & 1)] =
+        window_lse2_of(p, cta, r, lse_v, bad);
   }
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // generic stores -> tensor-core reads
   __syncthreads();
