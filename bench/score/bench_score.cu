@@ -102,7 +102,6 @@ void BM_window_two_pass(benchmark::State& state) { run_window(state, false); }
 // Caller LSE, other accumulate kernels (counters wgmma / warps / stages say which one ran).
 void BM_window_caller_lse_mma_sync(benchmark::State& state) { run_window(state, true, {0, 0}); }
 void BM_window_caller_lse_wgmma_2stages(benchmark::State& state) { run_window(state, true, {1, 2}); }
-void BM_window_caller_lse_wgmma_3stages(benchmark::State& state) { run_window(state, true, {1, 3}); }
 void BM_window_caller_lse_wgmma_2wg(benchmark::State& state) { run_window(state, true, {1, 0, 2}); }
 
 void BM_key_norm(benchmark::State& state) {
@@ -127,7 +126,6 @@ BENCHMARK(BM_window_caller_lse)->Arg(4096)->Arg(32768)->Arg(131072)->UseManualTi
 BENCHMARK(BM_window_two_pass)->Arg(4096)->Arg(32768)->Arg(131072)->UseManualTime()->Iterations(20)->Repetitions(7)->ReportAggregatesOnly(true)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_window_caller_lse_mma_sync)->Arg(4096)->Arg(32768)->Arg(131072)->UseManualTime()->Iterations(20)->Repetitions(7)->ReportAggregatesOnly(true)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_window_caller_lse_wgmma_2wg)->Arg(4096)->Arg(32768)->Arg(131072)->UseManualTime()->Iterations(20)->Repetitions(7)->ReportAggregatesOnly(true)->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_window_caller_lse_wgmma_3stages)->Arg(131072)->UseManualTime()->Iterations(20)->Repetitions(7)->ReportAggregatesOnly(true)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_window_caller_lse_wgmma_2stages)->Arg(131072)->UseManualTime()->Iterations(20)->Repetitions(7)->ReportAggregatesOnly(true)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_key_norm)->Arg(131072)->UseManualTime()->Iterations(20)->Repetitions(7)->ReportAggregatesOnly(true)->Unit(benchmark::kMillisecond);
 
