@@ -151,3 +151,173 @@ TEST_CASE("in place and gather: launch variants, several lanes per block") {
   }
   tune = saved;
 }
+// ---- ordered short blocks (compact_ordered_kernel, the in-place default) vs one block per lane ---------------------
+
+namespace {
+
+//! Kept-list patterns, mixed across the segments of one call (ragged by construction).
+//! 0 random subset, 1 every row moves down by one, 2 keep the tail (kept rows far ahead of their destination),
+//! 3 only the last token, 4 none, 5 all, 6 long runs of consecutive rows with gaps, 7 only the first token.
+inline host_selection pattern_selection(std::mt19937_64& rng, int64_t S, int64_t T, int first_pattern) {
+  host_selection sel;
+  sel.offsets.push_back(0);
+  for (int64_t s = 0; s < S; ++s) {
+    const int pat = int((first_pattern + s) % 8);
+    std::vector<int32_t> v;
+    switch (pat) {
+      case 0:
+        for (int32_t t = 0; t < T; ++t)
+          if (rng() % 3 != 0) v.push_back(t);
+        break;
+      case 1:
+        for (int32_t t = 1; t < T; ++t) v.push_back(t);
+        break;
+      case 2: {
+        const int64_t k = 1 + int64_t(rng() % uint64_t(T));
+        for (int64_t t = T - k; t < T; ++t) v.push_back(int32_t(t));
+        break;
+      }
+      case 3: v.push_back(int32_t(T - 1)); break;
+      case 4: break;
+      case 5:
+        for (int32_t t = 0; t < T; ++t) v.push_back(t);
+        break;
+      case 6: {
+        int32_t t = int32_t(rng() % 5);
+        while (t < T) {
+          const int32_t run = 1 + int32_t(rng() % 97), gap = 1 + int32_t(rng() % 41);
+          for (int32_t i = 0; i < run && t < T; ++i) v.push_back(t++);
+          t += gap;
+        }
+        break;
+      }
+      default: v.push_back(0); break;
+    }
+    sel.indices.insert(sel.indices.end(), v.begin(), v.end());
+    sel.offsets.push_back(int64_t(sel.indices.size()));
+  }
+  sel.upload();
+  return sel;
+}
+
+//! Device (three ways, or `reps` plain launches) vs host twin for one explicit selection, whole image compared.
+template <class T>
+void run_inplace_pattern(layout l, const geometry& g, bool headwise, int first_pattern, std::mt19937_64& rng,
+                         int reps = 0, prefixkv::index_check chk = prefixkv::index_check::device) {
+  cache<T> kv(l, g, rng, false);
+  const prefixkv::segment_grid grid{g.L, g.B, headwise ? g.H : 1};
+  host_selection sel = pattern_selection(rng, grid.count(), g.T, first_pattern);
+  const auto original = kv.host;
+  outputs out(grid.count(), g.L, g.B, is_paged(l));
+  cudaError_t e = cudaErrorUnknown;
+  kv.visit(true, [&](const auto& x) { e = prefixkv::compact_in_place_host(x, sel.host(), grid, out.host()); });
+  REQUIRE_MESSAGE(e == cudaSuccess, prefixkv::last_error().message);
+  const auto expect = kv.host;
+  auto op = [&](void* t, size_t& bytes, cudaStream_t st) {
+    cudaError_t err = cudaErrorUnknown;
+    kv.visit(false, [&](const auto& x) { err = prefixkv::compact_in_place(t, bytes, x, sel.dev(), grid, out.dev(), st, chk); });
+    return err;
+  };
+  auto reset = [&] {
+    kv.upload(original);
+    out.poison();
+  };
+  auto check = [&](const char* mode) {
+    INFO(mode);
+    const int64_t at = first_diff(kv.download(), expect);
+    CHECK_MESSAGE(at == -1, "cache differs at byte ", at);
+    out.check_equal();
+  };
+  if (reps == 0) {
+    run_three_ways(op, reset, check);
+    return;
+  }
+  size_t bytes = 0;
+  PKV_CUDA_CHECK(op(nullptr, bytes, nullptr));
+  device_buffer<unsigned char> temp(bytes);
+  for (int r = 0; r < reps; ++r) {
+    temp.poison();  // stale flags / tickets from the previous run must not matter
+    reset();
+    PKV_CUDA_CHECK(cudaDeviceSynchronize());
+    PKV_CUDA_CHECK(op(temp.get(), bytes, nullptr));
+    PKV_CUDA_CHECK(cudaDeviceSynchronize());
+    INFO("rep " << r);
+    check("repeat");
+  }
+}
+
+}  // namespace
+
+// Forces both in-place paths through the tuning hook: ordered short blocks (opt-in experiment) with tiny chunks
+// (1, 2, 3, 5, 7, 16 rows: many chunks per lane, chunk boundaries and cross-block waits at small sizes) and the
+// largest chunks, each variant of its knobs (flags, registers / shared memory, chunk sizes, block numbering), and
+// one block per lane (inplace_rows = 0, the default), with and without programmatic dependent launch, checked on
+// the device and trusted. (The other in-place tests run the default path.)
+TEST_CASE("in place: ordered short blocks and the one-block-per-lane path") {
+  auto rng = make_rng(607);
+  auto& tune = prefixkv::detail::compact_tune();
+  const auto saved = tune;
+  const int64_t rows[] = {-1, 1, 2, 3, 7, 0, 16, 5};
+  for (int v = 0; v < 8; ++v) {
+    tune = prefixkv::detail::compact_tuning{};
+    tune.inplace_rows = rows[v];
+    tune.pdl = v % 2 == 0;
+    tune.ord_sync = v % 3 == 1 ? 1 : 0;  // relaxed or acquire/release flags
+    tune.ord_regs = v % 2 == 1;          // rows in registers or shared memory
+    tune.ord_fixed = v >= 4;             // chunks of exactly inplace_rows rows or kept / nchunk
+    tune.ord_cmajor = v == 3 || v == 6;  // chunk-major block numbering
+    const auto chk = v % 4 < 2 ? prefixkv::index_check::device : prefixkv::index_check::trusted;
+    for (layout l : {layout::bhsd, layout::bshd, layout::strided, layout::nhd, layout::hnd}) {
+      INFO("variant " << v << " layout " << name(l));
+      geometry g;
+      g.L = 2;
+      g.B = 3;
+      g.H = 2;
+      g.T = 60 + int64_t(rng() % 90);
+      g.D = 128;
+      g.page = v % 2 ? 16 : 5;
+      run_inplace_pattern<uint16_t>(l, g, false, v, rng, 0, chk);
+      g.D = 64;
+      run_inplace_pattern<uint16_t>(l, g, true, v + 1, rng, 0, chk);
+      g.D = 256;
+      run_inplace_pattern<uint8_t>(l, g, v % 2 == 0, v + 2, rng, 0, chk);
+      g.D = 3;  // narrow path, odd rows (general kernel)
+      g.scales = 1 + v % 2;
+      run_inplace_pattern<uint8_t>(l, g, g.scales == 2, v + 3, rng, 0, chk);
+      g.scales = 0;
+      g.D = 64;
+      g.misalign = 1;
+      run_inplace_pattern<float>(l, g, true, v + 5, rng, 0, chk);
+    }
+  }
+  tune = saved;
+}
+
+// Cross-block ordering is not visible to racecheck (global memory between blocks): a large ordered case, many
+// chunks per lane, repeated with a poisoned workspace (stale flags must not matter), compared byte for byte with
+// the host twin every time (default, 16- and 1-row chunks, contiguous and paged).
+TEST_CASE("in place: ordered blocks stress (large, repeated)") {
+  auto rng = make_rng(608);
+  auto& tune = prefixkv::detail::compact_tune();
+  const auto saved = tune;
+  const bool quick = quick_mode();
+  for (int v = 0; v < 3; ++v) {
+    tune = prefixkv::detail::compact_tuning{};
+    tune.inplace_rows = v == 0 ? -1 : (v == 1 ? 16 : 1);
+    tune.ord_regs = v == 1;
+    tune.ord_fixed = v == 2;
+    for (layout l : {layout::bhsd, layout::nhd}) {
+      INFO("variant " << v << " layout " << name(l));
+      geometry g;
+      g.L = 2;
+      g.B = 2;
+      g.H = 8;
+      g.T = quick ? (v == 2 ? 300 : 1000) : (v == 2 ? 1500 : 6000) + int64_t(rng() % 500);
+      g.D = 128;
+      g.page = 16;
+      run_inplace_pattern<uint16_t>(l, g, false, v, rng, quick ? 2 : 4,
+                                    v == 1 ? prefixkv::index_check::trusted : prefixkv::index_check::device);
+    }
+  }
+  tune = saved;
+}

@@ -36,6 +36,7 @@
 
 #include "../core/launch.cuh"
 #include "../core/workspace.hpp"
+#include "../detail/memory.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
