@@ -111,17 +111,12 @@ void BM_compact(benchmark::State& state) {
   tune = prefixkv::detail::compact_tuning{};
   tune.kernel = static_cast<int>(state.range(4));
   tune.resident = static_cast<int>(state.range(5));
+  tune.chunk_rows = state.range(6);
   const int64_t kept = T * pct / 100;
   const int64_t row = D * sizeof(bf16);
   const size_t layer_bytes = size_t(B * H * T * row);           // one K or V tensor of one layer
   const size_t out_layer_bytes = size_t(B * H * kept * row);
   const bool inplace = md == contig_inplace || md == paged_inplace;
-  if (!inplace) tune.chunk_rows = state.range(6);
-  else if (state.range(6) >= 0) tune.inplace_rows = state.range(6) == 0 ? -1 : state.range(6);
-  if (const char* e = std::getenv("PREFIXKV_BENCH_ORD_SYNC")) tune.ord_sync = std::atoi(e);
-  if (const char* e = std::getenv("PREFIXKV_BENCH_ORD_FIXED")) tune.ord_fixed = std::atoi(e) != 0;
-  if (const char* e = std::getenv("PREFIXKV_BENCH_ORD_REGS")) tune.ord_regs = std::atoi(e) != 0;
-  if (const char* e = std::getenv("PREFIXKV_BENCH_ORD_CMAJOR")) tune.ord_cmajor = std::atoi(e) != 0;
   const size_t total = 2 * L * layer_bytes + (inplace ? 0 : 2 * L * out_layer_bytes);
   char* base = arena(total);
 
@@ -207,9 +202,7 @@ void BM_compact(benchmark::State& state) {
 // kernel: -1 = the library default; 0 = general move kernel; 1.. = fast kernel variants (compact_fast_pick).
 // resident: 0 = default grid; k > 0 = persistent grid (blocks per SM x SMs), out of place cut in ~k x grid chunks.
 // chunk_rows: -1 = default; 0 = out of place split in ~16 x SMs work items (grid <= 64 x SMs); r > 0 = out of
-// place cut in chunks of ~r destination rows, one short-lived block each. In place: -1 = default (one block per
-// lane), 0 = ordered short blocks (experiment) with the largest chunks, r > 0 = ordered blocks of at most r rows;
-// env PREFIXKV_BENCH_ORD_{SYNC,FIXED,REGS,CMAJOR} set the ordered kernel's other knobs (compact_tuning).
+// place cut in chunks of ~r destination rows, one short-lived block each.
 // PREFIXKV_BENCH_EXPLORE=1 registers the move-kernel variants (one process, same arena; device run 6 had three
 // more fast variants, since removed) and every copy-kernel variant; the default set times the library default
 // everywhere plus the out-of-place chunking variants.
@@ -233,7 +226,7 @@ void args(benchmark::internal::Benchmark* b) {
             if (explore && (T == 32768 || pct == 50)) continue;
             if (explore && trusted && v.kernel > 1) continue;
             const bool gather = md == contig_gather || md == paged_gather;
-            if (!explore && v.chunk_rows != -1 && (gather ? trusted : v.chunk_rows > 128)) continue;
+            if (!explore && v.chunk_rows != -1 && (!gather || trusted)) continue;
             b->Args({T, pct, md, trusted, v.kernel, v.resident, v.chunk_rows});
           }
   b->ArgNames({"tokens", "kept_pct", "mode", "trusted", "kernel", "resident", "chunk_rows"});

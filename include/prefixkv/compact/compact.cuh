@@ -22,7 +22,6 @@
 
 #include "../core/launch.cuh"
 #include "../core/workspace.hpp"
-#include "../detail/memory.cuh"
 #include "compact.hpp"
 
 #include <cstdint>
@@ -58,31 +57,6 @@ struct compact_word<1> {
 
 __device__ __forceinline__ void compact_atomic_error(int32_t* slot, int32_t r) { atomicCAS(slot, 0, r); }
 
-//! Rows per work item of a lane with `kept` rows: kept spread over nchunk items, or (ordered kernel with fixed
-//! chunks) ord_rows each, later items empty.
-__host__ __device__ inline int64_t compact_rows_per_chunk(const compact_meta& m, int64_t kept) {
-  return m.ord_fixed ? m.ord_rows : (kept + m.nchunk - 1) / m.nchunk;
-}
-//! Ordered in-place kernel, set-up shared by the check and prep kernels: rank p of segment s (kept index t, the
-//! previous rank's `prev`, -1 for p == 0) records itself as P(c) = the first rank whose kept index is >= c * per
-//! for every chunk boundary c * per in (prev, t] (per = rows per chunk of that segment); the last rank also
-//! records `kept` for the boundaries after it, up to c == nchunk. Every boundary is written exactly once.
-__device__ __forceinline__ void compact_order_mark(const compact_meta& m, int64_t s, int64_t kept, int64_t p,
-                                                   int64_t t, int64_t prev) {
-  const int64_t per = compact_rows_per_chunk(m, kept);
-  int32_t* first = m.ord_first + s * (m.nchunk + 1);
-  const int64_t c_hi = min(t / per, m.nchunk);
-  for (int64_t c = prev < 0 ? 0 : prev / per + 1; c <= c_hi; ++c) first[c] = static_cast<int32_t>(p);
-  if (p == kept - 1)
-    for (int64_t c = t / per + 1; c <= m.nchunk; ++c) first[c] = static_cast<int32_t>(kept);
-}
-//! Ordered in-place kernel: clears the "loaded" flags (grid-stride over the whole grid of the calling kernel).
-__device__ __forceinline__ void compact_order_clear(const compact_meta& m) {
-  const int64_t n = m.lanes() * m.nchunk;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    m.ord_flags[i] = 0;
-}
-
 //! Device-side content checks. One status word per block (no memset needed): 0 or a `reason`.
 //! (A template only so that the header can be included by several translation units.)
 template <int Unused = 0>
@@ -97,7 +71,6 @@ PREFIXKV_KERNEL void __launch_bounds__(compact_threads) compact_check_kernel(com
   __syncthreads();
   int32_t local = 0;
   const int64_t S = m.sel.count;
-  if (m.ord_flags) compact_order_clear(m);
   auto mark = [&](int64_t b, int64_t blk) {
     const int64_t page = m.dt.table[b * m.dt.stride + blk];
     if (page < 0 || page >= m.dt.num_pages) {
@@ -137,7 +110,6 @@ PREFIXKV_KERNEL void __launch_bounds__(compact_threads) compact_check_kernel(com
       }
       const int64_t prev = m.inplace && p > 0 ? m.sel.indices[off + p - 1] : -1;
       if (prev >= t) local = static_cast<int32_t>(reason::not_ascending);
-      else if (m.ord_first) compact_order_mark(m, s, kept, p, t, prev);
       if (m.st.paged) {
         const int64_t blk = m.st.block_of(t);
         const int64_t page = m.st.table[b * m.st.stride + blk];
@@ -155,25 +127,6 @@ PREFIXKV_KERNEL void __launch_bounds__(compact_threads) compact_check_kernel(com
   if (local) compact_atomic_error(&err, local);
   __syncthreads();
   if (threadIdx.x == 0) block_status[blockIdx.x] = err;
-}
-
-//! Ordered in-place kernel with `index_check::trusted`: the set-up the check kernel otherwise does (clear the
-//! "loaded" flags, record the chunk boundaries), without any checks.
-template <int Unused = 0>
-PREFIXKV_KERNEL void __launch_bounds__(compact_threads) compact_order_prep_kernel(compact_meta m) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;");  // the move kernel waits for this grid (griddepcontrol.wait)
-#endif
-  compact_order_clear(m);
-  const int64_t vchunk = m.vchunk > 0 ? m.vchunk : 1;
-  for (int64_t w = blockIdx.x; w < m.sel.count * vchunk; w += gridDim.x) {
-    const int64_t s = w / vchunk, chunk = w - s * vchunk;
-    const int64_t off = m.sel.offsets[s], kept = m.sel.offsets[s + 1] - off;
-    const int64_t per = (kept + vchunk - 1) / vchunk;
-    const int64_t p_end = min(kept, (chunk + 1) * per);
-    for (int64_t p = chunk * per + threadIdx.x; p < p_end; p += blockDim.x)
-      compact_order_mark(m, s, kept, p, m.sel.indices[off + p], p > 0 ? m.sel.indices[off + p - 1] : -1);
-  }
 }
 
 //! Cache hints of the data accesses (bit 0: streaming loads `ld.global.cs`, bit 1: streaming stores
@@ -383,16 +336,12 @@ __device__ inline bool compact_prologue(const compact_meta& m) {
 //! Lane decomposition shared by the move kernels: work item w -> (layer, sequence, kind, head, rows [r0, r1)).
 struct compact_work {
   int64_t l, b, h, r0, r1, off;
-  int64_t lane, chunk, seg;
   int k;
 };
 __device__ __forceinline__ compact_work compact_work_of(const compact_meta& m, int64_t w) {
   compact_work x;
   const int64_t lpl = m.lanes_per_lb();
-  const int64_t lane = m.ord_cmajor ? w % m.lanes() : w / m.nchunk;
-  const int64_t chunk = m.ord_cmajor ? w / m.lanes() : w - lane * m.nchunk;
-  x.lane = lane;
-  x.chunk = chunk;
+  const int64_t lane = w / m.nchunk, chunk = w - lane * m.nchunk;
   const int64_t lb = lane / lpl, rr = lane - lb * lpl;
   x.l = lb / m.batch;
   x.b = lb - x.l * m.batch;
@@ -401,10 +350,9 @@ __device__ __forceinline__ compact_work compact_work_of(const compact_meta& m, i
   x.k = k;
   x.h = rr - m.lane_prefix[k];
   const int64_t seg = m.grid.heads == 1 ? m.grid.id(x.l, x.b) : m.grid.id(x.l, x.b, x.h);
-  x.seg = seg;
   x.off = m.sel.offsets[seg];
   const int64_t kept = m.sel.offsets[seg + 1] - x.off;
-  const int64_t per = compact_rows_per_chunk(m, kept);
+  const int64_t per = (kept + m.nchunk - 1) / m.nchunk;
   x.r0 = chunk * per;
   x.r1 = min(kept, x.r0 + per);
   return x;
@@ -447,128 +395,6 @@ PREFIXKV_KERNEL void __launch_bounds__(compact_threads, MinBlocks) compact_fast_
   }
 }
 
-//! Ordered in-place kernel: rows per chunk at most (one offset pair per thread) and bytes staged per block.
-inline constexpr int compact_ordered_rows = compact_threads;
-inline constexpr int compact_ordered_bytes = 64 * 1024;
-
-//! Experiment (opt-in through compact_tuning::inplace_rows; measured slower than one block per lane, see
-//! docs/compaction.md). In place with packed 16-byte rows: one short-lived block per (lane, chunk), chunks of
-//! `per` = ceil(kept / nchunk) destination rows, numbered lane-major (block w: lane w / nchunk, chunk w % nchunk),
-//! so the blocks resident at any time work on neighbouring rows of few lanes. A block
-//!   1. computes its rows' source and destination offsets (kept index, block table) into shared memory,
-//!   2. copies all its source rows into shared memory (cp.async, up to 64 KB in flight per block),
-//!   3. waits for the "loaded" flags of its conflicting predecessors (below),
-//!   4. waits for its own copies, meets at a barrier, thread 0 release-stores the chunk's own flag,
-//!   5. stores the rows to their destinations.
-//!
-//! Why it is race-free (one lane; lanes never alias, see `compact_move_rows`). Chunk c stores exactly the rows
-//! [c per, (c + 1) per) =: D_c, and no other chunk stores them. The only load that reads a row y in D_c is the
-//! load of rank p with idx[p] == y; as idx ascends strictly, idx[p] >= p, so p <= y and p's chunk c' <= c.
-//! * c' == c: the block loads before its barrier and stores after it.
-//! * c' < c: p lies in [P(c), P(c + 1)), P(c) = the first rank whose index is >= c per (recorded on the device
-//!   before the move, see compact_order_mark), so c' is one of the chunks P(c) / per .. (P(c + 1) - 1) / per
-//!   below c (at most two: a run of < per ranks). Chunk c' release-stores its flag after all its copies have
-//!   completed (cp.async.wait_group, then a barrier); chunk c acquire-loads that flag before its barrier and
-//!   stores after it. So the load of y happens before the store of y: every load reads the original bytes.
-//! Loads never wait, so there is no chain of waits: a chunk waits at most for the copies of two earlier chunks.
-//! Progress: a block waits only for blocks of its lane with a lower chunk, i.e. a lower block index. Like CUB's
-//! single-pass scan (tile = blockIdx.x, waiting on lower tiles), this relies on the blocks of a grid starting in
-//! increasing index order: every block waited for has started, and it never waits for a later block.
-template <bool Regs>
-PREFIXKV_KERNEL void __launch_bounds__(compact_threads) compact_ordered_kernel(const compact_meta m,
-                                                                              const compact_ptrs p) {
-  if (!compact_prologue(m)) return;
-  extern __shared__ uint4 ord_stage[];  // (rows x vpr) 16-byte words of the chunk's source rows
-  __shared__ int64_t s_src[compact_ordered_rows], s_dst[compact_ordered_rows];
-  __shared__ int32_t s_dep[2];
-  const compact_work x = compact_work_of(m, blockIdx.x);
-  if (x.r0 >= x.r1) return;  // uniform; an empty chunk has no successor with rows, so nobody waits for it
-  const int tid = static_cast<int>(threadIdx.x);
-  const int rows = static_cast<int>(x.r1 - x.r0);
-  const int64_t kept = m.sel.offsets[x.seg + 1] - x.off;
-  const int64_t per = compact_rows_per_chunk(m, kept);
-  if (per > m.ord_rows) return;  // kept > capacity (reported by the device check; trusted: nothing written)
-  if (tid < rows) {
-    const int64_t j = x.r0 + tid;
-    const int64_t t = m.sel.indices[x.off + j];
-    s_src[tid] = m.st.row(m.src[x.k], x.b, x.h, t);
-    s_dst[tid] = m.dt.row(m.dst[x.k], x.b, x.h, j);
-  }
-  if (tid == 0) {
-    // readers of D_c below c: ranks [P(c), P(c + 1)) -> chunks lo .. hi
-    const int32_t* first = m.ord_first + x.seg * (m.nchunk + 1);
-    const int64_t a = first[x.chunk], e = first[x.chunk + 1];
-    const int64_t lo = a / per, hi = e > a ? min((e - 1) / per, x.chunk - 1) : -1;
-    s_dep[0] = static_cast<int32_t>(lo);
-    s_dep[1] = static_cast<int32_t>(hi >= lo ? hi - lo + 1 : 0);
-  }
-  __syncthreads();
-  const char* sbase = p.src[x.l][x.k];
-  char* dbase = p.dst[x.l][x.k];
-  const int vpr = static_cast<int>(m.src[x.k].row_bytes >> 4);
-  const int items = rows * vpr;
-  const uint32_t stage = smem_u32(ord_stage);
-  constexpr int U = Regs ? compact_unroll : 1;
-  uint4 v[U];
-  if constexpr (Regs) {
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int i = tid + u * compact_threads;
-      if (i < items) {
-        const int r = i / vpr, c = i - r * vpr;
-        v[u] = compact_load<uint4>(sbase + s_src[r] + 16 * c);
-      }
-    }
-  } else {
-    for (int i = tid; i < items; i += compact_threads) {
-      const int r = i / vpr, c = i - r * vpr;
-      cp_async16(stage + 16u * static_cast<uint32_t>(i), sbase + s_src[r] + 16 * c);
-    }
-    cp_async_commit();
-  }
-  int32_t* flags = m.ord_flags + x.lane * m.nchunk;
-  // first look at the predecessors' flags while the copies are in flight (usually they are set already)
-  const int32_t* f = flags + s_dep[0] + tid;
-  const int sync = m.ord_sync;
-  bool ready = tid >= s_dep[1] || sync == 2 || (sync == 0 ? ld_acquire_gpu(f) : ld_relaxed_gpu(f)) != 0;
-  if constexpr (Regs) {
-    // the barrier consumes a value of every load (runtime mask, always 0): all loads have returned before it
-    uint32_t any = 0;
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-      if (tid + u * compact_threads < items) any |= v[u].x;
-    __syncthreads_or((any & static_cast<uint32_t>(m.ord_sync) & 0x80000000u) != 0);
-  } else {
-    cp_async_wait<0>();
-    __syncthreads();
-  }
-  // publish before waiting: a chunk's flag never waits for another chunk's (no chains of waits)
-  if (tid == 0) {
-    if (sync == 0) st_release_gpu(flags + x.chunk, 1);
-    else st_relaxed_gpu(flags + x.chunk, 1);
-  }
-  if (!ready) {
-    do __nanosleep(64);
-    while ((sync == 0 ? ld_acquire_gpu(f) : ld_relaxed_gpu(f)) == 0);
-  }
-  __syncthreads();
-  if constexpr (Regs) {
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int i = tid + u * compact_threads;
-      if (i < items) {
-        const int r = i / vpr, c = i - r * vpr;
-        compact_store<uint4>(dbase + s_dst[r] + 16 * c, v[u]);
-      }
-    }
-  } else {
-    for (int i = tid; i < items; i += compact_threads) {
-      const int r = i / vpr, c = i - r * vpr;
-      compact_store<uint4>(dbase + s_dst[r] + 16 * c, ord_stage[i]);
-    }
-  }
-}
-
 //! Benchmark/test hook (not API): launch variants of the move kernel, compared in one process by bench_compact.
 struct compact_tuning {
   bool pdl = true;         // programmatic dependent launch of the move kernel after the check kernel
@@ -578,13 +404,6 @@ struct compact_tuning {
                            //      about `resident` x grid equal chunks
   int64_t chunk_rows = -1; // out of place: lanes cut into chunks of about this many destination rows, one block
                            //      each, grid uncapped (0: the ~16 x SMs work items split; -1: default)
-  bool ord_cmajor = false;   // ordered kernel: blocks numbered chunk-major (else lane-major)
-  bool ord_regs = false;     // ordered kernel: rows in registers (32 KB per block) instead of shared memory
-  bool ord_fixed = false;    // ordered kernel: chunks of exactly ord_rows rows (else kept / nchunk)
-  int ord_sync = 0;          // ordered kernel flags: 0 acquire/release, 1 relaxed, 2 no waiting (diagnostic, racy)
-  int64_t inplace_rows = 0;  // in place, packed 16-byte rows: 0 = one block per lane (compact_fast_kernel, the
-                             //      default); r > 0 = ordered short blocks of at most r rows; -1 = ordered, as
-                             //      many rows as fit the block's buffer (experiment, slower: docs/compaction.md)
 };
 inline compact_tuning& compact_tune() {
   static compact_tuning t;
@@ -635,57 +454,29 @@ cudaError_t compact_launch(void* d_temp, size_t& temp_bytes, const SrcCache& src
   PREFIXKV_TRY(compact_plan(src, dst, inplace, sel, grid, out, m, &ptrs));
   if (check != index_check::device && check != index_check::trusted)
     return fail(reason::bad_parameter, "compact: unknown index_check");
-  const compact_tuning& tune = compact_tune();
   const int sms = sm_count();
   const bool validate_on_device = check == index_check::device;
-  const int64_t lanes = m.lanes();
-  // move kernel: packed 16-byte rows take the fast kernels; in place with the default pick, ordered short blocks
-  bool fast = m.kinds > 0;
-  int64_t row_max = 0;
-  for (int k = 0; k < m.kinds; ++k) {
-    fast = fast && m.vec[k] == 16 && m.src[k].contiguous && m.dst[k].contiguous;
-    row_max = std::max(row_max, m.src[k].row_bytes);
-  }
-  const int64_t ord_bytes = tune.ord_regs ? int64_t(compact_threads) * compact_unroll * 16 : compact_ordered_bytes;
-  int64_t ord_rows = row_max > 0 ? std::min<int64_t>(compact_ordered_rows, ord_bytes / row_max) : 0;
-  if (tune.inplace_rows > 0) ord_rows = std::min(ord_rows, tune.inplace_rows);
-  const bool ordered = inplace && fast && lanes > 0 && ord_rows > 0 && tune.inplace_rows != 0 && tune.kernel < 0 &&
-                       tune.max_blocks <= 0 && tune.resident <= 0;
-  if (ordered) {
-    m.nchunk = std::max<int64_t>(1, (m.dst_capacity + ord_rows - 1) / ord_rows);
-    if (lanes * m.nchunk > INT32_MAX) return fail(reason::bad_parameter, "compact: too many rows for one launch");
-  }
-  // check kernel (and the ordered kernel's set-up): (segment, chunk of kept indices) work items, enough of them to
-  // fill the machine
+  // check kernel: (segment, chunk of kept indices) work items, enough of them to fill the machine
   m.vchunk = std::max<int64_t>(1, std::min<int64_t>((4 * sms + sel.count - 1) / std::max<int64_t>(sel.count, 1),
                                                     (m.src_tokens + 1023) / 1024));
-  const int64_t vblocks = std::max<int64_t>(1, std::min<int64_t>(sel.count * m.vchunk, 2 * sms));
+  const int64_t vblocks =
+      validate_on_device ? std::max<int64_t>(1, std::min<int64_t>(sel.count * m.vchunk, 2 * sms)) : 0;
   const bool need_owner = validate_on_device && m.paged_dst && m.dt.num_pages > 0;
-  workspace_layout<4> ws;
-  ws.reserve<int32_t>(0, validate_on_device ? static_cast<size_t>(vblocks) : 0);
+  workspace_layout<2> ws;
+  ws.reserve<int32_t>(0, static_cast<size_t>(vblocks));
   ws.reserve<int32_t>(1, need_owner ? static_cast<size_t>(m.dt.num_pages) : 0);
-  ws.reserve<int32_t>(2, ordered ? static_cast<size_t>(lanes * m.nchunk) : 0);
-  ws.reserve<int32_t>(3, ordered ? static_cast<size_t>(sel.count * (m.nchunk + 1)) : 0);
   if (d_temp == nullptr) {
     temp_bytes = ws.bytes();
     return cudaSuccess;
   }
   PREFIXKV_TRY(ws.map(d_temp, temp_bytes));
-  // grid shape: in place one block per lane (its rows in ascending tiles) or one per (lane, chunk) (ordered); out
-  // of place lanes are split in chunks of kept rows (by default short chunks of compact_default_chunk_rows rows,
-  // one block each, below)
+  // grid shape: in place one block per lane (its rows in ascending tiles); out of place lanes are split in
+  // chunks of kept rows (by default short chunks of compact_default_chunk_rows rows, one block each, below)
+  const int64_t lanes = m.lanes();
   if (!inplace && lanes > 0) {
     const int64_t want = 16 * static_cast<int64_t>(sms);
     const int64_t by_rows = std::max<int64_t>(1, m.src_tokens / 128);
     m.nchunk = std::max<int64_t>(1, std::min<int64_t>((want + lanes - 1) / lanes, by_rows));
-  }
-  if (ordered) {
-    m.ord_rows = ord_rows;
-    m.ord_sync = tune.ord_sync;
-    m.ord_fixed = tune.ord_fixed;
-    m.ord_cmajor = tune.ord_cmajor;
-    m.ord_flags = ws.get<int32_t>(2);
-    m.ord_first = ws.get<int32_t>(3);
   }
   if (validate_on_device) {
     if (need_owner)
@@ -695,33 +486,21 @@ cudaError_t compact_launch(void* d_temp, size_t& temp_bytes, const SrcCache& src
     PREFIXKV_TRY(check_launch(stream));
     m.vstatus = ws.get<int32_t>(0);
     m.vblocks = static_cast<int32_t>(vblocks);
-  } else if (ordered) {
-    compact_order_prep_kernel<0><<<static_cast<unsigned>(vblocks), compact_threads, 0, stream>>>(m);
-    PREFIXKV_TRY(check_launch(stream));
   }
-  const bool pdl = (validate_on_device || ordered) && tune.pdl;
-  if (ordered) {
-    const size_t smem = tune.ord_regs ? 0 : static_cast<size_t>(ord_rows * row_max);
-    auto* kern = tune.ord_regs ? compact_ordered_kernel<true> : compact_ordered_kernel<false>;
-    if (smem > 0)
-      PREFIXKV_TRY(check_runtime(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-                                 "compact: cudaFuncSetAttribute"));
-    PREFIXKV_TRY(check_runtime(compact_launch_kernel(kern, static_cast<unsigned>(lanes * m.nchunk),
-                                                     compact_threads, smem, stream, pdl, m, ptrs),
-                               "compact: launch"));
-    return check_launch(stream);
-  }
-  const int variant = !fast ? 0 : (tune.kernel >= 0 ? tune.kernel : compact_default_variant);
+  bool fast = m.kinds > 0;
+  for (int k = 0; k < m.kinds; ++k)
+    fast = fast && m.vec[k] == 16 && m.src[k].contiguous && m.dst[k].contiguous;
+  const int variant = !fast ? 0 : (compact_tune().kernel >= 0 ? compact_tune().kernel : compact_default_variant);
   void (*kernel)(compact_meta, compact_ptrs) = inplace ? compact_move_kernel<true> : compact_move_kernel<false>;
   int per_sm = 2;
   if (variant > 0) compact_fast_pick(variant, inplace, kernel, per_sm);
   const int64_t resident = static_cast<int64_t>(per_sm) * sms;
-  if (tune.resident > 0 && !inplace && lanes > 0) {
+  if (compact_tune().resident > 0 && !inplace && lanes > 0) {
     const int64_t by_rows = std::max<int64_t>(1, m.src_tokens / 128);
-    m.nchunk = std::max<int64_t>(1, std::min<int64_t>((tune.resident * resident + lanes - 1) / lanes, by_rows));
+    m.nchunk = std::max<int64_t>(1, std::min<int64_t>((compact_tune().resident * resident + lanes - 1) / lanes, by_rows));
   }
-  const int64_t chunk_rows = tune.chunk_rows >= 0 ? tune.chunk_rows : compact_default_chunk_rows;
-  const bool short_blocks = !inplace && lanes > 0 && chunk_rows > 0 && tune.resident <= 0;
+  const int64_t chunk_rows = compact_tune().chunk_rows >= 0 ? compact_tune().chunk_rows : compact_default_chunk_rows;
+  const bool short_blocks = !inplace && lanes > 0 && chunk_rows > 0 && compact_tune().resident <= 0;
   if (short_blocks) {
     // many short-lived blocks, consecutive ones on consecutive row chunks of one lane (a compact window of memory
     // in flight, as in a plain copy kernel); bounded so that lanes x nchunk fits the grid
@@ -729,9 +508,11 @@ cudaError_t compact_launch(void* d_temp, size_t& temp_bytes, const SrcCache& src
     m.nchunk = std::max<int64_t>(1, std::min<int64_t>(want, std::max<int64_t>(1, (int64_t(1) << 30) / lanes)));
   }
   const int64_t work = std::max<int64_t>(1, lanes * m.nchunk);
+  const bool pdl = validate_on_device && compact_tune().pdl;
   // (every grid walks its work items grid-stride, so any cap is correct)
-  int64_t cap = tune.resident > 0 ? resident : (short_blocks ? std::min<int64_t>(work, INT32_MAX) : 64 * static_cast<int64_t>(sms));
-  if (tune.max_blocks > 0) cap = tune.max_blocks;
+  int64_t cap = compact_tune().resident > 0 ? resident
+                                            : (short_blocks ? std::min<int64_t>(work, INT32_MAX) : 64 * static_cast<int64_t>(sms));
+  if (compact_tune().max_blocks > 0) cap = compact_tune().max_blocks;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(work, cap));
   PREFIXKV_TRY(check_runtime(compact_launch_kernel(kernel, blocks, compact_threads, 0, stream, pdl, m, ptrs),
                              "compact: launch"));

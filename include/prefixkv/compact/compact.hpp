@@ -131,13 +131,6 @@ struct compact_meta {
   const int32_t* vstatus = nullptr;  // per-block results of the check kernel (null: trusted)
   int32_t vblocks = 0;
   int32_t* owner = nullptr;          // (dst num_pages) page -> (b * max_blocks + block), duplicate detection
-  // ordered in-place kernel (null otherwise; both zeroed / filled on the device before every move):
-  int32_t* ord_flags = nullptr;  // (lanes, nchunk) 1 once the chunk's loads are complete
-  int32_t* ord_first = nullptr;  // (segments, nchunk + 1) first rank whose kept index is >= c * rows per chunk
-  int64_t ord_rows = 0;          // rows per chunk the ordered kernel's shared memory holds
-  int32_t ord_sync = 0;
-  bool ord_fixed = false;
-  bool ord_cmajor = false;
   PREFIXKV_HOST_DEVICE int64_t lanes_per_lb() const { return lane_prefix[kinds]; }
   PREFIXKV_HOST_DEVICE int64_t lanes() const { return layers * batch * lane_prefix[kinds]; }
 };

@@ -1,6 +1,5 @@
 //! \file prefixkv/detail/memory.cuh
-//! Device memory helpers shared by the stages (private): asynchronous global -> shared copies (`cp.async`, sm_80)
-//! and the acquire/release flag accesses (sm_70) that order work between blocks of one grid.
+//! Device memory helpers shared by the stages (private): asynchronous global -> shared copies (`cp.async`, sm_80).
 #pragma once
 
 #include "../core/config.hpp"
@@ -26,26 +25,6 @@ PREFIXKV_DEVICE void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-//! Acquire load of a flag word at GPU scope (pairs with `st_release_gpu` in another block).
-PREFIXKV_DEVICE int32_t ld_acquire_gpu(const int32_t* p) {
-  int32_t v;
-  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-//! Release store of a flag word at GPU scope: every memory access this thread performed before it (and, through
-//! a preceding `__syncthreads`, every access of the block before the barrier) happens before an acquire load
-//! that reads the value.
-PREFIXKV_DEVICE void st_release_gpu(int32_t* p, int32_t v) {
-  asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
-}
-PREFIXKV_DEVICE int32_t ld_relaxed_gpu(const int32_t* p) {
-  int32_t v;
-  asm volatile("ld.relaxed.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-PREFIXKV_DEVICE void st_relaxed_gpu(int32_t* p, int32_t v) {
-  asm volatile("st.relaxed.gpu.global.b32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
-}
 #endif
 
 }  // namespace detail
