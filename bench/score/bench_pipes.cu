@@ -157,6 +157,29 @@ __device__ __forceinline__ void exp_pass(float (&v)[64], float (&s)[4], float sc
 // KIND 0: ex2.approx.ftz.f32   1: ex2.approx.f32 (no ftz)   2: ex2.approx.f16x2
 //      3: ex2.approx.ftz.bf16x2   4: ex2.approx.f16 (scalar)
 // ------------------------------------------------------------------------------------------
+// End of a timed block: barrier, then thread 0 records (SM id, start clock, end clock) in the block's record.
+__device__ __forceinline__ void record_block(long long* rec, long long t0) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    long long* r = rec + (size_t)blockIdx.x * REC;
+    r[0] = smid();
+    r[1] = t0;
+    r[2] = clk64();
+  }
+}
+
+// 8 independent dependency chains per thread, 64 applications of `op` per iteration.
+template <class V, class Op>
+__device__ __forceinline__ void chains(int iters, V (&v)[8], Op op) {
+#pragma unroll 1
+  for (int it = 0; it < iters; ++it) {
+#pragma unroll
+    for (int u = 0; u < 8; ++u)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[j] = op(v[j]);
+  }
+}
+
 template <int KIND>
 __global__ void __launch_bounds__(256) k_pure(int iters, float* out, long long* rec) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -168,13 +191,7 @@ __global__ void __launch_bounds__(256) k_pure(int iters, float* out, long long* 
     float v[8];
 #pragma unroll
     for (int j = 0; j < 8; ++j) v[j] = 0.3f + 0.01f * j + 1e-5f * tid;
-#pragma unroll 1
-    for (int it = 0; it < iters; ++it) {
-#pragma unroll
-      for (int u = 0; u < 8; ++u)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) v[j] = (KIND == 0) ? ex2neg_ftz_f32(v[j]) : ex2neg_f32(v[j]);
-    }
+    chains(iters, v, [](float x) { return (KIND == 0) ? ex2neg_ftz_f32(x) : ex2neg_f32(x); });
 #pragma unroll
     for (int j = 0; j < 8; ++j) res += v[j];
   } else if constexpr (KIND == 2 || KIND == 3) {
@@ -184,13 +201,7 @@ __global__ void __launch_bounds__(256) k_pure(int iters, float* out, long long* 
       float lo = 0.3f + 0.01f * j + 1e-5f * tid, hi = lo + 0.05f;
       v[j] = (KIND == 2) ? pack_f16x2(lo, hi) : pack_bf16x2(lo, hi);
     }
-#pragma unroll 1
-    for (int it = 0; it < iters; ++it) {
-#pragma unroll
-      for (int u = 0; u < 8; ++u)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) v[j] = (KIND == 2) ? ex2neg_f16x2(v[j]) : ex2neg_bf16x2(v[j]);
-    }
+    chains(iters, v, [](uint32_t x) { return (KIND == 2) ? ex2neg_f16x2(x) : ex2neg_bf16x2(x); });
 #pragma unroll
     for (int j = 0; j < 8; ++j) res += (KIND == 2) ? sum_f16x2(v[j]) : sum_bf16x2(v[j]);
   } else {
@@ -200,13 +211,7 @@ __global__ void __launch_bounds__(256) k_pure(int iters, float* out, long long* 
       float f = 0.3f + 0.01f * j + 1e-5f * tid;
       asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v[j]) : "f"(f));
     }
-#pragma unroll 1
-    for (int it = 0; it < iters; ++it) {
-#pragma unroll
-      for (int u = 0; u < 8; ++u)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) v[j] = ex2neg_f16(v[j]);
-    }
+    chains(iters, v, [](unsigned short x) { return ex2neg_f16(x); });
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       float f;
@@ -215,13 +220,7 @@ __global__ void __launch_bounds__(256) k_pure(int iters, float* out, long long* 
     }
   }
   out[blockIdx.x * blockDim.x + tid] = res;
-  __syncthreads();
-  if (tid == 0) {
-    long long* r = rec + (size_t)blockIdx.x * REC;
-    r[0] = smid();
-    r[1] = t0;
-    r[2] = clk64();
-  }
+  record_block(rec, t0);
 #endif
 }
 
@@ -242,13 +241,7 @@ __global__ void __launch_bounds__(256) k_path(int iters, float scale, float c, f
 #pragma unroll 1
   for (int it = 0; it < iters; ++it) exp_pass<PATH, true>(v, s, scale, nc);
   out[blockIdx.x * blockDim.x + tid] = (s[0] + s[1]) + (s[2] + s[3]);
-  __syncthreads();
-  if (tid == 0) {
-    long long* r = rec + (size_t)blockIdx.x * REC;
-    r[0] = smid();
-    r[1] = t0;
-    r[2] = clk64();
-  }
+  record_block(rec, t0);
 #endif
 }
 
@@ -417,6 +410,19 @@ static Res analyze(const std::vector<long long>& h, int nblocks, double ms) {
 static long long* g_rec = nullptr;
 static const int NREP = 7;
 
+// one launch between two events -> ms
+template <class F>
+static float event_ms(F& launch, cudaEvent_t e0, cudaEvent_t e1) {
+  CK(cudaEventRecord(e0));
+  launch();
+  CK(cudaGetLastError());
+  CK(cudaEventRecord(e1));
+  CK(cudaEventSynchronize(e1));
+  float ms = 0;
+  CK(cudaEventElapsedTime(&ms, e0, e1));
+  return ms;
+}
+
 template <class F>
 static Res bench(F launch, int nblocks) {
   cudaEvent_t e0, e1;
@@ -429,13 +435,7 @@ static Res bench(F launch, int nblocks) {
   std::vector<long long> h((size_t)nblocks * REC);
   for (int r = 0; r < NREP; ++r) {
     CK(cudaMemset(g_rec, 0, (size_t)nblocks * REC * sizeof(long long)));
-    CK(cudaEventRecord(e0));
-    launch();
-    CK(cudaGetLastError());
-    CK(cudaEventRecord(e1));
-    CK(cudaEventSynchronize(e1));
-    float ms = 0;
-    CK(cudaEventElapsedTime(&ms, e0, e1));
+    const float ms = event_ms(launch, e0, e1);
     CK(cudaMemcpy(h.data(), g_rec, h.size() * sizeof(long long), cudaMemcpyDeviceToHost));
     rs.push_back(analyze(h, nblocks, ms));
   }
@@ -454,13 +454,7 @@ static double time_once(F launch) {
   launch();
   CK(cudaGetLastError());
   CK(cudaDeviceSynchronize());
-  CK(cudaEventRecord(e0));
-  launch();
-  CK(cudaGetLastError());
-  CK(cudaEventRecord(e1));
-  CK(cudaEventSynchronize(e1));
-  float ms = 0;
-  CK(cudaEventElapsedTime(&ms, e0, e1));
+  const float ms = event_ms(launch, e0, e1);
   CK(cudaEventDestroy(e0));
   CK(cudaEventDestroy(e1));
   return ms;
