@@ -140,7 +140,6 @@ TEST_CASE("window scorer bf16: accumulate kernel selection and the other kernel 
     pk::detail::window_tuning().wgmma_max_stages = 0;
     pk::detail::window_tuning().wgmma_groups = 2;  // two warpgroups, both accumulators in one turn
     run_accumulate_shapes(rng);
-
   }
 }
 
