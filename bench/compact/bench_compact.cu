@@ -10,7 +10,8 @@
 // `kernel`, `resident`, `chunk_rows` pick move-kernel variants (detail::compact_tune, same run; see args()).
 // BM_copy: a plain copy kernel against cudaMemcpyAsync of the same bytes (diagnostic, same run); variants 5-9
 // copy the same bytes as 512 long-lived streams (the in-place kernel's one block per lane), 10 as one-shot
-// blocks interleaved over the 512 streams; see RESULTS.md.
+// blocks interleaved over the 512 streams, 11-15 as 512 long-lived blocks over 64 / 128 / 256 streams (with or
+// without a cluster barrier per round); see RESULTS.md.
 #include <prefixkv/compact/compact.cuh>
 
 #include "support/bench_util.cuh"
@@ -339,6 +340,35 @@ __global__ void __launch_bounds__(256, 2) stream_oneshot_kernel(const uint4* __r
   }
 }
 
+// 512 long-lived blocks over 512 / G streams, G blocks per stream (member m takes tiles m, m + G, ...), to split
+// the in-place gap into "how many separate regions are in flight" and "block lifetime"; Sync: the G blocks of a
+// stream form a cluster and meet at a cluster barrier between each round's loads and stores (what an in-place
+// kernel with several blocks per lane in lockstep would need).
+template <int G, bool Sync>
+__global__ void __cluster_dims__(G, 1, 1) __launch_bounds__(256, 2)
+    stream_group_kernel(const uint4* __restrict__ s, uint4* __restrict__ d, int64_t per) {
+  constexpr int U = 8;
+  constexpr int64_t tile = 256 * U;
+  const int64_t stream = blockIdx.x / G, m = blockIdx.x % G;
+  const uint4* src = s + stream * per;
+  uint4* dst = d + stream * per;
+  const int64_t tiles = (per + tile - 1) / tile, rounds = (tiles + G - 1) / G;
+  for (int64_t r = 0; r < rounds; ++r) {
+    uint4 buf[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t i = (r * G + m) * tile + u * 256 + threadIdx.x;
+      if (i < per) buf[u] = src[i];
+    }
+    if (Sync) asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t i = (r * G + m) * tile + u * 256 + threadIdx.x;
+      if (i < per) dst[i] = buf[u];
+    }
+  }
+}
+
 void BM_copy(benchmark::State& state) {
   const int64_t T = state.range(0), pct = state.range(1), v = state.range(2), one_shot = state.range(3);
   const size_t bytes = size_t(2 * L * B * H * (T * pct / 100) * D * sizeof(bf16));
@@ -367,8 +397,14 @@ void BM_copy(benchmark::State& state) {
       case 7: stream_copy_kernel<8, true, true><<<512, 256, 0, st>>>(const_cast<uint4*>(s), d, n / 512); break;
       case 8: stream_pipe_kernel<8, 3, false><<<512, 256, 3 * 256 * 8 * 16, st>>>(const_cast<uint4*>(s), d, n / 512); break;
       case 9: stream_pipe_kernel<8, 3, true><<<512, 256, 3 * 256 * 8 * 16, st>>>(const_cast<uint4*>(s), d, n / 512); break;
+      // 512 long-lived blocks over fewer streams (the moved bytes are n words)
+      case 11: stream_group_kernel<8, false><<<512, 256, 0, st>>>(s, d, n / 64); break;
+      case 12: stream_group_kernel<8, true><<<512, 256, 0, st>>>(s, d, n / 64); break;
+      case 13: stream_group_kernel<4, true><<<512, 256, 0, st>>>(s, d, n / 128); break;
+      case 14: stream_group_kernel<2, true><<<512, 256, 0, st>>>(s, d, n / 256); break;
+      case 15: stream_group_kernel<4, false><<<512, 256, 0, st>>>(s, d, n / 128); break;
       default: {
-        const int64_t per = n / 512, tiles = (per + 2047) / 2048;
+        const int64_t per = n / 512, tiles = (per + 2047) / 2048;  // variant 10
         stream_oneshot_kernel<<<static_cast<unsigned>(512 * tiles), 256, 0, st>>>(s, d, per);
         break;
       }
@@ -397,7 +433,7 @@ void copy_args(benchmark::internal::Benchmark* b) {
   const bool explore = std::getenv("PREFIXKV_BENCH_EXPLORE") != nullptr;
   for (int64_t T : {4096, 131072})
     for (int64_t pct : {25, 75})
-      for (int64_t v = 0; v < 11; ++v)
+      for (int64_t v = 0; v < 16; ++v)
         for (int64_t one_shot : {0, 1})
           if ((explore || v == 0 || v == 1 || v >= 5) && !(v >= 5 && one_shot)) b->Args({T, pct, v, one_shot});
   b->ArgNames({"tokens", "kept_pct", "copy_variant", "one_shot"});

@@ -252,6 +252,7 @@ __global__ void __launch_bounds__(256) k_path(int iters, float scale, float c, f
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_wait1() { asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); }
 __device__ __forceinline__ void fence_acc(float (&d)[64]) {
 #pragma unroll
   for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
@@ -306,7 +307,49 @@ __global__ void __launch_bounds__(384, 1)
   float tot = 0.f;
   const long long tb = clk64();
   long long ws = 0, we = 0;
-  if (MODE == 1 || MODE == 3 || (MODE == 4 && wg < 2)) {
+  if (MODE == 5 || MODE == 6) {  // pipelined: MMA of the next accumulator in flight during the exps of this one
+    if (MODE == 6 && wg == 2) {
+      ws = we = clk64();
+    } else {
+      float acc0[64], acc1[64];
+#pragma unroll
+      for (int i = 0; i < 64; ++i) acc0[i] = acc1[i] = 0.f;
+      float s[4] = {0.f, 0.f, 0.f, 0.f};
+      ws = clk64();
+      fence_acc(acc0);
+      wg_fence();
+#pragma unroll
+      for (int j = 0; j < 8; ++j) wgmma_rs_m64n128k16(acc0, a, desc0 + 2 * (j & 3));
+      wg_commit();
+      wg_wait0();
+      fence_acc(acc0);
+#pragma unroll 1
+      for (int it = 0; it < iters; it += 2) {  // no MMA in flight across the back edge
+        fence_acc(acc1);
+        wg_fence();
+#pragma unroll
+        for (int j = 0; j < 8; ++j) wgmma_rs_m64n128k16(acc1, a, desc0 + 2 * (j & 3));
+        wg_commit();
+        exp_pass<PATH, false>(acc0, s, scale, nc);
+        wg_wait0();
+        fence_acc(acc1);
+        fence_acc(acc0);
+        wg_fence();
+#pragma unroll
+        for (int j = 0; j < 8; ++j) wgmma_rs_m64n128k16(acc0, a, desc0 + 2 * (j & 3));
+        wg_commit();
+        exp_pass<PATH, false>(acc1, s, scale, nc);
+        wg_wait0();
+        fence_acc(acc0);
+      }
+      wg_wait0();
+      fence_acc(acc0);
+      we = clk64();
+#pragma unroll
+      for (int i = 0; i < 64; ++i) tot += acc0[i] + acc1[i];
+      tot += (s[0] + s[1]) + (s[2] + s[3]);
+    }
+  } else if (MODE == 1 || MODE == 3 || (MODE == 4 && wg < 2)) {
     float acc[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc[i] = 0.f;
@@ -602,6 +645,13 @@ static void run_e_suite(const char* tag, int N, bool full) {
   Res e4 = run_e<4, 0>(N);
   print_e("E4  WG0,1 MMA / WG2 EXP (f32)", e4, N, true, true, &e1, &e2);
   print_wg(e4, (N / 2) * 3);
+  Res e6 = run_e<5, 0>(N);
+  print_e("E6  pipelined, 3 WGs (f32)", e6, N, true, true, &e1, &e2);
+  print_wg(e6, N);
+  Res e7 = run_e<6, 0>(N);
+  printf("E7  pipelined, 2 WGs (f32): %.3f ms, SM cyc/iter %.1f (2 accs per iter), clk %.3f GHz\n", e7.ms,
+         e7.sm_span / N, e7.clk_ghz);
+  print_wg(e7, N);
   Res e5 = run_e<3, 1>(N);
   print_e("E5  MMA+EXP mixed (f16x2)", e5, N, true, true, &e1, &e2h);
   print_wg(e5, N);

@@ -120,6 +120,7 @@ struct window_params {
   int64_t layer;
   unsigned* status;
   float scale_log2;    // scale * log2(e)
+  float inv_G;         // 1 / G: the mean over a group's query heads multiplies (one division per call, on the host)
   int G, HC, chunks, WP, R, ldq, ldk, splits, tiles_per_split;
   int vec_q, vec_k;    // 16-byte vector loads allowed
   int lse_natural;
@@ -796,10 +797,10 @@ inline cudaError_t launch_window_mma(const window_params<T>& p, const window_mma
 }
 
 //! Test/bench tuning hook (process-wide, not thread-safe; leave at the defaults in production):
-//! `use_wgmma == 0` forces the mma.sync kernel even in a PREFIXKV_SM90A build; `wgmma_max_stages` (1-8) caps the
-//! wgmma kernel's K stages; 0 = default.
+//! `use_wgmma == 0` forces the mma.sync kernel even in a PREFIXKV_SM90A build; `wgmma_max_stages` (1-4) caps the
+//! wgmma kernel's K stages per warp; `wgmma_groups` (2 or 3) its warpgroups per CTA; 0 = default.
 struct window_tuning_t {
-  int use_wgmma = 1, wgmma_max_stages = 0;
+  int use_wgmma = 1, wgmma_max_stages = 0, wgmma_groups = 0;
 };
 inline window_tuning_t& window_tuning() {
   static window_tuning_t t;
@@ -807,16 +808,17 @@ inline window_tuning_t& window_tuning() {
 }
 
 #if defined(PREFIXKV_SM90A)
-//! Calls f(kernel) with the wgmma kernel instance for (NK, NP = R / 128).
+//! Calls f(kernel) with the wgmma kernel instance for (NK, NP = R / 128, WGS).
 template <class T, int NK, class F>
-inline cudaError_t with_window_wgmma_kernel(int R, F&& f) {
-  return R == 128 ? f(window_wgmma_kernel<T, NK, 1>) : f(window_wgmma_kernel<T, NK, 2>);
+inline cudaError_t with_window_wgmma_kernel(int R, int WGS, F&& f) {
+  if (R == 128) return WGS == 3 ? f(window_wgmma_kernel<T, NK, 1, 3>) : f(window_wgmma_kernel<T, NK, 1, 2>);
+  return WGS == 3 ? f(window_wgmma_kernel<T, NK, 2, 3>) : f(window_wgmma_kernel<T, NK, 2, 2>);
 }
 
-//! Plan of the wgmma kernel, stored in a window_mma_plan (NJ = 0 marks wgmma, `warps` = 9). It takes a CTA query
-//! block of R = 128 or 256 rows: the padded window WP (multiple of 64) must be 64, 128 or 256, and HC heads with
-//! HC x WP = R (the whole group when G x WP is 128 or 256, else chunks of 256 / WP heads; a group of one head with
-//! WP = 64 would waste half of every MMA and goes to mma.sync).
+//! Plan of the wgmma kernel, stored in a window_mma_plan (NJ = 0 marks wgmma, `warps` = 4 x warpgroups). It takes a
+//! CTA query block of R = 128 or 256 rows: the padded window WP (multiple of 64) must be 64, 128 or 256, and HC heads
+//! with HC x WP = R (the whole group when G x WP is 128 or 256, else chunks of 256 / WP heads; a group of one head
+//! with WP = 64 would waste half of every MMA and goes to mma.sync).
 template <class T, int NK>
 inline cudaError_t plan_window_wgmma_nk(const kv_view<const T>& q, const kv_view<const T>& k, window_mma_plan& pl) {
   int dev = 0, major = 0, minor = 0;
@@ -831,23 +833,22 @@ inline cudaError_t plan_window_wgmma_nk(const kv_view<const T>& q, const kv_view
   if (WP != 64 && WP != 128 && WP != 256) return cudaSuccess;
   const int64_t HC = G * WP <= 256 ? G : 256 / WP, R = HC * WP;
   if (R != 128 && R != 256) return cudaSuccess;
+  const int WGS = window_tuning().wgmma_groups == 2 || window_tuning().wgmma_groups == 3 ? window_tuning().wgmma_groups
+                                                                                       : wgmma_groups;
   int optin = 0;
-  PREFIXKV_TRY((with_window_wgmma_kernel<T, NK>(int(R), [&](auto* kernel) {
-    static unsigned long long configured[2] = {0, 0};  // per instance: NP - 1
-    return raise_smem_limit(kernel, configured[R / wgmma_n - 1], optin);
+  PREFIXKV_TRY((with_window_wgmma_kernel<T, NK>(int(R), WGS, [&](auto* kernel) {
+    static unsigned long long configured[4] = {0, 0, 0, 0};  // per instance: (NP - 1) + 2 (WGS - 2)
+    return raise_smem_limit(kernel, configured[(R / wgmma_n - 1) + 2 * (WGS - 2)], optin);
   })));
   const int max_st = window_tuning().wgmma_max_stages > 0 ? std::min(wgmma_stages_max, window_tuning().wgmma_max_stages)
                                                           : wgmma_stages_max;
-  auto smem_of = [&](int st) { return window_wgmma_smem(int(R), int(D), st, int(sizeof(T))).total; };
-  // With R = 128 the warpgroups take alternate tiles; an even stage count keeps a stage's uses with one
-  // warpgroup, so a stage's full-barrier phases are waited for in order.
-  const int min_st = R == 128 ? 2 : 1, st_step = R == 128 ? 2 : 1;
-  int st = R == 128 ? std::max(2, max_st / 2 * 2) : max_st;
-  while (st > min_st && smem_of(st) > size_t(optin)) st -= st_step;
+  auto smem_of = [&](int st) { return window_wgmma_smem(int(R), int(D), st, int(sizeof(T)), WGS).total; };
+  int st = max_st;
+  while (st > 1 && smem_of(st) > size_t(optin)) --st;
   window_mma_plan out{};
   out.NK = NK;
   out.NJ = 0;
-  out.warps = wgmma_threads / 32;
+  out.warps = WGS * 4;
   out.WP = int(WP);
   out.HC = int(HC);
   out.stages = st;
@@ -856,16 +857,15 @@ inline cudaError_t plan_window_wgmma_nk(const kv_view<const T>& q, const kv_view
   if (out.smem > size_t(optin)) return cudaSuccess;
   out.chunks = int((G + HC - 1) / HC);
   int per_sm = 0;
-  PREFIXKV_TRY(check_runtime(with_window_wgmma_kernel<T, NK>(int(R), [&](auto* kernel) {
-                               return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, wgmma_threads,
-                                                                                    out.smem);
+  PREFIXKV_TRY(check_runtime(with_window_wgmma_kernel<T, NK>(int(R), WGS, [&](auto* kernel) {
+                               return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, WGS * 128, out.smem);
                              }),
                              "window scorer: occupancy query failed"));
   if (per_sm < 1) return cudaSuccess;
-  // Key splits (a round = one 64-key tile for both warpgroups (R = 256) or one each (R = 128))
+  // Key splits (a round = one 64-key tile per warpgroup)
   const int64_t cap = k.tokens > 0 ? k.tokens : 1;
   const int64_t sk = window_split_keys(q.batch * k.heads * out.chunks, int64_t(sm_count()) * per_sm, cap, wgmma_keys,
-                                       R == 128 ? 2 : 1, wgmma_prologue_rounds);
+                                       WGS, wgmma_prologue_rounds);
   out.split_keys = sk;
   out.splits = int((cap + sk - 1) / sk);
   out.use = true;
@@ -897,14 +897,15 @@ inline cudaError_t launch_window_accumulate(const window_params<T>& p, const win
   if constexpr (sizeof(T) == 2) {
     if (pl.NJ == 0) {
       const dim3 grid(unsigned(pl.splits), unsigned(p.q.batch * p.k.heads * pl.chunks));
+      const int WGS = pl.warps / 4;
       auto launch = [&](auto* kernel) {
-        kernel<<<grid, unsigned(wgmma_threads), pl.smem, stream>>>(p);
+        kernel<<<grid, unsigned(WGS * 128), pl.smem, stream>>>(p);
         return cudaSuccess;
       };
       if (pl.NK == 1)
-        (void)with_window_wgmma_kernel<T, 1>(pl.R, launch);
+        (void)with_window_wgmma_kernel<T, 1>(pl.R, WGS, launch);
       else
-        (void)with_window_wgmma_kernel<T, 2>(pl.R, launch);
+        (void)with_window_wgmma_kernel<T, 2>(pl.R, WGS, launch);
       return check_launch(stream);
     }
   }
@@ -987,6 +988,7 @@ template <class T>
   p.status = d_status;
   p.scale_log2 = detail::effective_scale(opt.scale, q.dim) * 1.4426950408889634f;
   p.G = int(Hq / Hk);
+  p.inv_G = 1.0f / float(p.G);
   p.HC = pl.HC;
   p.chunks = pl.chunks;
   p.WP = pl.WP;

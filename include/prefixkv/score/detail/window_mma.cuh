@@ -140,7 +140,7 @@ template <class T>
 PREFIXKV_DEVICE void window_store_key(const window_params<T>& p, float* row, int64_t key, int64_t key_end, float v,
                                       bool gmax, bool& bad) {
   if (key >= key_end) return;
-  if (!gmax) v /= float(p.G);
+  if (!gmax) v *= p.inv_G;
   bad |= !isfinite(v);
   float* dst = row + key;
   if (p.chunks == 1)
