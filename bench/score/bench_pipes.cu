@@ -315,32 +315,23 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
       for (int i = 0; i < 64; ++i) acc0[i] = acc1[i] = 0.f;
       float s[4] = {0.f, 0.f, 0.f, 0.f};
-      ws = clk64();
-      fence_acc(acc0);
-      wg_fence();
+      // MMAs into `next` (if `cur`: the exponentials of `cur` meanwhile), then wait for them
+      auto step = [&](float (&next)[64], float(*cur)[64]) {
+        fence_acc(next);
+        wg_fence();
 #pragma unroll
-      for (int j = 0; j < 8; ++j) wgmma_rs_m64n128k16(acc0, a, desc0 + 2 * (j & 3));
-      wg_commit();
-      wg_wait0();
-      fence_acc(acc0);
+        for (int j = 0; j < 8; ++j) wgmma_rs_m64n128k16(next, a, desc0 + 2 * (j & 3));
+        wg_commit();
+        if (cur) exp_pass<PATH, false>(*cur, s, scale, nc);
+        wg_wait0();
+        fence_acc(next);
+      };
+      ws = clk64();
+      step(acc0, nullptr);
 #pragma unroll 1
       for (int it = 0; it < iters; it += 2) {  // no MMA in flight across the back edge
-        fence_acc(acc1);
-        wg_fence();
-#pragma unroll
-        for (int j = 0; j < 8; ++j) wgmma_rs_m64n128k16(acc1, a, desc0 + 2 * (j & 3));
-        wg_commit();
-        exp_pass<PATH, false>(acc0, s, scale, nc);
-        wg_wait0();
-        fence_acc(acc1);
-        fence_acc(acc0);
-        wg_fence();
-#pragma unroll
-        for (int j = 0; j < 8; ++j) wgmma_rs_m64n128k16(acc0, a, desc0 + 2 * (j & 3));
-        wg_commit();
-        exp_pass<PATH, false>(acc1, s, scale, nc);
-        wg_wait0();
-        fence_acc(acc0);
+        step(acc1, &acc0);
+        step(acc0, &acc1);
       }
       wg_wait0();
       fence_acc(acc0);
