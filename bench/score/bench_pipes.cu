@@ -100,29 +100,20 @@ __device__ __forceinline__ float ex2_f32(float x) {
   asm volatile("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
-// realistic half paths: two fp32 -> pack -> packed ex2 -> two fp32
+// realistic half paths: two fp32 -> pack -> packed ex2 -> two fp32 (H = f16 / bf16, EX = the packed ex2)
+#define PKV_EX2_PAIR_ASM(H, EX)                                                                       \
+  asm volatile("{\n\t.reg .b32 h;\n\t.reg .b16 l, u;\n\t"                                           \
+               "cvt.rn." H "x2.f32 h, %3, %2;\n\t" /* hi = b, lo = a */                             \
+               EX " h, h;\n\tmov.b32 {l, u}, h;\n\tcvt.f32." H " %0, l;\n\tcvt.f32." H " %1, u;\n\t}" \
+               : "=f"(ya), "=f"(yb)                                                                   \
+               : "f"(a), "f"(b))
 __device__ __forceinline__ void ex2_pair_f16(float a, float b, float& ya, float& yb) {
-  asm volatile(
-      "{\n\t.reg .b32 h;\n\t.reg .b16 l, u;\n\t"
-      "cvt.rn.f16x2.f32 h, %3, %2;\n\t"  // hi = b, lo = a
-      "ex2.approx.f16x2 h, h;\n\t"
-      "mov.b32 {l, u}, h;\n\t"
-      "cvt.f32.f16 %0, l;\n\t"
-      "cvt.f32.f16 %1, u;\n\t}"
-      : "=f"(ya), "=f"(yb)
-      : "f"(a), "f"(b));
+  PKV_EX2_PAIR_ASM("f16", "ex2.approx.f16x2");
 }
 __device__ __forceinline__ void ex2_pair_bf16(float a, float b, float& ya, float& yb) {
-  asm volatile(
-      "{\n\t.reg .b32 h;\n\t.reg .b16 l, u;\n\t"
-      "cvt.rn.bf16x2.f32 h, %3, %2;\n\t"
-      "ex2.approx.ftz.bf16x2 h, h;\n\t"
-      "mov.b32 {l, u}, h;\n\t"
-      "cvt.f32.bf16 %0, l;\n\t"
-      "cvt.f32.bf16 %1, u;\n\t}"
-      : "=f"(ya), "=f"(yb)
-      : "f"(a), "f"(b));
+  PKV_EX2_PAIR_ASM("bf16", "ex2.approx.ftz.bf16x2");
 }
+#undef PKV_EX2_PAIR_ASM
 
 // One pass of 64 softmax-like exponentials over v[64]:  s += ex2(v*scale - c)
 // PATH 0: FFMA -> MUFU.EX2 (f32) -> FADD

@@ -522,7 +522,7 @@ PREFIXKV_KERNEL void __launch_bounds__(win_warps * 32, 2) window_kernel(window_p
           bad |= !isfinite(a);
           g = p.group == head_reduce::max ? fmaxf(g, a) : g + a;
         }
-        if (p.group == head_reduce::mean) g /= float(p.G);
+        if (p.group == head_reduce::mean) g *= p.inv_G;
         float* dst = p.kvrows + (b * Hk + kh) * p.k.tokens + t;
         if (p.chunks == 1)
           *dst = g;
