@@ -60,12 +60,12 @@ struct llama_layer {
 
 // Accumulate-kernel selection through the tuning hook (restored after each benchmark).
 struct kernel_choice {
-  int use_wgmma = 1, max_stages = 0, groups = 0, flat = 0;
+  int use_wgmma = 1, max_stages = 0, groups = 0;
 };
 
 void run_window(benchmark::State& state, bool with_lse, kernel_choice kc = {}) {
   const pk::detail::window_tuning_t saved = pk::detail::window_tuning();
-  pk::detail::window_tuning() = pk::detail::window_tuning_t{kc.use_wgmma, kc.max_stages, kc.groups, kc.flat};
+  pk::detail::window_tuning() = pk::detail::window_tuning_t{kc.use_wgmma, kc.max_stages, kc.groups};
   llama_layer L(state.range(0));
   const pk::segment_grid grid{1, 1, 1};
   const auto rows = pk::make_uniform_segments(1, L.tokens);
@@ -94,7 +94,6 @@ void run_window(benchmark::State& state, bool with_lse, kernel_choice kc = {}) {
   state.counters["wgmma"] = pl.NJ == 0 ? 1 : 0;
   state.counters["warps"] = pl.warps;
   state.counters["stages"] = pl.stages;
-  state.counters["flat_ctas"] = pl.flat_ctas;
   pk::detail::window_tuning() = saved;
 }
 
@@ -104,7 +103,6 @@ void BM_window_two_pass(benchmark::State& state) { run_window(state, false); }
 void BM_window_caller_lse_mma_sync(benchmark::State& state) { run_window(state, true, {0, 0}); }
 void BM_window_caller_lse_wgmma_2stages(benchmark::State& state) { run_window(state, true, {1, 2}); }
 void BM_window_caller_lse_wgmma_2wg(benchmark::State& state) { run_window(state, true, {1, 0, 2}); }
-void BM_window_caller_lse_wgmma_grid(benchmark::State& state) { run_window(state, true, {1, 0, 0, -1}); }
 
 void BM_key_norm(benchmark::State& state) {
   llama_layer L(state.range(0));
@@ -128,7 +126,6 @@ BENCHMARK(BM_window_caller_lse)->Arg(4096)->Arg(32768)->Arg(131072)->UseManualTi
 BENCHMARK(BM_window_two_pass)->Arg(4096)->Arg(32768)->Arg(131072)->UseManualTime()->Iterations(20)->Repetitions(7)->ReportAggregatesOnly(true)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_window_caller_lse_mma_sync)->Arg(4096)->Arg(32768)->Arg(131072)->UseManualTime()->Iterations(20)->Repetitions(7)->ReportAggregatesOnly(true)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_window_caller_lse_wgmma_2wg)->Arg(4096)->Arg(32768)->Arg(131072)->UseManualTime()->Iterations(20)->Repetitions(7)->ReportAggregatesOnly(true)->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_window_caller_lse_wgmma_grid)->Arg(4096)->Arg(32768)->Arg(131072)->UseManualTime()->Iterations(20)->Repetitions(7)->ReportAggregatesOnly(true)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_window_caller_lse_wgmma_2stages)->Arg(131072)->UseManualTime()->Iterations(20)->Repetitions(7)->ReportAggregatesOnly(true)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_key_norm)->Arg(131072)->UseManualTime()->Iterations(20)->Repetitions(7)->ReportAggregatesOnly(true)->Unit(benchmark::kMillisecond);
 

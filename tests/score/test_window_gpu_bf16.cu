@@ -125,8 +125,7 @@ TEST_CASE("window scorer bf16: accumulate kernel selection and the other kernel 
 #endif
   CHECK((pl.NJ == 0) == wgmma);  // the Llama-3-8B layer takes wgmma exactly when built for and run on sm_90a
   MESSAGE("accumulate kernel: ", std::string(pl.NJ == 0 ? "wgmma" : "mma.sync"), ", ", pl.warps, " warps, ", pl.stages,
-          " stages, ", pl.splits, " splits, ", pl.flat_ctas, " flat CTAs");
-  if (wgmma && pk::detail::sm_count() == 132) CHECK(pl.flat_ctas == 132);  // H100 SXM: 8 units x 16 splits idle 4 SMs
+          " stages, ", pl.splits, " splits");
   auto rng = make_rng(106);
   pk::detail::window_tuning().use_wgmma = 0;  // the mma.sync kernel
   REQUIRE(pk::detail::plan_window_accumulate(q, k, pl) == cudaSuccess);
@@ -139,16 +138,6 @@ TEST_CASE("window scorer bf16: accumulate kernel selection and the other kernel 
     pk::detail::window_tuning().wgmma_max_stages = 1;  // one K stage per warp
     run_accumulate_shapes(rng);
     pk::detail::window_tuning().wgmma_max_stages = 0;
-    // Work split: grid mode only, then flat mode with shares that cross unit boundaries (1 CTA takes every unit,
-    // 3 and 7 several units each, 13 and 132 parts of units; ragged rows leave some shares empty).
-    for (int flat : {-1, 1, 3, 7, 13, 132}) {
-      pk::detail::window_tuning().wgmma_flat = flat;
-      REQUIRE(pk::detail::plan_window_accumulate(q, k, pl) == cudaSuccess);
-      CHECK(pl.flat_ctas == (flat > 0 ? flat : 0));
-      INFO("wgmma_flat ", flat);
-      run_accumulate_shapes(rng);
-    }
-    pk::detail::window_tuning().wgmma_flat = 0;
     pk::detail::window_tuning().wgmma_groups = 2;  // two warpgroups, both accumulators in one turn
     run_accumulate_shapes(rng);
   }

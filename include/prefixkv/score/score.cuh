@@ -127,8 +127,6 @@ struct window_params {
   head_reduce group;
   int stages;          // mma kernel: K stages per warp (1 or 2)
   int64_t split_keys;  // mma kernel: keys per CTA (multiple of 32)
-  int64_t flat_unit;   // wgmma kernel: > 0 = flat mode, set-up + tiles per unit (window_flat_piece)
-  int flat_setup;      // wgmma kernel, flat mode: tile-equivalents charged for entering a unit
 };
 
 template <class T>
@@ -670,8 +668,6 @@ struct window_mma_plan {
   bool use = false;
   int NK = 2, NJ = 4, warps = 8, HC = 1, chunks = 1, WP = wmma_qstep, R = wmma_qstep, stages = 2, splits = 1;
   int64_t split_keys = wmma_keys;
-  int flat_ctas = 0, flat_setup = 0;  // wgmma flat mode (flat_ctas > 0): CTAs, set-up charge per unit in tiles
-  int64_t flat_unit = 0;              // set-up + tiles per unit
   size_t smem = 0;
 };
 
@@ -679,31 +675,16 @@ struct window_mma_plan {
 //! in the caller's `configured` bits; benign race: idempotent) and returns that maximum in `optin`.
 template <class Kernel>
 inline cudaError_t raise_smem_limit(Kernel* kernel, unsigned long long& configured, int& optin) {
-  device_info d;
-  PREFIXKV_TRY(current_device_info(d));
-  optin = d.smem_optin;
-  const int dev = d.ordinal;
+  int dev = 0;
+  PREFIXKV_TRY(check_runtime(cudaGetDevice(&dev), "window scorer: no current device"));
+  PREFIXKV_TRY(check_runtime(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+                             "window scorer: cannot query shared memory"));
   const unsigned long long bit = dev < 64 ? (1ull << dev) : 0ull;
   if (!(configured & bit)) {
     PREFIXKV_TRY(check_runtime(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin),
                                "window scorer: cannot reserve shared memory"));
     configured |= bit;
   }
-  return cudaSuccess;
-}
-
-//! Resident CTAs per SM of `kernel` with `threads` threads and `smem` bytes, queried once per (device, slot) and
-//! cached in the caller's `cache` (one entry per (device ordinal, slot); 0 = not known yet; stores are idempotent).
-template <class Kernel, int Slots>
-inline cudaError_t cached_occupancy(Kernel* kernel, int threads, size_t smem,
-                                    std::atomic<int> (&cache)[cached_devices][Slots], int slot, int& per_sm) {
-  device_info d;
-  PREFIXKV_TRY(current_device_info(d));
-  std::atomic<int>* c = d.ordinal < cached_devices && slot >= 0 && slot < Slots ? &cache[d.ordinal][slot] : nullptr;
-  if (c != nullptr && (per_sm = c->load(std::memory_order_relaxed) - 1) >= 0) return cudaSuccess;
-  PREFIXKV_TRY(check_runtime(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem),
-                             "window scorer: occupancy query failed"));
-  if (c != nullptr) c->store(per_sm + 1, std::memory_order_relaxed);
   return cudaSuccess;
 }
 
@@ -741,9 +722,11 @@ template <class T, int NK>
 inline cudaError_t plan_window_mma_nk(const kv_view<const T>& q, const kv_view<const T>& k, window_mma_plan& pl) {
   int optin = 0;
   PREFIXKV_TRY((configure_window_mma<T, NK>(optin)));
-  device_info dinfo;
-  PREFIXKV_TRY(current_device_info(dinfo));
-  if (dinfo.major < 8) return cudaSuccess;  // mma.sync bf16 needs sm_80+
+  int dev = 0, major = 0;
+  PREFIXKV_TRY(check_runtime(cudaGetDevice(&dev), "window scorer: no current device"));
+  PREFIXKV_TRY(check_runtime(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev),
+                             "window scorer: cannot query the device"));
+  if (major < 8) return cudaSuccess;  // mma.sync bf16 needs sm_80+
   constexpr window_mma_cfg cfg = window_mma_config;
   const int64_t G = q.heads / k.heads, w = q.tokens, D = q.dim;
   const int64_t WP = (w + wmma_qstep - 1) / wmma_qstep * wmma_qstep;
@@ -774,9 +757,9 @@ inline cudaError_t plan_window_mma_nk(const kv_view<const T>& q, const kv_view<c
   pl.smem = smem_of(pl.HC, pl.stages);
   pl.chunks = int((G + pl.HC - 1) / pl.HC);
   int per_sm = 0;
-  static std::atomic<int> occupancy[cached_devices][window_mma_config.max_stages + 1] = {};  // per (device, stages)
-  PREFIXKV_TRY(cached_occupancy(window_mma_kernel<T, NK, cfg.NJ, cfg.warps>, cfg.warps * 32, pl.smem, occupancy,
-                                pl.stages, per_sm));
+  PREFIXKV_TRY(check_runtime(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, window_mma_kernel<T, NK, cfg.NJ, cfg.warps>,
+                                                                           cfg.warps * 32, pl.smem),
+                             "window scorer: occupancy query failed"));
   if (per_sm < 1) return cudaSuccess;
   // Key splits per (batch, kv head, chunk) unit (a round = one 32-key tile per warp)
   const int64_t cap = k.tokens > 0 ? k.tokens : 1;
@@ -815,11 +798,9 @@ inline cudaError_t launch_window_mma(const window_params<T>& p, const window_mma
 
 //! Test/bench tuning hook (process-wide, not thread-safe; leave at the defaults in production):
 //! `use_wgmma == 0` forces the mma.sync kernel even in a PREFIXKV_SM90A build; `wgmma_max_stages` (1-4) caps the
-//! wgmma kernel's K stages per warp; `wgmma_groups` (2 or 3) its warpgroups per CTA; `wgmma_flat` its work split
-//! (window_flat_piece); 0 = default.
+//! wgmma kernel's K stages per warp; `wgmma_groups` (2 or 3) its warpgroups per CTA; 0 = default.
 struct window_tuning_t {
   int use_wgmma = 1, wgmma_max_stages = 0, wgmma_groups = 0;
-  int wgmma_flat = 0;  // 0: flat mode when the model prefers it; -1: never; > 0: always, with this many CTAs
 };
 inline window_tuning_t& window_tuning() {
   static window_tuning_t t;
@@ -840,9 +821,13 @@ inline cudaError_t with_window_wgmma_kernel(int R, int WGS, F&& f) {
 //! with WP = 64 would waste half of every MMA and goes to mma.sync).
 template <class T, int NK>
 inline cudaError_t plan_window_wgmma_nk(const kv_view<const T>& q, const kv_view<const T>& k, window_mma_plan& pl) {
-  device_info dinfo;
-  PREFIXKV_TRY(current_device_info(dinfo));
-  if (dinfo.major != 9 || dinfo.minor != 0) return cudaSuccess;  // sm_90a code runs on compute capability 9.0 only
+  int dev = 0, major = 0, minor = 0;
+  PREFIXKV_TRY(check_runtime(cudaGetDevice(&dev), "window scorer: no current device"));
+  PREFIXKV_TRY(check_runtime(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev),
+                             "window scorer: cannot query the device"));
+  PREFIXKV_TRY(check_runtime(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev),
+                             "window scorer: cannot query the device"));
+  if (major != 9 || minor != 0) return cudaSuccess;  // sm_90a code runs on compute capability 9.0 only
   const int64_t G = q.heads / k.heads, w = q.tokens, D = q.dim;
   const int64_t WP = (w + 63) / 64 * 64;
   if (WP != 64 && WP != 128 && WP != 256) return cudaSuccess;
@@ -872,12 +857,10 @@ inline cudaError_t plan_window_wgmma_nk(const kv_view<const T>& q, const kv_view
   if (out.smem > size_t(optin)) return cudaSuccess;
   out.chunks = int((G + HC - 1) / HC);
   int per_sm = 0;
-  // per (device, instance x stages): instance (NP - 1) + 2 (WGS - 2), stages 1..wgmma_stages_max
-  static std::atomic<int> occupancy[cached_devices][4 * (wgmma_stages_max + 1)] = {};
-  PREFIXKV_TRY((with_window_wgmma_kernel<T, NK>(int(R), WGS, [&](auto* kernel) {
-    return cached_occupancy(kernel, WGS * 128, out.smem, occupancy,
-                            int((R / wgmma_n - 1) + 2 * (WGS - 2)) * (wgmma_stages_max + 1) + st, per_sm);
-  })));
+  PREFIXKV_TRY(check_runtime(with_window_wgmma_kernel<T, NK>(int(R), WGS, [&](auto* kernel) {
+                               return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, WGS * 128, out.smem);
+                             }),
+                             "window scorer: occupancy query failed"));
   if (per_sm < 1) return cudaSuccess;
   // Key splits (a round = one 64-key tile per warpgroup)
   const int64_t cap = k.tokens > 0 ? k.tokens : 1;
@@ -885,24 +868,6 @@ inline cudaError_t plan_window_wgmma_nk(const kv_view<const T>& q, const kv_view
                                        WGS, wgmma_prologue_rounds);
   out.split_keys = sk;
   out.splits = int((cap + sk - 1) / sk);
-  // Flat mode (window_flat_piece): all slots in one wave with equal shares, a share may cross into the next unit
-  // and pays a second set-up there. Taken when the cost model (tiles per warpgroup + set-up rounds of the slowest
-  // CTA) says it is faster than units x splits CTAs, e.g. the 128K-token Llama layer: 8 units x 16 splits leave
-  // 4 of 132 SMs idle.
-  const int64_t units = q.batch * k.heads * out.chunks, slots = int64_t(dinfo.sms) * per_sm;
-  const int64_t tiles = (cap + wgmma_keys - 1) / wgmma_keys, setup = int64_t(wgmma_prologue_rounds) * WGS;
-  const int64_t split_tiles = (sk + wgmma_keys - 1) / wgmma_keys, waves = (units * out.splits + slots - 1) / slots;
-  const int flat = window_tuning().wgmma_flat;
-  // compared in units of 1 / WGS rounds: grid = waves x (split tiles + setup); flat = ceil(share) + setup
-  const int64_t flat_ctas = flat > 0 ? flat : slots;
-  const int64_t share = (units * (setup + tiles) + flat_ctas - 1) / flat_ctas;
-  if (flat > 0 || (flat == 0 && units < slots && share + setup < waves * (split_tiles + setup))) {
-    if (flat_ctas > INT32_MAX || units > INT64_MAX / (setup + tiles) / (flat_ctas + 1))
-      return fail(reason::unsupported, "window scorer: too much work for one launch");
-    out.flat_ctas = int(flat_ctas);
-    out.flat_unit = setup + tiles;
-    out.flat_setup = int(setup);
-  }
   out.use = true;
   pl = out;
   return cudaSuccess;
@@ -931,8 +896,7 @@ inline cudaError_t launch_window_accumulate(const window_params<T>& p, const win
 #if defined(PREFIXKV_SM90A)
   if constexpr (sizeof(T) == 2) {
     if (pl.NJ == 0) {
-      const dim3 grid = pl.flat_ctas > 0 ? dim3(unsigned(pl.flat_ctas))
-                                         : dim3(unsigned(pl.splits), unsigned(p.q.batch * p.k.heads * pl.chunks));
+      const dim3 grid(unsigned(pl.splits), unsigned(p.q.batch * p.k.heads * pl.chunks));
       const int WGS = pl.warps / 4;
       auto launch = [&](auto* kernel) {
         kernel<<<grid, unsigned(WGS * 128), pl.smem, stream>>>(p);
@@ -952,12 +916,21 @@ inline cudaError_t launch_window_accumulate(const window_params<T>& p, const win
 template <class T, bool Stats, bool Mma>
 inline cudaError_t launch_window_kernel(const window_params<T>& p, const window_plan& pl, dim3 grid, cudaStream_t stream) {
   auto kernel = window_kernel<T, Stats, Mma>;
-  // Opt in to the largest dynamic shared memory once per device.
+  // Opt in to the largest dynamic shared memory once per device (bit per ordinal < 64; benign race: idempotent).
   static unsigned long long configured = 0;
-  int optin = 0;
-  PREFIXKV_TRY(raise_smem_limit(kernel, configured, optin));
-  if (size_t(optin) < pl.smem)
-    return fail(reason::unsupported, "window scorer: window x head_dim needs more shared memory than this GPU has");
+  int dev = 0;
+  PREFIXKV_TRY(check_runtime(cudaGetDevice(&dev), "window scorer: no current device"));
+  const unsigned long long bit = dev < 64 ? (1ull << dev) : 0ull;
+  if (!(configured & bit)) {
+    int optin = 0;
+    PREFIXKV_TRY(check_runtime(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+                               "window scorer: cannot query shared memory"));
+    if (size_t(optin) < pl.smem)
+      return fail(reason::unsupported, "window scorer: window x head_dim needs more shared memory than this GPU has");
+    PREFIXKV_TRY(check_runtime(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin),
+                               "window scorer: cannot reserve shared memory"));
+    configured |= bit;
+  }
   kernel<<<grid, win_warps * 32, pl.smem, stream>>>(p);
   return check_launch(stream);
 }
@@ -1057,8 +1030,6 @@ template <class T>
     pm.R = mp.R;
     pm.stages = mp.stages;
     pm.split_keys = mp.split_keys;
-    pm.flat_unit = mp.flat_ctas > 0 ? mp.flat_unit : 0;
-    pm.flat_setup = mp.flat_setup;
     PREFIXKV_TRY(detail::launch_window_accumulate(pm, mp, stream));
   } else {
     PREFIXKV_TRY((detail::launch_window_pass<T, false>(p, pl, g, stream)));

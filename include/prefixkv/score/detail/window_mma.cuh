@@ -72,57 +72,31 @@ PREFIXKV_DEVICE uint32_t exp_probe(uint32_t w) {
     return (w & 0x7C007C00u) + 0x04000400u;
 }
 
-//! A CTA's share of the window work: (batch b, kv head kh, chunk of q heads starting at q head h0, hc of them) =
-//! unit `by`, keys [key_begin, key_end) (clipped to the row length n; an empty range when the row length is bad,
-//! which the CTA whose range starts at key 0 of chunk 0 flags, so once per (batch, kv head)).
+//! A CTA's share of the window work: (batch b, kv head kh, chunk of q heads starting at q head h0, hc of them)
+//! from blockIdx.y, keys [key_begin, key_end) from blockIdx.x; an empty key range when the row length is bad
+//! (flagged once per (batch, kv head)).
 struct window_cta {
   int64_t b, kh, h0, n, key_begin, key_end;
   int w, hc;
 };
 
 template <class T>
-PREFIXKV_DEVICE window_cta window_cta_unit(const window_params<T>& p, int64_t by, int64_t key_begin, int64_t key_end) {
+PREFIXKV_DEVICE window_cta window_cta_of(const window_params<T>& p) {
   window_cta c;
-  const int64_t Hk = p.k.heads;
+  const int64_t Hk = p.k.heads, by = blockIdx.y;
   const int chunk = int(by % p.chunks);
   c.kh = (by / p.chunks) % Hk;
   c.b = by / (int64_t(p.chunks) * Hk);
   c.w = int(p.q.tokens);
   c.n = p.rows.length(p.grid.id(p.layer, c.b, 0));
   const bool bad_len = c.n < c.w || c.n > p.k.tokens;
-  if (bad_len && key_begin == 0 && chunk == 0 && threadIdx.x == 0) flag(p.status, status_bad_length);
-  c.key_begin = key_begin;
-  c.key_end = bad_len ? 0 : (c.n < key_end ? c.n : key_end);
+  if (bad_len && blockIdx.x == 0 && chunk == 0 && threadIdx.x == 0) flag(p.status, status_bad_length);
+  c.key_begin = int64_t(blockIdx.x) * p.split_keys;
+  c.key_end = bad_len ? 0 : (c.n < c.key_begin + p.split_keys ? c.n : c.key_begin + p.split_keys);
   const int h_first = chunk * p.HC;
   c.hc = min(p.HC, p.G - h_first);
   c.h0 = c.kh * p.G + h_first;
   return c;
-}
-
-//! Grid mode: unit blockIdx.y, keys of split blockIdx.x.
-template <class T>
-PREFIXKV_DEVICE window_cta window_cta_of(const window_params<T>& p) {
-  const int64_t kb = int64_t(blockIdx.x) * p.split_keys;
-  return window_cta_unit(p, int64_t(blockIdx.y), kb, kb + p.split_keys);
-}
-
-//! Flat mode (`p.flat_unit > 0`, wgmma kernel): the units' tiles laid end to end, each unit preceded by
-//! `p.flat_setup` tile-equivalents that stand for the set-up a CTA pays when its range enters the unit; CTA i of
-//! the `gridDim.x` takes positions [i U C / N, (i + 1) U C / N), C = p.flat_unit (set-up + tiles per unit), i.e.
-//! every SM gets the same share although units x splits would not fill them, and a range may span two (or more)
-//! units. `window_flat_piece(p, j, ...)` returns the j-th unit piece of the CTA's range (false after the last).
-template <class T>
-PREFIXKV_DEVICE bool window_flat_piece(const window_params<T>& p, int64_t units, int64_t j, int tile_keys,
-                                       window_cta& c) {
-  const int64_t C = p.flat_unit, total = units * C, N = gridDim.x, i = blockIdx.x;
-  const int64_t x0 = i * total / N, x1 = (i + 1) * total / N;
-  const int64_t u = x0 / C + j;
-  if (x0 >= x1 || u * C >= x1) return false;
-  const int64_t lo = u * C + p.flat_setup;  // position of the unit's first tile
-  const int64_t t0 = x0 > lo ? x0 - lo : 0, t1 = x1 - lo;  // tiles [t0, t1) of unit u (t1 may exceed the unit)
-  const int64_t kb = t0 * tile_keys, ke = t1 > t0 ? t1 * tile_keys : kb;
-  c = window_cta_unit(p, u, kb, ke);
-  return true;
 }
 
 //! Query row r of the CTA block (R rows: hc heads x WP padded window rows) is a real window query.

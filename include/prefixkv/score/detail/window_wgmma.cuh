@@ -11,10 +11,10 @@
 //! S^T = K Q^T with `wgmma.mma_async.m64n128k16` (fp32 accumulation), A = K from registers, B = Q from shared
 //! memory, WGS warpgroups per CTA (3 by default, 2 through the tuning hook):
 //! * Warpgroup wg takes 64-key tiles wg, wg + WGS, ...; warp w of a warpgroup stages keys 16w..16w+15 of each tile
-//!   by `cp.async` into a private buffer (rows padded by 16 bytes, 1-4 stages, no barrier; the first stage is in
-//!   flight while the CTA loads Q and the LSE, issued after them) and loads them with ldmatrix as the A fragments
-//!   (the wgmma register-A layout of a warp equals mma.sync's m16n8k16 A layout). The fragments are probed for
-//!   NaN/Inf with one packed FMA per word (x * 0 is NaN exactly when x is NaN or Inf).
+//!   by `cp.async` into a private buffer (rows padded by 16 bytes, 1-4 stages, no barrier; the first stages are in
+//!   flight while the CTA loads Q and the LSE) and loads them with ldmatrix as the A fragments (the wgmma
+//!   register-A layout of a warp equals mma.sync's m16n8k16 A layout). The fragments are probed for NaN/Inf with
+//!   one packed FMA per word (x * 0 is NaN exactly when x is NaN or Inf).
 //! * B = the R = 128 NP Q rows of the (chunk of the) GQA group, loaded once in the 128-byte-swizzle K-major
 //!   canonical layout: dims 0-63 of all R rows first (row r at 128 r bytes, 16-byte chunk c stored at chunk
 //!   c ^ (r % 8)), then dims 64-127. Descriptor: start >> 4, LBO 1 (unused), SBO 1024 B (8 rows x 128 B), swizzle
@@ -24,9 +24,6 @@
 //!   one warpgroup's MMAs while the others compute exponentials. With 3 warpgroups a turn is one accumulator (64
 //!   keys x 128 queries; a warpgroup holds one, 164 registers); with 2 a turn is the whole tile (NP accumulators,
 //!   the exponentials of the first while the tensor cores finish the second).
-//! * Work split: units (batch, kv head, head chunk) x key splits (grid mode), or, when that would leave SMs idle
-//!   (8 units x 16 splits = 128 CTAs on 132 SMs), one CTA per slot taking an equal share of all units' tiles laid
-//!   end to end, which may cross into the next unit (flat mode, window_flat_piece: a second set-up there).
 //! * Accumulator layout per warp = mma.sync's C layout (keys 16w + g, +8 x queries 8j + 2t, +1): per element one
 //!   FFMA + ex2.approx + FADD, the LSE of a thread's 32 query columns in one 16-byte-aligned row (8 loads), sums per
 //!   64-query block in registers, quad shuffles once per tile, the causal mask only in tiles that reach the last w
@@ -48,10 +45,6 @@ inline constexpr int wgmma_lse_row = 36, wgmma_lse_block = 4 * wgmma_lse_row;
 //! A CTA's set-up (Q block, LSE) in rounds of the split model (window_split_keys); H100, 128K Llama layer: three
 //! waves of short CTAs spent ~19 % of the warps' time in the set-up, one wave of long CTAs wins.
 inline constexpr int wgmma_prologue_rounds = 3;
-//! K stages a CTA issues before its set-up completes (the rest right after it). All of them early (the fifth
-//! session's choice) queued the Q loads behind every CTA's first 4 stages (25 MB at 128K tokens): 12 us of set-up
-//! per CTA instead of 4 (per-CTA globaltimer stamps, H100, bench/score/RESULTS.md).
-inline constexpr int wgmma_early_stages = 1;
 
 //! Shared-memory layout of the wgmma kernel: 1024-byte alignment slack, swizzled Q (R x D), lse2 (R / 128 blocks),
 //! per-warp K stages (16 rows x (D + 8)).
@@ -228,213 +221,204 @@ PREFIXKV_KERNEL void __launch_bounds__(WGS * 128, 1) window_wgmma_kernel(window_
   const int wg = warp >> 2, wq = warp & 3;  // warpgroup, warp inside it (keys 16 wq .. 16 wq + 15 of a tile)
   T* Kw = reinterpret_cast<T*>(base + L.k_off) + size_t(warp) * p.stages * 16 * LD;
 
-  // Grid mode: one piece (unit blockIdx.y, split blockIdx.x). Flat mode: the pieces of the CTA's range, one after
-  // the other (each with its own set-up; the barrier at the end of a piece frees Q, the LSE and the K stages).
-  const int64_t units = p.q.batch * p.k.heads * p.chunks;
-  window_cta cta;
-  for (int64_t piece = 0; p.flat_unit > 0 ? window_flat_piece(p, units, piece, wgmma_keys, cta) : piece == 0; ++piece) {
-    if (p.flat_unit <= 0) cta = window_cta_of(p);
-    const int64_t Hk = p.k.heads, b = cta.b, kh = cta.kh, h0 = cta.h0;
-    const int w = cta.w, hc = cta.hc;
+  const window_cta cta = window_cta_of(p);
+  if (cta.key_begin >= cta.key_end) return;  // uniform over the CTA
+  const int64_t Hk = p.k.heads, b = cta.b, kh = cta.kh, n = cta.n, key_begin = cta.key_begin, key_end = cta.key_end,
+                h0 = cta.h0;
+  const int w = cta.w, hc = cta.hc;
 
-    const int64_t n = cta.n, key_begin = cta.key_begin, key_end = cta.key_end;
-
-    // K staging: lane copies 16-byte chunk `kc` of rows kr0, kr0 + RPI, ... of its warp's 16 keys. The first stage
-    // goes out behind the Q and LSE loads and before they are used; the others after the set-up (wgmma_early_stages).
-    const int kr0 = lane / CPR, kc = lane % CPR;
-    const int64_t kts = p.k.stride_token * int64_t(sizeof(T));  // bytes from key to key
-    const char* kcol = reinterpret_cast<const char*>(p.k.row(b, kh, 0)) + kc * 16;
-    const uint32_t kdst = smem_u32(Kw) + uint32_t((kr0 * LD + kc * 8) * int(sizeof(T)));
-    const int64_t ntile = (key_end - key_begin + wgmma_keys - 1) / wgmma_keys;
-    const int stages = p.stages;
-    auto issue = [&](int64_t tile, int buf) {
-      if (tile < ntile) {
-        const int64_t key0 = key_begin + tile * wgmma_keys + 16 * wq + kr0;
-        const char* src = kcol + key0 * kts;
-        const uint32_t dst = kdst + uint32_t(buf) * stage_bytes;
-        if (key_begin + (tile + 1) * wgmma_keys <= key_end) {  // the whole tile is in range (uniform)
+  // K staging: lane copies 16-byte chunk `kc` of rows kr0, kr0 + RPI, ... of its warp's 16 keys. The first stages
+  // are issued before the Q block and the LSE are read, so their latencies overlap.
+  const int kr0 = lane / CPR, kc = lane % CPR;
+  const int64_t kts = p.k.stride_token * int64_t(sizeof(T));  // bytes from key to key
+  const char* kcol = reinterpret_cast<const char*>(p.k.row(b, kh, 0)) + kc * 16;
+  const uint32_t kdst = smem_u32(Kw) + uint32_t((kr0 * LD + kc * 8) * int(sizeof(T)));
+  const int64_t ntile = (key_end - key_begin + wgmma_keys - 1) / wgmma_keys;
+  const int stages = p.stages;
+  auto issue = [&](int64_t tile, int buf) {
+    if (tile < ntile) {
+      const int64_t key0 = key_begin + tile * wgmma_keys + 16 * wq + kr0;
+      const char* src = kcol + key0 * kts;
+      const uint32_t dst = kdst + uint32_t(buf) * stage_bytes;
+      if (key_begin + (tile + 1) * wgmma_keys <= key_end) {  // the whole tile is in range (uniform)
 #pragma unroll
-          for (int it = 0; it < 16 / RPI; ++it)
-            cp_async16(dst + uint32_t(it * RPI * LD * int(sizeof(T))), src + it * RPI * kts, true);
-        } else {
+        for (int it = 0; it < 16 / RPI; ++it)
+          cp_async16(dst + uint32_t(it * RPI * LD * int(sizeof(T))), src + it * RPI * kts, true);
+      } else {
 #pragma unroll
-          for (int it = 0; it < 16 / RPI; ++it) {
-            const bool ok = key0 + it * RPI < key_end;
-            cp_async16(dst + uint32_t(it * RPI * LD * int(sizeof(T))), ok ? src + it * RPI * kts : kcol, ok);
-          }
-        }
-      }
-      cp_async_commit();
-    };
-    // The LSE of query row threadIdx.x (R <= threads) and the Q rows in the swizzled canonical layout (zero rows for
-    // padded queries / heads past the chunk); all loads of a thread are issued before any is used.
-    static_assert(R <= THREADS, "one LSE row per thread");
-    bool bad = false;
-    const float lse_v = int(threadIdx.x) < R ? window_lse_raw(p, cta, int(threadIdx.x)) : INFINITY;
-    constexpr int QIT = (R * CPR + THREADS - 1) / THREADS;  // 16-byte Q chunks per thread
-    uint4 qv[QIT];
-#pragma unroll
-    for (int it = 0; it < QIT; ++it) {
-      const int idx = int(threadIdx.x) + it * THREADS, r = idx / CPR, cd = idx - r * CPR;
-      const int hl = r / p.WP, i = r - hl * p.WP;
-      qv[it] = make_uint4(0, 0, 0, 0);
-      if (idx < R * CPR && hl < hc && i < w) {
-        const T* s = p.q.row(b, h0 + hl, i) + int64_t(cd) * 8 * p.q.stride_dim;
-        if (p.vec_q) {
-          qv[it] = *reinterpret_cast<const uint4*>(s);
-        } else {
-          uint16_t e[8];
-#pragma unroll
-          for (int x = 0; x < 8; ++x) e[x] = s[x * p.q.stride_dim].bits;
-          qv[it].x = uint32_t(e[0]) | (uint32_t(e[1]) << 16);
-          qv[it].y = uint32_t(e[2]) | (uint32_t(e[3]) << 16);
-          qv[it].z = uint32_t(e[4]) | (uint32_t(e[5]) << 16);
-          qv[it].w = uint32_t(e[6]) | (uint32_t(e[7]) << 16);
+        for (int it = 0; it < 16 / RPI; ++it) {
+          const bool ok = key0 + it * RPI < key_end;
+          cp_async16(dst + uint32_t(it * RPI * LD * int(sizeof(T))), ok ? src + it * RPI * kts : kcol, ok);
         }
       }
     }
-    if (cta.key_begin >= cta.key_end) continue;  // uniform over the CTA (after the Q loads went out)
-    const int pre = wgmma_early_stages < stages ? wgmma_early_stages : stages;
-    for (int s = 0; s < pre; ++s) issue(wg + int64_t(s) * WGS, s);
+    cp_async_commit();
+  };
+  for (int s = 0; s < stages; ++s) issue(wg + int64_t(s) * WGS, s);
 
+  // The LSE of query row threadIdx.x (R <= threads) and the Q rows in the swizzled canonical layout (zero rows for
+  // padded queries / heads past the chunk); all loads of a thread are issued before any is used.
+  static_assert(R <= THREADS, "one LSE row per thread");
+  bool bad = false;
+  const float lse_v = int(threadIdx.x) < R ? window_lse_raw(p, cta, int(threadIdx.x)) : INFINITY;
+  constexpr int QIT = (R * CPR + THREADS - 1) / THREADS;  // 16-byte Q chunks per thread
+  uint4 qv[QIT];
 #pragma unroll
-    for (int it = 0; it < QIT; ++it) {
-      const int idx = int(threadIdx.x) + it * THREADS, r = idx / CPR, cd = idx - r * CPR;
-      if (QIT * THREADS > R * CPR && idx >= R * CPR) break;
-      const uint4 v = qv[it];
-      bad |= word_nonfinite<T>(v.x) | word_nonfinite<T>(v.y) | word_nonfinite<T>(v.z) | word_nonfinite<T>(v.w);
-      const int hf = cd >> 3, c = cd & 7;
-      *reinterpret_cast<uint4*>(Qs + size_t(hf) * R * 128 + size_t(r) * 128 + ((c ^ (r & 7)) << 4)) = v;
+  for (int it = 0; it < QIT; ++it) {
+    const int idx = int(threadIdx.x) + it * THREADS, r = idx / CPR, cd = idx - r * CPR;
+    const int hl = r / p.WP, i = r - hl * p.WP;
+    qv[it] = make_uint4(0, 0, 0, 0);
+    if (idx < R * CPR && hl < hc && i < w) {
+      const T* s = p.q.row(b, h0 + hl, i) + int64_t(cd) * 8 * p.q.stride_dim;
+      if (p.vec_q) {
+        qv[it] = *reinterpret_cast<const uint4*>(s);
+      } else {
+        uint16_t e[8];
+#pragma unroll
+        for (int x = 0; x < 8; ++x) e[x] = s[x * p.q.stride_dim].bits;
+        qv[it].x = uint32_t(e[0]) | (uint32_t(e[1]) << 16);
+        qv[it].y = uint32_t(e[2]) | (uint32_t(e[3]) << 16);
+        qv[it].z = uint32_t(e[4]) | (uint32_t(e[5]) << 16);
+        qv[it].w = uint32_t(e[6]) | (uint32_t(e[7]) << 16);
+      }
     }
-    if (int(threadIdx.x) < R) {
-      const int r = int(threadIdx.x);
-      const int c = r % wgmma_n;  // column c of accumulator r / 128: thread c % 8 / 2, tile c / 8, element c % 2
-      lse2[(r / wgmma_n) * wgmma_lse_block + (c % 8 / 2) * wgmma_lse_row + (c / 8) * 2 + (c & 1)] =
-          window_lse2_of(p, cta, r, lse_v, bad);
-    }
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // generic stores -> tensor-core reads
-    __syncthreads();
-    for (int s = pre; s < stages; ++s) issue(wg + int64_t(s) * WGS, s);
+  }
+#pragma unroll
+  for (int it = 0; it < QIT; ++it) {
+    const int idx = int(threadIdx.x) + it * THREADS, r = idx / CPR, cd = idx - r * CPR;
+    if (QIT * THREADS > R * CPR && idx >= R * CPR) break;
+    const uint4 v = qv[it];
+    bad |= word_nonfinite<T>(v.x) | word_nonfinite<T>(v.y) | word_nonfinite<T>(v.z) | word_nonfinite<T>(v.w);
+    const int hf = cd >> 3, c = cd & 7;
+    *reinterpret_cast<uint4*>(Qs + size_t(hf) * R * 128 + size_t(r) * 128 + ((c ^ (r & 7)) << 4)) = v;
+  }
+  if (int(threadIdx.x) < R) {
+    const int r = int(threadIdx.x);
+    const int c = r % wgmma_n;  // column c of accumulator r / 128: thread c % 8 / 2, tile c / 8, element c % 2
+    lse2[(r / wgmma_n) * wgmma_lse_block + (c % 8 / 2) * wgmma_lse_row + (c / 8) * 2 + (c & 1)] =
+        window_lse2_of(p, cta, r, lse_v, bad);
+  }
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // generic stores -> tensor-core reads
+  __syncthreads();
 
-    const uint32_t k_lane = smem_u32(Kw) + uint32_t(((lane & 15) * LD + (lane >> 4) * 8) * int(sizeof(T)));
-    const uint64_t qdesc = wgmma_desc_sw128(smem_u32(Qs));
-    const int64_t limit = n - w;
-    const float sc = p.scale_log2;
-    const bool gmax = p.group == head_reduce::max;
-    const int wp_mask = p.WP - 1;  // WP is 64, 128 or 256
-    const int bph = p.WP / 64;     // 64-query blocks per head
-    float* out_row = p.kvrows + (b * Hk + kh) * p.k.tokens;
-    uint32_t probe[2] = {0u, 0u};
-    int buf = 0;
-    // Turns: warpgroup 0 issues first, then 1, (2,) 0, ...; each warpgroup waits for its turn before issuing MMAs and
-    // then passes it on. Every warpgroup takes the same number of turns (a warpgroup without a tile in the last
-    // round takes empty ones), and the last warpgroup does not pass its last turn, so every barrier phase sees
-    // 128 waiting + 128 arriving threads.
-    const int64_t rounds = (ntile + WGS - 1) / WGS;
-    const int64_t my_tiles = (ntile - wg + WGS - 1) / WGS;
-    const int64_t turns = rounds * TPT;
-    int64_t turn = 0;
-    auto pass = [&]() {
-      if (wg + 1 < WGS || turn + 1 < turns) wgmma_turn<false>(wg + 1 == WGS ? 0 : wg + 1);
-      ++turn;
-    };
-    if (wg == WGS - 1) turn_bar<false, 1>();
-    for (int64_t it = 0; it < my_tiles; ++it) {
-      const int64_t tile = it * WGS + wg;
-      if (stages >= 4)
-        cp_async_wait<3>();
-      else if (stages == 3)
-        cp_async_wait<2>();
-      else if (stages == 2)
-        cp_async_wait<1>();
-      else
-        cp_async_wait<0>();
-      __syncwarp();
-      uint32_t a[KS][4];
-      const uint32_t kb = k_lane + uint32_t(buf) * stage_bytes;
+  const uint32_t k_lane = smem_u32(Kw) + uint32_t(((lane & 15) * LD + (lane >> 4) * 8) * int(sizeof(T)));
+  const uint64_t qdesc = wgmma_desc_sw128(smem_u32(Qs));
+  const int64_t limit = n - w;
+  const float sc = p.scale_log2;
+  const bool gmax = p.group == head_reduce::max;
+  const int wp_mask = p.WP - 1;  // WP is 64, 128 or 256
+  const int bph = p.WP / 64;     // 64-query blocks per head
+  float* out_row = p.kvrows + (b * Hk + kh) * p.k.tokens;
+  uint32_t probe[2] = {0u, 0u};
+  int buf = 0;
+  // Turns: warpgroup 0 issues first, then 1, (2,) 0, ...; each warpgroup waits for its turn before issuing MMAs and
+  // then passes it on. Every warpgroup takes the same number of turns (a warpgroup without a tile in the last
+  // round takes empty ones), and the last warpgroup does not pass its last turn, so every barrier phase sees
+  // 128 waiting + 128 arriving threads.
+  const int64_t rounds = (ntile + WGS - 1) / WGS;
+  const int64_t my_tiles = (ntile - wg + WGS - 1) / WGS;
+  const int64_t turns = rounds * TPT;
+  int64_t turn = 0;
+  auto pass = [&]() {
+    if (wg + 1 < WGS || turn + 1 < turns) wgmma_turn<false>(wg + 1 == WGS ? 0 : wg + 1);
+    ++turn;
+  };
+  if (wg == WGS - 1) turn_bar<false, 1>();
+  for (int64_t it = 0; it < my_tiles; ++it) {
+    const int64_t tile = it * WGS + wg;
+    if (stages >= 4)
+      cp_async_wait<3>();
+    else if (stages == 3)
+      cp_async_wait<2>();
+    else if (stages == 2)
+      cp_async_wait<1>();
+    else
+      cp_async_wait<0>();
+    __syncwarp();
+    uint32_t a[KS][4];
+    const uint32_t kb = k_lane + uint32_t(buf) * stage_bytes;
 #pragma unroll
-      for (int ks = 0; ks < KS; ++ks) {
-        ldmatrix_x4(a[ks], kb + uint32_t(16 * ks * int(sizeof(T))));
+    for (int ks = 0; ks < KS; ++ks) {
+      ldmatrix_x4(a[ks], kb + uint32_t(16 * ks * int(sizeof(T))));
 #pragma unroll
-        for (int e = 0; e < 4; ++e) probe_nonfinite2<T>(probe[e & 1], a[ks][e]);
-      }
-      __syncwarp();
-      issue(tile + int64_t(stages) * WGS, buf);
-      buf = buf + 1 == stages ? 0 : buf + 1;
-
-      const int64_t k0 = key_begin + tile * wgmma_keys;
-      const bool tail = k0 + wgmma_keys - 1 > limit;
-      const int64_t d0 = k0 + 16 * wq + g - limit;  // key g of the warp, relative to the fully visible prefix
-      float h[NP][2][2];
-#pragma unroll
-      for (int tb = 0; tb < TPT; ++tb) {
-        float acc[SPT][64];
-        wgmma_turn<true>(wg);  // this warpgroup's turn on the tensor cores
-#pragma unroll
-        for (int s = 0; s < SPT; ++s) wg_fence_acc(acc[s]);
-        wgmma_fence();
-#pragma unroll
-        for (int s = 0; s < SPT; ++s) {
-          const int j = tb * SPT + s;  // accumulator (queries 128 j ..)
-#pragma unroll
-          for (int ks = 0; ks < KS; ++ks)
-            wgmma_m64n128k16<T>(acc[s], a[ks],
-                                qdesc + uint64_t((j * wgmma_n * 128 + (ks >> 2) * R * 128 + (ks & 3) * 32) >> 4),
-                                ks > 0 ? 1 : 0);
-          wgmma_commit();
-        }
-        pass();
-#pragma unroll
-        for (int s = 0; s < SPT; ++s) {
-          const int j = tb * SPT + s;
-          const float* lq = lse2 + j * wgmma_lse_block + t4 * wgmma_lse_row;
-          const float4 l4 = *reinterpret_cast<const float4*>(lq);
-          if (s + 1 < SPT)
-            wgmma_wait<1>();
-          else
-            wgmma_wait<0>();
-          wg_fence_acc(acc[s]);
-          const int i0 = j * wgmma_n + 2 * t4;
-          if (tail)
-            wgmma_probs<true>(acc[s], lq, l4, sc, d0, i0, wp_mask, h[j]);
-          else
-            wgmma_probs<false>(acc[s], lq, l4, sc, d0, 0, wp_mask, h[j]);
-        }
-      }
-      // Group reduction of the key rows g (r = 0) and g + 8 (r = 1): the mean sums every block, the max takes the
-      // largest head sum (bph consecutive blocks; padded heads sum to 0 and cannot win).
-      float v[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        if (!gmax) {
-          float s = 0.0f;
-#pragma unroll
-          for (int j = 0; j < NP; ++j) s += h[j][0][r] + h[j][1][r];
-          v[r] = quad_sum(s);
-        } else {
-          float m = 0.0f, cur = 0.0f;
-#pragma unroll
-          for (int blk = 0; blk < 2 * NP; ++blk) {
-            cur += h[blk >> 1][blk & 1][r];
-            if ((blk + 1) % bph == 0) {
-              m = fmaxf(m, quad_sum(cur));
-              cur = 0.0f;
-            }
-          }
-          v[r] = m;
-        }
-      }
-      // Quad thread 0 writes key 16 wq + g, thread 1 key 16 wq + g + 8.
-      if (t4 < 2) window_store_key(p, out_row, k0 + 16 * wq + 8 * t4 + g, key_end, t4 == 0 ? v[0] : v[1], gmax, bad);
+      for (int e = 0; e < 4; ++e) probe_nonfinite2<T>(probe[e & 1], a[ks][e]);
     }
-    while (turn < turns) {  // empty turns of the last round
-      wgmma_turn<true>(wg);
+    __syncwarp();
+    issue(tile + int64_t(stages) * WGS, buf);
+    buf = buf + 1 == stages ? 0 : buf + 1;
+
+    const int64_t k0 = key_begin + tile * wgmma_keys;
+    const bool tail = k0 + wgmma_keys - 1 > limit;
+    const int64_t d0 = k0 + 16 * wq + g - limit;  // key g of the warp, relative to the fully visible prefix
+    float h[NP][2][2];
+#pragma unroll
+    for (int tb = 0; tb < TPT; ++tb) {
+      float acc[SPT][64];
+      wgmma_turn<true>(wg);  // this warpgroup's turn on the tensor cores
+#pragma unroll
+      for (int s = 0; s < SPT; ++s) wg_fence_acc(acc[s]);
+      wgmma_fence();
+#pragma unroll
+      for (int s = 0; s < SPT; ++s) {
+        const int j = tb * SPT + s;  // accumulator (queries 128 j ..)
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks)
+          wgmma_m64n128k16<T>(acc[s], a[ks],
+                              qdesc + uint64_t((j * wgmma_n * 128 + (ks >> 2) * R * 128 + (ks & 3) * 32) >> 4),
+                              ks > 0 ? 1 : 0);
+        wgmma_commit();
+      }
       pass();
+#pragma unroll
+      for (int s = 0; s < SPT; ++s) {
+        const int j = tb * SPT + s;
+        const float* lq = lse2 + j * wgmma_lse_block + t4 * wgmma_lse_row;
+        const float4 l4 = *reinterpret_cast<const float4*>(lq);
+        if (s + 1 < SPT)
+          wgmma_wait<1>();
+        else
+          wgmma_wait<0>();
+        wg_fence_acc(acc[s]);
+        const int i0 = j * wgmma_n + 2 * t4;
+        if (tail)
+          wgmma_probs<true>(acc[s], lq, l4, sc, d0, i0, wp_mask, h[j]);
+        else
+          wgmma_probs<false>(acc[s], lq, l4, sc, d0, 0, wp_mask, h[j]);
+      }
     }
-    cp_async_wait<0>();
-    bad |= ((probe[0] | probe[1]) & 0x7FFF7FFFu) != 0u;
-    if (__syncthreads_or(bad) && threadIdx.x == 0) flag(p.status, status_nonfinite);
-  }  // pieces
+    // Group reduction of the key rows g (r = 0) and g + 8 (r = 1): the mean sums every block, the max takes the
+    // largest head sum (bph consecutive blocks; padded heads sum to 0 and cannot win).
+    float v[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (!gmax) {
+        float s = 0.0f;
+#pragma unroll
+        for (int j = 0; j < NP; ++j) s += h[j][0][r] + h[j][1][r];
+        v[r] = quad_sum(s);
+      } else {
+        float m = 0.0f, cur = 0.0f;
+#pragma unroll
+        for (int blk = 0; blk < 2 * NP; ++blk) {
+          cur += h[blk >> 1][blk & 1][r];
+          if ((blk + 1) % bph == 0) {
+            m = fmaxf(m, quad_sum(cur));
+            cur = 0.0f;
+          }
+        }
+        v[r] = m;
+      }
+    }
+    // Quad thread 0 writes key 16 wq + g, thread 1 key 16 wq + g + 8.
+    if (t4 < 2) window_store_key(p, out_row, k0 + 16 * wq + 8 * t4 + g, key_end, t4 == 0 ? v[0] : v[1], gmax, bad);
+  }
+  while (turn < turns) {  // empty turns of the last round
+    wgmma_turn<true>(wg);
+    pass();
+  }
+  cp_async_wait<0>();
+  bad |= ((probe[0] | probe[1]) & 0x7FFF7FFFu) != 0u;
+  if (__syncthreads_or(bad) && threadIdx.x == 0) flag(p.status, status_nonfinite);
 #else
   (void)p;
   __trap();  // PREFIXKV_SM90A defined but this body was not compiled for sm_90a: fail loudly
