@@ -113,7 +113,6 @@ void BM_compact(benchmark::State& state) {
   tune.kernel = static_cast<int>(state.range(4));
   tune.resident = static_cast<int>(state.range(5));
   tune.chunk_rows = state.range(6);
-  if (const char* c = std::getenv("PREFIXKV_BENCH_COLS")) tune.inplace_cols = std::atoi(c);  // in-place column groups
   const int64_t kept = T * pct / 100;
   const int64_t row = D * sizeof(bf16);
   const size_t layer_bytes = size_t(B * H * T * row);           // one K or V tensor of one layer

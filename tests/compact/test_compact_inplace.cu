@@ -258,12 +258,9 @@ TEST_CASE("in place: kept patterns, device-checked and trusted") {
   for (int v = 0; v < 8; ++v) {
     tune = prefixkv::detail::compact_tuning{};
     tune.pdl = v % 2 == 0;
-    // in-place column groups of the fast kernel (0 = default; 3 and 16 do not divide every row: whole rows then)
-    const int cols[8] = {0, 2, 3, 4, 16, 8, 0, 2};
-    tune.inplace_cols = cols[v];
     const auto chk = v % 4 < 2 ? prefixkv::index_check::device : prefixkv::index_check::trusted;
     for (layout l : {layout::bhsd, layout::bshd, layout::strided, layout::nhd, layout::hnd}) {
-      INFO("variant " << v << " layout " << name(l) << " column groups " << cols[v]);
+      INFO("variant " << v << " layout " << name(l));
       geometry g;
       g.L = 2;
       g.B = 3;
@@ -293,11 +290,8 @@ TEST_CASE("in place: kept patterns, device-checked and trusted") {
 TEST_CASE("in place: large lanes, repeated") {
   auto rng = make_rng(608);
   const bool quick = quick_mode();
-  auto& tune = prefixkv::detail::compact_tune();
-  const auto saved = tune;
-  for (int v = 0; v < 3; ++v)
+  for (int v = 0; v < 2; ++v)
     for (layout l : {layout::bhsd, layout::nhd}) {
-      tune.inplace_cols = v == 2 ? 4 : 0;  // default, then 4 column groups per lane
       INFO("variant " << v << " layout " << name(l));
       geometry g;
       g.L = 2;
@@ -309,5 +303,4 @@ TEST_CASE("in place: large lanes, repeated") {
       run_inplace_pattern<uint16_t>(l, g, false, v, rng, quick ? 2 : 3,
                                     v == 1 ? prefixkv::index_check::trusted : prefixkv::index_check::device);
     }
-  tune = saved;
 }

@@ -171,22 +171,19 @@ struct compact_stage_smem {
 //! j*vpr + c, i.e. p' > j, so idx[p'] > j for every row j stored earlier: loads never see a store of the current
 //! or an earlier round by any thread, and one barrier per round suffices. A lane is handled by exactly one block
 //! (nchunk == 1 in place). If p == j (row stays put) load and store hit the same bytes with the same value.
-//! Column groups (`words` > 0, the fast kernel's `ncol`): a block moves only words [c0, c0 + words) of every row
-//! (bases offset by c0 words); the argument above runs on those columns alone, and different groups touch
-//! disjoint bytes, so each group is its own lane.
 //! Template knobs: U accesses in flight per thread (0: by width), Hint (cache hints, see compact_load), Contig
 //! (both sides' rows are packed: no per-element stride math; the fast kernel's case).
 template <int W, bool InPlace, int U0 = 0, int Hint = compact_hint_plain, bool Contig = false>
 __device__ __forceinline__ void compact_move_rows(const compact_meta& m, const compact_geom& sg,
                                                   const compact_geom& dg, const char* sbase, char* dbase,
                                                   const int32_t* idx, int64_t b, int64_t h, int64_t r0, int64_t r1,
-                                                  compact_stage_smem& sm, int32_t words = 0) {
+                                                  compact_stage_smem& sm) {
   using word = typename compact_word<W>::type;
   // narrow paths: odd rows, not bandwidth critical
   constexpr int U = U0 > 0 ? U0 : (W == 16 ? compact_unroll : (W == 8 ? 4 : 2));
   const int S = blockDim.x;
   const int tid = threadIdx.x;
-  const int32_t vpr = words > 0 ? words : static_cast<int32_t>(sg.row_bytes / W);  // W-byte words moved per row
+  const int32_t vpr = static_cast<int32_t>(sg.row_bytes / W);
   const int32_t dr = S / vpr, dc = S - dr * vpr;
   const compact_table& st = m.st;
   const compact_table& dt = m.dt;
@@ -339,12 +336,10 @@ __device__ inline bool compact_prologue(const compact_meta& m) {
 //! Lane decomposition shared by the move kernels: work item w -> (layer, sequence, kind, head, rows [r0, r1)).
 struct compact_work {
   int64_t l, b, h, r0, r1, off;
-  int k, col;
+  int k;
 };
 __device__ __forceinline__ compact_work compact_work_of(const compact_meta& m, int64_t w) {
   compact_work x;
-  x.col = static_cast<int>(w % m.ncol);
-  w /= m.ncol;
   const int64_t lpl = m.lanes_per_lb();
   const int64_t lane = w / m.nchunk, chunk = w - lane * m.nchunk;
   const int64_t lb = lane / lpl, rr = lane - lb * lpl;
@@ -374,10 +369,10 @@ PREFIXKV_KERNEL void __launch_bounds__(compact_threads, 2) compact_move_kernel(c
   if (!compact_prologue(m)) return;
   // 2. lanes (layer, sequence, kind, head) x chunks of kept rows
   __shared__ compact_stage_smem sm;
-  const int64_t total = m.lanes() * m.nchunk * m.ncol;  // (ncol is 1 for this kernel)
+  const int64_t total = m.lanes() * m.nchunk;
   for (int64_t w = blockIdx.x; w < total; w += gridDim.x) {
     const compact_work x = compact_work_of(m, w);
-    if (x.r0 >= x.r1 || x.col != 0) continue;
+    if (x.r0 >= x.r1) continue;
     compact_dispatch<InPlace>(m, x.k, p.src[x.l][x.k], p.dst[x.l][x.k], m.sel.indices + x.off, x.b, x.h, x.r0, x.r1,
                               sm);
   }
@@ -391,18 +386,12 @@ PREFIXKV_KERNEL void __launch_bounds__(compact_threads, MinBlocks) compact_fast_
                                                                                        const compact_ptrs p) {
   if (!compact_prologue(m)) return;
   __shared__ compact_stage_smem sm;
-  const int64_t total = m.lanes() * m.nchunk * m.ncol;
+  const int64_t total = m.lanes() * m.nchunk;
   for (int64_t w = blockIdx.x; w < total; w += gridDim.x) {
     const compact_work x = compact_work_of(m, w);
-    // column group x.col of ncol: 16-byte words [c0, c0 + words) of every row (whole rows when the kind's row
-    // does not split evenly; then only group 0 works)
-    const int32_t vpr = static_cast<int32_t>(m.src[x.k].row_bytes / 16);
-    const int32_t groups = vpr % m.ncol == 0 ? static_cast<int32_t>(m.ncol) : 1;
-    if (x.r0 >= x.r1 || x.col >= groups) continue;
-    const int32_t words = vpr / groups, c0 = x.col * words;
-    compact_move_rows<16, InPlace, U, Hint, true>(m, m.src[x.k], m.dst[x.k], p.src[x.l][x.k] + c0 * 16,
-                                                  p.dst[x.l][x.k] + c0 * 16, m.sel.indices + x.off, x.b, x.h, x.r0,
-                                                  x.r1, sm, words);
+    if (x.r0 >= x.r1) continue;
+    compact_move_rows<16, InPlace, U, Hint, true>(m, m.src[x.k], m.dst[x.k], p.src[x.l][x.k], p.dst[x.l][x.k],
+                                                  m.sel.indices + x.off, x.b, x.h, x.r0, x.r1, sm);
   }
 }
 
@@ -415,7 +404,6 @@ struct compact_tuning {
                            //      about `resident` x grid equal chunks
   int64_t chunk_rows = -1; // out of place: lanes cut into chunks of about this many destination rows, one block
                            //      each, grid uncapped (0: the ~16 x SMs work items split; -1: default)
-  int inplace_cols = 0;    // in place, fast kernel: column groups per lane (0: default)
 };
 inline compact_tuning& compact_tune() {
   static compact_tuning t;
@@ -448,9 +436,6 @@ inline constexpr int compact_fast_variants = 2;
 //! Out of place: chunks of about this many destination rows, one short-lived block each (device runs 7-8:
 //! 0.955-0.973 of memcpy at 32K/128K tokens vs 0.92-0.93 for ~16 x SMs long chunks; 128 and 512 rows mixed).
 inline constexpr int64_t compact_default_chunk_rows = 256;
-//! In place (fast kernel): each lane's rows are cut into this many column groups of 16-byte words, each moved by its
-//! own block in row order (bytes of different columns never alias, so the in-place proof holds per group).
-inline constexpr int compact_inplace_cols = 1;
 inline void compact_fast_pick(int variant, bool inplace, void (*&kernel)(compact_meta, compact_ptrs), int& per_sm) {
   per_sm = 2;
   if (variant == 1)
@@ -522,8 +507,7 @@ cudaError_t compact_launch(void* d_temp, size_t& temp_bytes, const SrcCache& src
     const int64_t want = (std::max<int64_t>(m.dst_capacity, 1) + chunk_rows - 1) / chunk_rows;
     m.nchunk = std::max<int64_t>(1, std::min<int64_t>(want, std::max<int64_t>(1, (int64_t(1) << 30) / lanes)));
   }
-  if (inplace && variant > 0) m.ncol = compact_tune().inplace_cols > 0 ? compact_tune().inplace_cols : compact_inplace_cols;
-  const int64_t work = std::max<int64_t>(1, lanes * m.nchunk * m.ncol);
+  const int64_t work = std::max<int64_t>(1, lanes * m.nchunk);
   const bool pdl = validate_on_device && compact_tune().pdl;
   // (every grid walks its work items grid-stride, so any cap is correct)
   int64_t cap = compact_tune().resident > 0 ? resident

@@ -126,7 +126,6 @@ struct compact_meta {
   bool inplace = false;
   bool paged_dst = false;
   int64_t nchunk = 1;  // work items per lane (move kernel)
-  int64_t ncol = 1;    // in place, fast kernel: column groups per lane (each its own in-order lane, see compact_move_rows)
   int64_t vchunk = 1;  // work items per segment (check kernel)
   compact_outputs out;
   const int32_t* vstatus = nullptr;  // per-block results of the check kernel (null: trusted)
