@@ -60,12 +60,6 @@ struct window_wgmma_smem {
 };
 
 #if defined(PREFIXKV_SM90A)
-#ifndef PKV_LDG
-#define PKV_LDG 0
-#endif
-#ifndef PKV_LDG_AHEAD
-#define PKV_LDG_AHEAD 3
-#endif
 
 PREFIXKV_DEVICE void wg_fence_acc(float (&acc)[64]) {
 #pragma unroll
@@ -260,9 +254,7 @@ PREFIXKV_KERNEL void __launch_bounds__(WGS * 128, 1) window_wgmma_kernel(window_
     }
     cp_async_commit();
   };
-#if !PKV_LDG
   for (int s = 0; s < stages; ++s) issue(wg + int64_t(s) * WGS, s);
-#endif
 
   // The LSE of query row threadIdx.x (R <= threads) and the Q rows in the swizzled canonical layout (zero rows for
   // padded queries / heads past the chunk); all loads of a thread are issued before any is used.
@@ -297,20 +289,8 @@ PREFIXKV_KERNEL void __launch_bounds__(WGS * 128, 1) window_wgmma_kernel(window_
     if (QIT * THREADS > R * CPR && idx >= R * CPR) break;
     const uint4 v = qv[it];
     bad |= word_nonfinite<T>(v.x) | word_nonfinite<T>(v.y) | word_nonfinite<T>(v.z) | word_nonfinite<T>(v.w);
-#if PKV_LDG
-    // dims 8 cd .. 8 cd + 7 go to k positions pos(d) (the K fragments are loaded 16 bytes per thread, see below)
-    const uint32_t wv[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int wd = 0; wd < 4; ++wd) {
-      const int d = 8 * cd + 2 * wd, i = d >> 5, tq = (d >> 3) & 3, e = d & 7, jj = e & 3;
-      const int kpos = 16 * (2 * i + (e >> 2)) + 2 * tq + (jj < 2 ? jj : 6 + jj);
-      const int hf = kpos >> 6, c = (kpos & 63) >> 3;
-      *reinterpret_cast<uint32_t*>(Qs + size_t(hf) * R * 128 + size_t(r) * 128 + ((c ^ (r & 7)) << 4) + (kpos & 7) * 2) = wv[wd];
-    }
-#else
     const int hf = cd >> 3, c = cd & 7;
     *reinterpret_cast<uint4*>(Qs + size_t(hf) * R * 128 + size_t(r) * 128 + ((c ^ (r & 7)) << 4)) = v;
-#endif
   }
   if (int(threadIdx.x) < R) {
     const int r = int(threadIdx.x);
@@ -344,44 +324,8 @@ PREFIXKV_KERNEL void __launch_bounds__(WGS * 128, 1) window_wgmma_kernel(window_
     ++turn;
   };
   if (wg == WGS - 1) turn_bar<false, 1>();
-#if PKV_LDG
-  // K fragments straight from global memory: thread (g, t4) of warp wq loads 16 bytes at byte 64 i + 16 t4 of keys
-  // 16 wq + g and + 8 (i < NK * 2), i.e. dims 32 i + 8 t4 .. + 7, which the permuted Q layout puts at the k positions
-  // of a[2i][0,2], a[2i+1][0,2] (row g) and a[..][1,3] (row g + 8). The next tile is loaded once the MMAs of this one
-  // are done (its exponentials hide the latency); tiles further ahead are prefetched into L2.
-  uint32_t a[KS][4];
-  const char* kg = reinterpret_cast<const char*>(p.k.row(b, kh, 0)) + 16 * t4;
-  auto load_a = [&](int64_t tile) {
-    const int64_t key = key_begin + tile * wgmma_keys + 16 * wq + g;
-    const bool ok0 = tile < ntile && key < key_end, ok1 = tile < ntile && key + 8 < key_end;
-#pragma unroll
-    for (int i = 0; i < KS / 2; ++i) {
-      uint4 v0 = make_uint4(0, 0, 0, 0), v1 = make_uint4(0, 0, 0, 0);
-      if (ok0) v0 = *reinterpret_cast<const uint4*>(kg + key * kts + 64 * i);
-      if (ok1) v1 = *reinterpret_cast<const uint4*>(kg + (key + 8) * kts + 64 * i);
-      a[2 * i][0] = v0.x; a[2 * i][2] = v0.y; a[2 * i + 1][0] = v0.z; a[2 * i + 1][2] = v0.w;
-      a[2 * i][1] = v1.x; a[2 * i][3] = v1.y; a[2 * i + 1][1] = v1.z; a[2 * i + 1][3] = v1.w;
-    }
-  };
-  auto prefetch_l2 = [&](int64_t tile) {  // lane: key 16 wq + lane / 2, 128-byte half lane % 2 (D 128)
-    if (tile < ntile) {
-      const int64_t key = key_begin + tile * wgmma_keys + 16 * wq + (lane >> 1);
-      if (key < key_end && (lane & 1) * 128 < D * int(sizeof(T)))
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(reinterpret_cast<const char*>(p.k.row(b, kh, 0)) + key * kts + (lane & 1) * 128));
-    }
-  };
-  load_a(wg);
-  for (int s = 1; s <= PKV_LDG_AHEAD; ++s) prefetch_l2(wg + int64_t(s) * WGS);
-#endif
   for (int64_t it = 0; it < my_tiles; ++it) {
     const int64_t tile = it * WGS + wg;
-#if PKV_LDG
-#pragma unroll
-    for (int ks = 0; ks < KS; ++ks)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) probe_nonfinite2<T>(probe[e & 1], a[ks][e]);
-    prefetch_l2(tile + int64_t(PKV_LDG_AHEAD + 1) * WGS);
-#else
     if (stages >= 4)
       cp_async_wait<3>();
     else if (stages == 3)
@@ -402,7 +346,6 @@ PREFIXKV_KERNEL void __launch_bounds__(WGS * 128, 1) window_wgmma_kernel(window_
     __syncwarp();
     issue(tile + int64_t(stages) * WGS, buf);
     buf = buf + 1 == stages ? 0 : buf + 1;
-#endif
 
     const int64_t k0 = key_begin + tile * wgmma_keys;
     const bool tail = k0 + wgmma_keys - 1 > limit;
@@ -436,9 +379,6 @@ PREFIXKV_KERNEL void __launch_bounds__(WGS * 128, 1) window_wgmma_kernel(window_
         else
           wgmma_wait<0>();
         wg_fence_acc(acc[s]);
-#if PKV_LDG
-        if (tb + 1 == TPT && s + 1 == SPT) load_a(tile + WGS);  // the MMAs no longer read a
-#endif
         const int i0 = j * wgmma_n + 2 * t4;
         if (tail)
           wgmma_probs<true>(acc[s], lq, l4, sc, d0, i0, wp_mask, h[j]);
