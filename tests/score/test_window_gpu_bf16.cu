@@ -180,6 +180,73 @@ TEST_CASE("window scorer: NaN/Inf inputs raise the device status flag; read_stat
   }
 }
 
+// A non-finite K element whose products with every query of the group are -inf (or NaN) instead of +inf: each
+// probability of that key is 0 (or NaN), so a detector that only looked for non-finite sums would miss the -inf
+// case. Runs every accumulate kernel (wgmma with 3 and 2 warpgroups where available, mma.sync) over whole-group,
+// head-chunk (atomic) and 128-row blocks, both group reductions, keys in the first, a middle and the causal tile.
+static void run_hidden_nonfinite_cases(std::mt19937_64& rng) {
+  struct shape {
+    int64_t G, D, w;
+  };
+  const shape shapes[] = {{4, 128, 64}, {8, 64, 128}, {2, 64, 8}};
+  const int64_t B = 2, Hk = 2, cap = 300, d = 37;
+  for (const auto& sh : shapes) {
+    const int64_t Hq = Hk * sh.G;
+    auto qf = random_vector<float>(rng, size_t(B * Hq * sh.w * sh.D));
+    auto kf = random_vector<float>(rng, size_t(B * Hk * cap * sh.D));
+    std::vector<float> lse_h(size_t(B * Hq * sh.w), 3.0f);
+    device_buffer<float> dl(lse_h), out(size_t(B * cap));
+    device_buffer<unsigned> status(1);
+    const pk::lse_view lse{dl.get(), Hq * sh.w, sh.w, 1};
+    // case: 0 control (finite K, the same Q), 1 K = -inf with q_d > 0, 2 K = +inf with q_d < 0 (both: every
+    // product -inf), 3 K = +inf with q_d = 0 (NaN products), 4 K = NaN
+    for (int which = 0; which < 5; ++which)
+      for (int64_t key : {int64_t(0), int64_t(131), cap - 1})
+        for (auto g : {pk::head_reduce::mean, pk::head_reduce::max}) {
+          if (which == 0 && key != 0) continue;
+          const int64_t b = 1, kh = 1;
+          auto q2 = qf;
+          auto k2 = kf;
+          const float qd = which == 1 ? 0.5f : (which == 2 ? -0.5f : 0.0f);
+          for (int64_t h = kh * sh.G; h < (kh + 1) * sh.G; ++h)
+            for (int64_t i = 0; i < sh.w; ++i) q2[size_t(((b * Hq + h) * sh.w + i) * sh.D + d)] = qd;
+          const float kv[] = {1.0f, -INFINITY, INFINITY, INFINITY, NAN};
+          k2[size_t(((b * Hk + kh) * cap + key) * sh.D + d)] = kv[which];
+          device_buffer<pk::bf16> dq(to_storage<pk::bf16>(q2)), dk(to_storage<pk::bf16>(k2));
+          auto q = pk::make_kv_view_bhsd<const pk::bf16>(dq.get(), B, Hq, sh.w, sh.D);
+          auto k = pk::make_kv_view_bhsd<const pk::bf16>(dk.get(), B, Hk, cap, sh.D);
+          pk::window_options opt;
+          opt.group = g;
+          run_three_ways(
+              [&](void* t, size_t& bytes, cudaStream_t s) {
+                return pk::window_attention(t, bytes, q, k, lse, opt, pk::segment_grid{1, B, 1}, 0,
+                                            pk::make_uniform_segments(B, cap), out.get(), status.get(), s);
+              },
+              [&] { PKV_CUDA_CHECK(cudaMemset(status.get(), 0, sizeof(unsigned))); },
+              [&](const char* mode) {
+                INFO("mode ", mode, " G ", sh.G, " D ", sh.D, " w ", sh.w, " case ", which, " key ", key,
+                     " max ", int(g == pk::head_reduce::max));
+                const unsigned bits = status.download()[0];
+                if (which == 0)
+                  CHECK(bits == 0u);
+                else
+                  CHECK((bits & pk::status_nonfinite) != 0u);
+              });
+        }
+  }
+}
+
+TEST_CASE("window scorer: NaN/Inf keys whose products are all -inf or NaN are flagged by every accumulate kernel") {
+  auto rng = make_rng(107);
+  tuning_guard guard;
+  run_hidden_nonfinite_cases(rng);  // default kernel
+  pk::detail::window_tuning().use_wgmma = 0;  // mma.sync
+  run_hidden_nonfinite_cases(rng);
+  pk::detail::window_tuning().use_wgmma = 1;
+  pk::detail::window_tuning().wgmma_groups = 2;  // wgmma with two warpgroups (where the build has it)
+  run_hidden_nonfinite_cases(rng);
+}
+
 TEST_CASE("window scorer: device row lengths outside [window, capacity] are flagged and zero-filled") {
   auto rng = make_rng(104);
   const int64_t D = 64, w = 4, cap = 100;
