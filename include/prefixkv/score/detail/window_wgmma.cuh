@@ -13,9 +13,8 @@
 //! * Warpgroup wg takes 64-key tiles wg, wg + WGS, ...; warp w of a warpgroup stages keys 16w..16w+15 of each tile
 //!   by `cp.async` into a private buffer (rows padded by 16 bytes, 1-4 stages, no barrier; the first stages are in
 //!   flight while the CTA loads Q and the LSE) and loads them with ldmatrix as the A fragments (the wgmma
-//!   register-A layout of a warp equals mma.sync's m16n8k16 A layout). NaN/Inf in K is detected from the key
-//!   sums (NaN, +Inf or exactly 0 for such a key), re-reading only the keys that sum to exactly 0 (see the group
-//!   reduction).
+//!   register-A layout of a warp equals mma.sync's m16n8k16 A layout). The fragments are probed for NaN/Inf with
+//!   one packed FMA per word (x * 0 is NaN exactly when x is NaN or Inf).
 //! * B = the R = 128 NP Q rows of the (chunk of the) GQA group, loaded once in the 128-byte-swizzle K-major
 //!   canonical layout: dims 0-63 of all R rows first (row r at 128 r bytes, 16-byte chunk c stored at chunk
 //!   c ^ (r % 8)), then dims 64-127. Descriptor: start >> 4, LBO 1 (unused), SBO 1024 B (8 rows x 128 B), swizzle
@@ -135,24 +134,13 @@ PREFIXKV_DEVICE void turn_bar() {
     asm volatile("bar.arrive %0, 256;\n" ::"n"(Id) : "memory");
 }
 
-//! max(a, b) that returns NaN when either is NaN (`fmaxf` would drop it), so a NaN head sum reaches the store.
-PREFIXKV_DEVICE float fmax_nan(float a, float b) {
-  float r;
-  asm("max.NaN.f32 %0, %1, %2;\n" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-
-//! Whether the K row `row` (D elements, 16-byte aligned, contiguous) holds a NaN or Inf; the 4 threads of a quad
-//! (t4 = lane % 4) test every fourth 16-byte chunk each. The slow path of the kernel's NaN/Inf detection.
-template <class T, int D>
-PREFIXKV_DEVICE bool window_row_nonfinite(const T* row, int t4) {
-  bool bad = false;
-#pragma unroll
-  for (int c = t4; c < D / 8; c += 4) {
-    const uint4 x = *reinterpret_cast<const uint4*>(row + 8 * c);
-    bad |= word_nonfinite<T>(x.x) | word_nonfinite<T>(x.y) | word_nonfinite<T>(x.z) | word_nonfinite<T>(x.w);
-  }
-  return bad;
+//! acc = w * 0 + acc on packed halves: acc stays +-0 unless some element of w was NaN or Inf (then NaN sticks).
+template <class T>
+PREFIXKV_DEVICE void probe_nonfinite2(uint32_t& acc, uint32_t w) {
+  if constexpr (std::is_same<T, bf16>::value)
+    asm("fma.rn.bf16x2 %0, %1, %2, %0;\n" : "+r"(acc) : "r"(w), "r"(0u));
+  else
+    asm("fma.rn.f16x2 %0, %1, %2, %0;\n" : "+r"(acc) : "r"(w), "r"(0u));
 }
 
 //! Probabilities of one accumulator (64 keys x queries q0 .. q0 + 127 of the CTA block) summed per row and
@@ -321,6 +309,7 @@ PREFIXKV_KERNEL void __launch_bounds__(WGS * 128, 1) window_wgmma_kernel(window_
   const int wp_mask = p.WP - 1;  // WP is 64, 128 or 256
   const int bph = p.WP / 64;     // 64-query blocks per head
   float* out_row = p.kvrows + (b * Hk + kh) * p.k.tokens;
+  uint32_t probe[2] = {0u, 0u};
   int buf = 0;
   // Turns: warpgroup 0 issues first, then 1, (2,) 0, ...; each warpgroup waits for its turn before issuing MMAs and
   // then passes it on. Every warpgroup takes the same number of turns (a warpgroup without a tile in the last
@@ -349,7 +338,11 @@ PREFIXKV_KERNEL void __launch_bounds__(WGS * 128, 1) window_wgmma_kernel(window_
     uint32_t a[KS][4];
     const uint32_t kb = k_lane + uint32_t(buf) * stage_bytes;
 #pragma unroll
-    for (int ks = 0; ks < KS; ++ks) ldmatrix_x4(a[ks], kb + uint32_t(16 * ks * int(sizeof(T))));
+    for (int ks = 0; ks < KS; ++ks) {
+      ldmatrix_x4(a[ks], kb + uint32_t(16 * ks * int(sizeof(T))));
+#pragma unroll
+      for (int e = 0; e < 4; ++e) probe_nonfinite2<T>(probe[e & 1], a[ks][e]);
+    }
     __syncwarp();
     issue(tile + int64_t(stages) * WGS, buf);
     buf = buf + 1 == stages ? 0 : buf + 1;
@@ -409,23 +402,12 @@ PREFIXKV_KERNEL void __launch_bounds__(WGS * 128, 1) window_wgmma_kernel(window_
         for (int blk = 0; blk < 2 * NP; ++blk) {
           cur += h[blk >> 1][blk & 1][r];
           if ((blk + 1) % bph == 0) {
-            m = fmax_nan(m, quad_sum(cur));
+            m = fmaxf(m, quad_sum(cur));
             cur = 0.0f;
           }
         }
         v[r] = m;
       }
-    }
-    // NaN/Inf in K without a probe per element: a NaN or Inf element makes the key's product with every query NaN or
-    // +-Inf (x * 0 is NaN, and +Inf + -Inf too), so each of its probabilities is NaN, +Inf or exactly 0 (ex2 of
-    // -Inf; masked queries give 0, and the last window query sees every key). Its sum v (mean: the total; max: the
-    // NaN-propagating max of non-negative head sums) is then NaN or +Inf, which window_store_key flags, or exactly 0.
-    // Only keys whose v is exactly 0 (otherwise only an underflow of every probability) are re-read and tested
-    // element by element, so the flag is raised exactly when a K row that is scored holds a NaN or Inf.
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int64_t key = k0 + 16 * wq + 8 * r + g;
-      if (v[r] == 0.0f && key < key_end) bad |= window_row_nonfinite<T, D>(p.k.row(b, kh, key), t4);  // quad-uniform
     }
     // Quad thread 0 writes key 16 wq + g, thread 1 key 16 wq + g + 8.
     if (t4 < 2) window_store_key(p, out_row, k0 + 16 * wq + 8 * t4 + g, key_end, t4 == 0 ? v[0] : v[1], gmax, bad);
@@ -435,6 +417,7 @@ PREFIXKV_KERNEL void __launch_bounds__(WGS * 128, 1) window_wgmma_kernel(window_
     pass();
   }
   cp_async_wait<0>();
+  bad |= ((probe[0] | probe[1]) & 0x7FFF7FFFu) != 0u;
   if (__syncthreads_or(bad) && threadIdx.x == 0) flag(p.status, status_nonfinite);
 #else
   (void)p;
