@@ -111,6 +111,10 @@ void BM_compact(benchmark::State& state) {
   auto& tune = prefixkv::detail::compact_tune();
   tune = prefixkv::detail::compact_tuning{};
   tune.kernel = static_cast<int>(state.range(4));
+  if (tune.kernel == -2) {  // in place: the ticket kernel with chunk-major tickets
+    tune.kernel = -1;
+    tune.ticket_order = 1;
+  }
   tune.resident = static_cast<int>(state.range(5));
   tune.chunk_rows = state.range(6);
   const int64_t kept = T * pct / 100;
@@ -212,7 +216,8 @@ void args(benchmark::internal::Benchmark* b) {
   struct variant {
     int64_t kernel, resident, chunk_rows;
   };
-  std::vector<variant> variants = {{-1, 0, -1}, {-1, 0, 0}, {-1, 0, 128}, {-1, 0, 512}};
+  // (kernel 2 in place: the one-block-per-lane fast kernel, next to the default ticket kernel)
+  std::vector<variant> variants = {{-1, 0, -1}, {2, 0, -1}, {-2, 0, -1}, {-1, 0, 0}, {-1, 0, 128}, {-1, 0, 512}};
   if (explore) {
     variants = {{0, 0, 0}, {0, 4, 0}};
     for (int64_t v = 1; v <= prefixkv::detail::compact_fast_variants; ++v) variants.push_back({v, 0, 0});
@@ -228,6 +233,7 @@ void args(benchmark::internal::Benchmark* b) {
             if (explore && trusted && v.kernel > 1) continue;
             const bool gather = md == contig_gather || md == paged_gather;
             if (!explore && v.chunk_rows != -1 && (!gather || trusted)) continue;
+            if (!explore && (v.kernel == 2 || v.kernel == -2) && gather) continue;
             b->Args({T, pct, md, trusted, v.kernel, v.resident, v.chunk_rows});
           }
   b->ArgNames({"tokens", "kept_pct", "mode", "trusted", "kernel", "resident", "chunk_rows"});
@@ -276,6 +282,98 @@ __global__ void __launch_bounds__(256, 2) stream_copy_kernel(uint4* __restrict__
     for (int u = 0; u < U; ++u) {
       const int64_t i = base + u * 256 + threadIdx.x;
       if (i < n) dst[i] = buf[u];
+    }
+  }
+}
+
+// Partition-camping check for the in-place gap: the 512 streams of stream_copy_kernel are 2^k words apart and move
+// in lockstep, so at any moment all blocks touch addresses congruent modulo the stream size. Here stream b walks its
+// tiles starting at tile (b * 37) mod tiles (wrapping around), so the blocks are spread over the regions' phases;
+// everything else (tile size, one block per stream, optional barrier per tile) is stream_copy_kernel's.
+template <bool Bar>
+__global__ void __launch_bounds__(256, 2) stream_rot_kernel(const uint4* __restrict__ s, uint4* __restrict__ d,
+                                                            int64_t per) {
+  constexpr int U = 8;
+  constexpr int64_t tile = int64_t(256) * U;
+  const uint4* src = s + int64_t(blockIdx.x) * per;
+  uint4* dst = d + int64_t(blockIdx.x) * per;
+  const int64_t tiles = (per + tile - 1) / tile;
+  const int64_t t0 = (int64_t(blockIdx.x) * 37) % tiles;
+  for (int64_t k = 0; k < tiles; ++k) {
+    const int64_t base = ((t0 + k) % tiles) * tile;
+    uint4 buf[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t i = base + u * 256 + threadIdx.x;
+      if (i < per) buf[u] = src[i];
+    }
+    if (Bar) __syncthreads();
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t i = base + u * 256 + threadIdx.x;
+      if (i < per) dst[i] = buf[u];
+    }
+  }
+}
+
+// Load-balance check: the same copy as copy_kernel (tiles of 256 x 8 words), but 2 x SMs long-lived blocks take
+// their tiles from a ticket counter (one atomicAdd per tile) instead of a fixed grid stride, so faster SMs take more
+// tiles. `counter` is a fresh zeroed word per launch.
+__global__ void __launch_bounds__(256, 2) ticket_copy_kernel(const uint4* __restrict__ s, uint4* __restrict__ d,
+                                                             int64_t n, unsigned* counter) {
+  constexpr int U = 8;
+  constexpr int64_t tile = int64_t(256) * U;
+  const int64_t tiles = (n + tile - 1) / tile;
+  __shared__ int64_t next;
+  for (;;) {
+    if (threadIdx.x == 0) next = atomicAdd(counter, 1u);
+    __syncthreads();
+    const int64_t t = next;
+    __syncthreads();
+    if (t >= tiles) return;
+    uint4 buf[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t i = t * tile + u * 256 + threadIdx.x;
+      if (i < n) buf[u] = s[i];
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t i = t * tile + u * 256 + threadIdx.x;
+      if (i < n) d[i] = buf[u];
+    }
+  }
+}
+
+// The ticket copy over the 512 streams in chunk-major order (ticket t -> tile t / 512 of stream t % 512, as an
+// in-place kernel would have to order its (lane, chunk) work), optionally with stream b's tiles rotated by b * 37
+// (Rot) so that concurrent blocks are not at congruent addresses.
+template <bool Rot>
+__global__ void __launch_bounds__(256, 2) ticket_streams_kernel(const uint4* __restrict__ s, uint4* __restrict__ d,
+                                                                int64_t per, unsigned* counter) {
+  constexpr int U = 8;
+  constexpr int64_t tile = int64_t(256) * U;
+  const int64_t tiles = (per + tile - 1) / tile;
+  __shared__ int64_t next;
+  for (;;) {
+    if (threadIdx.x == 0) next = atomicAdd(counter, 1u);
+    __syncthreads();
+    const int64_t t = next;
+    __syncthreads();
+    if (t >= 512 * tiles) return;
+    const int64_t stream = t % 512, k = t / 512;
+    const int64_t base = stream * per + (Rot ? (k + stream * 37) % tiles : k) * tile;
+    const int64_t end = stream * per + per;
+    uint4 buf[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t i = base + u * 256 + threadIdx.x;
+      if (i < end) buf[u] = s[i];
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t i = base + u * 256 + threadIdx.x;
+      if (i < end) d[i] = buf[u];
     }
   }
 }
@@ -378,6 +476,12 @@ void BM_copy(benchmark::State& state) {
   const int64_t n = int64_t(bytes / 16);
   int sms = 0;
   PKV_BENCH_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  static unsigned* tickets = nullptr;  // one zeroed word per launch of variant 18
+  static int64_t launches = 0;
+  if (v >= 18 && tickets == nullptr) {
+    PKV_BENCH_CHECK(cudaMalloc(&tickets, 65536 * sizeof(unsigned)));
+    PKV_BENCH_CHECK(cudaMemset(tickets, 0, 65536 * sizeof(unsigned)));
+  }
   auto launch = [&](cudaStream_t st) {
     const auto* s = reinterpret_cast<const uint4*>(base);
     auto* d = reinterpret_cast<uint4*>(base + bytes);
@@ -403,6 +507,12 @@ void BM_copy(benchmark::State& state) {
       case 13: stream_group_kernel<4, true><<<512, 256, 0, st>>>(s, d, n / 128); break;
       case 14: stream_group_kernel<2, true><<<512, 256, 0, st>>>(s, d, n / 256); break;
       case 15: stream_group_kernel<4, false><<<512, 256, 0, st>>>(s, d, n / 128); break;
+      // 512 long-lived streams with rotated tile order (partition-camping check)
+      case 16: stream_rot_kernel<false><<<512, 256, 0, st>>>(s, d, n / 512); break;
+      case 17: stream_rot_kernel<true><<<512, 256, 0, st>>>(s, d, n / 512); break;
+      case 18: ticket_copy_kernel<<<2 * sms, 256, 0, st>>>(s, d, n, tickets + (launches++ % 65536)); break;
+      case 19: ticket_streams_kernel<false><<<2 * sms, 256, 0, st>>>(s, d, n / 512, tickets + (launches++ % 65536)); break;
+      case 20: ticket_streams_kernel<true><<<2 * sms, 256, 0, st>>>(s, d, n / 512, tickets + (launches++ % 65536)); break;
       default: {
         const int64_t per = n / 512, tiles = (per + 2047) / 2048;  // variant 10
         stream_oneshot_kernel<<<static_cast<unsigned>(512 * tiles), 256, 0, st>>>(s, d, per);
@@ -433,7 +543,7 @@ void copy_args(benchmark::internal::Benchmark* b) {
   const bool explore = std::getenv("PREFIXKV_BENCH_EXPLORE") != nullptr;
   for (int64_t T : {4096, 131072})
     for (int64_t pct : {25, 75})
-      for (int64_t v = 0; v < 16; ++v)
+      for (int64_t v = 0; v < 21; ++v)
         for (int64_t one_shot : {0, 1})
           if ((explore || v == 0 || v == 1 || v >= 5) && !(v >= 5 && one_shot)) b->Args({T, pct, v, one_shot});
   b->ArgNames({"tokens", "kept_pct", "copy_variant", "one_shot"});
