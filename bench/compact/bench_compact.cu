@@ -111,10 +111,6 @@ void BM_compact(benchmark::State& state) {
   auto& tune = prefixkv::detail::compact_tune();
   tune = prefixkv::detail::compact_tuning{};
   tune.kernel = static_cast<int>(state.range(4));
-  if (tune.kernel == -2) {  // in place: the ticket kernel with chunk-major tickets
-    tune.kernel = -1;
-    tune.ticket_order = 1;
-  }
   tune.resident = static_cast<int>(state.range(5));
   tune.chunk_rows = state.range(6);
   const int64_t kept = T * pct / 100;
@@ -216,8 +212,7 @@ void args(benchmark::internal::Benchmark* b) {
   struct variant {
     int64_t kernel, resident, chunk_rows;
   };
-  // (kernel 2 in place: the one-block-per-lane fast kernel, next to the default ticket kernel)
-  std::vector<variant> variants = {{-1, 0, -1}, {2, 0, -1}, {-2, 0, -1}, {-1, 0, 0}, {-1, 0, 128}, {-1, 0, 512}};
+  std::vector<variant> variants = {{-1, 0, -1}, {-1, 0, 0}, {-1, 0, 128}, {-1, 0, 512}};
   if (explore) {
     variants = {{0, 0, 0}, {0, 4, 0}};
     for (int64_t v = 1; v <= prefixkv::detail::compact_fast_variants; ++v) variants.push_back({v, 0, 0});
@@ -233,7 +228,6 @@ void args(benchmark::internal::Benchmark* b) {
             if (explore && trusted && v.kernel > 1) continue;
             const bool gather = md == contig_gather || md == paged_gather;
             if (!explore && v.chunk_rows != -1 && (!gather || trusted)) continue;
-            if (!explore && (v.kernel == 2 || v.kernel == -2) && gather) continue;
             b->Args({T, pct, md, trusted, v.kernel, v.resident, v.chunk_rows});
           }
   b->ArgNames({"tokens", "kept_pct", "mode", "trusted", "kernel", "resident", "chunk_rows"});

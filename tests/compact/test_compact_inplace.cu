@@ -258,12 +258,6 @@ TEST_CASE("in place: kept patterns, device-checked and trusted") {
   for (int v = 0; v < 8; ++v) {
     tune = prefixkv::detail::compact_tuning{};
     tune.pdl = v % 2 == 0;
-    // ticket kernel (16-byte rows): 1, 7 or 33 rows per chunk (many chunks per lane, waits across chunks), a grid
-    // of 3 blocks (many tickets per block); v == 7: the one-block-per-lane kernel
-    tune.ticket_rows = v % 4 == 1 ? 1 : (v % 4 == 2 ? 7 : (v % 4 == 3 ? 33 : 0));
-    tune.max_blocks = v == 5 ? 3 : 0;
-    tune.inplace_ticket = v == 7 ? 0 : 1;
-    tune.ticket_order = v % 3 == 1 ? 1 : 0;  // chunk-major tickets
     const auto chk = v % 4 < 2 ? prefixkv::index_check::device : prefixkv::index_check::trusted;
     for (layout l : {layout::bhsd, layout::bshd, layout::strided, layout::nhd, layout::hnd}) {
       INFO("variant " << v << " layout " << name(l));

@@ -22,7 +22,6 @@
 
 #include "../core/launch.cuh"
 #include "../core/workspace.hpp"
-#include "../detail/memory.cuh"
 #include "compact.hpp"
 
 #include <cstdint>
@@ -396,273 +395,6 @@ PREFIXKV_KERNEL void __launch_bounds__(compact_threads, MinBlocks) compact_fast_
   }
 }
 
-// ---- in place with tickets: persistent blocks, chunks of lanes handed out in lane order ------------------------
-
-//! Workspace of the ticket in-place kernel (compact_ticket_kernel), laid out and zeroed on the device by
-//! compact_ticket_prep_kernel before every move.
-struct compact_ticket_ws {
-  int64_t* lane_chunks = nullptr;   // (lanes + 1) exclusive prefix of the lanes' chunk counts (the ticket space)
-  int32_t* first_reader = nullptr;  // (segments, nch + 1) first kept rank whose index is >= c * rows
-  uint32_t* loaded = nullptr;       // (lanes, nch) 1 once every row of chunk c of the lane has been loaded
-  unsigned long long* ticket = nullptr;
-  int64_t rows = 0, nch = 0;        // rows per chunk; chunks per lane (bound from the capacity)
-  int order = 0;                    // ticket order: 0 lane-major, 1 chunk-major (experiment)
-};
-
-//! Lane index -> (layer, sequence, kind, head) and its segment (the order of compact_work_of).
-struct compact_lane {
-  int64_t l, b, h, seg;
-  int k;
-};
-__device__ __forceinline__ compact_lane compact_lane_of(const compact_meta& m, int64_t lane) {
-  compact_lane x;
-  const int64_t lpl = m.lanes_per_lb();
-  const int64_t lb = lane / lpl, rr = lane - lb * lpl;
-  x.l = lb / m.batch;
-  x.b = lb - x.l * m.batch;
-  int k = 0;
-  while (k + 1 < m.kinds && rr >= m.lane_prefix[k + 1]) ++k;
-  x.k = k;
-  x.h = rr - m.lane_prefix[k];
-  x.seg = m.grid.heads == 1 ? m.grid.id(x.l, x.b) : m.grid.id(x.l, x.b, x.h);
-  return x;
-}
-
-__device__ __forceinline__ int64_t compact_ticket_chunks(const compact_meta& m, const compact_ticket_ws& w, int64_t lane) {
-  const int64_t seg = compact_lane_of(m, lane).seg;
-  int64_t kept = m.sel.offsets[seg + 1] - m.sel.offsets[seg];
-  kept = kept < 0 ? 0 : min(kept, w.nch * w.rows);  // bounded even for contents the check kernel rejects
-  return (kept + w.rows - 1) / w.rows;
-}
-
-//! Set-up of the ticket kernel: the ticket space (exclusive prefix of chunk counts over lanes, block 0), the ticket
-//! counter, zeroed `loaded` flags, and for every segment and chunk c the first kept rank whose index is >= c * rows
-//! (so the ranks reading destination rows [c R, c R + R) are [P(c), P(c + 1))). Rank p covers the chunks c with
-//! idx[p - 1] < c R <= idx[p] (idx[-1] = -1, idx[n] = nch R).
-template <int Unused = 0>
-PREFIXKV_KERNEL void __launch_bounds__(compact_threads) compact_ticket_prep_kernel(compact_meta m, compact_ticket_ws w) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;");  // the move kernel still waits for this grid to finish
-#endif
-  const int64_t lanes = m.lanes(), R = w.rows, nch = w.nch;
-  const int tid = int(threadIdx.x);
-  if (blockIdx.x == 0) {
-    __shared__ int64_t part[compact_threads];
-    const int64_t per = (lanes + blockDim.x - 1) / blockDim.x;
-    const int64_t a = min(lanes, tid * per), e = min(lanes, a + per);
-    int64_t sum = 0;
-    for (int64_t i = a; i < e; ++i) sum += compact_ticket_chunks(m, w, i);
-    part[tid] = sum;
-    __syncthreads();
-    if (tid == 0) {
-      int64_t run = 0;
-      for (int i = 0; i < int(blockDim.x); ++i) {
-        const int64_t x = part[i];
-        part[i] = run;
-        run += x;
-      }
-      *w.ticket = 0ull;
-    }
-    __syncthreads();
-    int64_t run = part[tid];
-    for (int64_t i = a; i < e; ++i) {
-      w.lane_chunks[i] = run;
-      run += compact_ticket_chunks(m, w, i);
-    }
-    if (tid == int(blockDim.x) - 1) w.lane_chunks[lanes] = run;
-    __syncthreads();
-    int64_t mx = 0;
-    for (int64_t i = a; i < e; ++i) mx = max(mx, compact_ticket_chunks(m, w, i));
-    part[tid] = mx;
-    __syncthreads();
-    if (tid == 0) {
-      for (int i = 1; i < int(blockDim.x); ++i) mx = max(mx, part[i]);
-      w.lane_chunks[lanes + 1] = mx;  // longest lane in chunks (chunk-major ticket order)
-    }
-  }
-  const int64_t nthreads = int64_t(gridDim.x) * blockDim.x, gtid = int64_t(blockIdx.x) * blockDim.x + tid;
-  for (int64_t i = gtid; i < lanes * nch; i += nthreads) w.loaded[i] = 0u;
-  constexpr int64_t piece = 1024;
-  const int64_t pieces = (nch * R) / piece + 1;  // ranks 0 .. n <= nch R
-  for (int64_t it = blockIdx.x; it < m.sel.count * pieces; it += gridDim.x) {
-    const int64_t s = it / pieces, q = it - s * pieces;
-    const int64_t off = m.sel.offsets[s];
-    int64_t n = m.sel.offsets[s + 1] - off;
-    n = n < 0 ? 0 : min(n, nch * R);
-    int32_t* P = w.first_reader + s * (nch + 1);
-    for (int64_t p = q * piece + tid; p <= min(n, q * piece + piece - 1); p += blockDim.x) {
-      const int64_t lo = p > 0 ? max(int64_t(-1), int64_t(m.sel.indices[off + p - 1])) : -1;
-      const int64_t hi = p < n ? min(nch * R, int64_t(m.sel.indices[off + p])) : nch * R;
-      const int64_t c1 = min(nch, hi / R);
-      for (int64_t c = (lo + R) / R; c <= c1; ++c) P[c] = static_cast<int32_t>(p);
-    }
-  }
-}
-
-__device__ __forceinline__ void compact_release_flag(uint32_t* f) {
-  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(f), "r"(1u) : "memory");
-}
-__device__ __forceinline__ uint32_t compact_acquire_flag(const uint32_t* f) {
-  uint32_t v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(f) : "memory");
-  return v;
-}
-
-//! In-place move with persistent blocks and tickets (the fast case: every kind moves packed rows in 16-byte words).
-//! Why: a plain copy by long-lived blocks with a fixed share each (the one-block-per-lane kernel's structure) reaches
-//! only ~0.93 of memcpy, the same copy with tiles handed out by a ticket counter 0.99-1.00 (bench_compact BM_copy
-//! variants 5, 1 and 18): SMs do not get equal bandwidth, so fixed shares end on the slowest one.
-//!
-//! Work: lanes are cut into chunks of R destination rows (R x words per row <= 256 x U: a chunk is loaded in one
-//! round, one row offset per thread); tickets enumerate (lane, chunk) in lane order, so the blocks in flight work on
-//! neighbouring chunks of one or two lanes (handing chunks out across lanes costs ~0.04 of memcpy, BM_copy variant
-//! 19). A block takes the next chunk's ticket one chunk ahead and computes its row offsets (kept index, page
-//! lookups) while the current chunk's loads are in flight.
-//!
-//! Race freedom (idx strictly ascending, so idx[p] >= p; chunk c = ranks [cR, cR + R) writes rows [cR, cR + R) and
-//! reads rows idx[cR ..]):
-//! * Rows chunk c writes are read only by ranks p with idx[p] in [cR, cR + R), i.e. p in [P(c), P(c + 1)) and
-//!   p <= idx[p] < cR + R: chunks <= c. Chunk c itself loads all its rows before its barrier and stores after it.
-//!   Earlier chunks c' in [P(c) / R, (P(c + 1) - 1) / R], c' < c (at most two), are waited for: each block
-//!   publishes `loaded` for its chunk (every thread's loads, fence, barrier, release store by thread 0) before it
-//!   waits for anything, and thread 0 acquires the predecessors' flags before the barrier that precedes the stores.
-//! * Rows chunk c reads (idx[p] >= p >= cR) are written only by chunks c'' with c'' R + R > idx[p] >= cR, i.e.
-//!   c'' >= c, which wait for chunk c's flag as above (c'' == c: the barrier). Earlier chunks write rows < cR.
-//! * Different lanes never alias (as for the other kernels).
-//! No deadlock: a chunk waits only for chunks of lower tickets, whose blocks publish without waiting first; the
-//! tickets are taken by running blocks only, so no assumption about block scheduling order is needed.
-//! Dynamic shared memory of the ticket kernel: two chunk buffers of 256 x U 16-byte words.
-inline constexpr size_t compact_ticket_smem = 2 * size_t(compact_threads) * compact_unroll * 16;
-
-template <int Unused = 0>
-PREFIXKV_KERNEL void __launch_bounds__(compact_threads, 2) compact_ticket_kernel(const compact_meta m,
-                                                                                 const compact_ptrs p,
-                                                                                 const compact_ticket_ws w) {
-  if (!compact_prologue(m)) return;
-  constexpr int U = compact_unroll;
-  struct job_t {
-    int64_t lane, c, r0, off, l, b, h;
-    int32_t rows, vpr, k, w0, w1;
-  };
-  extern __shared__ __align__(16) unsigned char compact_dyn[];  // [2][U][256] words
-  __shared__ int64_t soff[3][compact_threads], doff[3][compact_threads];
-  __shared__ job_t job[3];
-  const int tid = int(threadIdx.x);
-  const uint32_t data0 = smem_u32(compact_dyn);
-  const int64_t R = w.rows, nch = w.nch, lanes = m.lanes();
-  const bool cmajor = w.order == 1;
-  const int64_t total = cmajor ? lanes * w.lane_chunks[lanes + 1] : w.lane_chunks[lanes];
-  int64_t cursor = 0, next_t = 0;  // thread 0: lane of its last ticket, the ticket after the one being claimed
-  auto claim = [&](job_t& j) {     // thread 0
-    int64_t t = 0, c = 0;
-    for (;;) {
-      t = next_t;
-      next_t = t < total ? static_cast<int64_t>(atomicAdd(w.ticket, 1ull)) : total;
-      if (t >= total) {
-        j.lane = -1;
-        return;
-      }
-      if (!cmajor) {
-        while (w.lane_chunks[cursor + 1] <= t) ++cursor;  // a block's tickets increase
-        c = t - w.lane_chunks[cursor];
-        break;
-      }
-      cursor = t % lanes;
-      c = t / lanes;
-      if (c < w.lane_chunks[cursor + 1] - w.lane_chunks[cursor]) break;
-    }
-    const compact_lane x = compact_lane_of(m, cursor);
-    const int64_t off = m.sel.offsets[x.seg], kept = m.sel.offsets[x.seg + 1] - off;
-    const int32_t* P = w.first_reader + x.seg * (nch + 1);
-    const int64_t p0 = P[c], p1 = P[c + 1];
-    j.lane = cursor;
-    j.c = c;
-    j.r0 = c * R;
-    j.off = off;
-    j.l = x.l;
-    j.b = x.b;
-    j.h = x.h;
-    j.k = x.k;
-    j.rows = static_cast<int32_t>(min(R, kept - c * R));
-    j.vpr = static_cast<int32_t>(m.src[x.k].row_bytes / 16);
-    // chunks holding the readers of this chunk's destination rows, before it (clamped: garbage never waits on a
-    // later chunk)
-    j.w0 = static_cast<int32_t>(max(int64_t(0), p0 / R));
-    j.w1 = static_cast<int32_t>(p1 > p0 ? min(c - 1, (p1 - 1) / R) : -1);
-  };
-  auto setup = [&](const job_t& j, int slot) {  // all threads: row offsets of a claimed chunk
-    if (j.lane >= 0 && tid < j.rows) {
-      const int64_t row = j.r0 + tid;
-      const int64_t t = m.sel.indices[j.off + row];
-      soff[slot][tid] = m.st.row(m.src[j.k], j.b, j.h, t);
-      doff[slot][tid] = m.dt.row(m.dst[j.k], j.b, j.h, row);
-    }
-  };
-  // a thread's items of a chunk: i = u * 256 + tid, row i / vpr, word i % vpr; word u of the thread's buffer slot
-  auto issue = [&](const job_t& j, int slot, int buf) {
-    if (j.lane >= 0) {
-      const char* sb = p.src[j.l][j.k];
-      const int32_t items = j.rows * j.vpr;
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int32_t i = u * compact_threads + tid;
-        if (i < items) {
-          const int32_t r = i / j.vpr, cw = i - r * j.vpr;
-          cp_async16(data0 + uint32_t(((buf * U + u) * compact_threads + tid) * 16), sb + soff[slot][r] + cw * 16);
-        }
-      }
-    }
-    cp_async_commit();
-  };
-  if (tid == 0) {
-    next_t = static_cast<int64_t>(atomicAdd(w.ticket, 1ull));
-    claim(job[0]);
-    claim(job[1]);
-  }
-  __syncthreads();
-  if (job[0].lane < 0) return;
-  setup(job[0], 0);
-  setup(job[1], 1);
-  __syncthreads();
-  issue(job[0], 0, 0);
-  for (int64_t it = 0;; ++it) {
-    const int s0 = int(it % 3), s1 = int((it + 1) % 3), s2 = int((it + 2) % 3), b0 = int(it & 1);
-    const job_t J = job[s0];
-    issue(job[s1], s1, b0 ^ 1);  // the next chunk's loads stay in flight during this one's wait and stores
-    if (tid == 0) claim(job[s2]);
-    __syncthreads();             // job[s2] visible
-    setup(job[s2], s2);
-    cp_async_wait<1>();                               // this thread's words of J have landed
-    asm volatile("fence.acq_rel.gpu;" ::: "memory");  // ... and its reads of J are ordered before the flag
-    __syncthreads();
-    if (tid == 0) {
-      uint32_t* flags = w.loaded + J.lane * nch;
-      compact_release_flag(flags + J.c);
-      for (int32_t c = J.w0; c <= J.w1; ++c) {
-        unsigned ns = 32;
-        while (compact_acquire_flag(flags + c) == 0u) {
-          __nanosleep(ns);
-          ns = ns < 1024 ? 2 * ns : ns;
-        }
-      }
-    }
-    __syncthreads();  // the predecessors' loads happen before these stores; job[s2]'s offsets visible
-    char* db = p.dst[J.l][J.k];
-    const int32_t items = J.rows * J.vpr;
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int32_t i = u * compact_threads + tid;
-      if (i < items) {
-        const int32_t r = i / J.vpr, cw = i - r * J.vpr;
-        const uint4 v = *reinterpret_cast<const uint4*>(compact_dyn + size_t(((b0 * U + u) * compact_threads + tid) * 16));
-        compact_store<uint4>(db + doff[s0][r] + cw * 16, v);
-      }
-    }
-    if (job[s1].lane < 0) break;
-  }
-  cp_async_wait<0>();
-}
-
 //! Benchmark/test hook (not API): launch variants of the move kernel, compared in one process by bench_compact.
 struct compact_tuning {
   bool pdl = true;         // programmatic dependent launch of the move kernel after the check kernel
@@ -672,9 +404,6 @@ struct compact_tuning {
                            //      about `resident` x grid equal chunks
   int64_t chunk_rows = -1; // out of place: lanes cut into chunks of about this many destination rows, one block
                            //      each, grid uncapped (0: the ~16 x SMs work items split; -1: default)
-  int inplace_ticket = 1;  // in place, fast case, default kernel pick: the ticket kernel (0: one block per lane)
-  int64_t ticket_rows = 0; // > 0: cap the ticket kernel's rows per chunk (tests: many chunks per lane)
-  int ticket_order = 0;    // ticket kernel: 0 lane-major, 1 chunk-major
 };
 inline compact_tuning& compact_tune() {
   static compact_tuning t;
@@ -733,30 +462,9 @@ cudaError_t compact_launch(void* d_temp, size_t& temp_bytes, const SrcCache& src
   const int64_t vblocks =
       validate_on_device ? std::max<int64_t>(1, std::min<int64_t>(sel.count * m.vchunk, 2 * sms)) : 0;
   const bool need_owner = validate_on_device && m.paged_dst && m.dt.num_pages > 0;
-  const int64_t lanes = m.lanes();
-  bool fast = m.kinds > 0;
-  int64_t max_vpr = 1;
-  for (int k = 0; k < m.kinds; ++k) {
-    fast = fast && m.vec[k] == 16 && m.src[k].contiguous && m.dst[k].contiguous;
-    max_vpr = std::max<int64_t>(max_vpr, m.src[k].row_bytes / 16);
-  }
-  // in place, fast case: persistent blocks with tickets (compact_ticket_kernel) unless a tuning hook picks another
-  compact_ticket_ws tw;
-  tw.rows = std::min<int64_t>(compact_threads, compact_threads * compact_unroll / max_vpr);
-  if (compact_tune().ticket_rows > 0) tw.rows = std::min<int64_t>(tw.rows, compact_tune().ticket_rows);
-  const bool ticket = inplace && fast && lanes > 0 && tw.rows >= 1 && compact_tune().kernel < 0 &&
-                      compact_tune().inplace_ticket != 0 && compact_tune().resident <= 0;
-  tw.order = compact_tune().ticket_order;
-  tw.nch = ticket ? std::max<int64_t>(1, (m.src_tokens + tw.rows - 1) / tw.rows) : 0;
-  workspace_layout<6> ws;
+  workspace_layout<2> ws;
   ws.reserve<int32_t>(0, static_cast<size_t>(vblocks));
   ws.reserve<int32_t>(1, need_owner ? static_cast<size_t>(m.dt.num_pages) : 0);
-  if (ticket) {
-    ws.reserve<int64_t>(2, static_cast<size_t>(lanes + 2));
-    ws.reserve<int32_t>(3, static_cast<size_t>(sel.count * (tw.nch + 1)));
-    ws.reserve<uint32_t>(4, static_cast<size_t>(lanes * tw.nch));
-    ws.reserve<unsigned long long>(5, 1);
-  }
   if (d_temp == nullptr) {
     temp_bytes = ws.bytes();
     return cudaSuccess;
@@ -764,6 +472,7 @@ cudaError_t compact_launch(void* d_temp, size_t& temp_bytes, const SrcCache& src
   PREFIXKV_TRY(ws.map(d_temp, temp_bytes));
   // grid shape: in place one block per lane (its rows in ascending tiles); out of place lanes are split in
   // chunks of kept rows (by default short chunks of compact_default_chunk_rows rows, one block each, below)
+  const int64_t lanes = m.lanes();
   if (!inplace && lanes > 0) {
     const int64_t want = 16 * static_cast<int64_t>(sms);
     const int64_t by_rows = std::max<int64_t>(1, m.src_tokens / 128);
@@ -778,28 +487,9 @@ cudaError_t compact_launch(void* d_temp, size_t& temp_bytes, const SrcCache& src
     m.vstatus = ws.get<int32_t>(0);
     m.vblocks = static_cast<int32_t>(vblocks);
   }
-  if (ticket) {
-    tw.lane_chunks = ws.get<int64_t>(2);
-    tw.first_reader = ws.get<int32_t>(3);
-    tw.loaded = ws.get<uint32_t>(4);
-    tw.ticket = ws.get<unsigned long long>(5);
-    const int64_t pieces = (tw.nch * tw.rows) / 1024 + 1;
-    const int64_t prep_blocks = std::max<int64_t>(
-        1, std::min<int64_t>(4 * static_cast<int64_t>(sms),
-                             std::max<int64_t>(sel.count * pieces, (lanes * tw.nch + 4095) / 4096)));
-    compact_ticket_prep_kernel<0><<<static_cast<unsigned>(prep_blocks), compact_threads, 0, stream>>>(m, tw);
-    PREFIXKV_TRY(check_launch(stream));
-    int64_t blocks = 2 * static_cast<int64_t>(sms);
-    if (compact_tune().max_blocks > 0) blocks = compact_tune().max_blocks;
-    PREFIXKV_TRY(check_runtime(cudaFuncSetAttribute(compact_ticket_kernel<0>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                    static_cast<int>(compact_ticket_smem)),
-                               "compact: shared memory attribute"));
-    PREFIXKV_TRY(check_runtime(compact_launch_kernel(compact_ticket_kernel<0>, static_cast<unsigned>(blocks),
-                                                     compact_threads, compact_ticket_smem, stream, compact_tune().pdl,
-                                                     m, ptrs, tw),
-                               "compact: launch"));
-    return check_launch(stream);
-  }
+  bool fast = m.kinds > 0;
+  for (int k = 0; k < m.kinds; ++k)
+    fast = fast && m.vec[k] == 16 && m.src[k].contiguous && m.dst[k].contiguous;
   const int variant = !fast ? 0 : (compact_tune().kernel >= 0 ? compact_tune().kernel : compact_default_variant);
   void (*kernel)(compact_meta, compact_ptrs) = inplace ? compact_move_kernel<true> : compact_move_kernel<false>;
   int per_sm = 2;
