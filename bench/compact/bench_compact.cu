@@ -254,6 +254,24 @@ __global__ void __launch_bounds__(256, MinB) copy_kernel(const uint4* __restrict
   }
 }
 
+// One tile of the diagnostic copies: words [base, base + 256 U) below `end`, all loads of a thread before its
+// stores, an optional block barrier in between (as in place).
+template <int U, bool Bar>
+__device__ __forceinline__ void copy_tile(const uint4* src, uint4* dst, int64_t base, int64_t end) {
+  uint4 buf[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int64_t i = base + u * 256 + threadIdx.x;
+    if (i < end) buf[u] = src[i];
+  }
+  if (Bar) __syncthreads();
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int64_t i = base + u * 256 + threadIdx.x;
+    if (i < end) dst[i] = buf[u];
+  }
+}
+
 // Diagnostic for the in-place gap: 512 independent streams (one block each, like the in-place kernel's one block
 // per lane of a 32-layer x 8-head x K/V cache), each copying its own contiguous region in tiles of 256 x U words
 // with all loads of a tile before its stores. Bar: a block barrier between the loads and the stores of a tile (as
@@ -264,20 +282,7 @@ __global__ void __launch_bounds__(256, 2) stream_copy_kernel(uint4* __restrict__
   uint4* src = s + int64_t(blockIdx.x) * per + (Shift ? per / 2 : 0);
   uint4* dst = Shift ? s + int64_t(blockIdx.x) * per : d + int64_t(blockIdx.x) * per;
   const int64_t n = Shift ? per / 2 : per;
-  for (int64_t base = 0; base < n; base += int64_t(256) * U) {
-    uint4 buf[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t i = base + u * 256 + threadIdx.x;
-      if (i < n) buf[u] = src[i];
-    }
-    if (Bar) __syncthreads();
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t i = base + u * 256 + threadIdx.x;
-      if (i < n) dst[i] = buf[u];
-    }
-  }
+  for (int64_t base = 0; base < n; base += int64_t(256) * U) copy_tile<U, Bar>(src, dst, base, n);
 }
 
 // Partition-camping check for the in-place gap: the 512 streams of stream_copy_kernel are 2^k words apart and move
@@ -294,20 +299,18 @@ __global__ void __launch_bounds__(256, 2) stream_rot_kernel(const uint4* __restr
   const int64_t tiles = (per + tile - 1) / tile;
   const int64_t t0 = (int64_t(blockIdx.x) * 37) % tiles;
   for (int64_t k = 0; k < tiles; ++k) {
-    const int64_t base = ((t0 + k) % tiles) * tile;
-    uint4 buf[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t i = base + u * 256 + threadIdx.x;
-      if (i < per) buf[u] = src[i];
-    }
-    if (Bar) __syncthreads();
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t i = base + u * 256 + threadIdx.x;
-      if (i < per) dst[i] = buf[u];
-    }
+    copy_tile<U, Bar>(src, dst, ((t0 + k) % tiles) * tile, per);
   }
+}
+
+// The block's next ticket (thread 0 takes it, every thread gets it).
+__device__ __forceinline__ int64_t take_ticket(unsigned* counter) {
+  __shared__ int64_t next;
+  if (threadIdx.x == 0) next = atomicAdd(counter, 1u);
+  __syncthreads();
+  const int64_t t = next;
+  __syncthreads();
+  return t;
 }
 
 // Load-balance check: the same copy as copy_kernel (tiles of 256 x 8 words), but 2 x SMs long-lived blocks take
@@ -318,24 +321,10 @@ __global__ void __launch_bounds__(256, 2) ticket_copy_kernel(const uint4* __rest
   constexpr int U = 8;
   constexpr int64_t tile = int64_t(256) * U;
   const int64_t tiles = (n + tile - 1) / tile;
-  __shared__ int64_t next;
   for (;;) {
-    if (threadIdx.x == 0) next = atomicAdd(counter, 1u);
-    __syncthreads();
-    const int64_t t = next;
-    __syncthreads();
+    const int64_t t = take_ticket(counter);
     if (t >= tiles) return;
-    uint4 buf[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t i = t * tile + u * 256 + threadIdx.x;
-      if (i < n) buf[u] = s[i];
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t i = t * tile + u * 256 + threadIdx.x;
-      if (i < n) d[i] = buf[u];
-    }
+    copy_tile<U, false>(s, d, t * tile, n);
   }
 }
 
@@ -348,27 +337,12 @@ __global__ void __launch_bounds__(256, 2) ticket_streams_kernel(const uint4* __r
   constexpr int U = 8;
   constexpr int64_t tile = int64_t(256) * U;
   const int64_t tiles = (per + tile - 1) / tile;
-  __shared__ int64_t next;
   for (;;) {
-    if (threadIdx.x == 0) next = atomicAdd(counter, 1u);
-    __syncthreads();
-    const int64_t t = next;
-    __syncthreads();
+    const int64_t t = take_ticket(counter);
     if (t >= 512 * tiles) return;
     const int64_t stream = t % 512, k = t / 512;
     const int64_t base = stream * per + (Rot ? (k + stream * 37) % tiles : k) * tile;
-    const int64_t end = stream * per + per;
-    uint4 buf[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t i = base + u * 256 + threadIdx.x;
-      if (i < end) buf[u] = s[i];
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t i = base + u * 256 + threadIdx.x;
-      if (i < end) d[i] = buf[u];
-    }
+    copy_tile<U, false>(s, d, base, stream * per + per);
   }
 }
 
