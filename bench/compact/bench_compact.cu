@@ -17,6 +17,7 @@
 #include "support/bench_util.cuh"
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <map>
 #include <numeric>
@@ -313,34 +314,21 @@ __device__ __forceinline__ int64_t take_ticket(unsigned* counter) {
   return t;
 }
 
-// Load-balance check: the same copy as copy_kernel (tiles of 256 x 8 words), but 2 x SMs long-lived blocks take
-// their tiles from a ticket counter (one atomicAdd per tile) instead of a fixed grid stride, so faster SMs take more
-// tiles. `counter` is a fresh zeroed word per launch.
-__global__ void __launch_bounds__(256, 2) ticket_copy_kernel(const uint4* __restrict__ s, uint4* __restrict__ d,
-                                                             int64_t n, unsigned* counter) {
-  constexpr int U = 8;
-  constexpr int64_t tile = int64_t(256) * U;
-  const int64_t tiles = (n + tile - 1) / tile;
-  for (;;) {
-    const int64_t t = take_ticket(counter);
-    if (t >= tiles) return;
-    copy_tile<U, false>(s, d, t * tile, n);
-  }
-}
-
-// The ticket copy over the 512 streams in chunk-major order (ticket t -> tile t / 512 of stream t % 512, as an
-// in-place kernel would have to order its (lane, chunk) work), optionally with stream b's tiles rotated by b * 37
-// (Rot) so that concurrent blocks are not at congruent addresses.
+// Load-balance checks: 2 x SMs long-lived blocks take tiles of 256 x 8 words from a ticket counter (one atomicAdd
+// per tile; `counter` is a fresh zeroed word per launch) instead of a fixed grid stride, so faster SMs take more
+// tiles. With `streams` > 1 the tickets go across the streams in chunk-major order (ticket t -> tile t / streams of
+// stream t % streams, as an in-place kernel would order its (lane, chunk) work), optionally with stream b's tiles
+// rotated by b * 37 (Rot) so that concurrent blocks are not at congruent addresses.
 template <bool Rot>
 __global__ void __launch_bounds__(256, 2) ticket_streams_kernel(const uint4* __restrict__ s, uint4* __restrict__ d,
-                                                                int64_t per, unsigned* counter) {
+                                                                int64_t per, int64_t streams, unsigned* counter) {
   constexpr int U = 8;
   constexpr int64_t tile = int64_t(256) * U;
   const int64_t tiles = (per + tile - 1) / tile;
   for (;;) {
     const int64_t t = take_ticket(counter);
-    if (t >= 512 * tiles) return;
-    const int64_t stream = t % 512, k = t / 512;
+    if (t >= streams * tiles) return;
+    const int64_t stream = t % streams, k = t / streams;
     const int64_t base = stream * per + (Rot ? (k + stream * 37) % tiles : k) * tile;
     copy_tile<U, false>(s, d, base, stream * per + per);
   }
@@ -444,12 +432,21 @@ void BM_copy(benchmark::State& state) {
   const int64_t n = int64_t(bytes / 16);
   int sms = 0;
   PKV_BENCH_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-  static unsigned* tickets = nullptr;  // one zeroed word per launch of variant 18
+  // variants 18-20: one zeroed counter word per launch (words are not reused: a used one would end the copy at once)
+  constexpr int64_t ticket_words = 65536;
+  static unsigned* tickets = nullptr;
   static int64_t launches = 0;
   if (v >= 18 && tickets == nullptr) {
-    PKV_BENCH_CHECK(cudaMalloc(&tickets, 65536 * sizeof(unsigned)));
-    PKV_BENCH_CHECK(cudaMemset(tickets, 0, 65536 * sizeof(unsigned)));
+    PKV_BENCH_CHECK(cudaMalloc(&tickets, ticket_words * sizeof(unsigned)));
+    PKV_BENCH_CHECK(cudaMemset(tickets, 0, ticket_words * sizeof(unsigned)));
   }
+  auto next_ticket = [&]() -> unsigned* {
+    if (launches >= ticket_words) {
+      std::fprintf(stderr, "BM_copy: more than %lld ticket-copy launches in one process\n", (long long)ticket_words);
+      std::exit(1);
+    }
+    return tickets + launches++;
+  };
   auto launch = [&](cudaStream_t st) {
     const auto* s = reinterpret_cast<const uint4*>(base);
     auto* d = reinterpret_cast<uint4*>(base + bytes);
@@ -478,9 +475,9 @@ void BM_copy(benchmark::State& state) {
       // 512 long-lived streams with rotated tile order (partition-camping check)
       case 16: stream_rot_kernel<false><<<512, 256, 0, st>>>(s, d, n / 512); break;
       case 17: stream_rot_kernel<true><<<512, 256, 0, st>>>(s, d, n / 512); break;
-      case 18: ticket_copy_kernel<<<2 * sms, 256, 0, st>>>(s, d, n, tickets + (launches++ % 65536)); break;
-      case 19: ticket_streams_kernel<false><<<2 * sms, 256, 0, st>>>(s, d, n / 512, tickets + (launches++ % 65536)); break;
-      case 20: ticket_streams_kernel<true><<<2 * sms, 256, 0, st>>>(s, d, n / 512, tickets + (launches++ % 65536)); break;
+      case 18: ticket_streams_kernel<false><<<2 * sms, 256, 0, st>>>(s, d, n, 1, next_ticket()); break;
+      case 19: ticket_streams_kernel<false><<<2 * sms, 256, 0, st>>>(s, d, n / 512, 512, next_ticket()); break;
+      case 20: ticket_streams_kernel<true><<<2 * sms, 256, 0, st>>>(s, d, n / 512, 512, next_ticket()); break;
       default: {
         const int64_t per = n / 512, tiles = (per + 2047) / 2048;  // variant 10
         stream_oneshot_kernel<<<static_cast<unsigned>(512 * tiles), 256, 0, st>>>(s, d, per);
