@@ -114,6 +114,7 @@ void BM_compact(benchmark::State& state) {
   tune.kernel = static_cast<int>(state.range(4));
   tune.resident = static_cast<int>(state.range(5));
   tune.chunk_rows = state.range(6);
+  if (const char* g = std::getenv("PREFIXKV_BENCH_GROUP")) tune.ticket_group = std::atoi(g);  // ticket lane groups
   const int64_t kept = T * pct / 100;
   const int64_t row = D * sizeof(bf16);
   const size_t layer_bytes = size_t(B * H * T * row);           // one K or V tensor of one layer
@@ -213,7 +214,8 @@ void args(benchmark::internal::Benchmark* b) {
   struct variant {
     int64_t kernel, resident, chunk_rows;
   };
-  std::vector<variant> variants = {{-1, 0, -1}, {-1, 0, 0}, {-1, 0, 128}, {-1, 0, 512}};
+  // {2, 0, -1}: in place with one block per lane (the fast kernel without tickets), next to the default
+  std::vector<variant> variants = {{-1, 0, -1}, {-1, 0, 0}, {-1, 0, 128}, {-1, 0, 512}, {2, 0, -1}};
   if (explore) {
     variants = {{0, 0, 0}, {0, 4, 0}};
     for (int64_t v = 1; v <= prefixkv::detail::compact_fast_variants; ++v) variants.push_back({v, 0, 0});
@@ -229,6 +231,7 @@ void args(benchmark::internal::Benchmark* b) {
             if (explore && trusted && v.kernel > 1) continue;
             const bool gather = md == contig_gather || md == paged_gather;
             if (!explore && v.chunk_rows != -1 && (!gather || trusted)) continue;
+            if (!explore && v.kernel == 2 && gather) continue;
             b->Args({T, pct, md, trusted, v.kernel, v.resident, v.chunk_rows});
           }
   b->ArgNames({"tokens", "kept_pct", "mode", "trusted", "kernel", "resident", "chunk_rows"});
@@ -318,17 +321,22 @@ __device__ __forceinline__ int64_t take_ticket(unsigned* counter) {
 // per tile; `counter` is a fresh zeroed word per launch) instead of a fixed grid stride, so faster SMs take more
 // tiles. With `streams` > 1 the tickets go across the streams in chunk-major order (ticket t -> tile t / streams of
 // stream t % streams, as an in-place kernel would order its (lane, chunk) work), optionally with stream b's tiles
-// rotated by b * 37 (Rot) so that concurrent blocks are not at congruent addresses.
+// rotated by b * 37 (Rot) so that concurrent blocks are not at congruent addresses. `group` < `streams`: the
+// streams go in groups of `group` consecutive ones, one group after the other, chunk-major inside a group (ticket
+// t -> group t / (group x tiles); inside it tile r / group of stream r % group), so that the tiles in flight lie in
+// about 2 x group regions (variants 21-25: how many interleaved lanes an in-place kernel can afford).
 template <bool Rot>
 __global__ void __launch_bounds__(256, 2) ticket_streams_kernel(const uint4* __restrict__ s, uint4* __restrict__ d,
-                                                                int64_t per, int64_t streams, unsigned* counter) {
+                                                                int64_t per, int64_t streams, int64_t group,
+                                                                unsigned* counter) {
   constexpr int U = 8;
   constexpr int64_t tile = int64_t(256) * U;
   const int64_t tiles = (per + tile - 1) / tile;
   for (;;) {
     const int64_t t = take_ticket(counter);
     if (t >= streams * tiles) return;
-    const int64_t stream = t % streams, k = t / streams;
+    const int64_t g = t / (group * tiles), r = t - g * group * tiles;
+    const int64_t k = r / group, stream = g * group + (r - k * group);
     const int64_t base = stream * per + (Rot ? (k + stream * 37) % tiles : k) * tile;
     copy_tile<U, false>(s, d, base, stream * per + per);
   }
@@ -475,9 +483,14 @@ void BM_copy(benchmark::State& state) {
       // 512 long-lived streams with rotated tile order (partition-camping check)
       case 16: stream_rot_kernel<false><<<512, 256, 0, st>>>(s, d, n / 512); break;
       case 17: stream_rot_kernel<true><<<512, 256, 0, st>>>(s, d, n / 512); break;
-      case 18: ticket_streams_kernel<false><<<2 * sms, 256, 0, st>>>(s, d, n, 1, next_ticket()); break;
-      case 19: ticket_streams_kernel<false><<<2 * sms, 256, 0, st>>>(s, d, n / 512, 512, next_ticket()); break;
-      case 20: ticket_streams_kernel<true><<<2 * sms, 256, 0, st>>>(s, d, n / 512, 512, next_ticket()); break;
+      case 18: ticket_streams_kernel<false><<<2 * sms, 256, 0, st>>>(s, d, n, 1, 1, next_ticket()); break;
+      case 19: ticket_streams_kernel<false><<<2 * sms, 256, 0, st>>>(s, d, n / 512, 512, 512, next_ticket()); break;
+      case 20: ticket_streams_kernel<true><<<2 * sms, 256, 0, st>>>(s, d, n / 512, 512, 512, next_ticket()); break;
+      case 21: ticket_streams_kernel<false><<<2 * sms, 256, 0, st>>>(s, d, n / 512, 512, 8, next_ticket()); break;
+      case 22: ticket_streams_kernel<false><<<2 * sms, 256, 0, st>>>(s, d, n / 512, 512, 16, next_ticket()); break;
+      case 23: ticket_streams_kernel<false><<<2 * sms, 256, 0, st>>>(s, d, n / 512, 512, 32, next_ticket()); break;
+      case 24: ticket_streams_kernel<false><<<2 * sms, 256, 0, st>>>(s, d, n / 512, 512, 64, next_ticket()); break;
+      case 25: ticket_streams_kernel<false><<<2 * sms, 256, 0, st>>>(s, d, n / 512, 512, 128, next_ticket()); break;
       default: {
         const int64_t per = n / 512, tiles = (per + 2047) / 2048;  // variant 10
         stream_oneshot_kernel<<<static_cast<unsigned>(512 * tiles), 256, 0, st>>>(s, d, per);
@@ -508,7 +521,7 @@ void copy_args(benchmark::internal::Benchmark* b) {
   const bool explore = std::getenv("PREFIXKV_BENCH_EXPLORE") != nullptr;
   for (int64_t T : {4096, 131072})
     for (int64_t pct : {25, 75})
-      for (int64_t v = 0; v < 21; ++v)
+      for (int64_t v = 0; v < 26; ++v)
         for (int64_t one_shot : {0, 1})
           if ((explore || v == 0 || v == 1 || v >= 5) && !(v >= 5 && one_shot)) b->Args({T, pct, v, one_shot});
   b->ArgNames({"tokens", "kept_pct", "copy_variant", "one_shot"});

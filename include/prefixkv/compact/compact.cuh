@@ -395,6 +395,379 @@ PREFIXKV_KERNEL void __launch_bounds__(compact_threads, MinBlocks) compact_fast_
   }
 }
 
+// ---- in place, balanced: persistent blocks taking chunks of lanes from a ticket counter -------------------------
+
+//! Where a ticket's chunk is: chunk c (kept ranks [c R, c R + rows)) of lane `lane`, whose kept indices start at
+//! sel.indices[ibase]; its stores wait for chunks w0 .. w1 of the lane (none when w0 > w1).
+struct compact_chunk {
+  int64_t ibase;
+  int32_t lane, c, rows, w0, w1, unused;
+};
+
+//! Workspace of compact_ticket_kernel, laid out on the host and initialised on the device by the two set-up kernels
+//! before every move (so stale workspace contents never matter).
+struct compact_ticket_ws {
+  int64_t* group_start = nullptr;   // (groups + 1) exclusive prefix of the lane groups' chunk counts: ticket space
+  int32_t* lane_chunks = nullptr;   // (lanes) chunks per lane
+  int32_t* first_reader = nullptr;  // (segments, nch + 1) P(c): the first kept rank whose index is >= c x rows
+  uint32_t* loaded = nullptr;       // (lanes, nch) non-zero once every row of chunk c of the lane has been loaded
+  compact_chunk* list = nullptr;    // (lanes x nch bound) the chunk of every ticket, in ticket order
+  unsigned long long* ticket = nullptr;
+  int64_t rows = 0, nch = 0;        // rows per chunk (<= compact_threads); bound on chunks per lane
+  int64_t groups = 0;               // lane groups: `group` consecutive lanes each (the last one may be short)
+  int32_t group = 1;                // lanes per group, <= 32 (one warp lists a group's chunks)
+  int32_t dbg = 0;
+};
+
+//! Lane index -> (layer, sequence, kind, head) and its segment (the order of compact_work_of).
+struct compact_lane {
+  int64_t l, b, h, seg;
+  int k;
+};
+__device__ __forceinline__ compact_lane compact_lane_of(const compact_meta& m, int64_t lane) {
+  compact_lane x;
+  const int64_t lpl = m.lanes_per_lb();
+  const int64_t lb = lane / lpl, rr = lane - lb * lpl;
+  x.l = lb / m.batch;
+  x.b = lb - x.l * m.batch;
+  int k = 0;
+  while (k + 1 < m.kinds && rr >= m.lane_prefix[k + 1]) ++k;
+  x.k = k;
+  x.h = rr - m.lane_prefix[k];
+  x.seg = m.grid.heads == 1 ? m.grid.id(x.l, x.b) : m.grid.id(x.l, x.b, x.h);
+  return x;
+}
+
+//! Kept rows of a segment, clamped to [0, nch x rows] (contents the check kernel would reject stay in bounds).
+__device__ __forceinline__ int64_t compact_ticket_kept(const compact_meta& m, const compact_ticket_ws& w, int64_t seg) {
+  const int64_t kept = m.sel.offsets[seg + 1] - m.sel.offsets[seg];
+  return kept < 0 ? 0 : min(kept, w.nch * w.rows);
+}
+__device__ __forceinline__ int64_t compact_ticket_group_chunks(const compact_meta& m, const compact_ticket_ws& w,
+                                                               int64_t g, bool write) {
+  int64_t n = 0;
+  for (int64_t lane = g * w.group; lane < min(m.lanes(), (g + 1) * w.group); ++lane) {
+    const int64_t c = (compact_ticket_kept(m, w, compact_lane_of(m, lane).seg) + w.rows - 1) / w.rows;
+    if (write) w.lane_chunks[lane] = static_cast<int32_t>(c);
+    n += c;
+  }
+  return n;
+}
+
+//! Set-up of the ticket kernel, part 1: the ticket space (block 0: chunks per lane, exclusive prefix of the groups'
+//! chunk counts, the counter set to 0), zeroed `loaded` flags, and for every segment and chunk c the first kept
+//! rank P(c) whose index is >= c x rows, so that the ranks reading destination rows [c R, c R + R) are
+//! [P(c), P(c + 1)). Rank p covers the chunks c with idx[p - 1] < c R <= idx[p] (idx[-1] = -1, idx[n] = nch R),
+//! one writer per entry. Launched with programmatic dependent launch: it waits for the previous grid (the check
+//! kernel) and does nothing when a check failed, like the kernels after it.
+template <int Unused = 0>
+PREFIXKV_KERNEL void __launch_bounds__(compact_threads) compact_ticket_prep_kernel(compact_meta m, compact_ticket_ws w) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+  const int tid = int(threadIdx.x);
+  if (m.vstatus) {
+    int32_t e = 0;
+    for (int i = tid; i < m.vblocks; i += blockDim.x) e |= m.vstatus[i];
+    if (__syncthreads_or(e != 0)) return;
+  }
+  const int64_t lanes = m.lanes(), R = w.rows, nch = w.nch, G = w.groups;
+  if (blockIdx.x == 0) {
+    __shared__ int64_t part[compact_threads];
+    const int64_t per = (G + blockDim.x - 1) / blockDim.x;
+    const int64_t a = min(G, tid * per), e = min(G, a + per);
+    int64_t sum = 0;
+    for (int64_t g = a; g < e; ++g) sum += compact_ticket_group_chunks(m, w, g, false);
+    part[tid] = sum;
+    __syncthreads();
+    if (tid == 0) {
+      int64_t run = 0;
+      for (int i = 0; i < int(blockDim.x); ++i) {
+        const int64_t x = part[i];
+        part[i] = run;
+        run += x;
+      }
+      w.group_start[G] = run;
+      *w.ticket = 0ull;
+    }
+    __syncthreads();
+    int64_t run = part[tid];
+    for (int64_t g = a; g < e; ++g) {
+      w.group_start[g] = run;
+      run += compact_ticket_group_chunks(m, w, g, true);
+    }
+  }
+  const int64_t nthreads = int64_t(gridDim.x) * blockDim.x, gtid = int64_t(blockIdx.x) * blockDim.x + tid;
+  for (int64_t i = gtid; i < lanes * nch; i += nthreads) w.loaded[i] = 0u;
+  constexpr int64_t piece = 1024;
+  const int64_t pieces = (nch * R) / piece + 1;  // ranks 0 .. n, n <= nch R
+  for (int64_t it = blockIdx.x; it < m.sel.count * pieces; it += gridDim.x) {
+    const int64_t s = it / pieces, q = it - s * pieces;
+    const int64_t off = m.sel.offsets[s];
+    const int64_t n = compact_ticket_kept(m, w, s);
+    int32_t* P = w.first_reader + s * (nch + 1);
+    for (int64_t p = q * piece + tid; p <= min(n, q * piece + piece - 1); p += blockDim.x) {
+      const int64_t lo = p > 0 ? min(nch * R, max(int64_t(-1), int64_t(m.sel.indices[off + p - 1]))) : -1;
+      const int64_t hi = p < n ? min(nch * R, max(int64_t(-1), int64_t(m.sel.indices[off + p]))) : nch * R;
+      for (int64_t c = (lo + R) / R; c <= min(nch, hi / R); ++c) P[c] = static_cast<int32_t>(p);
+    }
+  }
+}
+
+//! Set-up, part 2: the chunk of every ticket (compact_chunk), one warp per (group, chunk index c). Ticket order:
+//! lane groups one after the other; inside a group chunk-major over its lanes (chunk 0 of every lane, then chunk 1
+//! of every lane that has one, ...), so that the chunks in flight lie in few memory regions (about 2 x group) while
+//! the readers of a chunk's destination rows hold tickets about group x c x (1 - kept fraction) lower. With n_i
+//! chunks in lane i of the group, chunk c of lane j gets ticket group_start + sum_i min(n_i, c) + #{i < j : n_i > c}.
+template <int Unused = 0>
+PREFIXKV_KERNEL void __launch_bounds__(compact_threads) compact_ticket_list_kernel(compact_meta m, compact_ticket_ws w) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+  if (m.vstatus) {
+    int32_t e = 0;
+    for (int i = int(threadIdx.x); i < m.vblocks; i += blockDim.x) e |= m.vstatus[i];
+    if (__syncthreads_or(e != 0)) return;
+  }
+  const int ln = int(threadIdx.x & 31);
+  const int64_t R = w.rows, nch = w.nch, warps = int64_t(gridDim.x) * (blockDim.x / 32);
+  for (int64_t it = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; it < w.groups * nch; it += warps) {
+    const int64_t g = it / nch, c = it - g * nch;
+    const int64_t lane = g * w.group + ln;
+    const bool in = ln < w.group && lane < m.lanes();
+    const int64_t n = in ? w.lane_chunks[lane] : 0;
+    const unsigned active = __ballot_sync(~0u, n > c);
+    if (active == 0u) continue;  // (warp-uniform)
+    int64_t before = min(n, c);  // tickets of the group's chunks < c
+    for (int o = 16; o > 0; o >>= 1) before += __shfl_xor_sync(~0u, before, o);
+    if (n > c) {
+      const compact_lane x = compact_lane_of(m, lane);
+      const int64_t kept = compact_ticket_kept(m, w, x.seg);
+      const int32_t* P = w.first_reader + x.seg * (nch + 1);
+      const int64_t p0 = P[c], p1 = P[c + 1];
+      compact_chunk k;
+      k.ibase = m.sel.offsets[x.seg] + c * R;
+      k.lane = static_cast<int32_t>(lane);
+      k.c = static_cast<int32_t>(c);
+      k.rows = static_cast<int32_t>(min(R, kept - c * R));
+      // chunks holding the readers [P(c), P(c + 1)) of the destination rows, before c (at most two; clamped so that
+      // contents the check kernel would reject never wait on a chunk that does not come first)
+      k.w0 = static_cast<int32_t>(min(c, max(int64_t(0), p0 / R)));
+      k.w1 = static_cast<int32_t>(p1 > p0 ? min(c - 1, (p1 - 1) / R) : -1);
+      k.unused = 0;
+      w.list[w.group_start[g] + before + __popc(active & ((1u << ln) - 1u))] = k;
+    }
+  }
+}
+
+__device__ __forceinline__ uint32_t compact_relaxed_load(const uint32_t* f) {
+  uint32_t v;
+  asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(f) : "memory");
+  return v;
+}
+__device__ __forceinline__ void compact_relaxed_store(uint32_t* f, uint32_t v) {
+  asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(f), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ uint32_t compact_acquire_load(const uint32_t* f) {
+  uint32_t v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(f) : "memory");
+  return v;
+}
+__device__ __forceinline__ void compact_release_store(uint32_t* f, uint32_t v) {
+  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(f), "r"(v) : "memory");
+}
+
+//! A chunk as the ticket kernel's threads use it (shared memory): compact_chunk plus its lane's coordinates.
+struct compact_job {
+  int64_t lane, b, h, ibase;  // lane < 0: no chunk
+  int32_t c, rows, vpr, l, k, w0, w1;
+};
+
+//! Threads of the ticket kernel: 8 data warps (256 threads, one row each for the set-up) and one control warp.
+inline constexpr int compact_ticket_threads = compact_threads + 32;
+
+//! In place with balanced work (fast case: every kind moves packed rows in 16-byte words).
+//!
+//! Why: a plain copy by long-lived blocks with a fixed share each (the one-block-per-lane structure) reaches only
+//! ~0.93-0.95 of memcpy, the same blocks taking tiles from a ticket counter 0.99-1.00 (bench_compact BM_copy
+//! variants 5 and 18): the SMs do not get equal bandwidth, and a fixed share ends on the slowest one. Tickets
+//! handed out over groups of 8-32 lanes keep 0.96-0.99 (variants 21-25), over all 512 lanes 0.96 (19).
+//!
+//! Work: lanes cut into chunks of R kept ranks (R x words per row <= 256 x U: one round of loads), in the ticket
+//! order of compact_ticket_list_kernel. Every chunk passes through a software pipeline so that no dependent look-up
+//! is on the path of the data: in the iteration that moves chunk J_i, the control warp loads the list entry of
+//! J_{i+3} (its ticket was taken an iteration earlier), and every data thread looks up the pages of its row of
+//! J_{i+1} and loads its kept index of J_{i+2}. Row offsets live in a triple buffer in shared memory, chunk
+//! descriptors in a ring of four.
+//!
+//! Per chunk: (1) every data thread loads its words and waits for them (a shared-memory store consumes them, so
+//! the loads are complete, not just issued); barrier. (2) The control warp publishes the chunk's `loaded` flag
+//! (release store), then makes sure the flags of its predecessors are set (acquire loads, issued at the top of the
+//! iteration; it spins only if one is not); barrier. (3) Every data thread stores its words.
+//!
+//! Race freedom (idx strictly ascending, so idx[p] >= p; chunk c writes rows [c R, c R + R) and reads rows
+//! idx[c R ...] >= c R):
+//! * Rows chunk c writes are read only by ranks p with idx[p] in [c R, c R + R): p in [P(c), P(c + 1)), and
+//!   p <= idx[p] < c R + R, so in chunks <= c. Chunk c itself loads before its first barrier and stores after its
+//!   second one. An earlier reader chunk c' (c' in [w0, w1]) completed its loads before its first barrier, its
+//!   control warp then released its flag, and chunk c's control warp acquired that flag before chunk c's second
+//!   barrier: the load happens before the store.
+//! * Rows chunk c reads are written only by chunks c'' >= c (c'' R + R > idx[p] >= c R): the same argument.
+//! * Different lanes never alias (as for the other kernels). Stores of different chunks are disjoint.
+//! No deadlock, and no assumption on block scheduling: a chunk waits only for chunks with lower tickets; a block
+//! publishes its current chunk before it waits; the lowest unpublished ticket is therefore the current chunk of its
+//! block and all its predecessors are published (tickets held for later chunks are behind the block's current one).
+template <int Unused = 0>
+PREFIXKV_KERNEL void __maxnreg__(112)
+    compact_ticket_kernel(const compact_meta m, const compact_ptrs p, const compact_ticket_ws w) {
+  if (!compact_prologue(m)) return;
+  constexpr int U = compact_unroll, S = compact_threads;
+  __shared__ int64_t soff[3][S], doff[3][S];
+  __shared__ compact_job job[4];
+  __shared__ uint32_t sink[S / 32];
+  const int tid = int(threadIdx.x);
+  const bool data = tid < S;
+  const int ln = tid & 31;
+  const int64_t R = w.rows, nch = w.nch;
+  const compact_table& st = m.st;
+  const compact_table& dt = m.dt;
+  // control lane 0: ticket whose list entry is loaded next (a), ticket in flight (b); the ticket space
+  int64_t tk_a = 0, tk_b = 0, total = 0;
+  uint32_t early = 1;                  // control lanes 0, 1: a predecessor flag read at the top of the iteration
+  int32_t t_cur = 0, sp = 0, dp = 0;  // data threads: kept index and pages of this thread's row of J_{i+1}
+  if (tid == S) {
+    tk_a = static_cast<int64_t>(atomicAdd(w.ticket, 1ull));
+    tk_b = static_cast<int64_t>(atomicAdd(w.ticket, 1ull));
+    total = w.group_start[w.groups];
+  }
+  if (tid < 4) job[tid].lane = -1;
+  __syncthreads();
+  for (int64_t i = -3;; ++i) {
+    const int s0 = int((i + 4) & 3), s1 = int((i + 5) & 3), s2 = int((i + 6) & 3), s3 = int((i + 7) & 3);
+    const int o0 = int((i + 3) % 3), o1 = int((i + 4) % 3);
+    const compact_job J = job[s0];
+    if (i >= 0 && J.lane < 0) break;  // tickets of a block increase: no later chunk either
+    uint4 buf[U];
+    uint32_t acc = 0;
+    int32_t rr = 0, cc = 0, dr = 0, dc = 0, items = 0;
+    if (data) {
+      // (top) loads of J_i; pages of J_{i+1}; kept indices of J_{i+2}
+      if (J.lane >= 0) {
+        const char* sb = p.src[J.l][J.k];
+        items = J.rows * J.vpr;
+        dr = S / J.vpr;
+        dc = S - dr * J.vpr;
+        rr = tid / J.vpr;
+        cc = tid - rr * J.vpr;
+        int32_t r = rr, q = cc;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          if (u * S + tid < items) buf[u] = compact_load<uint4>(sb + soff[o0][r] + q * 16);
+          r += dr;
+          q += dc;
+          if (q >= J.vpr) {
+            q -= J.vpr;
+            ++r;
+          }
+        }
+      }
+      const compact_job& J1 = job[s1];
+      if (J1.lane >= 0 && tid < J1.rows) {
+        sp = st.paged ? st.table[J1.b * st.stride + st.block_of(t_cur)] : 0;
+        dp = dt.paged ? dt.table[J1.b * dt.stride + dt.block_of(int64_t(J1.c) * R + tid)] : 0;
+      }
+      const compact_job& J2 = job[s2];
+      int32_t t_nxt = 0;
+      if (J2.lane >= 0 && tid < J2.rows) t_nxt = m.sel.indices[J2.ibase + tid];
+      // the loads of J_i are complete (consumed), not just issued, before the barrier
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (u * S + tid < items) acc |= buf[u].x ^ buf[u].w;
+      if (J.lane >= 0) sink[tid >> 5] = acc;
+      // row offsets of J_{i+1}
+      if (J1.lane >= 0 && tid < J1.rows) {
+        const compact_geom& sg = m.src[J1.k];
+        const compact_geom& dg = m.dst[J1.k];
+        const int64_t j = int64_t(J1.c) * R + tid, t = t_cur;
+        soff[o1][tid] = st.paged ? sp * sg.s_batch + (t - st.block_of(t) * st.page_size) * sg.s_token + J1.h * sg.s_head
+                                 : J1.b * sg.s_batch + J1.h * sg.s_head + t * sg.s_token;
+        doff[o1][tid] = dt.paged ? dp * dg.s_batch + (j - dt.block_of(j) * dt.page_size) * dg.s_token + J1.h * dg.s_head
+                                 : J1.b * dg.s_batch + J1.h * dg.s_head + j * dg.s_token;
+      }
+      t_cur = t_nxt;
+    }
+    compact_chunk nk;
+    if (!data) {
+      // (top) the list entry of ticket tk_a (J_{i+3}); the predecessor flags of J_i
+      if (ln == 0 && tk_a < total) nk = w.list[tk_a];
+      if (J.lane >= 0 && ln < 2 && J.w0 + ln <= J.w1) {
+        const uint32_t* f = w.loaded + J.lane * nch + J.w0 + ln;
+        early = (w.dbg & 1) ? compact_relaxed_load(f) : compact_acquire_load(f);
+      }
+    }
+    __syncthreads();  // (1) every data thread's loads of J_i are complete; offsets of J_{i+1} written
+    if (!data) {
+      if (ln == 0) {  // J_{i+3} into the slot of J_{i-1}, whose last readers are past this barrier
+        compact_job& x = job[s3];
+        if (tk_a < total) {
+          const compact_lane y = compact_lane_of(m, nk.lane);
+          x.lane = nk.lane;
+          x.b = y.b;
+          x.h = y.h;
+          x.ibase = nk.ibase;
+          x.c = nk.c;
+          x.rows = nk.rows;
+          x.vpr = static_cast<int32_t>(m.src[y.k].row_bytes / 16);
+          x.l = static_cast<int32_t>(y.l);
+          x.k = y.k;
+          x.w0 = nk.w0;
+          x.w1 = nk.w1;
+        } else {
+          x.lane = -1;
+        }
+      }
+      if (J.lane >= 0 && !(w.dbg & 2)) {
+        // release: the block's loads of J_i (complete, and ordered before this by the barrier) before the flag
+        if (ln == 0) {
+          uint32_t* f = w.loaded + J.lane * nch + J.c;
+          if (w.dbg & 1) compact_relaxed_store(f, 1u);
+          else compact_release_store(f, 1u);
+        }
+        if (ln < 2 && J.w0 + ln <= J.w1 && early == 0u) {  // acquire: the predecessor's loads before the stores
+          const uint32_t* f = w.loaded + J.lane * nch + J.w0 + ln;
+          unsigned ns = 32;
+          while (((w.dbg & 1) ? compact_relaxed_load(f) : compact_acquire_load(f)) == 0u) {
+            __nanosleep(ns);
+            ns = ns < 1024 ? 2 * ns : ns;
+          }
+        }
+      }
+      early = 1;
+    }
+    __syncthreads();  // (2) the predecessors' loads of J_i's destination rows happened; job[s3] visible
+    if (data && J.lane >= 0) {
+      char* db = p.dst[J.l][J.k];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (u * S + tid < items) compact_store<uint4>(db + doff[o0][rr] + cc * 16, buf[u]);
+        rr += dr;
+        cc += dc;
+        if (cc >= J.vpr) {
+          cc -= J.vpr;
+          ++rr;
+        }
+      }
+    }
+    if (tid == S) {  // the next ticket, an iteration before its list entry is loaded
+      tk_a = tk_b;
+      tk_b = static_cast<int64_t>(atomicAdd(w.ticket, 1ull));
+    }
+  }
+}
+
 //! Benchmark/test hook (not API): launch variants of the move kernel, compared in one process by bench_compact.
 struct compact_tuning {
   bool pdl = true;         // programmatic dependent launch of the move kernel after the check kernel
@@ -404,6 +777,9 @@ struct compact_tuning {
                            //      about `resident` x grid equal chunks
   int64_t chunk_rows = -1; // out of place: lanes cut into chunks of about this many destination rows, one block
                            //      each, grid uncapped (0: the ~16 x SMs work items split; -1: default)
+  int inplace_ticket = 1;  // in place, fast case, default kernel pick: compact_ticket_kernel (0: one block per lane)
+  int64_t ticket_rows = 0; // > 0: cap the ticket kernel's rows per chunk (tests: many chunks, many waits)
+  int ticket_group = 0;    // > 0: lanes per ticket group (1..32); 0: by chunks per lane
 };
 inline compact_tuning& compact_tune() {
   static compact_tuning t;
@@ -462,9 +838,44 @@ cudaError_t compact_launch(void* d_temp, size_t& temp_bytes, const SrcCache& src
   const int64_t vblocks =
       validate_on_device ? std::max<int64_t>(1, std::min<int64_t>(sel.count * m.vchunk, 2 * sms)) : 0;
   const bool need_owner = validate_on_device && m.paged_dst && m.dt.num_pages > 0;
-  workspace_layout<2> ws;
+  const int64_t lanes = m.lanes();
+  bool fast = m.kinds > 0;
+  int64_t max_vpr = 1;
+  for (int k = 0; k < m.kinds; ++k) {
+    fast = fast && m.vec[k] == 16 && m.src[k].contiguous && m.dst[k].contiguous;
+    max_vpr = std::max<int64_t>(max_vpr, m.src[k].row_bytes / 16);
+  }
+  // in place, fast case: persistent blocks taking chunks from a ticket counter (compact_ticket_kernel), unless a
+  // tuning hook asks for another kernel
+  const auto& tune = compact_tune();
+  const bool ticket = inplace && fast && lanes > 0 && lanes <= INT32_MAX &&
+                      max_vpr <= int64_t(compact_threads) * compact_unroll &&
+                      tune.kernel < 0 && tune.inplace_ticket != 0 && tune.resident <= 0;
+  compact_ticket_ws tw;
+  const int64_t ticket_blocks = tune.max_blocks > 0 ? tune.max_blocks : 2 * static_cast<int64_t>(sms);
+  if (ticket) {
+    tw.rows = std::min<int64_t>(compact_threads, int64_t(compact_threads) * compact_unroll / max_vpr);
+    if (tune.ticket_rows > 0) tw.rows = std::min<int64_t>(tw.rows, tune.ticket_rows);
+    tw.nch = std::max<int64_t>(1, (std::min(m.src_tokens, m.dst_capacity) + tw.rows - 1) / tw.rows);
+    // lanes per group: enough that a lane's readers are far behind in ticket order (group x chunks per lane >=
+    // 16 x grid), few enough that the chunks in flight stay in few memory regions (bench_compact BM_copy 21-25)
+    int g = 8;
+    while (g < 32 && g * tw.nch < 16 * ticket_blocks) g *= 2;
+    tw.group = tune.ticket_group > 0 ? std::min(32, tune.ticket_group) : g;
+    tw.groups = (lanes + tw.group - 1) / tw.group;
+    if (const char* d = std::getenv("PREFIXKV_DBG")) tw.dbg = std::atoi(d);
+  }
+  workspace_layout<8> ws;
   ws.reserve<int32_t>(0, static_cast<size_t>(vblocks));
   ws.reserve<int32_t>(1, need_owner ? static_cast<size_t>(m.dt.num_pages) : 0);
+  if (ticket) {
+    ws.reserve<int64_t>(2, static_cast<size_t>(tw.groups + 1));
+    ws.reserve<int32_t>(3, static_cast<size_t>(sel.count * (tw.nch + 1)));
+    ws.reserve<uint32_t>(4, static_cast<size_t>(lanes * tw.nch));
+    ws.reserve<unsigned long long>(5, 1);
+    ws.reserve<int32_t>(6, static_cast<size_t>(lanes));
+    ws.reserve<compact_chunk>(7, static_cast<size_t>(lanes * tw.nch));
+  }
   if (d_temp == nullptr) {
     temp_bytes = ws.bytes();
     return cudaSuccess;
@@ -472,7 +883,6 @@ cudaError_t compact_launch(void* d_temp, size_t& temp_bytes, const SrcCache& src
   PREFIXKV_TRY(ws.map(d_temp, temp_bytes));
   // grid shape: in place one block per lane (its rows in ascending tiles); out of place lanes are split in
   // chunks of kept rows (by default short chunks of compact_default_chunk_rows rows, one block each, below)
-  const int64_t lanes = m.lanes();
   if (!inplace && lanes > 0) {
     const int64_t want = 16 * static_cast<int64_t>(sms);
     const int64_t by_rows = std::max<int64_t>(1, m.src_tokens / 128);
@@ -487,10 +897,33 @@ cudaError_t compact_launch(void* d_temp, size_t& temp_bytes, const SrcCache& src
     m.vstatus = ws.get<int32_t>(0);
     m.vblocks = static_cast<int32_t>(vblocks);
   }
-  bool fast = m.kinds > 0;
-  for (int k = 0; k < m.kinds; ++k)
-    fast = fast && m.vec[k] == 16 && m.src[k].contiguous && m.dst[k].contiguous;
-  const int variant = !fast ? 0 : (compact_tune().kernel >= 0 ? compact_tune().kernel : compact_default_variant);
+  if (ticket) {
+    tw.group_start = ws.get<int64_t>(2);
+    tw.first_reader = ws.get<int32_t>(3);
+    tw.loaded = ws.get<uint32_t>(4);
+    tw.ticket = ws.get<unsigned long long>(5);
+    tw.lane_chunks = ws.get<int32_t>(6);
+    tw.list = ws.get<compact_chunk>(7);
+    const int64_t pieces = (tw.nch * tw.rows) / 1024 + 1;
+    const int64_t prep_blocks = std::max<int64_t>(
+        1, std::min<int64_t>(4 * static_cast<int64_t>(sms),
+                             std::max<int64_t>(sel.count * pieces, (lanes * tw.nch + 4095) / 4096)));
+    PREFIXKV_TRY(check_runtime(compact_launch_kernel(compact_ticket_prep_kernel<0>, static_cast<unsigned>(prep_blocks),
+                                                     compact_threads, 0, stream, tune.pdl, m, tw),
+                               "compact: launch"));
+    PREFIXKV_TRY(check_launch(stream));
+    const int64_t list_blocks =
+        std::max<int64_t>(1, std::min<int64_t>(16 * static_cast<int64_t>(sms), (tw.groups * tw.nch + 7) / 8));
+    PREFIXKV_TRY(check_runtime(compact_launch_kernel(compact_ticket_list_kernel<0>, static_cast<unsigned>(list_blocks),
+                                                     compact_threads, 0, stream, tune.pdl, m, tw),
+                               "compact: launch"));
+    PREFIXKV_TRY(check_launch(stream));
+    PREFIXKV_TRY(check_runtime(compact_launch_kernel(compact_ticket_kernel<0>, static_cast<unsigned>(ticket_blocks),
+                                                     compact_ticket_threads, 0, stream, tune.pdl, m, ptrs, tw),
+                               "compact: launch"));
+    return check_launch(stream);
+  }
+  const int variant = !fast ? 0 : (tune.kernel >= 0 ? tune.kernel : compact_default_variant);
   void (*kernel)(compact_meta, compact_ptrs) = inplace ? compact_move_kernel<true> : compact_move_kernel<false>;
   int per_sm = 2;
   if (variant > 0) compact_fast_pick(variant, inplace, kernel, per_sm);
