@@ -11,7 +11,9 @@
 // BM_copy: a plain copy kernel against cudaMemcpyAsync of the same bytes (diagnostic, same run); variants 5-9
 // copy the same bytes as 512 long-lived streams (the in-place kernel's one block per lane), 10 as one-shot
 // blocks interleaved over the 512 streams, 11-15 as 512 long-lived blocks over 64 / 128 / 256 streams (with or
-// without a cluster barrier per round); see RESULTS.md.
+// without a cluster barrier per round), 16-17 as 512 streams with rotated tile order, 18-25 as 2 x SMs persistent
+// blocks taking tiles from a ticket counter (one stream; 512 streams chunk-major; groups of 8-128 streams); see
+// RESULTS.md.
 #include <prefixkv/compact/compact.cuh>
 
 #include "support/bench_util.cuh"
@@ -114,7 +116,6 @@ void BM_compact(benchmark::State& state) {
   tune.kernel = static_cast<int>(state.range(4));
   tune.resident = static_cast<int>(state.range(5));
   tune.chunk_rows = state.range(6);
-  if (const char* g = std::getenv("PREFIXKV_BENCH_GROUP")) tune.ticket_group = std::atoi(g);  // ticket lane groups
   const int64_t kept = T * pct / 100;
   const int64_t row = D * sizeof(bf16);
   const size_t layer_bytes = size_t(B * H * T * row);           // one K or V tensor of one layer
@@ -214,8 +215,7 @@ void args(benchmark::internal::Benchmark* b) {
   struct variant {
     int64_t kernel, resident, chunk_rows;
   };
-  // {2, 0, -1}: in place with one block per lane (the fast kernel without tickets), next to the default
-  std::vector<variant> variants = {{-1, 0, -1}, {-1, 0, 0}, {-1, 0, 128}, {-1, 0, 512}, {2, 0, -1}};
+  std::vector<variant> variants = {{-1, 0, -1}, {-1, 0, 0}, {-1, 0, 128}, {-1, 0, 512}};
   if (explore) {
     variants = {{0, 0, 0}, {0, 4, 0}};
     for (int64_t v = 1; v <= prefixkv::detail::compact_fast_variants; ++v) variants.push_back({v, 0, 0});
@@ -231,7 +231,6 @@ void args(benchmark::internal::Benchmark* b) {
             if (explore && trusted && v.kernel > 1) continue;
             const bool gather = md == contig_gather || md == paged_gather;
             if (!explore && v.chunk_rows != -1 && (!gather || trusted)) continue;
-            if (!explore && v.kernel == 2 && gather) continue;
             b->Args({T, pct, md, trusted, v.kernel, v.resident, v.chunk_rows});
           }
   b->ArgNames({"tokens", "kept_pct", "mode", "trusted", "kernel", "resident", "chunk_rows"});
