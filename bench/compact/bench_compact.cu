@@ -318,12 +318,12 @@ __device__ __forceinline__ int64_t take_ticket(unsigned* counter) {
 
 // Load-balance checks: 2 x SMs long-lived blocks take tiles of 256 x 8 words from a ticket counter (one atomicAdd
 // per tile; `counter` is a fresh zeroed word per launch) instead of a fixed grid stride, so faster SMs take more
-// tiles. With `streams` > 1 the tickets go across the streams in chunk-major order (ticket t -> tile t / streams of
-// stream t % streams, as an in-place kernel would order its (lane, chunk) work), optionally with stream b's tiles
-// rotated by b * 37 (Rot) so that concurrent blocks are not at congruent addresses. `group` < `streams`: the
-// streams go in groups of `group` consecutive ones, one group after the other, chunk-major inside a group (ticket
-// t -> group t / (group x tiles); inside it tile r / group of stream r % group), so that the tiles in flight lie in
-// about 2 x group regions (variants 21-25: how many interleaved lanes an in-place kernel can afford).
+// tiles. The streams go in groups of `group` consecutive ones, one group after the other, chunk-major inside a
+// group (ticket t -> group t / (group x tiles), r = the rest; tile r / group of stream r % group), as an in-place
+// kernel would order its (lane, chunk) work: group == streams is chunk-major over all streams (variants 19, 20),
+// smaller groups keep the tiles in flight in about 2 x group regions (21-25: how many interleaved lanes an in-place
+// kernel can afford). Rot: stream b's tiles rotated by b * 37, so that concurrent blocks are not at congruent
+// addresses.
 template <bool Rot>
 __global__ void __launch_bounds__(256, 2) ticket_streams_kernel(const uint4* __restrict__ s, uint4* __restrict__ d,
                                                                 int64_t per, int64_t streams, int64_t group,
@@ -439,7 +439,7 @@ void BM_copy(benchmark::State& state) {
   const int64_t n = int64_t(bytes / 16);
   int sms = 0;
   PKV_BENCH_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-  // variants 18-20: one zeroed counter word per launch (words are not reused: a used one would end the copy at once)
+  // variants 18-25: one zeroed counter word per launch (words are not reused: a used one would end the copy at once)
   constexpr int64_t ticket_words = 65536;
   static unsigned* tickets = nullptr;
   static int64_t launches = 0;
