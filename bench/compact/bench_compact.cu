@@ -116,15 +116,6 @@ void BM_compact(benchmark::State& state) {
   tune.kernel = static_cast<int>(state.range(4));
   tune.resident = static_cast<int>(state.range(5));
   tune.chunk_rows = state.range(6);
-  // ticket: -1 library default; 0 one block per lane; else the ticket kernel, 1000000 x dbg + 1000 x c0 + group
-  const int64_t tk = state.range(7);
-  if (tk == 0) tune.ticket = 0;
-  if (tk > 0) {
-    tune.ticket = 1;
-    tune.ticket_dbg = static_cast<int>(tk / 1000000);
-    tune.ticket_c0 = (tk / 1000) % 1000;
-    tune.ticket_group = tk % 1000;
-  }
   const int64_t kept = T * pct / 100;
   const int64_t row = D * sizeof(bf16);
   const size_t layer_bytes = size_t(B * H * T * row);           // one K or V tensor of one layer
@@ -225,16 +216,6 @@ void args(benchmark::internal::Benchmark* b) {
     int64_t kernel, resident, chunk_rows;
   };
   std::vector<variant> variants = {{-1, 0, -1}, {-1, 0, 0}, {-1, 0, 128}, {-1, 0, 512}};
-  // in place: the library default, one block per lane, and PREFIXKV_BENCH_TICKETS (comma-separated ticket codes)
-  std::vector<int64_t> tickets = {-1, 0};
-  if (const char* e = std::getenv("PREFIXKV_BENCH_TICKETS"))
-    for (const char* q = e; *q;) {
-      char* end = nullptr;
-      const long long x = std::strtoll(q, &end, 10);
-      if (end == q) break;
-      if (x > 0) tickets.push_back(x);
-      q = *end == ',' ? end + 1 : end;
-    }
   if (explore) {
     variants = {{0, 0, 0}, {0, 4, 0}};
     for (int64_t v = 1; v <= prefixkv::detail::compact_fast_variants; ++v) variants.push_back({v, 0, 0});
@@ -250,12 +231,9 @@ void args(benchmark::internal::Benchmark* b) {
             if (explore && trusted && v.kernel > 1) continue;
             const bool gather = md == contig_gather || md == paged_gather;
             if (!explore && v.chunk_rows != -1 && (!gather || trusted)) continue;
-            const bool inplace = md == contig_inplace || md == paged_inplace;
-            for (int64_t tk : tickets)
-              if (tk == -1 || (inplace && v.kernel == -1 && v.chunk_rows == -1))
-                b->Args({T, pct, md, trusted, v.kernel, v.resident, v.chunk_rows, tk});
+            b->Args({T, pct, md, trusted, v.kernel, v.resident, v.chunk_rows});
           }
-  b->ArgNames({"tokens", "kept_pct", "mode", "trusted", "kernel", "resident", "chunk_rows", "ticket"});
+  b->ArgNames({"tokens", "kept_pct", "mode", "trusted", "kernel", "resident", "chunk_rows"});
 }
 
 // Diagnostic: a plain 16-byte-vector copy kernel (no gather) against cudaMemcpyAsync of the same bytes, to split
