@@ -220,16 +220,24 @@ PREFIXKV_HOST_DEVICE segments make_ragged_segments(int64_t count, const int64_t*
   return s;
 }
 
-//! Numbering of per-(layer, sequence, kv-head) segments: layer-major, then sequence, then head.
-//! With `heads == 1` it numbers per-(layer, sequence) segments.
+//! Numbering of per-(layer, sequence, kv-head) segments: layer-major, then sequence, then head (the default), or
+//! sequence-major (`sequence_major = true`: sequence, then layer, then head — every sequence's segments are then
+//! contiguous, which is what a per-sequence solve needs). With `heads == 1` it numbers per-(layer, sequence)
+//! segments. Every stage addresses segments through `id()` / `layer_of()` / `batch_of()` / `head_of()` only, so
+//! both orders work everywhere.
 struct segment_grid {
   int64_t layers = 1, batch = 1, heads = 1;
+  bool sequence_major = false;
   PREFIXKV_HOST_DEVICE int64_t count() const { return layers * batch * heads; }
   PREFIXKV_HOST_DEVICE int64_t id(int64_t layer, int64_t b, int64_t h = 0) const {
-    return (layer * batch + b) * heads + h;
+    return (sequence_major ? b * layers + layer : layer * batch + b) * heads + h;
   }
-  PREFIXKV_HOST_DEVICE int64_t layer_of(int64_t id) const { return id / (batch * heads); }
-  PREFIXKV_HOST_DEVICE int64_t batch_of(int64_t id) const { return (id / heads) % batch; }
+  PREFIXKV_HOST_DEVICE int64_t layer_of(int64_t id) const {
+    return sequence_major ? (id / heads) % layers : id / (batch * heads);
+  }
+  PREFIXKV_HOST_DEVICE int64_t batch_of(int64_t id) const {
+    return sequence_major ? id / (layers * heads) : (id / heads) % batch;
+  }
   PREFIXKV_HOST_DEVICE int64_t head_of(int64_t id) const { return id % heads; }
 };
 
