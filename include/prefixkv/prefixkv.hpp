@@ -16,6 +16,7 @@
 #include "select/select.hpp"
 #include "solve/solve.hpp"
 #include "compact/compact.hpp"
+#include "compress/compress.hpp"
 #include "profile/profile.hpp"
 #include "io/npy.hpp"
 #include "io/json.hpp"

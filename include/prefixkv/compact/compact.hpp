@@ -47,6 +47,8 @@ inline constexpr int64_t compact_max_layers = 128;
 //! head) or 1 (per token, shared by the heads), `dim` = scale elements per row.
 template <class T, class S = float>
 struct kv_layers {
+  using element_type = T;
+  using scale_type = S;
   const kv_view<T>* k = nullptr;        //!< (layers) K, each (batch, head, token, dim)
   const kv_view<T>* v = nullptr;        //!< (layers) V, each (batch, head, token, dim), or null (K-only caches)
   const kv_view<S>* k_scale = nullptr;  //!< (layers) K scales, each (batch, head or 1, token, n), or null
@@ -57,6 +59,8 @@ struct kv_layers {
 //! All layers of a paged cache. All kinds and layers share one block table (as in vLLM); pages pointers differ.
 template <class T, class S = float>
 struct paged_kv_layers {
+  using element_type = T;
+  using scale_type = S;
   const paged_kv_view<T>* k = nullptr;        //!< (layers) K pools (page, slot, head, dim) + block table
   const paged_kv_view<T>* v = nullptr;        //!< (layers) V pools, or null
   const paged_kv_view<S>* k_scale = nullptr;  //!< (layers) K scale pools (page, slot, head or 1, n), or null
