@@ -117,7 +117,7 @@ void run_curve_case_with(std::mt19937_64& rng, const curve_case& c, pk::curve_so
         int bad = 0;
         for (int64_t i = 0; i < total; ++i) {
           const bool ok = gp[i] == host.positions[i] && gs[i] == host.sorted_scores[i] &&
-                          std::fabs(gc[i] - host.cumulative[i]) <= 1e-6f;
+                          std::memcmp(&gc[i], &host.cumulative[i], sizeof(float)) == 0;  // bit-identical
           if (!ok && bad++ < 5)
             FAIL_CHECK("rank ", i, ": pos ", gp[i], "/", host.positions[i], " score ", gs[i], "/", host.sorted_scores[i],
                        " cum ", gc[i], "/", host.cumulative[i]);

@@ -59,6 +59,9 @@ struct compress_kargs {
   int64_t* keep = nullptr;          // (S)
   int64_t* sel_off = nullptr;       // (S + 1)
   int64_t page_size = 0;            // of the cache holding the result (0: strided)
+  // paged source: every block a sequence's tokens occupy must name a page of the pool
+  const int32_t* table = nullptr;
+  int64_t table_stride = 0, table_page = 0, table_pages = 0;
   bool whole = true;
   compress_outputs out;
 
@@ -109,6 +112,18 @@ PREFIXKV_KERNEL void __launch_bounds__(128) compress_prologue_kernel(compress_ka
       }
       why = compress_min_reason(why, r);
     }
+  if (a.table != nullptr) {
+    int64_t nmax = 0;
+    for (int64_t l = 0; l < L; ++l)
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t n = a.n_in(l, b, h);
+        nmax = n > nmax ? (n > g.capacity ? g.capacity : n) : nmax;
+      }
+    for (int64_t blk = 0; blk * a.table_page < nmax; ++blk) {
+      const int32_t page = a.table[b * a.table_stride + blk];
+      if (page < 0 || page >= a.table_pages) why = compress_min_reason(why, reason::out_of_range);
+    }
+  }
   // budgets (from every layer's lengths; a bad length makes them meaningless but keeps them in range)
   const bool prefix = a.plan.cfg.alloc == allocation::prefix;
   int64_t local[compact_max_layers];
@@ -309,9 +324,17 @@ inline kv_view<const T> compress_keys(const kv_layers<T, S>& c, int64_t l, int64
   return c.k[l].as_const().with_tokens(tokens);
 }
 
+//! Stage boundaries of one call, for the benchmark's per-stage times: events recorded (when given) after the
+//! prologue, the scorer, the curves, the solver, the selection + gate, the compaction and the outputs.
+inline constexpr int compress_stage_count = 7;
+struct compress_stage_events {
+  cudaEvent_t after[compress_stage_count] = {};
+};
+
 template <class Cache, class P, class Dst>
 cudaError_t compress_run(void* d_temp, size_t& temp_bytes, const compress_plan& pl, const compress_args<Cache, P, Dst>& a,
-                         int64_t layer, cudaStream_t stream) {
+                         int64_t layer, cudaStream_t stream, const compress_stage_events* ev = nullptr) {
+  auto mark = [&](int i) { return ev && ev->after[i] ? check_runtime(cudaEventRecord(ev->after[i], stream), "compress: event") : cudaSuccess; };
   using T = cache_element_t<Cache>;
   const compress_config& c = pl.cfg;
   // ---- size query: from the plan alone
@@ -370,6 +393,12 @@ cudaError_t compress_run(void* d_temp, size_t& temp_bytes, const compress_plan& 
   k.page_size = c.in_place ? cache_page_size(a.cache) : cache_page_size(a.dst);
   k.whole = layer < 0;
   k.out = a.out;
+  if constexpr (is_paged_cache<Cache>::value) {
+    k.table = a.cache.k[0].block_table;
+    k.table_stride = a.cache.k[0].block_table_stride;
+    k.table_page = a.cache.k[0].page_size;
+    k.table_pages = a.cache.k[0].num_pages;
+  }
   void* stage = ws.get<void>(cw_stage);
   const size_t stage_have = ws.size_of(cw_stage);
 
@@ -378,6 +407,7 @@ cudaError_t compress_run(void* d_temp, size_t& temp_bytes, const compress_plan& 
     compress_prologue_kernel<><<<static_cast<unsigned>((batch + 127) / 128), 128, 0, stream>>>(k);
     PREFIXKV_TRY(check_launch(stream));
   }
+  PREFIXKV_TRY(mark(0));
   if (S > 0) {
     const segments rows = make_ragged_segments(S, k.seg_begin, k.seg_len);
     unsigned* bits = reinterpret_cast<unsigned*>(k.status + compress_st_bits);
@@ -424,6 +454,7 @@ cudaError_t compress_run(void* d_temp, size_t& temp_bytes, const compress_plan& 
         PREFIXKV_TRY(check_launch(stream));
       }
     }
+    PREFIXKV_TRY(mark(1));
     // ---- curves
     const int64_t C = S * c.max_tokens;
     curve_device_out co{ws.get<int64_t>(cw_curve_off), ws.get<int64_t>(cw_curve_tokens), ws.get<int32_t>(cw_positions),
@@ -433,6 +464,7 @@ cudaError_t compress_run(void* d_temp, size_t& temp_bytes, const compress_plan& 
     PREFIXKV_TRY(build_curves(nullptr, need, scores, rows, c.protect, C, co, curves, bits, stream));
     PREFIXKV_TRY(compress_stage_fits(need, stage_have));
     PREFIXKV_TRY(build_curves(stage, need, scores, rows, c.protect, C, co, curves, bits, stream));
+    PREFIXKV_TRY(mark(2));
     // ---- solve
     solve_budget budget;
     budget.kind = budget_kind::keep_candidates;
@@ -443,6 +475,7 @@ cudaError_t compress_run(void* d_temp, size_t& temp_bytes, const compress_plan& 
     PREFIXKV_TRY(solve(nullptr, need, curves, np, k.poff, budget, bounds, k.keep, k.thr, k.solve_status, stream));
     PREFIXKV_TRY(compress_stage_fits(need, stage_have));
     PREFIXKV_TRY(solve(stage, need, curves, np, k.poff, budget, bounds, k.keep, k.thr, k.solve_status, stream));
+    PREFIXKV_TRY(mark(3));
     // ---- select (the kept indices reuse the scores' piece: the scores are dead once the curves exist)
     int32_t* indices = reinterpret_cast<int32_t*>(own);
     need = 0;
@@ -452,6 +485,7 @@ cudaError_t compress_run(void* d_temp, size_t& temp_bytes, const compress_plan& 
     // ---- gate
     compress_gate_kernel<><<<1, 256, 0, stream>>>(k, S);
     PREFIXKV_TRY(check_launch(stream));
+    PREFIXKV_TRY(mark(4));
     // ---- compact
     const selection sel{S, k.sel_off, indices};
     const auto src = cache_slice(a.cache, g.l0, g.lc);
@@ -470,12 +504,13 @@ cudaError_t compress_run(void* d_temp, size_t& temp_bytes, const compress_plan& 
       PREFIXKV_TRY(gather_kept(stage, need, src, dst, sel, grid, co2, stream, check));
     }
   }
+  PREFIXKV_TRY(mark(5));
   // ---- outputs
   if (g.lc > 0 && (batch > 0 || a.out.status)) {
     compress_finalize_kernel<><<<static_cast<unsigned>(g.lc), 256, 0, stream>>>(k);
     PREFIXKV_TRY(check_launch(stream));
   }
-  return cudaSuccess;
+  return mark(6);
 }
 
 }  // namespace detail

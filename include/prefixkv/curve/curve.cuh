@@ -10,9 +10,9 @@
 //! segments at once); then one block per segment reduces the mass and scans the normalised inclusive prefix sum
 //! in double precision.
 //!
-//! Agreement with the host twin: positions and sorted scores are identical (same total order: score
-//! descending, position ascending); cumulative values differ by at most 1 float ulp (both accumulate in
-//! double; only the summation order differs), and the last value of every non-empty curve is exactly 1.
+//! Agreement with the host twin: bit-identical. Positions and sorted scores follow the same total order (score
+//! descending, position ascending), and the prefix sums are added in double in the order `curve_prefix_host`
+//! (curve.hpp) defines, so cumulative values are the same floats; the last value of every non-empty curve is 1.
 //!
 //! \code
 //! // scores: device, rows: device cu_seqlens over S = layers * batch segments; capacity >= total candidates
@@ -147,50 +147,91 @@ PREFIXKV_KERNEL void curve_gather_kernel(const float* scores, segments rows, pro
   if (bad && status) atomicOr(status, bad);
 }
 
-template <int Threads, int Items, class Ranked>
+//! Chunk sums of a tile -> (in `part`) each chunk's exclusive prefix inside its group (warp), and (in `gtot`) each
+//! group's total: one lane per warp sums left to right, as `curve_prefix_host` does.
+template <int Threads>
+__device__ inline void curve_group_scan(double* part, double* gtot) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncwarp();
+  if (lane == 0) {
+    double run = 0.0;
+    for (int j = 0; j < 32; ++j) {
+      const double x = part[warp * 32 + j];
+      part[warp * 32 + j] = run;
+      run += x;
+    }
+    gtot[warp] = run;
+  }
+}
+
+//! Normalised inclusive prefix sums of ranked rows, summed in the order `curve_prefix_host` defines (bit-identical
+//! to the host twin): one block per segment, tiles of Threads x curve_chunk ranks, one warp per group.
+template <int Threads, class Ranked>
 PREFIXKV_KERNEL void __launch_bounds__(Threads) curve_cumulative_kernel(const int64_t* offsets, int64_t S,
                                                                         Ranked sorted, float* cumulative) {
-  using reduce_t = cub::BlockReduce<double, Threads>;
-  using scan_t = cub::BlockScan<double, Threads>;
-  __shared__ union {
-    typename reduce_t::TempStorage reduce;
-    typename scan_t::TempStorage scan;
-  } tmp;
+  constexpr int K = static_cast<int>(curve_chunk), W = Threads / 32;
+  static_assert(curve_group == 32 && Threads % 32 == 0, "one warp per group of 32 chunks");
+  __shared__ double part[Threads];
+  __shared__ double gtot[W];
   __shared__ double mass_s;
+  const int warp = threadIdx.x >> 5;
   for (int64_t s = blockIdx.x; s < S; s += gridDim.x) {
     const int64_t base = offsets[s], c = offsets[s + 1] - base;
     if (c <= 0) continue;
-    double part = 0.0;
-    for (int64_t i = threadIdx.x; i < c; i += Threads) part += sorted(base + i);
-    const double mass = reduce_t(tmp.reduce).Sum(part);
+    // pass 1: the mass
+    double mass = 0.0;  // thread 0
+    for (int64_t start = 0; start < c; start += int64_t(Threads) * K) {
+      const int64_t i0 = start + int64_t(threadIdx.x) * K;
+      double p = 0.0;
+#pragma unroll
+      for (int k = 0; k < K; ++k)
+        if (i0 + k < c) p += double(sorted(base + i0 + k));
+      part[threadIdx.x] = p;
+      curve_group_scan<Threads>(part, gtot);
+      __syncthreads();
+      if (threadIdx.x == 0)
+        for (int w = 0; w < W; ++w) mass += gtot[w];
+      __syncthreads();
+    }
     if (threadIdx.x == 0) mass_s = mass;
     __syncthreads();
     const double M = mass_s;
-    double carry = 0.0;
-    for (int64_t start = 0; start < c; start += int64_t(Threads) * Items) {
-      double v[Items];
-      double tsum = 0.0;
-      const int64_t i0 = start + int64_t(threadIdx.x) * Items;
+    // pass 2: prefix = G + (C + p)
+    double G = 0.0;  // thread 0
+    for (int64_t start = 0; start < c; start += int64_t(Threads) * K) {
+      const int64_t i0 = start + int64_t(threadIdx.x) * K;
+      float v[K];
+      double p = 0.0;
 #pragma unroll
-      for (int k = 0; k < Items; ++k) {
-        float x = 0.0f;
+      for (int k = 0; k < K; ++k) {
+        v[k] = 0.0f;
         if (i0 + k < c) {
-          x = sorted(base + i0 + k);
-          sorted.emit(base + i0 + k, x);
+          v[k] = sorted(base + i0 + k);
+          sorted.emit(base + i0 + k, v[k]);
+          p += double(v[k]);
         }
-        v[k] = double(x);
-        tsum += v[k];
       }
-      double excl, total;
-      scan_t(tmp.scan).ExclusiveSum(tsum, excl, total);
-      double run = carry + excl;
+      part[threadIdx.x] = p;
+      curve_group_scan<Threads>(part, gtot);
+      __syncthreads();
+      if (threadIdx.x == 0)
+        for (int w = 0; w < W; ++w) {
+          const double t = gtot[w];
+          gtot[w] = G;
+          G += t;
+        }
+      __syncthreads();
+      const double Gw = gtot[warp], C = part[threadIdx.x];
+      double run = 0.0;
 #pragma unroll
-      for (int k = 0; k < Items; ++k) {
-        run += v[k];
+      for (int k = 0; k < K; ++k) {
         const int64_t r = i0 + k;
-        if (r < c) cumulative[base + r] = static_cast<float>(M > 0.0 ? run / M : double(r + 1) / double(c));
+        if (r < c) {
+          run += double(v[k]);
+          const double pre = Gw + (C + run);
+          cumulative[base + r] = static_cast<float>(M > 0.0 ? pre / M : double(r + 1) / double(c));
+        }
       }
-      carry += total;
       __syncthreads();
     }
   }
@@ -220,11 +261,11 @@ PREFIXKV_KERNEL void __launch_bounds__(Threads) curve_block_kernel(const float* 
                                                                    float* sorted_out, float* cumulative,
                                                                    unsigned* status) {
   using sort_t = cub::BlockRadixSort<unsigned, Threads, Items, int32_t>;
-  using scan_t = cub::BlockScan<double, Threads>;
-  __shared__ union {
-    typename sort_t::TempStorage sort;
-    typename scan_t::TempStorage scan;
-  } tmp;
+  static_assert(Items == curve_chunk && Threads % 32 == 0, "thread t holds chunk t, warp w group w");
+  __shared__ typename sort_t::TempStorage tmp_sort;
+  __shared__ double part[Threads];
+  __shared__ double gtot[Threads / 32];
+  __shared__ double mass_s;
   unsigned bad = 0;
   for (int64_t s = blockIdx.x; s < rows.count; s += gridDim.x) {
     const int64_t n = tokens[s], base = offsets[s], c = offsets[s + 1] - base;
@@ -250,27 +291,41 @@ PREFIXKV_KERNEL void __launch_bounds__(Threads) curve_block_kernel(const float* 
       }
     }
     __syncthreads();  // tmp is reused across segments
-    sort_t(tmp.sort).SortDescending(key, val);
+    sort_t(tmp_sort).SortDescending(key, val);
     __syncthreads();
-    double v[Items], tsum = 0.0;
+    // prefix sums in the order curve_prefix_host defines: thread t holds chunk t, warp w is group w
+    double p = 0.0;
 #pragma unroll
-    for (int k = 0; k < Items; ++k) {
-      v[k] = i0 + k < c ? double(__uint_as_float(key[k])) : 0.0;
-      tsum += v[k];
+    for (int k = 0; k < Items; ++k)
+      if (i0 + k < c) p += double(__uint_as_float(key[k]));
+    part[threadIdx.x] = p;
+    curve_group_scan<Threads>(part, gtot);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      double G = 0.0;
+      for (int w = 0; w < Threads / 32; ++w) {
+        const double t = gtot[w];
+        gtot[w] = G;
+        G += t;
+      }
+      mass_s = G;
     }
-    double excl, mass;
-    scan_t(tmp.scan).ExclusiveSum(tsum, excl, mass);
-    double run = excl;
+    __syncthreads();
+    const double mass = mass_s, Gw = gtot[threadIdx.x >> 5], C = part[threadIdx.x];
+    double run = 0.0;
 #pragma unroll
     for (int k = 0; k < Items; ++k) {
       const int64_t r = i0 + k;
-      run += v[k];
       if (r < c) {
+        const float x = __uint_as_float(key[k]);
+        run += double(x);
         positions[base + r] = val[k];
-        sorted_out[base + r] = __uint_as_float(key[k]);
-        cumulative[base + r] = static_cast<float>(mass > 0.0 ? run / mass : double(r + 1) / double(c));
+        sorted_out[base + r] = x;
+        const double pre = Gw + (C + run);
+        cumulative[base + r] = static_cast<float>(mass > 0.0 ? pre / mass : double(r + 1) / double(c));
       }
     }
+    __syncthreads();  // part / gtot / mass_s are reused by the next segment
   }
   if (bad && status) atomicOr(status, bad);
 }
@@ -426,7 +481,7 @@ struct curve_ranked_keys {
     PREFIXKV_TRY(detail::check_runtime(cub::DeviceRadixSort::SortPairs(ws.get<void>(3), bytes, k, v, capacity, 0, 31 + seg_bits, stream),
                                        "build_curves: radix sort failed"));
     const detail::curve_ranked_keys ranked{k.Current(), v.Current(), out.positions, sorted_out};
-    detail::curve_cumulative_kernel<256, 4><<<unsigned(cb), 256, 0, stream>>>(out.offsets, S, ranked, out.cumulative);
+    detail::curve_cumulative_kernel<256><<<unsigned(cb), 256, 0, stream>>>(out.offsets, S, ranked, out.cumulative);
     return detail::check_launch(stream);
   }
   float* keys_in = ws.get<float>(0);
@@ -443,7 +498,7 @@ struct curve_ranked_keys {
                                                             out.offsets + c0 + 1, stream),
         "build_curves: segmented sort failed"));
   }
-  detail::curve_cumulative_kernel<256, 4><<<unsigned(cb), 256, 0, stream>>>(out.offsets, S, detail::curve_ranked_floats{sorted_out},
+  detail::curve_cumulative_kernel<256><<<unsigned(cb), 256, 0, stream>>>(out.offsets, S, detail::curve_ranked_floats{sorted_out},
                                                                           out.cumulative);
   return detail::check_launch(stream);
 }

@@ -87,6 +87,46 @@ struct curve_buffers {
   }
 };
 
+namespace detail {
+//! The order of the prefix sums (host and device sum in exactly this order, so their curves are bit-identical):
+//! ranks form chunks of `curve_chunk` consecutive ranks, and chunks form groups of `curve_group` chunks, from rank 0.
+inline constexpr int64_t curve_chunk = 8;
+inline constexpr int64_t curve_group = 32;  // chunks per group (256 ranks)
+
+//! The normalised inclusive prefix sums of one ranked row `y` (c values), in the order that defines them:
+//! with p = the running sum inside a chunk, C = the running sum of the earlier chunks' sums inside the group, and
+//! G = the running sum of the earlier groups' totals (each started at 0.0 and summed left to right in double),
+//! the prefix of rank r is G + (C + p), the mass M is G over all groups, and cumulative[r] = float(prefix / M)
+//! (or (r + 1) / c when M == 0). The last value of every non-empty row is exactly 1.
+inline void curve_prefix_host(const float* y, int64_t c, float* cumulative) {
+  const int64_t gsize = curve_chunk * curve_group;
+  double mass = 0.0;
+  for (int64_t g0 = 0; g0 < c; g0 += gsize) {
+    double total = 0.0;
+    for (int64_t c0 = g0; c0 < c && c0 < g0 + gsize; c0 += curve_chunk) {
+      double part = 0.0;
+      for (int64_t r = c0; r < c && r < c0 + curve_chunk; ++r) part += static_cast<double>(y[r]);
+      total += part;
+    }
+    mass += total;
+  }
+  double G = 0.0;
+  for (int64_t g0 = 0; g0 < c; g0 += gsize) {
+    double C = 0.0;
+    for (int64_t c0 = g0; c0 < c && c0 < g0 + gsize; c0 += curve_chunk) {
+      double p = 0.0;
+      for (int64_t r = c0; r < c && r < c0 + curve_chunk; ++r) {
+        p += static_cast<double>(y[r]);
+        const double run = G + (C + p);
+        cumulative[r] = static_cast<float>(mass > 0.0 ? run / mass : static_cast<double>(r + 1) / static_cast<double>(c));
+      }
+      C += p;
+    }
+    G += C;
+  }
+}
+}  // namespace detail
+
 //! Reject a protect policy with negative counts.
 [[nodiscard]] inline cudaError_t validate(protect_policy p) noexcept {
   if (p.sinks < 0 || p.recent < 0)
@@ -128,17 +168,12 @@ struct curve_buffers {
     for (int64_t t = 0; t < n; ++t)
       if (!is_protected(t, n, protect)) order.push_back(static_cast<int32_t>(t));
     std::stable_sort(order.begin(), order.end(), [row](int32_t a, int32_t b) { return row[a] > row[b]; });
-    double mass = 0.0;
-    for (int32_t t : order) mass += row[t];
     const int64_t base = out.offsets[s], c = static_cast<int64_t>(order.size());
-    double run = 0.0;
     for (int64_t r = 0; r < c; ++r) {
-      run += row[order[r]];
       out.positions[base + r] = order[r];
       out.sorted_scores[base + r] = row[order[r]];
-      out.cumulative[base + r] =
-          static_cast<float>(mass > 0.0 ? run / mass : static_cast<double>(r + 1) / static_cast<double>(c));
     }
+    detail::curve_prefix_host(out.sorted_scores.data() + base, c, out.cumulative.data() + base);
   }
   return cudaSuccess;
 }

@@ -135,6 +135,18 @@ inline cudaError_t compress_host_run(const compress_plan& pl, const compress_arg
         const int64_t n = n_in(l, b, h);
         if (n < 0 || n > capacity) why = compress_min_reason(why, reason::out_of_range);
       }
+  if constexpr (is_paged_cache<Cache>::value) {  // every block a sequence's tokens occupy must name a page
+    const auto& v = a.cache.k[0];
+    for (int64_t b = 0; b < batch; ++b) {
+      int64_t nmax = 0;
+      for (int64_t l = 0; l < L; ++l)
+        for (int64_t h = 0; h < H; ++h) nmax = std::max(nmax, std::min(std::max<int64_t>(n_in(l, b, h), 0), capacity));
+      for (int64_t blk = 0; blk * v.page_size < nmax; ++blk) {
+        const int32_t page = v.block_table[b * v.block_table_stride + blk];
+        if (page < 0 || page >= v.num_pages) why = compress_min_reason(why, reason::out_of_range);
+      }
+    }
+  }
   const int64_t result_page_size = c.in_place ? cache_page_size(a.cache) : cache_page_size(a.dst);
   auto stop = [&](reason r, const char* msg) {
     compress_outputs_host(g, result_page_size, len_in, a.out, layer < 0);
@@ -243,10 +255,12 @@ inline cudaError_t compress_host_run(const compress_plan& pl, const compress_arg
   PREFIXKV_TRY(write_selection_host(curves.view(), keep.data(), sel));
   // ---- compact
   const auto src = cache_slice(a.cache, g.l0, g.lc);
-  if (c.in_place) {
-    PREFIXKV_TRY(compact_in_place_host(src, sel.view(), grid));
-  } else {
-    PREFIXKV_TRY(gather_kept_host(src, cache_slice(a.dst, g.l0, g.lc), sel.view(), grid));
+  const cudaError_t ce = c.in_place ? compact_in_place_host(src, sel.view(), grid)
+                                    : gather_kept_host(src, cache_slice(a.dst, g.l0, g.lc), sel.view(), grid);
+  if (ce != cudaSuccess) {  // page ids the compaction checks (out of range, or a page twice): a chain failure
+    const error_info info = last_error();
+    if (info.why == reason::out_of_range || info.why == reason::overlapping_buffers) return stop(info.why, info.message);
+    return ce;
   }
   // ---- outputs
   std::vector<int64_t> len_out(static_cast<size_t>(S));
