@@ -80,7 +80,7 @@ struct model {
     image = cache.host;
     cache.upload(image);
     // lengths: ragged, >= the window
-    const int64_t lo = std::min<int64_t>(s.window, s.T);
+    const int64_t lo = std::min<int64_t>(std::max<int64_t>(s.window, 8), s.T);
     auto pick = [&] { return static_cast<int32_t>(lo + int64_t(rng() % uint64_t(s.T - lo + 1))); };
     if (per_segment_lengths) {
       lengths.resize(size_t(s.L * s.B * seg_heads));
@@ -233,7 +233,8 @@ std::vector<float> device_scores(model<T, P>& m, const combo& cb, int64_t hg) {
 template <class T, class P>
 void check_combo(const combo& cb, std::mt19937_64& rng) {
   using namespace prefixkv;
-  CAPTURE(cb.name());
+  const std::string what = cb.name();
+  CAPTURE(what);
   const int64_t hg = cb.gran == granularity::head ? cb.s.H : 1;
   model<T, P> m(cb.lay, cb.s, rng, hg, cb.per_segment);
   compact_test::cache<T> dst(cb.in_place ? layout::bhsd : cb.dst_lay, model<T, P>::geo(cb.s), rng, true);
@@ -267,7 +268,8 @@ void check_combo(const combo& cb, std::mt19937_64& rng) {
       });
     });
   });
-  REQUIRE_MESSAGE(h_code == cudaSuccess, last_error().message);
+  // a chain failure (e.g. a sequence too short for its budget) is a valid outcome: the device must report the same
+  if (h_code != cudaSuccess) REQUIRE_MESSAGE(h_status > 0, std::string(last_error().message));
   const std::vector<unsigned char> h_cache = m.cache.host, h_dst = dst.host;
   const bool paged_result = compact_test::is_paged(cb.in_place ? cb.lay : cb.dst_lay);
   device_buffer<int32_t> d_len(S), d_cu(h_cu.size()), d_pages(cb.s.B), d_status(1);
@@ -288,13 +290,14 @@ void check_combo(const combo& cb, std::mt19937_64& rng) {
               d_status.poison();
             },
             [&](const char* how) {
-              CAPTURE(how);
-              CHECK(d_status.download()[0] == 0);
+              const std::string when = how;
+              CAPTURE(when);
+              CHECK(d_status.download()[0] == (h_code == cudaSuccess ? 0 : h_status));
               CHECK(d_len.download() == h_len);
               CHECK(d_cu.download() == h_cu);
               if (paged_result) CHECK(d_pages.download() == h_pages);
               const auto thr = d_thr.download();
-              CHECK(std::memcmp(thr.data(), h_thr.data(), thr.size() * sizeof(float)) == 0);
+              if (h_code == cudaSuccess) CHECK(std::memcmp(thr.data(), h_thr.data(), thr.size() * sizeof(float)) == 0);
               CHECK(m.cache.download() == h_cache);
               if (!cb.in_place) CHECK(dst.download() == h_dst);
             });

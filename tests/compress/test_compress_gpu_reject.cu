@@ -40,7 +40,8 @@ reason expected(fault f) {
 }
 
 void run_fault(fault f, std::mt19937_64& rng) {
-  CAPTURE(fault_name(f));
+  const std::string what = fault_name(f);
+  CAPTURE(what);
   combo cb;
   cb.s.L = 3;
   cb.s.B = 2;
@@ -48,7 +49,7 @@ void run_fault(fault f, std::mt19937_64& rng) {
   cb.s.G = 2;
   cb.s.T = 48;
   cb.s.D = 16;
-  cb.s.window = 4;
+  cb.s.window = 12;
   cb.s.page = 8;
   cb.scorer = f == fault::nan_p ? scorer_kind::attention
               : f == fault::short_window ? scorer_kind::window
@@ -115,7 +116,8 @@ void run_fault(fault f, std::mt19937_64& rng) {
                        d_status.poison();
                      },
                      [&](const char* how) {
-                       CAPTURE(how);
+                       const std::string when = how;
+                       CAPTURE(when);
                        CHECK(d_status.download()[0] == int32_t(expected(f)));
                        CHECK(d_len.download() == want_len);
                        CHECK(m.cache.download() == m.image);

@@ -36,6 +36,7 @@ inline constexpr int compress_st_chain = 0;    // int32: the chain's reason (gat
 inline constexpr int compress_st_prologue = 1; // int32: lengths and budgets
 inline constexpr int compress_st_select = 2;   // int32: selection writer
 inline constexpr int compress_st_bits = 3;     // unsigned: scorer and curve-builder status bits
+inline constexpr int compress_st_compact = 4;  // int32: the compaction's own checks (page ids of paged caches)
 inline constexpr int compress_st_words = 8;
 
 //! Everything the small kernels of the chain need (by value).
@@ -201,7 +202,7 @@ PREFIXKV_KERNEL void __launch_bounds__(256) compress_finalize_kernel(compress_ka
   __shared__ block_scratch sc;
   const compress_geometry& g = a.geo;
   const int64_t H = g.heads, L = a.plan.cfg.layers, per_layer = g.batch * H;
-  const int32_t chain = a.status[compress_st_chain];
+  const int32_t chain = a.status[compress_st_chain] ? a.status[compress_st_chain] : a.status[compress_st_compact];
   const segment_grid grid = g.grid();
   const int64_t li = blockIdx.x, l = g.l0 + li;
   auto new_len = [&](int64_t lli, int64_t b, int64_t h) -> int64_t {
@@ -490,7 +491,7 @@ cudaError_t compress_run(void* d_temp, size_t& temp_bytes, const compress_plan& 
     const selection sel{S, k.sel_off, indices};
     const auto src = cache_slice(a.cache, g.l0, g.lc);
     compact_outputs co2{};
-    co2.status = k.status + compress_st_chain;
+    co2.status = k.status + compress_st_compact;  // 0, or what its checks found (the gate's word stays as it is)
     const index_check check = is_paged_cache<Cache>::value || !c.in_place ? index_check::device : index_check::trusted;
     need = 0;
     if (c.in_place) {
