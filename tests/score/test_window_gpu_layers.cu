@@ -46,7 +46,7 @@ static void repeat_case(std::mt19937_64& rng, int64_t G, int64_t D, int64_t w, i
       c.w = w;
       c.Hk = 1;
       c.B = 2;
-      c.cap = w + (quick_mode() ? 200 : 700) + int64_t(rng() % 200);
+      c.cap = w + (quick_mode() ? 150 : 350) + int64_t(rng() % 100);
       c.caller_lse = lse;
       c.layers = layers;
       c.per_head = layers > 0;

@@ -57,7 +57,8 @@ PREFIXKV_NAMESPACE_BEGIN
 
 //! The validating entry point: waits for `stream`, reads the status word and returns `cudaSuccess` or
 //! `cudaErrorInvalidValue` with the reason of the first set bit (nonfinite_input, out_of_range for row lengths and
-//! page ids, negative_input, capacity_exceeded). This SYNCHRONISES; keep it out of hot paths and graphs. `h_status` receives the bits.
+//! page ids, negative_input, capacity_exceeded). This SYNCHRONISES; keep it out of hot paths and graphs.
+//! `h_status` receives the bits.
 [[nodiscard]] inline cudaError_t read_status(const unsigned* d_status, unsigned& h_status, cudaStream_t stream = 0) {
   h_status = 0;
   if (d_status == nullptr) return detail::fail(reason::null_pointer, "read_status: d_status is null");
@@ -983,8 +984,10 @@ inline cudaError_t plan_window_wgmma_nk(const window_shape& s, window_mma_plan& 
 template <class Policy, class T, bool Paged>
 inline cudaError_t plan_window_accumulate(const window_shape& s, window_mma_plan& pl) {
   pl = window_mma_plan{};
+  constexpr bool wgmma = Policy::wgmma;  // (unused in builds without PREFIXKV_SM90A)
+  (void)wgmma;
 #if defined(PREFIXKV_SM90A)
-  if constexpr (sizeof(T) == 2 && Policy::wgmma) {
+  if constexpr (sizeof(T) == 2 && wgmma) {
     if (s.vec_k) {
       if (s.dim == 64) PREFIXKV_TRY((plan_window_wgmma_nk<Policy, T, 1, Paged>(s, pl)));
       if (s.dim == 128) PREFIXKV_TRY((plan_window_wgmma_nk<Policy, T, 2, Paged>(s, pl)));
@@ -1160,7 +1163,8 @@ inline cudaError_t window_attention_run(void* d_temp, size_t& temp_bytes, const 
   f.scores = scores;
   const int64_t bx = (cap + 255) / 256;
   const int64_t by = B * (grid.heads == 1 ? 1 : Hk);
-  window_finalize<><<<dim3(unsigned(bx < 4096 ? (bx > 0 ? bx : 1) : 4096), unsigned(by), unsigned(L)), 256, 0, stream>>>(f);
+  const dim3 fgrid(unsigned(bx < 4096 ? (bx > 0 ? bx : 1) : 4096), unsigned(by), unsigned(L));
+  window_finalize<><<<fgrid, 256, 0, stream>>>(f);
   return check_launch(stream);
 }
 

@@ -202,8 +202,8 @@ PREFIXKV_KERNEL void __launch_bounds__(WARPS * 32, 1) window_mma_kernel(window_p
           cp_async16(smem_u32(dst + r * LD + c * 8), row != nullptr ? row + c * 8 : krow0, row != nullptr);
         } else {
           const bool ok = k0 + r < key_end;
-          cp_async16(smem_u32(dst + r * LD + c * 8), ok ? k_row_of<false>(p.k, p.pg, p.k_of[blockIdx.z], b, kh, k0 + r) + c * 8 : krow0,
-                     ok);
+          const T* src = ok ? k_row_of<false>(p.k, p.pg, p.k_of[blockIdx.z], b, kh, k0 + r) + c * 8 : krow0;
+          cp_async16(smem_u32(dst + r * LD + c * 8), src, ok);
         }
       }
     }
