@@ -189,21 +189,41 @@ PREFIXKV_KERNEL void __launch_bounds__(WARPS * 32, 1) window_mma_kernel(window_p
   const T* krow0 = Paged ? cta.q + p.q.offset(b, h0, 0, 0) : k_row_of<false>(p.k, p.pg, cta.k, b, kh, 0);
   auto issue = [&](int64_t tile, int buf) {
     if (tile < ntile) {
-      const int64_t k0 = key_begin + tile * wmma_keys;
+      const int64_t k0 = key_begin + tile * wmma_keys;  // 32-aligned
       T* dst = Kw + size_t(buf) * wmma_keys * LD;
+      // The layer's K base is read from the kernel parameters here rather than held in a register across the
+      // loop (ptxas then keeps the bf16 D = 128 instance at 215 registers instead of 254).
+      if constexpr (Paged) {
+        // Pages of a multiple of 16 tokens: the tile's two 16-key halves take one block-table lookup each.
+        const bool by_half = p.pg.page_size % 16 == 0;
+        const T* half[2] = {nullptr, nullptr};
+        if (by_half) {
 #pragma unroll
-      for (int it = 0; it < CPR; ++it) {
-        const int idx = lane + 32 * it, r = idx / CPR, c = idx - r * CPR;
-        // The layer's K base is read from the kernel parameters here rather than held in a register across the
-        // loop (ptxas then keeps the bf16 D = 128 instance at 215 registers instead of 254).
-        if constexpr (Paged) {
-          const T* row = k0 + r < key_end ? k_row_of<true>(p.k, p.pg, p.k_of[blockIdx.z], b, kh, k0 + r) : nullptr;
-          bad_page |= k0 + r < key_end && row == nullptr;
+          for (int hh = 0; hh < 2; ++hh) {
+            const int64_t key = k0 + 16 * hh;
+            half[hh] = key < key_end ? k_row_of<true>(p.k, p.pg, p.k_of[blockIdx.z], b, kh, key) : nullptr;
+            bad_page |= key < key_end && half[hh] == nullptr;
+          }
+        }
+#pragma unroll
+        for (int it = 0; it < CPR; ++it) {
+          const int idx = lane + 32 * it, r = idx / CPR, c = idx - r * CPR;
+          const T* row = nullptr;
+          if (by_half) {
+            row = half[r >> 4] != nullptr && k0 + r < key_end ? half[r >> 4] + (r & 15) * p.k.stride_token : nullptr;
+          } else {
+            row = k0 + r < key_end ? k_row_of<true>(p.k, p.pg, p.k_of[blockIdx.z], b, kh, k0 + r) : nullptr;
+            bad_page |= k0 + r < key_end && row == nullptr;
+          }
           cp_async16(smem_u32(dst + r * LD + c * 8), row != nullptr ? row + c * 8 : krow0, row != nullptr);
-        } else {
+        }
+      } else {
+#pragma unroll
+        for (int it = 0; it < CPR; ++it) {
+          const int idx = lane + 32 * it, r = idx / CPR, c = idx - r * CPR;
           const bool ok = k0 + r < key_end;
-          const T* src = ok ? k_row_of<false>(p.k, p.pg, p.k_of[blockIdx.z], b, kh, k0 + r) + c * 8 : krow0;
-          cp_async16(smem_u32(dst + r * LD + c * 8), src, ok);
+          cp_async16(smem_u32(dst + r * LD + c * 8),
+                     ok ? k_row_of<false>(p.k, p.pg, p.k_of[blockIdx.z], b, kh, k0 + r) + c * 8 : krow0, ok);
         }
       }
     }

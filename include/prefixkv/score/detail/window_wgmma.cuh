@@ -27,8 +27,8 @@
 //!   FFMA + ex2.approx + FADD, the LSE of a thread's 32 query columns in one 16-byte-aligned row (8 loads), sums per
 //!   64-query block in registers, quad shuffles once per tile, the causal mask only in tiles that reach the last w
 //!   keys (a separately compiled loop). Each CTA writes its head chunk's partial row with plain stores.
-//! * Paged K (`Paged`): each staged row's page id is looked up in the block table; an id outside the pool
-//!   zero-fills the row and sets `status_bad_page`.
+//! * Paged K (`Paged`): a warp's 16 keys of a tile take one block-table lookup when the page size is a multiple
+//!   of 16, else one per row; an id outside the pool zero-fills the rows and sets `status_bad_page`.
 //! H100, 128K-token Llama-3-8B layer: bench/score/RESULTS.md.
 #pragma once
 
@@ -241,16 +241,28 @@ PREFIXKV_KERNEL void __launch_bounds__(wgmma_groups * 128, 1) window_wgmma_kerne
   const int64_t ntile = (key_end - key_begin + wgmma_keys - 1) / wgmma_keys;
   const int stages = p.stages;
   auto issue = [&](int64_t tile, int buf) {
-    if (Paged && tile < ntile) {  // one block-table lookup per row
-      const int64_t key0 = key_begin + tile * wgmma_keys + 16 * wq + kr0;
+    if (Paged && tile < ntile) {
+      const int64_t slice = key_begin + tile * wgmma_keys + 16 * wq;  // the warp's 16 keys start here (16-aligned)
+      const int64_t key0 = slice + kr0;
       const uint32_t dst = kdst + uint32_t(buf) * stage_bytes;
+      if (p.pg.page_size % 16 == 0) {  // the 16 keys lie in one page: one block-table lookup
+        const T* first = slice < key_end ? k_row_of<Paged>(p.k, p.pg, cta.k, b, kh, slice) : nullptr;
+        bad_page |= slice < key_end && first == nullptr;
+        const char* src = first != nullptr ? reinterpret_cast<const char*>(first) + kc * 16 + kr0 * kts : kcol;
 #pragma unroll
-      for (int it = 0; it < 16 / RPI; ++it) {
-        const int64_t key = key0 + it * RPI;
-        const T* row = key < key_end ? k_row_of<Paged>(p.k, p.pg, cta.k, b, kh, key) : nullptr;
-        bad_page |= key < key_end && row == nullptr;
-        cp_async16(dst + uint32_t(it * RPI * LD * int(sizeof(T))),
-                   row != nullptr ? reinterpret_cast<const char*>(row) + kc * 16 : kcol, row != nullptr);
+        for (int it = 0; it < 16 / RPI; ++it) {
+          const bool ok = first != nullptr && key0 + it * RPI < key_end;
+          cp_async16(dst + uint32_t(it * RPI * LD * int(sizeof(T))), ok ? src + it * RPI * kts : kcol, ok);
+        }
+      } else {  // one lookup per row
+#pragma unroll
+        for (int it = 0; it < 16 / RPI; ++it) {
+          const int64_t key = key0 + it * RPI;
+          const T* row = key < key_end ? k_row_of<Paged>(p.k, p.pg, cta.k, b, kh, key) : nullptr;
+          bad_page |= key < key_end && row == nullptr;
+          cp_async16(dst + uint32_t(it * RPI * LD * int(sizeof(T))),
+                     row != nullptr ? reinterpret_cast<const char*>(row) + kc * 16 : kcol, row != nullptr);
+        }
       }
     } else if (tile < ntile) {
       const int64_t key0 = key_begin + tile * wgmma_keys + 16 * wq + kr0;
