@@ -1,15 +1,24 @@
-// Window scorer at the Llama-3-8B shape (32 q heads, 8 kv heads, head_dim 128, window 64, bf16, batch 1) for
-// 4K / 32K / 128K cached tokens, one layer per call, against the floor of reading K once (a vectorised read
-// kernel over the same K bytes, timed in the same benchmark). Also key-norm (reads K once itself).
+// Scorers at the Llama-3-8B shape (32 q heads, 8 kv heads, head_dim 128, window 64, bf16, batch 1), 4K / 32K / 128K
+// cached tokens, against baselines timed in the same benchmark (cold L2, CUDA events):
 //
 //   bench_score --benchmark_repetitions=10 --benchmark_report_aggregates_only=true
 //
-// Counters: floor_ms (median time of the read-K kernel), ratio_vs_floor (scorer time / floor).
+// * BM_window_*: one layer per call; floor_ms = a vectorised kernel reading K once, ratio_vs_floor = time / floor.
+//   `_mma_sync`: the portable accumulate kernel (the default of builds without PREFIXKV_SM90A) through a policy.
+//   `_paged`: K in a paged cache (NHD pages of 16 tokens, shuffled block table), ratio_vs_strided = time / the
+//   same call on strided K of the same size.
+//   `_32_layers`: window_attention_layers over 32 layers, ratio_vs_per_layer = time / 32 single-layer calls.
+// * BM_key_norm / BM_key_norm_paged: memcpy_ms = cudaMemcpyAsync device-to-device of the same K bytes,
+//   copy_bw_fraction = (bytes the scorer reads + writes) / time divided by (2 x K bytes) / memcpy time, i.e. its
+//   bandwidth as a fraction of the copy's; ratio_vs_floor as above.
 #include "support/bench_util.cuh"
 
 #include <prefixkv/core/launch.cuh>
 #include <prefixkv/score/score.cuh>
 
+#include <algorithm>
+#include <numeric>
+#include <random>
 #include <vector>
 
 using namespace prefixkv_bench;
@@ -37,87 +46,184 @@ __global__ void fill_bf16(uint16_t* p, size_t n, uint32_t seed) {
   }
 }
 
+// The accumulate kernel of builds without PREFIXKV_SM90A, in any build.
+struct policy_mma_sync : pk::detail::window_policy {
+  static constexpr bool wgmma = false;
+};
+
 struct llama_layer {
-  static constexpr int64_t Hq = 32, Hk = 8, D = 128, w = 64;
+  static constexpr int64_t Hq = 32, Hk = 8, D = 128, w = 64, page = 16;
   int64_t tokens;
   device_array<pk::bf16> q, k;
   device_array<float> scores, lse;
   device_array<unsigned> status, sink;
-  explicit llama_layer(int64_t t)
-      : tokens(t), q(static_cast<size_t>(Hq * w * D)), k(static_cast<size_t>(Hk * t * D)), scores(static_cast<size_t>(t)), lse(static_cast<size_t>(Hq * w)), status(1), sink(1) {
+  explicit llama_layer(int64_t t, bool with_k = true)
+      : tokens(t), q(static_cast<size_t>(Hq * w * D)), k(with_k ? static_cast<size_t>(Hk * t * D) : 0),
+        scores(static_cast<size_t>(t)), lse(static_cast<size_t>(Hq * w)), status(1), sink(1) {
     fill_bf16<<<1024, 256>>>(reinterpret_cast<uint16_t*>(q.ptr), q.n, 1u);
-    fill_bf16<<<4096, 256>>>(reinterpret_cast<uint16_t*>(k.ptr), k.n, 2u);
+    if (with_k) fill_bf16<<<4096, 256>>>(reinterpret_cast<uint16_t*>(k.ptr), k.n, 2u);
+    // A realistic LSE: the scorer's own first pass is not exposed, so use a value that keeps the probabilities
+    // finite (the time does not depend on the values).
+    std::vector<float> h(static_cast<size_t>(Hq * w), 8.0f);
+    PKV_BENCH_CHECK(cudaMemcpy(lse.ptr, h.data(), h.size() * 4, cudaMemcpyHostToDevice));
     PKV_BENCH_CHECK(cudaMemset(status.ptr, 0, 4));
     PKV_BENCH_CHECK(cudaDeviceSynchronize());
   }
   pk::kv_view<const pk::bf16> qv() const { return pk::make_kv_view_bhsd<const pk::bf16>(q.ptr, 1, Hq, w, D); }
   pk::kv_view<const pk::bf16> kv() const { return pk::make_kv_view_bhsd<const pk::bf16>(k.ptr, 1, Hk, tokens, D); }
-  float floor_ms() {
-    const size_t n16 = k.bytes() / 16;
-    return median_ms([&](cudaStream_t s) { read_once_kernel<<<132 * 8, 512, 0, s>>>(reinterpret_cast<const uint4*>(k.ptr), n16, sink.ptr); }, 21);
+  pk::lse_view lv() const { return pk::lse_view{lse.ptr, Hq * w, w, 1}; }
+  float floor_ms(const void* data, size_t bytes) {
+    return median_ms([&](cudaStream_t s) { read_once_kernel<<<132 * 8, 512, 0, s>>>(static_cast<const uint4*>(data), bytes / 16, sink.ptr); }, 21);
   }
 };
 
-// Accumulate-kernel selection through the tuning hook (restored after each benchmark).
-struct kernel_choice {
-  int use_wgmma = 1, max_stages = 0, groups = 0;
+// The same K as a paged cache: NHD pages of 16 tokens, the sequence's blocks on a shuffled block table.
+struct paged_k {
+  device_array<pk::bf16> pool;
+  device_array<int32_t> table;
+  int64_t pages;
+  explicit paged_k(int64_t tokens)
+      : pool(static_cast<size_t>(tokens * llama_layer::Hk * llama_layer::D)),
+        table(static_cast<size_t>(tokens / llama_layer::page)), pages(tokens / llama_layer::page) {
+    fill_bf16<<<4096, 256>>>(reinterpret_cast<uint16_t*>(pool.ptr), pool.n, 2u);
+    std::vector<int32_t> h(static_cast<size_t>(pages));
+    std::iota(h.begin(), h.end(), 0);
+    std::shuffle(h.begin(), h.end(), std::mt19937(7));
+    PKV_BENCH_CHECK(cudaMemcpy(table.ptr, h.data(), h.size() * 4, cudaMemcpyHostToDevice));
+    PKV_BENCH_CHECK(cudaDeviceSynchronize());
+  }
+  pk::paged_kv_view<const pk::bf16> view() const {
+    return pk::make_paged_kv_view<const pk::bf16>(pool.ptr, pk::page_layout::nhd, pages, llama_layer::page,
+                                                  llama_layer::Hk, llama_layer::D, table.ptr, 1, pages);
+  }
 };
 
-void run_window(benchmark::State& state, bool with_lse, kernel_choice kc = {}) {
-  const pk::detail::window_tuning_t saved = pk::detail::window_tuning();
-  pk::detail::window_tuning() = pk::detail::window_tuning_t{kc.use_wgmma, kc.max_stages, kc.groups};
-  llama_layer L(state.range(0));
+template <class Policy, class KV>
+cudaError_t window_call(void* t, size_t& bytes, const llama_layer& L, const KV& k, pk::lse_view lse, float* scores,
+                        cudaStream_t s) {
   const pk::segment_grid grid{1, 1, 1};
   const auto rows = pk::make_uniform_segments(1, L.tokens);
-  pk::lse_view lse{};
-  if (with_lse) {
-    // A realistic LSE: computed by the scorer's own first pass is not exposed, so use a value that keeps the
-    // probabilities finite (the time does not depend on the values).
-    std::vector<float> h(static_cast<size_t>(L.Hq * L.w), 8.0f);
-    PKV_BENCH_CHECK(cudaMemcpy(L.lse.ptr, h.data(), h.size() * 4, cudaMemcpyHostToDevice));
-    lse = pk::lse_view{L.lse.ptr, L.Hq * L.w, L.w, 1};
-  }
+  const auto q = L.qv();
+  return pk::detail::window_attention_run<Policy>(t, bytes, &q, &k, &lse, pk::window_options{}, grid, 0, 1, rows, scores,
+                                                  L.status.ptr, s);
+}
+
+// Times fn(stream) (workspace from a size query first) and returns the mean ms.
+template <class Call>
+double time_call(benchmark::State& state, Call&& call) {
   size_t bytes = 0;
-  PKV_BENCH_CHECK(pk::window_attention(nullptr, bytes, L.qv(), L.kv(), lse, {}, grid, 0, rows, L.scores.ptr, L.status.ptr));
+  PKV_BENCH_CHECK(call(nullptr, bytes, cudaStream_t(0)));
   device_array<char> temp(bytes);
-  auto fn = [&](cudaStream_t s) {
-    PKV_BENCH_CHECK(pk::window_attention(temp.ptr, bytes, L.qv(), L.kv(), lse, {}, grid, 0, rows, L.scores.ptr, L.status.ptr, s));
-  };
-  const float floor = L.floor_ms();
-  const double mean_ms = timed_loop(state, fn);
+  return timed_loop(state, [&](cudaStream_t s) { PKV_BENCH_CHECK(call(temp.ptr, bytes, s)); });
+}
+template <class Call>
+float median_call(Call&& call, int reps = 11) {
+  size_t bytes = 0;
+  PKV_BENCH_CHECK(call(nullptr, bytes, cudaStream_t(0)));
+  device_array<char> temp(bytes);
+  return median_ms([&](cudaStream_t s) { PKV_BENCH_CHECK(call(temp.ptr, bytes, s)); }, reps);
+}
+
+template <class Policy>
+void run_window(benchmark::State& state, bool with_lse) {
+  llama_layer L(state.range(0));
+  const pk::lse_view lse = with_lse ? L.lv() : pk::lse_view{};
+  const auto k = L.kv();
+  const double mean_ms = time_call(state, [&](void* t, size_t& b, cudaStream_t s) {
+    return window_call<Policy>(t, b, L, k, lse, L.scores.ptr, s);
+  });
+  const float floor = L.floor_ms(L.k.ptr, L.k.bytes());
   state.counters["floor_ms"] = floor;
   state.counters["ms"] = mean_ms;
   state.counters["ratio_vs_floor"] = mean_ms / floor;
   state.counters["K_MiB"] = double(L.k.bytes()) / (1 << 20);
   pk::detail::window_mma_plan pl;
-  PKV_BENCH_CHECK(pk::detail::plan_window_accumulate(L.qv(), L.kv(), pl));
+  PKV_BENCH_CHECK((pk::detail::plan_window_accumulate<Policy, pk::bf16, false>(pk::detail::make_window_shape(&k, &k, 1), pl)));
   state.counters["wgmma"] = pl.NJ == 0 ? 1 : 0;
-  state.counters["warps"] = pl.warps;
   state.counters["stages"] = pl.stages;
-  pk::detail::window_tuning() = saved;
 }
 
-void BM_window_caller_lse(benchmark::State& state) { run_window(state, true); }
-void BM_window_two_pass(benchmark::State& state) { run_window(state, false); }
-// Caller LSE, other accumulate kernels (counters wgmma / warps / stages say which one ran).
-void BM_window_caller_lse_mma_sync(benchmark::State& state) { run_window(state, true, {0, 0}); }
-void BM_window_caller_lse_wgmma_2stages(benchmark::State& state) { run_window(state, true, {1, 2}); }
-void BM_window_caller_lse_wgmma_2wg(benchmark::State& state) { run_window(state, true, {1, 0, 2}); }
+void BM_window_caller_lse(benchmark::State& state) { run_window<pk::detail::window_policy>(state, true); }
+void BM_window_two_pass(benchmark::State& state) { run_window<pk::detail::window_policy>(state, false); }
+void BM_window_caller_lse_mma_sync(benchmark::State& state) { run_window<policy_mma_sync>(state, true); }
+
+void BM_window_caller_lse_paged(benchmark::State& state) {
+  llama_layer L(state.range(0));
+  paged_k P(state.range(0));
+  const auto kp = P.view();
+  const auto ks = L.kv();
+  const double mean_ms = time_call(state, [&](void* t, size_t& b, cudaStream_t s) {
+    return window_call<pk::detail::window_policy>(t, b, L, kp, L.lv(), L.scores.ptr, s);
+  });
+  const float strided = median_call([&](void* t, size_t& b, cudaStream_t s) {
+    return window_call<pk::detail::window_policy>(t, b, L, ks, L.lv(), L.scores.ptr, s);
+  });
+  state.counters["ms"] = mean_ms;
+  state.counters["strided_ms"] = strided;
+  state.counters["ratio_vs_strided"] = mean_ms / strided;
+}
+
+// All 32 layers of the model in one call vs 32 single-layer calls (caller LSE), K of every layer resident.
+void BM_window_caller_lse_32_layers(benchmark::State& state) {
+  constexpr int64_t layers = 32;
+  const int64_t tokens = state.range(0);
+  llama_layer L(tokens, false);
+  device_array<pk::bf16> k(static_cast<size_t>(layers * llama_layer::Hk * tokens * llama_layer::D));
+  fill_bf16<<<4096, 256>>>(reinterpret_cast<uint16_t*>(k.ptr), k.n, 3u);
+  device_array<float> scores(static_cast<size_t>(layers * tokens));
+  PKV_BENCH_CHECK(cudaDeviceSynchronize());
+  std::vector<pk::kv_view<const pk::bf16>> qv(layers, L.qv()), kv(layers);
+  std::vector<pk::lse_view> lv(layers, L.lv());
+  for (int64_t l = 0; l < layers; ++l)
+    kv[size_t(l)] = pk::make_kv_view_bhsd<const pk::bf16>(k.ptr + l * llama_layer::Hk * tokens * llama_layer::D, 1,
+                                                          llama_layer::Hk, tokens, llama_layer::D);
+  const pk::segment_grid grid{layers, 1, 1};
+  const auto rows = pk::make_uniform_segments(layers, tokens);
+  const double mean_ms = time_call(state, [&](void* t, size_t& b, cudaStream_t s) {
+    return pk::window_attention_layers(t, b, qv.data(), kv.data(), lv.data(), {}, grid, rows, scores.ptr, L.status.ptr, s);
+  });
+  const float per_layer = median_call([&](void* t, size_t& b, cudaStream_t s) {
+    for (int64_t l = 0; l < layers; ++l)
+      PREFIXKV_TRY(pk::window_attention(t, b, qv[size_t(l)], kv[size_t(l)], lv[size_t(l)], {}, grid, l, rows, scores.ptr,
+                                        L.status.ptr, s));
+    return cudaSuccess;
+  }, 5);
+  state.counters["ms"] = mean_ms;
+  state.counters["per_layer_calls_ms"] = per_layer;
+  state.counters["ratio_vs_per_layer"] = mean_ms / per_layer;
+}
+
+void report_key_norm(benchmark::State& state, double mean_ms, const llama_layer& L, size_t k_bytes) {
+  const float copy = time_memcpy_d2d(k_bytes);
+  const double moved = double(k_bytes) + double(L.tokens) * sizeof(float);  // K read + scores written
+  state.counters["ms"] = mean_ms;
+  state.counters["memcpy_ms"] = copy;
+  state.counters["copy_bw_fraction"] = (moved / mean_ms) / (2.0 * double(k_bytes) / copy);
+  state.counters["K_MiB"] = double(k_bytes) / (1 << 20);
+}
 
 void BM_key_norm(benchmark::State& state) {
   llama_layer L(state.range(0));
   const pk::segment_grid grid{1, 1, 1};
   const auto rows = pk::make_uniform_segments(1, L.tokens);
-  size_t bytes = 0;
-  PKV_BENCH_CHECK(pk::key_norm(nullptr, bytes, L.kv(), {}, grid, 0, rows, L.scores.ptr, L.status.ptr));
-  device_array<char> temp(bytes);
-  auto fn = [&](cudaStream_t s) {
-    PKV_BENCH_CHECK(pk::key_norm(temp.ptr, bytes, L.kv(), {}, grid, 0, rows, L.scores.ptr, L.status.ptr, s));
-  };
-  const float floor = L.floor_ms();
-  const double mean_ms = timed_loop(state, fn);
+  const double mean_ms = time_call(state, [&](void* t, size_t& b, cudaStream_t s) {
+    return pk::key_norm(t, b, L.kv(), {}, grid, 0, rows, L.scores.ptr, L.status.ptr, s);
+  });
+  report_key_norm(state, mean_ms, L, L.k.bytes());
+  const float floor = L.floor_ms(L.k.ptr, L.k.bytes());
   state.counters["floor_ms"] = floor;
   state.counters["ratio_vs_floor"] = mean_ms / floor;
+}
+
+void BM_key_norm_paged(benchmark::State& state) {
+  llama_layer L(state.range(0), false);
+  paged_k P(state.range(0));
+  const pk::segment_grid grid{1, 1, 1};
+  const auto rows = pk::make_uniform_segments(1, L.tokens);
+  const double mean_ms = time_call(state, [&](void* t, size_t& b, cudaStream_t s) {
+    return pk::key_norm(t, b, P.view(), {}, grid, 0, rows, L.scores.ptr, L.status.ptr, s);
+  });
+  report_key_norm(state, mean_ms, L, P.pool.bytes());
 }
 
 }  // namespace
@@ -125,8 +231,9 @@ void BM_key_norm(benchmark::State& state) {
 BENCHMARK(BM_window_caller_lse)->Arg(4096)->Arg(32768)->Arg(131072)->UseManualTime()->Iterations(20)->Repetitions(7)->ReportAggregatesOnly(true)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_window_two_pass)->Arg(4096)->Arg(32768)->Arg(131072)->UseManualTime()->Iterations(20)->Repetitions(7)->ReportAggregatesOnly(true)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_window_caller_lse_mma_sync)->Arg(4096)->Arg(32768)->Arg(131072)->UseManualTime()->Iterations(20)->Repetitions(7)->ReportAggregatesOnly(true)->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_window_caller_lse_wgmma_2wg)->Arg(4096)->Arg(32768)->Arg(131072)->UseManualTime()->Iterations(20)->Repetitions(7)->ReportAggregatesOnly(true)->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_window_caller_lse_wgmma_2stages)->Arg(131072)->UseManualTime()->Iterations(20)->Repetitions(7)->ReportAggregatesOnly(true)->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_key_norm)->Arg(131072)->UseManualTime()->Iterations(20)->Repetitions(7)->ReportAggregatesOnly(true)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_window_caller_lse_paged)->Arg(32768)->Arg(131072)->UseManualTime()->Iterations(20)->Repetitions(7)->ReportAggregatesOnly(true)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_window_caller_lse_32_layers)->Arg(4096)->Arg(32768)->UseManualTime()->Iterations(5)->Repetitions(5)->ReportAggregatesOnly(true)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_key_norm)->Arg(32768)->Arg(131072)->UseManualTime()->Iterations(20)->Repetitions(7)->ReportAggregatesOnly(true)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_key_norm_paged)->Arg(32768)->Arg(131072)->UseManualTime()->Iterations(20)->Repetitions(7)->ReportAggregatesOnly(true)->Unit(benchmark::kMillisecond);
 
 BENCHMARK_MAIN();

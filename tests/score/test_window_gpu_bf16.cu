@@ -1,6 +1,7 @@
 // Window scorer, bf16 inputs (tensor-core path): GPU == host twin over GQA group sizes 1/2/4/8, head_dim
-// 64/128/256, windows 1..128, ragged batches, strided Q/K, both head reductions, pooling, per-kv-head rows, and
-// with a caller LSE (which must give the same result as the in-kernel softmax).
+// 64/128/256, windows 1..128, ragged batches, per-kv-head rows of unequal length, sequence-major grids, strided Q/K,
+// both head reductions, pooling, and with a caller LSE (which must give the same result as the in-kernel softmax);
+// every accumulate kernel (wgmma with 4/2/1 K stages where built, mma.sync, the WMMA fallback).
 #include "score_test_util.cuh"
 
 using namespace score_test;
@@ -20,7 +21,8 @@ TEST_CASE("window scorer bf16: GPU == host twin across GQA groups, head dims and
       c.B = 1 + int64_t(rng() % 2);
       c.cap = c.w + 1 + int64_t(rng() % 200);
       c.strided = rep % 3 == 1;
-      c.per_head = rep % 4 == 2;
+      c.per_head = rep % 4 == 2 || rep % 4 == 3;
+      c.seq_major = rep % 5 == 3;
       c.caller_lse = rep % 3 == 2;
       c.opt.group = rep % 2 ? pk::head_reduce::max : pk::head_reduce::mean;
       c.opt.heads = rep % 5 == 1 ? pk::head_reduce::max : pk::head_reduce::mean;
@@ -53,7 +55,7 @@ TEST_CASE("window scorer bf16: caller LSE == in-kernel softmax; long rows over m
   one.per_head = true;
   one.Hk = 2;
   run_window_case<pk::bf16>(rng, one);
-  window_cfg big;  // G = 8, w = 128, D = 256: several head chunks per kv head (atomic merge), both group modes
+  window_cfg big;  // G = 8, w = 128, D = 256: several head chunks per kv head (combined in chunk order), both group modes
   big.G = 8;
   big.D = 256;
   big.w = 128;
@@ -66,9 +68,10 @@ TEST_CASE("window scorer bf16: caller LSE == in-kernel softmax; long rows over m
 
 // D 64/128 with 16-byte K rows take a tensor-core accumulate kernel (wgmma in PREFIXKV_SM90A builds on a
 // compute capability 9.0 device, else mma.sync); these shapes reach its plan variants: whole group with several K
-// stages (G 4, w 64), whole group with fewer stages (G 8, w 64, D 128), head chunks merged with atomics (G 8,
-// w 128, D 128), padded query steps (w 33, w 100), many key splits with ragged rows whose causal tail straddles
-// a split.
+// stages (G 4, w 64), whole group with fewer stages (G 8, w 64, D 128), head chunks combined by the finalize kernel
+// (G 8, w 128, D 128), padded query steps (w 33, w 100), many key splits with ragged rows (per kv head too) whose
+// causal tail straddles a split.
+template <class Policy>
 static void run_accumulate_shapes(std::mt19937_64& rng) {
   struct shape {
     int64_t G, D, w;
@@ -86,24 +89,19 @@ static void run_accumulate_shapes(std::mt19937_64& rng) {
     c.strided = rep % 2 == 1;
     c.caller_lse = rep % 3 != 1;
     c.per_head = rep % 3 == 2;
+    c.seq_major = rep % 2 == 0;
     c.opt.group = rep % 2 ? pk::head_reduce::max : pk::head_reduce::mean;
     c.opt.heads = rep % 4 == 1 ? pk::head_reduce::max : pk::head_reduce::mean;
     c.opt.pool = pk::pool_kind(rep % 3);
     c.opt.pool_kernel = 3;
-    run_window_case<pk::bf16>(rng, c);
+    run_window_case<pk::bf16, Policy>(rng, c);
     ++rep;
   }
 }
 
-// Restores the tuning hook whatever happens.
-struct tuning_guard {
-  pk::detail::window_tuning_t saved = pk::detail::window_tuning();
-  ~tuning_guard() { pk::detail::window_tuning() = saved; }
-};
-
 TEST_CASE("window scorer bf16: tensor-core accumulate kernel shapes (default kernel)") {
   auto rng = make_rng(105);
-  run_accumulate_shapes(rng);
+  run_accumulate_shapes<pk::detail::window_policy>(rng);
 }
 
 TEST_CASE("window scorer bf16: accumulate kernel selection and the other kernel configurations") {
@@ -114,9 +112,9 @@ TEST_CASE("window scorer bf16: accumulate kernel selection and the other kernel 
   pk::bf16* none = nullptr;
   auto q = pk::make_kv_view_bhsd<const pk::bf16>(none, 1, 32, 64, 128);
   auto k = pk::make_kv_view_bhsd<const pk::bf16>(none, 1, 8, 131072, 128);
-  tuning_guard guard;
+  const auto shape = pk::detail::make_window_shape(&q, &k, 1);
   pk::detail::window_mma_plan pl;
-  REQUIRE(pk::detail::plan_window_accumulate(q, k, pl) == cudaSuccess);
+  REQUIRE((pk::detail::plan_window_accumulate<pk::detail::window_policy, pk::bf16, false>(shape, pl)) == cudaSuccess);
   CHECK(pl.use);
 #if defined(PREFIXKV_SM90A)
   const bool wgmma = major == 9 && minor == 0;
@@ -127,19 +125,16 @@ TEST_CASE("window scorer bf16: accumulate kernel selection and the other kernel 
   MESSAGE("accumulate kernel: ", std::string(pl.NJ == 0 ? "wgmma" : "mma.sync"), ", ", pl.warps, " warps, ", pl.stages,
           " stages, ", pl.splits, " splits");
   auto rng = make_rng(106);
-  pk::detail::window_tuning().use_wgmma = 0;  // the mma.sync kernel
-  REQUIRE(pk::detail::plan_window_accumulate(q, k, pl) == cudaSuccess);
-  CHECK((pl.use && pl.NJ != 0));
-  run_accumulate_shapes(rng);
+  REQUIRE((pk::detail::plan_window_accumulate<policy_mma_sync, pk::bf16, false>(shape, pl)) == cudaSuccess);
+  CHECK((pl.use && pl.NJ != 0));  // the mma.sync kernel
+  run_accumulate_shapes<policy_mma_sync>(rng);
   if (wgmma) {
-    pk::detail::window_tuning().use_wgmma = 1;
-    pk::detail::window_tuning().wgmma_max_stages = 2;  // two K stages per warp (default: as many as fit, <= 4)
-    run_accumulate_shapes(rng);
-    pk::detail::window_tuning().wgmma_max_stages = 1;  // one K stage per warp
-    run_accumulate_shapes(rng);
-    pk::detail::window_tuning().wgmma_max_stages = 0;
-    pk::detail::window_tuning().wgmma_groups = 2;  // two warpgroups, both accumulators in one turn
-    run_accumulate_shapes(rng);
+    REQUIRE((pk::detail::plan_window_accumulate<policy_wgmma_2stages, pk::bf16, false>(shape, pl)) == cudaSuccess);
+    CHECK((pl.use && pl.NJ == 0 && pl.stages <= 2));
+    run_accumulate_shapes<policy_wgmma_2stages>(rng);  // two K stages per warp (default: as many as fit, <= 4)
+    REQUIRE((pk::detail::plan_window_accumulate<policy_wgmma_1stage, pk::bf16, false>(shape, pl)) == cudaSuccess);
+    CHECK((pl.use && pl.NJ == 0 && pl.stages == 1));
+    run_accumulate_shapes<policy_wgmma_1stage>(rng);  // one K stage per warp
   }
 }
 
@@ -182,8 +177,9 @@ TEST_CASE("window scorer: NaN/Inf inputs raise the device status flag; read_stat
 
 // A non-finite K element whose products with every query of the group are -inf (or NaN) instead of +inf: each
 // probability of that key is 0 (or NaN), so a detector that only looked for non-finite sums would miss the -inf
-// case. Runs every accumulate kernel (wgmma with 3 and 2 warpgroups where available, mma.sync) over whole-group,
-// head-chunk (atomic) and 128-row blocks, both group reductions, keys in the first, a middle and the causal tile.
+// case. Runs every accumulate kernel (wgmma where available, mma.sync) over whole-group, head-chunk and 128-row
+// blocks, both group reductions, keys in the first, a middle and the causal tile.
+template <class Policy>
 static void run_hidden_nonfinite_cases(std::mt19937_64& rng) {
   struct shape {
     int64_t G, D, w;
@@ -219,8 +215,8 @@ static void run_hidden_nonfinite_cases(std::mt19937_64& rng) {
           opt.group = g;
           run_three_ways(
               [&](void* t, size_t& bytes, cudaStream_t s) {
-                return pk::window_attention(t, bytes, q, k, lse, opt, pk::segment_grid{1, B, 1}, 0,
-                                            pk::make_uniform_segments(B, cap), out.get(), status.get(), s);
+                return call_window<Policy>(t, bytes, &q, &k, &lse, opt, pk::segment_grid{1, B, 1}, 0, 0,
+                                           pk::make_uniform_segments(B, cap), out.get(), status.get(), s);
               },
               [&] { PKV_CUDA_CHECK(cudaMemset(status.get(), 0, sizeof(unsigned))); },
               [&](const char* mode) {
@@ -238,13 +234,9 @@ static void run_hidden_nonfinite_cases(std::mt19937_64& rng) {
 
 TEST_CASE("window scorer: NaN/Inf keys whose products are all -inf or NaN are flagged by every accumulate kernel") {
   auto rng = make_rng(107);
-  tuning_guard guard;
-  run_hidden_nonfinite_cases(rng);  // default kernel
-  pk::detail::window_tuning().use_wgmma = 0;  // mma.sync
-  run_hidden_nonfinite_cases(rng);
-  pk::detail::window_tuning().use_wgmma = 1;
-  pk::detail::window_tuning().wgmma_groups = 2;  // wgmma with two warpgroups (where the build has it)
-  run_hidden_nonfinite_cases(rng);
+  run_hidden_nonfinite_cases<pk::detail::window_policy>(rng);  // default kernel
+  run_hidden_nonfinite_cases<policy_mma_sync>(rng);
+  run_hidden_nonfinite_cases<policy_wgmma_1stage>(rng);  // wgmma with one K stage (where the build has it)
 }
 
 TEST_CASE("window scorer: device row lengths outside [window, capacity] are flagged and zero-filled") {
@@ -280,4 +272,48 @@ TEST_CASE("window scorer: device row lengths outside [window, capacity] are flag
         CHECK(pk::read_status(status.get(), bits) == cudaErrorInvalidValue);
         CHECK(pk::last_error().why == pk::reason::out_of_range);
       });
+}
+
+TEST_CASE("window scorer: per-head rows, one head's device length bad: only that head is flagged and zeroed") {
+  auto rng = make_rng(108);
+  const int64_t D = 64, w = 4, cap = 100, Hk = 2, G = 2;
+  auto qh = to_storage<pk::bf16>(random_vector<float>(rng, size_t(Hk * G * w * D)));
+  auto kh = to_storage<pk::bf16>(random_vector<float>(rng, size_t(Hk * cap * D)));
+  device_buffer<pk::bf16> dq(qh), dk(kh);
+  auto q = pk::make_kv_view_bhsd<const pk::bf16>(dq.get(), 1, Hk * G, w, D);
+  auto k = pk::make_kv_view_bhsd<const pk::bf16>(dk.get(), 1, Hk, cap, D);
+  const pk::segment_grid grid{1, 1, Hk};
+  for (int64_t bad_n : {int64_t(2), cap + 50}) {  // head 1: shorter than the window, or longer than the capacity
+    INFO("bad length ", bad_n);
+    const std::vector<int64_t> begins = {0, 60}, lens = {57, bad_n};
+    device_buffer<int64_t> db(begins), dl(lens);
+    device_buffer<float> out(size_t(60 + bad_n + 5));
+    device_buffer<unsigned> status(1);
+    std::vector<float> expect(60 + 57);
+    const std::vector<int64_t> ok_lens = {57, 57};
+    REQUIRE(pk::window_attention_host(pk::make_kv_view_bhsd<const pk::bf16>(qh.data(), 1, Hk * G, w, D),
+                                      pk::make_kv_view_bhsd<const pk::bf16>(kh.data(), 1, Hk, cap, D), {}, {}, grid, 0,
+                                      pk::make_ragged_segments(2, begins.data(), ok_lens.data()), expect.data()) ==
+            cudaSuccess);
+    run_three_ways(
+        [&](void* t, size_t& bytes, cudaStream_t s) {
+          return pk::window_attention(t, bytes, q, k, {}, {}, grid, 0, pk::make_ragged_segments(2, db.get(), dl.get()),
+                                      out.get(), status.get(), s);
+        },
+        [&] {
+          out.poison();
+          PKV_CUDA_CHECK(cudaMemset(status.get(), 0, sizeof(unsigned)));
+        },
+        [&](const char* mode) {
+          INFO("mode ", mode);
+          const auto got = out.download();
+          CHECK(status.download()[0] == unsigned(pk::status_bad_length));
+          for (int64_t t = 0; t < 57; ++t) CHECK(window_close(got[t], expect[t]));  // head 0 as usual
+          const float kPoison = poison_value<float>();
+          for (int64_t t = 57; t < 60; ++t) CHECK(std::memcmp(&got[t], &kPoison, 4) == 0);
+          const int64_t zeros = std::min(bad_n, cap);  // a bad row: zeros over at most the capacity
+          for (int64_t t = 0; t < zeros; ++t) CHECK(got[size_t(60 + t)] == 0.0f);
+          for (size_t t = size_t(60 + zeros); t < got.size(); ++t) CHECK(std::memcmp(&got[t], &kPoison, 4) == 0);
+        });
+  }
 }

@@ -1,22 +1,29 @@
 //! \file prefixkv/score/score.cuh
-//! CUDA scorers: the device versions of the host twins in score.hpp (same semantics, same arguments plus the
-//! CUB-style workspace, a stream and an optional device status word).
+//! CUDA scorers: the device versions of the host twins in score.hpp (same semantics, same arguments in the same
+//! order, plus the CUB-style workspace first and an optional device status word and the stream last).
 //!
-//! * `accumulated_attention`  — the paper's scorer from materialised probabilities (bit-identical to the twin).
-//! * `window_attention`       — observation-window attention from Q and K (FlashAttention-compatible). The
-//!                              probability pass runs on tensor cores: mma.sync m16n8k16 + ldmatrix with the
-//!                              probabilities reduced in registers (detail/window_mma.cuh) for f16/bf16, head_dim
-//!                              64 or 128 and 16-byte-aligned K rows; otherwise (and for the row-statistics pass
-//!                              of the in-kernel softmax) WMMA for f16/bf16 with head_dim % 16 == 0, exact fp32
-//!                              CUDA-core dot products for the rest. Softmax in two passes (row statistics, then
-//!                              probabilities) or one pass with a caller LSE. Probabilities live only in
-//!                              registers/shared memory; K is read per kv head (never expanded by the group).
-//! * `key_norm`               — minus (or reciprocal of) the key L2 norms.
+//! * `accumulated_attention` / `accumulated_attention_layers` — the paper's scorer from materialised
+//!   probabilities (bit-identical to the twin).
+//! * `window_attention` / `window_attention_layers` — observation-window attention from Q and K
+//!   (FlashAttention-compatible), K strided or paged. The probability pass runs on tensor cores: wgmma
+//!   (detail/window_wgmma.cuh, opt-in `PREFIXKV_SM90A` builds on compute capability 9.0) or mma.sync m16n8k16 +
+//!   ldmatrix (detail/window_mma.cuh) for f16/bf16, head_dim 64 or 128 and 16-byte-aligned K rows; otherwise (and
+//!   for the row-statistics pass of the in-kernel softmax) WMMA for f16/bf16 with head_dim % 16 == 0, exact fp32
+//!   CUDA-core dot products for the rest. Softmax in two passes (row statistics, then probabilities) or one pass
+//!   with a caller LSE. Probabilities live only in registers/shared memory; K is read per kv head (never expanded
+//!   by the group).
+//! * `key_norm` / `key_norm_layers` — minus (or reciprocal of) the key L2 norms, K strided or paged (16-byte
+//!   loads when the rows allow them; detail/key_norm.cuh).
+//!
+//! The `*_layers` forms score every layer of the grid in one call with a number of kernel launches that does not
+//! depend on the layer count (host arrays of per-layer views, at most `score_max_layers`; the pointers travel as
+//! kernel parameters). Results are bitwise reproducible: the same input on the same device gives the same bits
+//! (no floating-point atomics; partial results are combined in a fixed order).
 //!
 //! Error reporting without a sync: pass `unsigned* d_status` (device, zeroed by you once); kernels OR
-//! `status_bits` into it (NaN/Inf inputs, device-side row lengths out of range). Read it whenever you sync
-//! anyway, or call `read_status` — the validating entry point, which syncs the stream and turns the bits into an
-//! error code with a reason.
+//! `status_bits` into it (NaN/Inf inputs, device-side row lengths out of range, page ids outside the pool). Read
+//! it whenever you sync anyway, or call `read_status` — the validating entry point, which syncs the stream and
+//! turns the bits into an error code with a reason.
 //!
 //! \code
 //! size_t bytes = 0;
@@ -43,13 +50,15 @@
 #include <mma.h>
 
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
 
 PREFIXKV_NAMESPACE_BEGIN
 
 //! The validating entry point: waits for `stream`, reads the status word and returns `cudaSuccess` or
-//! `cudaErrorInvalidValue` with the reason of the first set bit (nonfinite_input, out_of_range, negative_input,
-//! capacity_exceeded). This SYNCHRONISES; keep it out of hot paths and graphs. `h_status` receives the bits.
+//! `cudaErrorInvalidValue` with the reason of the first set bit (nonfinite_input, out_of_range for row lengths and
+//! page ids, negative_input, capacity_exceeded). This SYNCHRONISES; keep it out of hot paths and graphs.
+//! `h_status` receives the bits.
 [[nodiscard]] inline cudaError_t read_status(const unsigned* d_status, unsigned& h_status, cudaStream_t stream = 0) {
   h_status = 0;
   if (d_status == nullptr) return detail::fail(reason::null_pointer, "read_status: d_status is null");
@@ -59,6 +68,8 @@ PREFIXKV_NAMESPACE_BEGIN
   if (h_status & status_nonfinite) return detail::fail(reason::nonfinite_input, "scorer: NaN or infinity in an input");
   if (h_status & status_bad_length)
     return detail::fail(reason::out_of_range, "scorer: a row length is outside [window, token capacity]");
+  if (h_status & status_bad_page)
+    return detail::fail(reason::out_of_range, "scorer: a block-table page id lies outside the page pool");
   if (h_status & status_negative) return detail::fail(reason::negative_input, "curve builder: a score is negative");
   if (h_status & status_capacity)
     return detail::fail(reason::capacity_exceeded, "curve builder: candidates exceed the capacity given");
@@ -108,16 +119,70 @@ inline constexpr int win_tile = 64;     // tokens per tile
 inline constexpr int win_warps = 8;     // warps per CTA
 inline constexpr int win_sb_ld = 20;    // leading dim of a warp's 16x16 float scratch
 
+//! Paged K addressing shared by the scorers: token t of sequence b lives in page table[b * table_stride +
+//! t / page_size] at slot t % page_size (`shift` = log2(page_size) when a power of two). `table == nullptr`:
+//! strided K.
+struct k_pages {
+  const int32_t* table = nullptr;
+  int64_t table_stride = 0, page_size = 1, num_pages = 0, stride_page = 0;
+  int32_t shift = -1;
+};
+
+//! The K geometry of a kernel as a `kv_view` (extents, strides; paged: stride_token = slot stride, tokens = the
+//! token capacity, stride_batch unused) plus the page table (empty for strided K).
+template <class T>
+inline void k_geometry(const kv_view<const T>& k, kv_view<const T>& g, k_pages& pg) {
+  g = k;
+  pg = k_pages{};
+}
+template <class T>
+inline void k_geometry(const paged_kv_view<const T>& k, kv_view<const T>& g, k_pages& pg) {
+  g = make_kv_view<const T>(k.pages, k.batch, k.heads, k_capacity(k), k.dim, 0, k.stride_head, k.stride_slot,
+                            k.stride_dim);
+  pg.table = k.block_table;
+  pg.table_stride = k.block_table_stride;
+  pg.page_size = k.page_size;
+  pg.num_pages = k.num_pages;
+  pg.stride_page = k.stride_page;
+  pg.shift = -1;
+  for (int32_t s = 0; s < 62; ++s)
+    if ((int64_t(1) << s) == k.page_size) pg.shift = s;
+}
+template <class T>
+inline const T* k_data(const kv_view<const T>& k) {
+  return k.data;
+}
+template <class T>
+inline const T* k_data(const paged_kv_view<const T>& k) {
+  return k.pages;
+}
+
+//! Start of row t of kv head kh of sequence b in the layer whose K data starts at `kb`; nullptr when K is paged
+//! and the page id is outside [0, num_pages) (nothing is read then).
+template <bool Paged, class T>
+PREFIXKV_DEVICE const T* k_row_of(const kv_view<const T>& k, const k_pages& pg, const T* kb, int64_t b, int64_t kh,
+                                  int64_t t) {
+  if constexpr (!Paged) {
+    return kb + b * k.stride_batch + kh * k.stride_head + t * k.stride_token;
+  } else {
+    const int64_t blk = pg.shift >= 0 ? (t >> pg.shift) : t / pg.page_size;
+    const int64_t page = pg.table[b * pg.table_stride + blk];
+    if (page < 0 || page >= pg.num_pages) return nullptr;
+    return kb + page * pg.stride_page + (t - blk * pg.page_size) * k.stride_token + kh * k.stride_head;
+  }
+}
+
 template <class T>
 struct window_params {
-  kv_view<const T> q;  // (batch, q_head, w, dim)
-  kv_view<const T> k;  // (batch, kv_head, token, dim)
-  lse_view lse;        // accumulate pass: the LSE (natural log if lse_natural, else log2 domain)
-  float2* stats;       // (batch * q_head * w, splits) partial (max, sum) in log2 domain — stats pass
-  float* kvrows;       // (batch, kv_head, capacity) group-reduced rows
+  kv_view<const T> q;  // (batch, q_head, w, dim): extents and strides; layer z's data at q_of[z]
+  kv_view<const T> k;  // (batch, kv_head, capacity, dim): extents and strides (see k_geometry); data at k_of[z]
+  k_pages pg;          // paged K (table == nullptr: strided)
+  lse_view lse;        // accumulate pass: LSE strides (natural log if lse_natural, else log2); data at lse_of[z]
+  float2* stats;       // (layers, batch, q_head, w, splits) partial (max, sum) in log2 domain — stats pass
+  float* kvrows;       // (layers, chunks, batch, kv_head, capacity) group-reduced rows, one per head chunk
   segments rows;
   segment_grid grid;
-  int64_t layer;
+  int64_t layer;       // grid layer of blockIdx.z == 0
   unsigned* status;
   float scale_log2;    // scale * log2(e)
   float inv_G;         // 1 / G: the mean over a group's query heads multiplies (one division per call, on the host)
@@ -127,7 +192,27 @@ struct window_params {
   head_reduce group;
   int stages;          // mma kernel: K stages per warp (1 or 2)
   int64_t split_keys;  // mma kernel: keys per CTA (multiple of 32)
+  const T* q_of[score_max_layers];
+  const T* k_of[score_max_layers];
+  const float* lse_of[score_max_layers];
 };
+static_assert(sizeof(window_params<float>) <= 4000, "window scorer parameters must fit 4 KB of kernel parameters");
+
+//! Length of the row that kv head kh of sequence b writes in layer z of the call.
+template <class T>
+PREFIXKV_DEVICE int64_t window_row_length(const window_params<T>& p, int64_t z, int64_t b, int64_t kh) {
+  return p.rows.length(score_row(p.grid, p.layer + z, b, kh));
+}
+//! Head chunk `chunk`'s group-reduced row of (layer z, sequence b, kv head kh) in the workspace.
+template <class T>
+PREFIXKV_DEVICE float* window_kvrow(const window_params<T>& p, int64_t z, int chunk, int64_t b, int64_t kh) {
+  return p.kvrows + (((z * p.chunks + chunk) * p.q.batch + b) * p.k.heads + kh) * p.k.tokens;
+}
+//! LSE of (b, q head h, window query i) in layer z.
+template <class T>
+PREFIXKV_DEVICE float window_lse_at(const window_params<T>& p, int64_t z, int64_t b, int64_t h, int64_t i) {
+  return p.lse_of[z][b * p.lse.stride_batch + h * p.lse.stride_head + i * p.lse.stride_query];
+}
 
 template <class T>
 struct window_smem {
@@ -195,8 +280,8 @@ PREFIXKV_DEVICE void merge_ml(float& m, float& l, float m2, float l2) {
   m = mn;
 }
 
-//! One CTA: (batch b, kv head kh, chunk of HC q heads) x a contiguous range of 64-token tiles.
-template <class T, bool Stats, bool Mma>
+//! One CTA: (layer blockIdx.z, batch b, kv head kh, chunk of HC q heads) x a contiguous range of 64-token tiles.
+template <class T, bool Stats, bool Mma, bool Paged>
 PREFIXKV_KERNEL void __launch_bounds__(win_warps * 32, 2) window_kernel(window_params<T> p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const window_smem<T> L(p.R, p.HC, p.ldq, p.ldk);
@@ -212,9 +297,11 @@ PREFIXKV_KERNEL void __launch_bounds__(win_warps * 32, 2) window_kernel(window_p
   const int64_t Hk = p.k.heads, Hq = p.q.heads;
   const int64_t by = blockIdx.y;
   const int chunk = int(by % p.chunks);
-  const int64_t kh = (by / p.chunks) % Hk, b = by / (p.chunks * Hk);
+  const int64_t kh = (by / p.chunks) % Hk, b = by / (p.chunks * Hk), z = blockIdx.z;
   const int w = int(p.q.tokens), dim = int(p.q.dim);
-  const int64_t n = p.rows.length(p.grid.id(p.layer, b, 0));
+  const T* const qb = p.q_of[z];
+  const T* const kb = p.k_of[z];
+  const int64_t n = window_row_length(p, z, b, kh);
   const bool bad_len = n < w || n > p.k.tokens;
   const int64_t ntiles = bad_len ? 0 : (n + win_tile - 1) / win_tile;
   const int64_t tile_begin = int64_t(blockIdx.x) * p.tiles_per_split;
@@ -223,7 +310,7 @@ PREFIXKV_KERNEL void __launch_bounds__(win_warps * 32, 2) window_kernel(window_p
   const int h_first = chunk * p.HC;                       // first group member of this chunk
   const int hc = min(p.HC, p.G - h_first);                 // heads in this chunk
   const int64_t h0 = kh * p.G + h_first;                   // global q head of local head 0
-  bool bad = false;
+  bool bad = false, bad_page = false;
 
   // Row state and LSE.
   for (int r = threadIdx.x; r < p.R; r += blockDim.x) {
@@ -234,7 +321,7 @@ PREFIXKV_KERNEL void __launch_bounds__(win_warps * 32, 2) window_kernel(window_p
     } else {
       float v = 0.0f;
       if (hl < hc && i < w && !bad_len && tile_begin < tile_end) {
-        v = p.lse(b, h0 + hl, i);
+        v = window_lse_at(p, z, b, h0 + hl, i);
         bad |= !isfinite(v);
         if (p.lse_natural) v *= 1.4426950408889634f;
       }
@@ -244,7 +331,7 @@ PREFIXKV_KERNEL void __launch_bounds__(win_warps * 32, 2) window_kernel(window_p
   if (tile_begin < tile_end) {
     bad |= load_rows<T>(Qs, p.ldq, p.R, dim, p.q.stride_dim, p.vec_q != 0, [&](int r) -> const T* {
       const int hl = r / p.WP, i = r - hl * p.WP;
-      return (hl < hc && i < w) ? p.q.row(b, h0 + hl, i) : nullptr;
+      return (hl < hc && i < w) ? qb + p.q.offset(b, h0 + hl, i, 0) : nullptr;
     });
   }
   const int strips = p.R / 16;
@@ -283,8 +370,13 @@ PREFIXKV_KERNEL void __launch_bounds__(win_warps * 32, 2) window_kernel(window_p
       const int idx = int(threadIdx.x) + j * int(blockDim.x);
       const int r = idx / kchunks, c = idx - r * kchunks;
       pf[j] = make_uint4(0, 0, 0, 0);
-      if (idx < win_tile * kchunks && t0 + r < n)
-        pf[j] = *reinterpret_cast<const uint4*>(p.k.row(b, kh, t0 + r) + c * kPer);
+      if (idx < win_tile * kchunks && t0 + r < n) {
+        const T* row = k_row_of<Paged>(p.k, p.pg, kb, b, kh, t0 + r);
+        if (row != nullptr)
+          pf[j] = *reinterpret_cast<const uint4*>(row + c * kPer);
+        else
+          bad_page = true;
+      }
     }
   };
   if (prefetch && tile_begin < tile_end) fetch(tile_begin);
@@ -313,7 +405,10 @@ PREFIXKV_KERNEL void __launch_bounds__(win_warps * 32, 2) window_kernel(window_p
       if (tile + 1 < tile_end) fetch(tile + 1);
     } else {
       bad |= load_rows<T>(Ks, p.ldk, win_tile, dim, p.k.stride_dim, p.vec_k != 0, [&](int r) -> const T* {
-        return t0 + r < n ? p.k.row(b, kh, t0 + r) : nullptr;
+        if (t0 + r >= n) return nullptr;
+        const T* row = k_row_of<Paged>(p.k, p.pg, kb, b, kh, t0 + r);
+        bad_page |= row == nullptr;
+        return row;
       });
     }
     if (!Stats)
@@ -523,13 +618,7 @@ PREFIXKV_KERNEL void __launch_bounds__(win_warps * 32, 2) window_kernel(window_p
           g = p.group == head_reduce::max ? fmaxf(g, a) : g + a;
         }
         if (p.group == head_reduce::mean) g *= p.inv_G;
-        float* dst = p.kvrows + (b * Hk + kh) * p.k.tokens + t;
-        if (p.chunks == 1)
-          *dst = g;
-        else if (p.group == head_reduce::mean)
-          atomicAdd(dst, g);
-        else
-          atomicMax(reinterpret_cast<unsigned*>(dst), __float_as_uint(fmaxf(g, 0.0f)));
+        window_kvrow(p, z, chunk, b, kh)[t] = g;  // this head chunk's partial row (combined by window_finalize)
       }
     }
   }
@@ -539,10 +628,11 @@ PREFIXKV_KERNEL void __launch_bounds__(win_warps * 32, 2) window_kernel(window_p
     for (int r = threadIdx.x; r < p.R; r += blockDim.x) {
       const int hl = r / p.WP, i = r - hl * p.WP;
       if (hl < hc && i < w)
-        p.stats[((b * Hq + h0 + hl) * w + i) * p.splits + blockIdx.x] = make_float2(rowm[r], rowl[r]);
+        p.stats[(((z * p.q.batch + b) * Hq + h0 + hl) * w + i) * p.splits + blockIdx.x] = make_float2(rowm[r], rowl[r]);
     }
   }
   if (__syncthreads_or(bad) && threadIdx.x == 0) flag(p.status, status_nonfinite);
+  if (Paged && __syncthreads_or(bad_page) && threadIdx.x == 0) flag(p.status, status_bad_page);
 }
 
 }  // namespace detail
@@ -554,7 +644,7 @@ PREFIXKV_NAMESPACE_END
 PREFIXKV_NAMESPACE_BEGIN
 namespace detail {
 
-//! LSE (log2 domain) of every window query from the per-split statistics.
+//! LSE (log2 domain) of every window query from the per-split statistics (merged in split order).
 // Kernels in headers are templates (a dummy parameter) so that several translation units may include them.
 template <int = 0>
 PREFIXKV_KERNEL void window_merge_stats(const float2* stats, int64_t nrows, int splits, float* lse2) {
@@ -569,8 +659,10 @@ PREFIXKV_KERNEL void window_merge_stats(const float2* stats, int64_t nrows, int 
 }
 
 struct window_final_params {
-  const float* kvrows;  // (batch, kv_head, capacity)
-  int64_t Hk, capacity, w;
+  const float* kvrows;  // (layers, chunks, batch, kv_head, capacity): one partial row per head chunk
+  int64_t B, Hk, capacity, w;
+  int chunks;
+  head_reduce group;
   segments rows;
   segment_grid grid;
   int64_t layer;
@@ -578,40 +670,60 @@ struct window_final_params {
   int pool_kernel;
   head_reduce heads;
   float* scores;
-  unsigned* status;
 };
 
-//! Pooling along tokens + head reduction / per-kv-head output.
+//! Group-reduced value of key t of (layer z, sequence b, kv head kh): the head chunks' partial rows combined in
+//! chunk order (sum for the mean, max for the max), so the result does not depend on the order CTAs ran in.
+PREFIXKV_DEVICE float window_kv_value(const window_final_params& p, int64_t z, int64_t b, int64_t kh, int64_t t) {
+  const int64_t chunk_stride = p.B * p.Hk * p.capacity;
+  const float* r = p.kvrows + ((z * p.chunks * p.B + b) * p.Hk + kh) * p.capacity + t;
+  float v = r[0];
+  for (int c = 1; c < p.chunks; ++c) {
+    const float x = r[c * chunk_stride];
+    v = p.group == head_reduce::max ? fmaxf(v, x) : v + x;
+  }
+  return v;
+}
+
+//! Pooling along tokens + head reduction (layer rows) or per-kv-head output. Grid: (token blocks, batch x output
+//! heads, layers). A row whose length is outside [w, capacity] is written as zeros (at most `capacity` of them).
 template <int = 0>
 PREFIXKV_KERNEL void window_finalize(window_final_params p) {
-  const int64_t b = blockIdx.y;
-  const int64_t n = p.rows.length(p.grid.id(p.layer, b, 0));
-  const bool bad_len = n < p.w || n > p.capacity;
+  const int64_t z = blockIdx.z, Ho = p.grid.heads == 1 ? 1 : p.Hk;
+  const int64_t b = blockIdx.y / Ho, ho = blockIdx.y - b * Ho;
+  const int64_t id = p.grid.id(p.layer + z, b, ho), n_row = p.rows.length(id);
+  const bool bad_len = n_row < p.w || n_row > p.capacity;
+  const int64_t n = n_row < p.capacity ? n_row : p.capacity;
   const int r = p.pool == pool_kind::none ? 0 : p.pool_kernel / 2;
+  float* out = p.scores + p.rows.begin(id);
   for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < n; t += int64_t(gridDim.x) * blockDim.x) {
-    float red = p.heads == head_reduce::max ? -INFINITY : 0.0f;
-    for (int64_t kh = 0; kh < p.Hk; ++kh) {
-      float v = 0.0f;
+    float red = p.heads == head_reduce::max ? -INFINITY : 0.0f, v = 0.0f;
+    for (int64_t kh = Ho == 1 ? 0 : ho; kh < (Ho == 1 ? p.Hk : ho + 1); ++kh) {
+      v = 0.0f;
       if (!bad_len) {
-        const float* row = p.kvrows + (b * p.Hk + kh) * p.capacity;
         if (r == 0) {
-          v = row[t];
+          v = window_kv_value(p, z, b, kh, t);
         } else {
           const int64_t lo = t - r < 0 ? 0 : t - r, hi = t + r < n - 1 ? t + r : n - 1;
           v = p.pool == pool_kind::max ? -INFINITY : 0.0f;
-          for (int64_t j = lo; j <= hi; ++j) v = p.pool == pool_kind::max ? fmaxf(v, row[j]) : v + row[j];
+          for (int64_t j = lo; j <= hi; ++j) {
+            const float x = window_kv_value(p, z, b, kh, j);
+            v = p.pool == pool_kind::max ? fmaxf(v, x) : v + x;
+          }
           if (p.pool == pool_kind::avg) v /= float(p.pool_kernel);
         }
       }
-      if (p.grid.heads == 1)
-        red = p.heads == head_reduce::max ? fmaxf(red, v) : red + v;
-      else
-        p.scores[p.rows.begin(p.grid.id(p.layer, b, kh)) + t] = v;
+      red = p.heads == head_reduce::max ? fmaxf(red, v) : red + v;
     }
-    if (p.grid.heads == 1)
-      p.scores[p.rows.begin(p.grid.id(p.layer, b, 0)) + t] = p.heads == head_reduce::max ? red : red / float(p.Hk);
+    out[t] = Ho != 1 ? v : p.heads == head_reduce::max ? red : red / float(p.Hk);
   }
 }
+
+//! The window scorer's shape over all layers of a call.
+struct window_shape {
+  int64_t layers, batch, q_heads, kv_heads, w, dim, capacity;
+  bool vec_q, vec_k;  // every layer's Q / K rows allow 16-byte loads
+};
 
 struct window_plan {
   int HC = 1, chunks = 1, WP = 16, R = 16, ldq = 0, ldk = 0, splits = 1, tiles_per_split = 1;
@@ -620,8 +732,8 @@ struct window_plan {
 };
 
 template <class T>
-inline cudaError_t plan_window(const kv_view<const T>& q, const kv_view<const T>& k, window_plan& pl) {
-  const int64_t G = q.heads / k.heads, w = q.tokens, D = q.dim;
+inline cudaError_t plan_window(const window_shape& s, window_plan& pl) {
+  const int64_t G = s.q_heads / s.kv_heads, w = s.w, D = s.dim;
   pl.mma = sizeof(T) == 2 && D % 16 == 0;
   pl.WP = int((w + 15) / 16 * 16);
   if constexpr (sizeof(T) == 2) {
@@ -629,8 +741,8 @@ inline cudaError_t plan_window(const kv_view<const T>& q, const kv_view<const T>
   } else {
     pl.ldq = pl.ldk = int(D + 1);
   }
-  pl.vec_q = vector_bytes(q) == 16 && D % (16 / int(sizeof(T))) == 0;
-  pl.vec_k = vector_bytes(k) == 16 && D % (16 / int(sizeof(T))) == 0;
+  pl.vec_q = s.vec_q;
+  pl.vec_k = s.vec_k;
   const size_t budget_shared = 110 * 1024, budget_max = 227 * 1024;
   pl.HC = int(G);
   for (;;) {
@@ -642,8 +754,8 @@ inline cudaError_t plan_window(const kv_view<const T>& q, const kv_view<const T>
   if (pl.smem > budget_max)
     return fail(reason::unsupported, "window scorer: window x head_dim too large for shared memory");
   pl.chunks = int((G + pl.HC - 1) / pl.HC);
-  const int64_t tiles = (k.tokens + win_tile - 1) / win_tile;
-  const int64_t ctas_per_split = q.batch * k.heads * pl.chunks;
+  const int64_t tiles = (s.capacity + win_tile - 1) / win_tile;
+  const int64_t ctas_per_split = s.layers * s.batch * s.kv_heads * pl.chunks;
   const int64_t target = int64_t(sm_count()) * (pl.smem <= budget_shared ? 2 : 1) * 2;
   int64_t splits = ctas_per_split > 0 ? (target + ctas_per_split - 1) / ctas_per_split : 1;
   splits = splits < 1 ? 1 : (splits > tiles ? tiles : splits);
@@ -663,6 +775,14 @@ struct window_mma_cfg {
 };
 inline constexpr window_mma_cfg window_mma_config{4, 8, 2};
 
+//! Compile-time choices of the window scorer's accumulate pass. The entry points use this one; tests and
+//! benchmarks instantiate the dispatch (`window_attention_run`) with others to reach every kernel path on one
+//! device (e.g. `wgmma = false` for the mma.sync kernel in a PREFIXKV_SM90A build).
+struct window_policy {
+  static constexpr bool wgmma = true;                        //!< the wgmma kernel where it applies (PREFIXKV_SM90A)
+  static constexpr int wgmma_max_stages = wgmma_stages_max;  //!< most K stages per warp of the wgmma kernel (1-4)
+};
+
 //! Plan of the tensor-core accumulate kernel (window_mma.cuh); `use == false` falls back to window_kernel.
 struct window_mma_plan {
   bool use = false;
@@ -671,34 +791,30 @@ struct window_mma_plan {
   size_t smem = 0;
 };
 
-//! Raises the dynamic shared-memory limit of `kernel` to the device maximum (once per device ordinal < 64, recorded
-//! in the caller's `configured` bits; benign race: idempotent) and returns that maximum in `optin`.
-template <class Kernel>
-inline cudaError_t raise_smem_limit(Kernel* kernel, unsigned long long& configured, int& optin) {
+//! Raises the dynamic shared-memory limit of `Kernel` to the device maximum, once per kernel and device ordinal
+//! (< 64; a thread-safe flag word per kernel: racing first calls both set the same attribute), and returns that
+//! maximum in `optin`.
+template <auto Kernel>
+inline cudaError_t raise_smem_limit(int& optin) {
+  static std::atomic<unsigned long long> configured{0};
   int dev = 0;
   PREFIXKV_TRY(check_runtime(cudaGetDevice(&dev), "window scorer: no current device"));
   PREFIXKV_TRY(check_runtime(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
                              "window scorer: cannot query shared memory"));
   const unsigned long long bit = dev < 64 ? (1ull << dev) : 0ull;
-  if (!(configured & bit)) {
-    PREFIXKV_TRY(check_runtime(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin),
+  if ((configured.load(std::memory_order_acquire) & bit) == 0) {
+    PREFIXKV_TRY(check_runtime(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin),
                                "window scorer: cannot reserve shared memory"));
-    configured |= bit;
+    configured.fetch_or(bit, std::memory_order_acq_rel);
   }
   return cudaSuccess;
 }
 
-//! window_mma_kernel<T, NK, ...>: shared-memory limit raised once per device.
-template <class T, int NK>
-inline cudaError_t configure_window_mma(int& optin) {
-  static unsigned long long configured = 0;
-  return raise_smem_limit(window_mma_kernel<T, NK, window_mma_config.NJ, window_mma_config.warps>, configured, optin);
-}
-
-//! Keys per CTA for the tensor-core window kernels: split each (batch, kv head, head chunk) unit's keys so that
-//! waves x (rounds + prologue) is smallest (a round = one `tile`-key tile per one of `workers` warps/warpgroups;
-//! `prologue` = a CTA's set-up time in rounds: the time of the slowest CTA in a grid of equal-work CTAs); ties go to
-//! fewer CTAs; the search starts at one full wave. Returns the keys per split, a multiple of `tile`.
+//! Keys per CTA for the tensor-core window kernels: split each (layer, batch, kv head, head chunk) unit's keys so
+//! that waves x (rounds + prologue) is smallest (a round = one `tile`-key tile per one of `workers`
+//! warps/warpgroups; `prologue` = a CTA's set-up time in rounds: the time of the slowest CTA in a grid of
+//! equal-work CTAs); ties go to fewer CTAs; the search starts at one full wave. Returns the keys per split, a
+//! multiple of `tile`.
 inline int64_t window_split_keys(int64_t units, int64_t slots, int64_t cap, int64_t tile, int64_t workers,
                                  int64_t prologue = 0) {
   const int64_t max_splits = std::max<int64_t>(1, (cap + tile - 1) / tile);
@@ -718,17 +834,17 @@ inline int64_t window_split_keys(int64_t units, int64_t slots, int64_t cap, int6
   return (sk + tile - 1) / tile * tile;
 }
 
-template <class T, int NK>
-inline cudaError_t plan_window_mma_nk(const kv_view<const T>& q, const kv_view<const T>& k, window_mma_plan& pl) {
+template <class T, int NK, bool Paged>
+inline cudaError_t plan_window_mma_nk(const window_shape& s, window_mma_plan& pl) {
+  constexpr window_mma_cfg cfg = window_mma_config;
   int optin = 0;
-  PREFIXKV_TRY((configure_window_mma<T, NK>(optin)));
+  PREFIXKV_TRY((raise_smem_limit<window_mma_kernel<T, NK, cfg.NJ, cfg.warps, Paged>>(optin)));
   int dev = 0, major = 0;
   PREFIXKV_TRY(check_runtime(cudaGetDevice(&dev), "window scorer: no current device"));
   PREFIXKV_TRY(check_runtime(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev),
                              "window scorer: cannot query the device"));
   if (major < 8) return cudaSuccess;  // mma.sync bf16 needs sm_80+
-  constexpr window_mma_cfg cfg = window_mma_config;
-  const int64_t G = q.heads / k.heads, w = q.tokens, D = q.dim;
+  const int64_t G = s.q_heads / s.kv_heads, w = s.w, D = s.dim;
   const int64_t WP = (w + wmma_qstep - 1) / wmma_qstep * wmma_qstep;
   if (WP * G > (int64_t(1) << 20)) return cudaSuccess;
   pl.NK = NK;
@@ -739,7 +855,7 @@ inline cudaError_t plan_window_mma_nk(const kv_view<const T>& q, const kv_view<c
     return window_mma_smem(int(HC * WP), int(D), stages, int(sizeof(T)), cfg.warps).total;
   };
   bool found = false;
-  for (int st = cfg.max_stages; st >= 1 && !found; --st)  // the whole group in one CTA first (no atomics)
+  for (int st = cfg.max_stages; st >= 1 && !found; --st)  // the whole group in one CTA first (one partial row)
     if (smem_of(G, st) <= size_t(optin)) {
       pl.HC = int(G);
       pl.stages = st;
@@ -757,70 +873,60 @@ inline cudaError_t plan_window_mma_nk(const kv_view<const T>& q, const kv_view<c
   pl.smem = smem_of(pl.HC, pl.stages);
   pl.chunks = int((G + pl.HC - 1) / pl.HC);
   int per_sm = 0;
-  PREFIXKV_TRY(check_runtime(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, window_mma_kernel<T, NK, cfg.NJ, cfg.warps>,
-                                                                           cfg.warps * 32, pl.smem),
+  PREFIXKV_TRY(check_runtime(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                                 &per_sm, window_mma_kernel<T, NK, cfg.NJ, cfg.warps, Paged>, cfg.warps * 32, pl.smem),
                              "window scorer: occupancy query failed"));
   if (per_sm < 1) return cudaSuccess;
-  // Key splits per (batch, kv head, chunk) unit (a round = one 32-key tile per warp)
-  const int64_t cap = k.tokens > 0 ? k.tokens : 1;
-  const int64_t sk = window_split_keys(q.batch * k.heads * pl.chunks, int64_t(sm_count()) * per_sm, cap, wmma_keys,
-                                       cfg.warps);
+  // Key splits per (layer, batch, kv head, chunk) unit (a round = one 32-key tile per warp)
+  const int64_t cap = s.capacity > 0 ? s.capacity : 1;
+  const int64_t sk = window_split_keys(s.layers * s.batch * s.kv_heads * pl.chunks, int64_t(sm_count()) * per_sm, cap,
+                                       wmma_keys, cfg.warps);
   pl.split_keys = sk;
   pl.splits = int((cap + sk - 1) / sk);
   pl.use = true;
   return cudaSuccess;
 }
 
-template <class T>
-inline cudaError_t plan_window_mma(const kv_view<const T>& q, const kv_view<const T>& k, window_mma_plan& pl) {
+template <class T, bool Paged>
+inline cudaError_t plan_window_mma(const window_shape& s, window_mma_plan& pl) {
   pl = window_mma_plan{};
   if constexpr (sizeof(T) == 2) {
-    if (vector_bytes(k) != 16) return cudaSuccess;
-    if (q.dim == 64) return plan_window_mma_nk<T, 1>(q, k, pl);
-    if (q.dim == 128) return plan_window_mma_nk<T, 2>(q, k, pl);
+    if (!s.vec_k) return cudaSuccess;
+    if (s.dim == 64) return plan_window_mma_nk<T, 1, Paged>(s, pl);
+    if (s.dim == 128) return plan_window_mma_nk<T, 2, Paged>(s, pl);
   }
   return cudaSuccess;
 }
 
-template <class T>
-inline cudaError_t launch_window_mma(const window_params<T>& p, const window_mma_plan& pl, cudaStream_t stream) {
-  const dim3 grid(unsigned(pl.splits), unsigned(p.q.batch * p.k.heads * pl.chunks));
+template <class T, bool Paged>
+inline cudaError_t launch_window_mma(const window_params<T>& p, const window_mma_plan& pl, int64_t layers,
+                                     cudaStream_t stream) {
+  const dim3 grid(unsigned(pl.splits), unsigned(p.q.batch * p.k.heads * pl.chunks), unsigned(layers));
   const unsigned threads = unsigned(pl.warps * 32);
   if constexpr (sizeof(T) == 2) {
     constexpr window_mma_cfg c = window_mma_config;
     if (pl.NK == 1)
-      window_mma_kernel<T, 1, c.NJ, c.warps><<<grid, threads, pl.smem, stream>>>(p);
+      window_mma_kernel<T, 1, c.NJ, c.warps, Paged><<<grid, threads, pl.smem, stream>>>(p);
     else
-      window_mma_kernel<T, 2, c.NJ, c.warps><<<grid, threads, pl.smem, stream>>>(p);
+      window_mma_kernel<T, 2, c.NJ, c.warps, Paged><<<grid, threads, pl.smem, stream>>>(p);
   }
   return check_launch(stream);
 }
 
-//! Test/bench tuning hook (process-wide, not thread-safe; leave at the defaults in production):
-//! `use_wgmma == 0` forces the mma.sync kernel even in a PREFIXKV_SM90A build; `wgmma_max_stages` (1-4) caps the
-//! wgmma kernel's K stages per warp; `wgmma_groups` (2 or 3) its warpgroups per CTA; 0 = default.
-struct window_tuning_t {
-  int use_wgmma = 1, wgmma_max_stages = 0, wgmma_groups = 0;
-};
-inline window_tuning_t& window_tuning() {
-  static window_tuning_t t;
-  return t;
-}
-
 #if defined(PREFIXKV_SM90A)
-//! Calls f(kernel) with the wgmma kernel instance for (NK, NP = R / 128, WGS).
-template <class T, int NK, class F>
-inline cudaError_t with_window_wgmma_kernel(int R, int WGS, F&& f) {
-  if (R == 128) return WGS == 3 ? f(window_wgmma_kernel<T, NK, 1, 3>) : f(window_wgmma_kernel<T, NK, 1, 2>);
-  return WGS == 3 ? f(window_wgmma_kernel<T, NK, 2, 3>) : f(window_wgmma_kernel<T, NK, 2, 2>);
+//! Calls f(kernel) with the wgmma kernel instance for (NK, NP = R / 128).
+template <class T, int NK, bool Paged, class F>
+inline cudaError_t with_window_wgmma_kernel(int R, F&& f) {
+  if (R == 128) return f(window_wgmma_kernel<T, NK, 1, Paged>);
+  return f(window_wgmma_kernel<T, NK, 2, Paged>);
 }
 
 //! Plan of the wgmma kernel, stored in a window_mma_plan (NJ = 0 marks wgmma, `warps` = 4 x warpgroups). It takes a
 //! CTA query block of R = 128 or 256 rows: the padded window WP (multiple of 64) must be 64, 128 or 256, and HC heads
 //! with HC x WP = R (the whole group when G x WP is 128 or 256, else chunks of 256 / WP heads; a group of one head
 //! with WP = 64 would waste half of every MMA and goes to mma.sync).
-template <class T, int NK>
-inline cudaError_t plan_window_wgmma_nk(const kv_view<const T>& q, const kv_view<const T>& k, window_mma_plan& pl) {
+template <class Policy, class T, int NK, bool Paged>
+inline cudaError_t plan_window_wgmma_nk(const window_shape& s, window_mma_plan& pl) {
   int dev = 0, major = 0, minor = 0;
   PREFIXKV_TRY(check_runtime(cudaGetDevice(&dev), "window scorer: no current device"));
   PREFIXKV_TRY(check_runtime(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev),
@@ -828,22 +934,21 @@ inline cudaError_t plan_window_wgmma_nk(const kv_view<const T>& q, const kv_view
   PREFIXKV_TRY(check_runtime(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev),
                              "window scorer: cannot query the device"));
   if (major != 9 || minor != 0) return cudaSuccess;  // sm_90a code runs on compute capability 9.0 only
-  const int64_t G = q.heads / k.heads, w = q.tokens, D = q.dim;
+  const int64_t G = s.q_heads / s.kv_heads, w = s.w, D = s.dim;
   const int64_t WP = (w + 63) / 64 * 64;
   if (WP != 64 && WP != 128 && WP != 256) return cudaSuccess;
   const int64_t HC = G * WP <= 256 ? G : 256 / WP, R = HC * WP;
   if (R != 128 && R != 256) return cudaSuccess;
-  const int WGS = window_tuning().wgmma_groups == 2 || window_tuning().wgmma_groups == 3 ? window_tuning().wgmma_groups
-                                                                                       : wgmma_groups;
+  constexpr int WGS = wgmma_groups;
   int optin = 0;
-  PREFIXKV_TRY((with_window_wgmma_kernel<T, NK>(int(R), WGS, [&](auto* kernel) {
-    static unsigned long long configured[4] = {0, 0, 0, 0};  // per instance: (NP - 1) + 2 (WGS - 2)
-    return raise_smem_limit(kernel, configured[(R / wgmma_n - 1) + 2 * (WGS - 2)], optin);
-  })));
-  const int max_st = window_tuning().wgmma_max_stages > 0 ? std::min(wgmma_stages_max, window_tuning().wgmma_max_stages)
-                                                          : wgmma_stages_max;
+  if (R == 128)
+    PREFIXKV_TRY((raise_smem_limit<window_wgmma_kernel<T, NK, 1, Paged>>(optin)));
+  else
+    PREFIXKV_TRY((raise_smem_limit<window_wgmma_kernel<T, NK, 2, Paged>>(optin)));
+  static_assert(Policy::wgmma_max_stages >= 1 && Policy::wgmma_max_stages <= wgmma_stages_max,
+                "window policy: wgmma_max_stages must be 1-4");
   auto smem_of = [&](int st) { return window_wgmma_smem(int(R), int(D), st, int(sizeof(T)), WGS).total; };
-  int st = max_st;
+  int st = Policy::wgmma_max_stages;
   while (st > 1 && smem_of(st) > size_t(optin)) --st;
   window_mma_plan out{};
   out.NK = NK;
@@ -857,15 +962,15 @@ inline cudaError_t plan_window_wgmma_nk(const kv_view<const T>& q, const kv_view
   if (out.smem > size_t(optin)) return cudaSuccess;
   out.chunks = int((G + HC - 1) / HC);
   int per_sm = 0;
-  PREFIXKV_TRY(check_runtime(with_window_wgmma_kernel<T, NK>(int(R), WGS, [&](auto* kernel) {
+  PREFIXKV_TRY(check_runtime(with_window_wgmma_kernel<T, NK, Paged>(int(R), [&](auto* kernel) {
                                return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, WGS * 128, out.smem);
                              }),
                              "window scorer: occupancy query failed"));
   if (per_sm < 1) return cudaSuccess;
   // Key splits (a round = one 64-key tile per warpgroup)
-  const int64_t cap = k.tokens > 0 ? k.tokens : 1;
-  const int64_t sk = window_split_keys(q.batch * k.heads * out.chunks, int64_t(sm_count()) * per_sm, cap, wgmma_keys,
-                                       WGS, wgmma_prologue_rounds);
+  const int64_t cap = s.capacity > 0 ? s.capacity : 1;
+  const int64_t sk = window_split_keys(s.layers * s.batch * s.kv_heads * out.chunks, int64_t(sm_count()) * per_sm,
+                                       cap, wgmma_keys, WGS, wgmma_prologue_rounds);
   out.split_keys = sk;
   out.splits = int((cap + sk - 1) / sk);
   out.use = true;
@@ -874,119 +979,132 @@ inline cudaError_t plan_window_wgmma_nk(const kv_view<const T>& q, const kv_view
 }
 #endif  // PREFIXKV_SM90A
 
-//! Picks the accumulate kernel: wgmma (PREFIXKV_SM90A builds on compute capability 9.0, query blocks it takes),
-//! else mma.sync, else `use == false` (window_kernel).
-template <class T>
-inline cudaError_t plan_window_accumulate(const kv_view<const T>& q, const kv_view<const T>& k, window_mma_plan& pl) {
+//! Picks the accumulate kernel: wgmma (PREFIXKV_SM90A builds on compute capability 9.0, query blocks it takes,
+//! `Policy::wgmma`), else mma.sync, else `use == false` (window_kernel).
+template <class Policy, class T, bool Paged>
+inline cudaError_t plan_window_accumulate(const window_shape& s, window_mma_plan& pl) {
   pl = window_mma_plan{};
+  constexpr bool wgmma = Policy::wgmma;  // (unused in builds without PREFIXKV_SM90A)
+  (void)wgmma;
 #if defined(PREFIXKV_SM90A)
-  if constexpr (sizeof(T) == 2) {
-    if (window_tuning().use_wgmma != 0 && vector_bytes(k) == 16) {
-      if (q.dim == 64) PREFIXKV_TRY((plan_window_wgmma_nk<T, 1>(q, k, pl)));
-      if (q.dim == 128) PREFIXKV_TRY((plan_window_wgmma_nk<T, 2>(q, k, pl)));
+  if constexpr (sizeof(T) == 2 && wgmma) {
+    if (s.vec_k) {
+      if (s.dim == 64) PREFIXKV_TRY((plan_window_wgmma_nk<Policy, T, 1, Paged>(s, pl)));
+      if (s.dim == 128) PREFIXKV_TRY((plan_window_wgmma_nk<Policy, T, 2, Paged>(s, pl)));
       if (pl.use) return cudaSuccess;
     }
   }
 #endif
-  return plan_window_mma(q, k, pl);
+  return plan_window_mma<T, Paged>(s, pl);
 }
 
-template <class T>
-inline cudaError_t launch_window_accumulate(const window_params<T>& p, const window_mma_plan& pl, cudaStream_t stream) {
+template <class T, bool Paged>
+inline cudaError_t launch_window_accumulate(const window_params<T>& p, const window_mma_plan& pl, int64_t layers,
+                                            cudaStream_t stream) {
 #if defined(PREFIXKV_SM90A)
   if constexpr (sizeof(T) == 2) {
     if (pl.NJ == 0) {
-      const dim3 grid(unsigned(pl.splits), unsigned(p.q.batch * p.k.heads * pl.chunks));
-      const int WGS = pl.warps / 4;
+      const dim3 grid(unsigned(pl.splits), unsigned(p.q.batch * p.k.heads * pl.chunks), unsigned(layers));
       auto launch = [&](auto* kernel) {
-        kernel<<<grid, unsigned(WGS * 128), pl.smem, stream>>>(p);
+        kernel<<<grid, unsigned(wgmma_groups * 128), pl.smem, stream>>>(p);
         return cudaSuccess;
       };
       if (pl.NK == 1)
-        (void)with_window_wgmma_kernel<T, 1>(pl.R, WGS, launch);
+        (void)with_window_wgmma_kernel<T, 1, Paged>(pl.R, launch);
       else
-        (void)with_window_wgmma_kernel<T, 2>(pl.R, WGS, launch);
+        (void)with_window_wgmma_kernel<T, 2, Paged>(pl.R, launch);
       return check_launch(stream);
     }
   }
 #endif
-  return launch_window_mma(p, pl, stream);
+  return launch_window_mma<T, Paged>(p, pl, layers, stream);
 }
 
-template <class T, bool Stats, bool Mma>
+template <class T, bool Stats, bool Mma, bool Paged>
 inline cudaError_t launch_window_kernel(const window_params<T>& p, const window_plan& pl, dim3 grid, cudaStream_t stream) {
-  auto kernel = window_kernel<T, Stats, Mma>;
-  // Opt in to the largest dynamic shared memory once per device (bit per ordinal < 64; benign race: idempotent).
-  static unsigned long long configured = 0;
-  int dev = 0;
-  PREFIXKV_TRY(check_runtime(cudaGetDevice(&dev), "window scorer: no current device"));
-  const unsigned long long bit = dev < 64 ? (1ull << dev) : 0ull;
-  if (!(configured & bit)) {
-    int optin = 0;
-    PREFIXKV_TRY(check_runtime(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
-                               "window scorer: cannot query shared memory"));
-    if (size_t(optin) < pl.smem)
-      return fail(reason::unsupported, "window scorer: window x head_dim needs more shared memory than this GPU has");
-    PREFIXKV_TRY(check_runtime(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin),
-                               "window scorer: cannot reserve shared memory"));
-    configured |= bit;
-  }
-  kernel<<<grid, win_warps * 32, pl.smem, stream>>>(p);
+  int optin = 0;
+  PREFIXKV_TRY((raise_smem_limit<window_kernel<T, Stats, Mma, Paged>>(optin)));
+  if (size_t(optin) < pl.smem)
+    return fail(reason::unsupported, "window scorer: window x head_dim needs more shared memory than this GPU has");
+  window_kernel<T, Stats, Mma, Paged><<<grid, win_warps * 32, pl.smem, stream>>>(p);
   return check_launch(stream);
 }
 
-template <class T, bool Stats>
+template <class T, bool Stats, bool Paged>
 inline cudaError_t launch_window_pass(const window_params<T>& p, const window_plan& pl, dim3 grid, cudaStream_t stream) {
   if constexpr (sizeof(T) == 2) {
-    if (pl.mma) return launch_window_kernel<T, Stats, true>(p, pl, grid, stream);
+    if (pl.mma) return launch_window_kernel<T, Stats, true, Paged>(p, pl, grid, stream);
   }
-  return launch_window_kernel<T, Stats, false>(p, pl, grid, stream);
+  return launch_window_kernel<T, Stats, false, Paged>(p, pl, grid, stream);
 }
 
+//! The window scorer's shape over `layers` layers, with the 16-byte load conditions of every layer's Q and K.
+template <class T, class KView>
+inline window_shape make_window_shape(const kv_view<const T>* q, const KView* k, int64_t layers) {
+  window_shape s{layers, q[0].batch, q[0].heads, k[0].heads, q[0].tokens, q[0].dim, k_capacity(k[0]), true, true};
+  const bool dim_ok = s.dim % (16 / int64_t(sizeof(T))) == 0;
+  for (int64_t l = 0; l < layers; ++l) {
+    s.vec_q = s.vec_q && dim_ok && vector_bytes(q[l]) == 16;
+    s.vec_k = s.vec_k && dim_ok && vector_bytes(k[l]) == 16;
+  }
+  return s;
+}
 
-}  // namespace detail
-
-//! Observation-window attention scores of one layer (device). Same arguments and semantics as
-//! `window_attention_host`; q, k, lse, rows' arrays and scores are device memory.
-//! q: (batch, q_head, w, dim); k: (batch, kv_head, token capacity, dim); lse: (batch, q_head, w) natural-log
-//! LSE or `lse_view{}`; scores: flat output addressed by `rows` (count grid.count()); d_status: optional
-//! device word for `status_bits`.
-//! Workspace: (batch * kv_head * capacity) floats, plus 12 bytes per window query and split without an LSE.
-template <class T>
-[[nodiscard]] inline cudaError_t window_attention(void* d_temp, size_t& temp_bytes, kv_view<const T> q,
-                                                  kv_view<const T> k, lse_view lse, window_options opt,
-                                                  segment_grid grid, int64_t layer, segments rows, float* scores,
-                                                  unsigned* d_status = nullptr, cudaStream_t stream = 0) {
-  PREFIXKV_TRY(detail::check_window_args(q, k, lse, opt, grid, layer, rows, scores, false));
-  detail::window_plan pl;
-  PREFIXKV_TRY(detail::plan_window(q, k, pl));
-  const int64_t B = q.batch, Hq = q.heads, Hk = k.heads, w = q.tokens;
-  detail::window_mma_plan mp;
-  if (d_temp != nullptr && B > 0 && rows.count > 0)
-    PREFIXKV_TRY(detail::plan_window_accumulate(q, k, mp));
-  const bool own_lse = lse.data == nullptr;
+//! The window scorer for `layers` layers starting at grid layer `layer` (q, k, lse: host arrays of `layers`
+//! views; lse may be null). `Policy`: see window_policy. Launches: 2 with a caller LSE, 4 without, for any number of
+//! layers.
+template <class Policy, class T, class KView>
+inline cudaError_t window_attention_run(void* d_temp, size_t& temp_bytes, const kv_view<const T>* q, const KView* k,
+                                        const lse_view* lse, const window_options& opt, const segment_grid& grid,
+                                        int64_t layer, int64_t layers, const segments& rows, float* scores,
+                                        unsigned* d_status, cudaStream_t stream) {
+  constexpr bool Paged = std::is_same<KView, paged_kv_view<const T>>::value;
+  PREFIXKV_TRY(check_window_layers(q, k, lse, opt, grid, layer, layers, rows, scores, false));
+  const window_shape sh = make_window_shape(q, k, layers);
+  window_plan pl;
+  PREFIXKV_TRY(plan_window<T>(sh, pl));
+  const int64_t B = sh.batch, Hq = sh.q_heads, Hk = sh.kv_heads, w = sh.w, cap = sh.capacity, L = layers;
+  const bool work = B > 0 && rows.count > 0;
+  window_mma_plan mp;
+  if (work) PREFIXKV_TRY((plan_window_accumulate<Policy, T, Paged>(sh, mp)));
+  const int chunks = mp.use ? mp.chunks : pl.chunks;
+  const bool own_lse = lse == nullptr || lse[0].data == nullptr;
+  // Workspace: partial rows (layers, chunks, batch, kv_head, capacity), and for the in-kernel softmax the
+  // per-split row statistics and the LSE of every window query.
+  int64_t kv_floats = 0, nq = 0, nstats = 0, x = 0;
+  constexpr int64_t max_elems = std::numeric_limits<int64_t>::max() / 16;
+  if (!score_mul(L, chunks, x) || !score_mul(x, B, x) || !score_mul(x, Hk, x) || !score_mul(x, cap, kv_floats) ||
+      !score_mul(L, B, x) || !score_mul(x, Hq, x) || !score_mul(x, w, nq) || !score_mul(nq, pl.splits, nstats) ||
+      kv_floats > max_elems || nstats > max_elems)
+    return fail(reason::unsupported, "window scorer: the workspace size overflows 64 bits");
   workspace_layout<3> ws;
-  ws.reserve<float>(0, size_t(B * Hk * k.tokens));
+  ws.reserve<float>(0, size_t(kv_floats));
   if (own_lse) {
-    ws.reserve<float2>(1, size_t(B * Hq * w * pl.splits));
-    ws.reserve<float>(2, size_t(B * Hq * w));
+    ws.reserve<float2>(1, size_t(nstats));
+    ws.reserve<float>(2, size_t(nq));
   }
   if (d_temp == nullptr) {
     temp_bytes = ws.bytes();
     return cudaSuccess;
   }
   PREFIXKV_TRY(ws.map(d_temp, temp_bytes));
-  if (B == 0 || rows.count == 0) return cudaSuccess;
+  if (!work) return cudaSuccess;
+  if (B * Hk * pl.chunks > 65535 || (mp.use && B * Hk * mp.chunks > 65535) || B * Hk > 65535)
+    return fail(reason::unsupported, "window scorer: batch x kv_heads too large for one launch");
 
-  detail::window_params<T> p{};
-  p.q = q;
-  p.k = k;
+  window_params<T> p{};
+  p.q = q[0];
+  k_geometry(k[0], p.k, p.pg);
+  for (int64_t l = 0; l < L; ++l) {
+    p.q_of[l] = q[l].data;
+    p.k_of[l] = k_data(k[l]);
+  }
   p.kvrows = ws.get<float>(0);
   p.rows = rows;
   p.grid = grid;
   p.layer = layer;
   p.status = d_status;
-  p.scale_log2 = detail::effective_scale(opt.scale, q.dim) * 1.4426950408889634f;
+  p.scale_log2 = effective_scale(opt.scale, sh.dim) * 1.4426950408889634f;
   p.G = int(Hq / Hk);
   p.inv_G = 1.0f / float(p.G);
   p.HC = pl.HC;
@@ -1001,45 +1119,41 @@ template <class T>
   p.vec_k = pl.vec_k;
   p.group = opt.group;
   p.stats = ws.get<float2>(1);
-  const dim3 g(unsigned(pl.splits), unsigned(B * Hk * pl.chunks));
-  if (g.y > 65535u) return detail::fail(reason::unsupported, "window scorer: batch x kv_heads too large for one launch");
-  if (mp.use && mp.splits > 0 && B * Hk * mp.chunks > 65535)
-    return detail::fail(reason::unsupported, "window scorer: batch x kv_heads too large for one launch");
-  if ((mp.use ? mp.chunks : pl.chunks) > 1)
-    PREFIXKV_TRY(detail::check_runtime(cudaMemsetAsync(p.kvrows, 0, size_t(B * Hk * k.tokens) * sizeof(float), stream),
-                                       "window scorer: memset failed"));
+  const dim3 g(unsigned(pl.splits), unsigned(B * Hk * pl.chunks), unsigned(L));
   if (own_lse) {
-    PREFIXKV_TRY((detail::launch_window_pass<T, true>(p, pl, g, stream)));
-    const int64_t nr = B * Hq * w;
-    detail::window_merge_stats<><<<unsigned((nr + 255) / 256), 256, 0, stream>>>(p.stats, nr, pl.splits, ws.get<float>(2));
-    PREFIXKV_TRY(detail::check_launch(stream));
-    p.lse.data = ws.get<float>(2);
-    p.lse.stride_batch = Hq * w;
-    p.lse.stride_head = w;
-    p.lse.stride_query = 1;
+    PREFIXKV_TRY((launch_window_pass<T, true, Paged>(p, pl, g, stream)));
+    window_merge_stats<><<<unsigned((nq + 255) / 256), 256, 0, stream>>>(p.stats, nq, pl.splits, ws.get<float>(2));
+    PREFIXKV_TRY(check_launch(stream));
+    p.lse = lse_view{nullptr, Hq * w, w, 1};
+    for (int64_t l = 0; l < L; ++l) p.lse_of[l] = ws.get<float>(2) + l * B * Hq * w;
     p.lse_natural = 0;
   } else {
-    p.lse = lse;
+    p.lse = lse[0];
+    p.lse.data = nullptr;
+    for (int64_t l = 0; l < L; ++l) p.lse_of[l] = lse[l].data;
     p.lse_natural = 1;
   }
   if (mp.use) {
-    detail::window_params<T> pm = p;
+    window_params<T> pm = p;
     pm.HC = mp.HC;
     pm.chunks = mp.chunks;
     pm.WP = mp.WP;
     pm.R = mp.R;
     pm.stages = mp.stages;
     pm.split_keys = mp.split_keys;
-    PREFIXKV_TRY(detail::launch_window_accumulate(pm, mp, stream));
+    PREFIXKV_TRY((launch_window_accumulate<T, Paged>(pm, mp, L, stream)));
   } else {
-    PREFIXKV_TRY((detail::launch_window_pass<T, false>(p, pl, g, stream)));
+    PREFIXKV_TRY((launch_window_pass<T, false, Paged>(p, pl, g, stream)));
   }
 
-  detail::window_final_params f;
+  window_final_params f;
   f.kvrows = p.kvrows;
+  f.B = B;
   f.Hk = Hk;
-  f.capacity = k.tokens;
+  f.capacity = cap;
   f.w = w;
+  f.chunks = chunks;
+  f.group = opt.group;
   f.rows = rows;
   f.grid = grid;
   f.layer = layer;
@@ -1047,10 +1161,81 @@ template <class T>
   f.pool_kernel = opt.pool_kernel;
   f.heads = opt.heads;
   f.scores = scores;
-  f.status = d_status;
-  const int64_t bx = (k.tokens + 255) / 256;
-  detail::window_finalize<><<<dim3(unsigned(bx < 4096 ? bx : 4096), unsigned(B)), 256, 0, stream>>>(f);
-  return detail::check_launch(stream);
+  const int64_t bx = (cap + 255) / 256;
+  const int64_t by = B * (grid.heads == 1 ? 1 : Hk);
+  const dim3 fgrid(unsigned(bx < 4096 ? (bx > 0 ? bx : 1) : 4096), unsigned(by), unsigned(L));
+  window_finalize<><<<fgrid, 256, 0, stream>>>(f);
+  return check_launch(stream);
+}
+
+}  // namespace detail
+
+//! Observation-window attention scores of one layer (device). Same arguments and semantics as
+//! `window_attention_host`; q, k, lse, rows' arrays and scores are device memory.
+//! q: (batch, q_head, w, dim); k: (batch, kv_head, token capacity, dim); lse: (batch, q_head, w) natural-log
+//! LSE or `lse_view{}`; scores: flat output addressed by `rows` (count grid.count()); d_status: optional
+//! device word for `status_bits`.
+//! Workspace: (batch x kv_head x capacity x c) floats, c = 1 unless a GQA group's Q rows exceed one CTA's shared
+//! memory (then the number of head chunks), plus 12 bytes per window query and key split without an LSE.
+template <class T>
+[[nodiscard]] inline cudaError_t window_attention(void* d_temp, size_t& temp_bytes, kv_view<const T> q,
+                                                  kv_view<const T> k, lse_view lse, window_options opt,
+                                                  segment_grid grid, int64_t layer, segments rows, float* scores,
+                                                  unsigned* d_status = nullptr, cudaStream_t stream = 0) {
+  static_assert(detail::is_score_element<T>::value, PREFIXKV_SCORE_ELEMENT_MESSAGE);
+  if constexpr (detail::is_score_element<T>::value)
+    return detail::window_attention_run<detail::window_policy>(d_temp, temp_bytes, &q, &k, &lse, opt, grid, layer, 1,
+                                                               rows, scores, d_status, stream);
+  else
+    return cudaErrorInvalidValue;
+}
+
+//! The same with K in a paged cache: k.pages and k.block_table are device memory; every page id a row needs is
+//! checked on the device (outside [0, num_pages): `status_bad_page`, the key is read as zeros).
+template <class T>
+[[nodiscard]] inline cudaError_t window_attention(void* d_temp, size_t& temp_bytes, kv_view<const T> q,
+                                                  paged_kv_view<const T> k, lse_view lse, window_options opt,
+                                                  segment_grid grid, int64_t layer, segments rows, float* scores,
+                                                  unsigned* d_status = nullptr, cudaStream_t stream = 0) {
+  static_assert(detail::is_score_element<T>::value, PREFIXKV_SCORE_ELEMENT_MESSAGE);
+  if constexpr (detail::is_score_element<T>::value)
+    return detail::window_attention_run<detail::window_policy>(d_temp, temp_bytes, &q, &k, &lse, opt, grid, layer, 1,
+                                                               rows, scores, d_status, stream);
+  else
+    return cudaErrorInvalidValue;
+}
+
+//! Observation-window attention scores of all `grid.layers` layers in one call (2 kernel launches with a caller
+//! LSE, 4 without, for any number of layers <= score_max_layers). q, k (and lse unless null): host arrays of
+//! grid.layers per-layer views of device memory with equal extents and strides. Workspace: the single-layer
+//! workspace times the number of layers.
+template <class T>
+[[nodiscard]] inline cudaError_t window_attention_layers(void* d_temp, size_t& temp_bytes, const kv_view<const T>* q,
+                                                         const kv_view<const T>* k, const lse_view* lse,
+                                                         window_options opt, segment_grid grid, segments rows,
+                                                         float* scores, unsigned* d_status = nullptr,
+                                                         cudaStream_t stream = 0) {
+  static_assert(detail::is_score_element<T>::value, PREFIXKV_SCORE_ELEMENT_MESSAGE);
+  if constexpr (detail::is_score_element<T>::value)
+    return detail::window_attention_run<detail::window_policy>(d_temp, temp_bytes, q, k, lse, opt, grid, 0,
+                                                               grid.layers, rows, scores, d_status, stream);
+  else
+    return cudaErrorInvalidValue;
+}
+
+//! The same with K in a paged cache (one page pool per layer, one block table shared by the layers).
+template <class T>
+[[nodiscard]] inline cudaError_t window_attention_layers(void* d_temp, size_t& temp_bytes, const kv_view<const T>* q,
+                                                         const paged_kv_view<const T>* k, const lse_view* lse,
+                                                         window_options opt, segment_grid grid, segments rows,
+                                                         float* scores, unsigned* d_status = nullptr,
+                                                         cudaStream_t stream = 0) {
+  static_assert(detail::is_score_element<T>::value, PREFIXKV_SCORE_ELEMENT_MESSAGE);
+  if constexpr (detail::is_score_element<T>::value)
+    return detail::window_attention_run<detail::window_policy>(d_temp, temp_bytes, q, k, lse, opt, grid, 0,
+                                                               grid.layers, rows, scores, d_status, stream);
+  else
+    return cudaErrorInvalidValue;
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -1058,32 +1243,45 @@ template <class T>
 // ------------------------------------------------------------------------------------------------------------
 namespace detail {
 template <class T>
-PREFIXKV_KERNEL void accumulated_attention_kernel(kv_view<const T> p, segment_grid grid, int64_t layer, segments rows,
-                                                  float* scores, unsigned* status) {
-  const int64_t oh = blockIdx.y % grid.heads, b = blockIdx.y / grid.heads;
-  const int64_t id = grid.id(layer, b, oh), n = rows.length(id);
-  const bool bad_len = n > p.dim;
-  if (bad_len && blockIdx.x == 0 && threadIdx.x == 0) flag(status, status_bad_length);
-  const int64_t G = p.heads / grid.heads;
+struct attention_params {
+  kv_view<const T> p;  // (batch, q_head, query, key) extents and strides; layer z's data at p_of[z]
+  segment_grid grid;
+  int64_t layer;       // grid layer of blockIdx.z == 0
+  segments rows;
+  float* scores;
+  unsigned* status;
+  const T* p_of[score_max_layers];
+};
+
+//! Grid: (key blocks, batch x output heads, layers). A row longer than the key extent is written as zeros (at most
+//! the key extent of them).
+template <class T>
+PREFIXKV_KERNEL void accumulated_attention_kernel(attention_params<T> a) {
+  const kv_view<const T>& p = a.p;
+  const int64_t z = blockIdx.z, oh = blockIdx.y % a.grid.heads, b = blockIdx.y / a.grid.heads;
+  const T* const pb = a.p_of[z];
+  const int64_t id = a.grid.id(a.layer + z, b, oh), n_row = a.rows.length(id);
+  const bool bad_len = n_row > p.dim;
+  const int64_t n = bad_len ? p.dim : n_row;
+  if (bad_len && blockIdx.x == 0 && threadIdx.x == 0) flag(a.status, status_bad_length);
+  const int64_t G = p.heads / a.grid.heads;
   bool bad = false;
-  float* out = scores + rows.begin(id);
+  float* out = a.scores + a.rows.begin(id);
   for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < n; t += int64_t(gridDim.x) * blockDim.x) {
     float s = 0.0f;
     if (!bad_len) {
       for (int64_t qi = 0; qi < p.tokens; ++qi) {
         float hs = 0.0f;
-        for (int64_t g = 0; g < G; ++g) hs += to_float(p(b, oh * G + g, qi, t));
+        for (int64_t g = 0; g < G; ++g) hs += to_float(pb[p.offset(b, oh * G + g, qi, t)]);
         s += hs / static_cast<float>(G);
       }
       bad |= !isfinite(s);
     }
     out[t] = s;
   }
-  if (__syncthreads_or(bad) && threadIdx.x == 0) flag(status, status_nonfinite);
+  if (__syncthreads_or(bad) && threadIdx.x == 0) flag(a.status, status_nonfinite);
 }
-}  // namespace detail
 
-namespace detail {
 // Entry points that need no workspace (accumulated attention, key norm): the size query answers the minimum,
 // the workspace is still checked, and `launch` stays false when there is nothing to do (a size query, no
 // sequence, no row, or uniform rows of length 0).
@@ -1099,80 +1297,123 @@ inline cudaError_t no_workspace_begin(void* d_temp, size_t& temp_bytes, int64_t 
   launch = batch > 0 && rows.count > 0 && !rows_all_empty(rows);
   return cudaSuccess;
 }
+
+//! The accumulated-attention scorer for `layers` layers starting at grid layer `layer`: one launch.
+template <class T>
+inline cudaError_t accumulated_attention_run(void* d_temp, size_t& temp_bytes, const kv_view<const T>* p,
+                                             const segment_grid& grid, int64_t layer, int64_t layers,
+                                             const segments& rows, float* scores, unsigned* d_status,
+                                             cudaStream_t stream) {
+  PREFIXKV_TRY(check_attention_args(p, grid, layer, layers, rows, scores, false));
+  bool launch = false;
+  PREFIXKV_TRY(no_workspace_begin(d_temp, temp_bytes, p[0].batch, rows, launch));
+  if (!launch) return cudaSuccess;
+  const int64_t ny = p[0].batch * grid.heads;
+  if (ny > 65535) return fail(reason::unsupported, "attention scorer: batch x heads too large for one launch");
+  attention_params<T> a{};
+  a.p = p[0];
+  for (int64_t l = 0; l < layers; ++l) a.p_of[l] = p[l].data;
+  a.grid = grid;
+  a.layer = layer;
+  a.rows = rows;
+  a.scores = scores;
+  a.status = d_status;
+  const int64_t bx = p[0].dim > 0 ? (p[0].dim + 255) / 256 : 1;  // no keys: one block flags any non-empty row
+  accumulated_attention_kernel<T><<<dim3(unsigned(bx < 2048 ? bx : 2048), unsigned(ny), unsigned(layers)), 256, 0,
+                                    stream>>>(a);
+  return check_launch(stream);
+}
 }  // namespace detail
 
-//! The paper's accumulated-attention scorer (device); bit-identical to `accumulated_attention_host`.
+//! The paper's accumulated-attention scorer for one layer (device); bit-identical to `accumulated_attention_host`.
 //! p: (batch, q_head, query, key) as a kv_view (heads = q heads, tokens = queries, dim = keys), any strides.
 //! No workspace is needed (the size query returns the minimum, 256 bytes).
 template <class T>
 [[nodiscard]] inline cudaError_t accumulated_attention(void* d_temp, size_t& temp_bytes, kv_view<const T> p,
                                                        segment_grid grid, int64_t layer, segments rows, float* scores,
                                                        unsigned* d_status = nullptr, cudaStream_t stream = 0) {
-  PREFIXKV_TRY(detail::check_attention_args(p, grid, layer, rows, scores, false));
-  bool launch = false;
-  PREFIXKV_TRY(detail::no_workspace_begin(d_temp, temp_bytes, p.batch, rows, launch));
-  if (!launch) return cudaSuccess;
-  const int64_t ny = p.batch * grid.heads;
-  if (ny > 65535) return detail::fail(reason::unsupported, "attention scorer: batch x heads too large for one launch");
-  const int64_t bx = p.dim > 0 ? (p.dim + 255) / 256 : 1;  // no keys: one block flags any non-empty row
-  detail::accumulated_attention_kernel<T><<<dim3(unsigned(bx < 2048 ? bx : 2048), unsigned(ny)), 256, 0, stream>>>(
-      p, grid, layer, rows, scores, d_status);
-  return detail::check_launch(stream);
+  static_assert(detail::is_score_element<T>::value, PREFIXKV_SCORE_ELEMENT_MESSAGE);
+  if constexpr (detail::is_score_element<T>::value)
+    return detail::accumulated_attention_run(d_temp, temp_bytes, &p, grid, layer, 1, rows, scores, d_status, stream);
+  else
+    return cudaErrorInvalidValue;
 }
+
+//! The accumulated-attention scorer for all `grid.layers` layers in one launch; p: host array of grid.layers
+//! per-layer views of device memory with equal extents and strides.
+template <class T>
+[[nodiscard]] inline cudaError_t accumulated_attention_layers(void* d_temp, size_t& temp_bytes,
+                                                              const kv_view<const T>* p, segment_grid grid,
+                                                              segments rows, float* scores,
+                                                              unsigned* d_status = nullptr, cudaStream_t stream = 0) {
+  static_assert(detail::is_score_element<T>::value, PREFIXKV_SCORE_ELEMENT_MESSAGE);
+  if constexpr (detail::is_score_element<T>::value)
+    return detail::accumulated_attention_run(d_temp, temp_bytes, p, grid, 0, grid.layers, rows, scores, d_status,
+                                             stream);
+  else
+    return cudaErrorInvalidValue;
+}
+
+PREFIXKV_NAMESPACE_END
 
 // ------------------------------------------------------------------------------------------------------------
 // Key norm
 // ------------------------------------------------------------------------------------------------------------
-namespace detail {
-template <class T>
-PREFIXKV_KERNEL void key_norm_kernel(kv_view<const T> k, key_norm_options opt, segment_grid grid, int64_t layer,
-                                     segments rows, float* scores, unsigned* status) {
-  const int64_t b = blockIdx.y;
-  const int64_t n = rows.length(grid.id(layer, b, 0));
-  const bool bad_len = n > k.tokens;
-  if (bad_len && blockIdx.x == 0 && threadIdx.x == 0) flag(status, status_bad_length);
-  const int lane = threadIdx.x & 31;
-  const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
-  bool bad = false;
-  for (int64_t t = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32; t < n; t += warps) {
-    float sum = 0.0f;
-    for (int64_t h = 0; h < k.heads; ++h) {
-      float ss = 0.0f;
-      if (!bad_len)
-        for (int64_t d = lane; d < k.dim; d += 32) {
-          const float x = to_float(k(b, h, t, d));
-          ss = fmaf(x, x, ss);
-        }
-      for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-      bad |= !isfinite(ss);
-      const float nrm = sqrtf(ss);
-      const float v = bad_len ? 0.0f : opt.reciprocal ? (nrm > 0.0f ? fminf(1.0f / nrm, 3.402823466e38f) : 3.402823466e38f) : -nrm;
-      if (grid.heads == 1)
-        sum += v;
-      else if (lane == 0)
-        scores[rows.begin(grid.id(layer, b, h)) + t] = v;
-    }
-    if (grid.heads == 1 && lane == 0) scores[rows.begin(grid.id(layer, b, 0)) + t] = sum / float(k.heads);
-  }
-  if (__syncthreads_or(bad) && threadIdx.x == 0) flag(status, status_nonfinite);
-}
-}  // namespace detail
+#include "detail/key_norm.cuh"
 
-//! Key-norm scorer (device). k: (batch, kv_head, token capacity, dim). Values match `key_norm_host` within
-//! fp32 rounding of the sum of squares (documented tolerance 1e-5 relative). No workspace is needed.
+PREFIXKV_NAMESPACE_BEGIN
+
+//! Key-norm scorer for one layer (device). k: (batch, kv_head, token capacity, dim). Values match `key_norm_host`
+//! within fp32 rounding of the sum of squares (documented tolerance 1e-5 relative). No workspace is needed.
 template <class T>
 [[nodiscard]] inline cudaError_t key_norm(void* d_temp, size_t& temp_bytes, kv_view<const T> k, key_norm_options opt,
                                           segment_grid grid, int64_t layer, segments rows, float* scores,
                                           unsigned* d_status = nullptr, cudaStream_t stream = 0) {
-  PREFIXKV_TRY(detail::check_key_norm_args(k, grid, layer, rows, scores, false));
-  bool launch = false;
-  PREFIXKV_TRY(detail::no_workspace_begin(d_temp, temp_bytes, k.batch, rows, launch));
-  if (!launch) return cudaSuccess;
-  if (k.batch > 65535) return detail::fail(reason::unsupported, "key-norm scorer: batch too large for one launch");
-  const int64_t bx = k.tokens > 0 ? (k.tokens + 7) / 8 : 1;  // no keys: one block flags any non-empty row
-  detail::key_norm_kernel<T><<<dim3(unsigned(bx < 4096 ? bx : 4096), unsigned(k.batch)), 256, 0, stream>>>(
-      k, opt, grid, layer, rows, scores, d_status);
-  return detail::check_launch(stream);
+  static_assert(detail::is_score_element<T>::value, PREFIXKV_SCORE_ELEMENT_MESSAGE);
+  if constexpr (detail::is_score_element<T>::value)
+    return detail::key_norm_run(d_temp, temp_bytes, &k, opt, grid, layer, 1, rows, scores, d_status, stream);
+  else
+    return cudaErrorInvalidValue;
+}
+
+//! The same with K in a paged cache (device pool and block table; page ids checked on the device:
+//! `status_bad_page`, the token scores 0).
+template <class T>
+[[nodiscard]] inline cudaError_t key_norm(void* d_temp, size_t& temp_bytes, paged_kv_view<const T> k,
+                                          key_norm_options opt, segment_grid grid, int64_t layer, segments rows,
+                                          float* scores, unsigned* d_status = nullptr, cudaStream_t stream = 0) {
+  static_assert(detail::is_score_element<T>::value, PREFIXKV_SCORE_ELEMENT_MESSAGE);
+  if constexpr (detail::is_score_element<T>::value)
+    return detail::key_norm_run(d_temp, temp_bytes, &k, opt, grid, layer, 1, rows, scores, d_status, stream);
+  else
+    return cudaErrorInvalidValue;
+}
+
+//! Key-norm scorer for all `grid.layers` layers in one launch; k: host array of grid.layers per-layer views of
+//! device memory with equal extents and strides.
+template <class T>
+[[nodiscard]] inline cudaError_t key_norm_layers(void* d_temp, size_t& temp_bytes, const kv_view<const T>* k,
+                                                 key_norm_options opt, segment_grid grid, segments rows,
+                                                 float* scores, unsigned* d_status = nullptr,
+                                                 cudaStream_t stream = 0) {
+  static_assert(detail::is_score_element<T>::value, PREFIXKV_SCORE_ELEMENT_MESSAGE);
+  if constexpr (detail::is_score_element<T>::value)
+    return detail::key_norm_run(d_temp, temp_bytes, k, opt, grid, 0, grid.layers, rows, scores, d_status, stream);
+  else
+    return cudaErrorInvalidValue;
+}
+
+//! The same with K in a paged cache (one page pool per layer, one block table shared by the layers).
+template <class T>
+[[nodiscard]] inline cudaError_t key_norm_layers(void* d_temp, size_t& temp_bytes, const paged_kv_view<const T>* k,
+                                                 key_norm_options opt, segment_grid grid, segments rows,
+                                                 float* scores, unsigned* d_status = nullptr,
+                                                 cudaStream_t stream = 0) {
+  static_assert(detail::is_score_element<T>::value, PREFIXKV_SCORE_ELEMENT_MESSAGE);
+  if constexpr (detail::is_score_element<T>::value)
+    return detail::key_norm_run(d_temp, temp_bytes, k, opt, grid, 0, grid.layers, rows, scores, d_status, stream);
+  else
+    return cudaErrorInvalidValue;
 }
 
 PREFIXKV_NAMESPACE_END

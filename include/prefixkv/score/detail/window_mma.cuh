@@ -14,6 +14,8 @@
 //!   reduction over the heads (mean / max) is in registers. Padded queries have lse2 = +inf (p = 0 exactly).
 //! * The causal mask (key t visible to window query i iff t <= n - w + i) is applied only in tiles that reach
 //!   the last w keys. Keys of the tile at or past the CTA's range end are zero-filled and never written.
+//! * Each CTA writes its head chunk's partial row (plain stores); window_finalize combines the chunks in a fixed
+//!   order, so the result does not depend on the order in which CTAs run.
 #pragma once
 
 PREFIXKV_NAMESPACE_BEGIN
@@ -72,23 +74,30 @@ PREFIXKV_DEVICE uint32_t exp_probe(uint32_t w) {
     return (w & 0x7C007C00u) + 0x04000400u;
 }
 
-//! A CTA's share of the window work: (batch b, kv head kh, chunk of q heads starting at q head h0, hc of them)
-//! from blockIdx.y, keys [key_begin, key_end) from blockIdx.x; an empty key range when the row length is bad
-//! (flagged once per (batch, kv head)).
+//! A CTA's share of the window work: layer z of the call from blockIdx.z, (batch b, kv head kh, chunk of q heads
+//! starting at q head h0, hc of them) from blockIdx.y, keys [key_begin, key_end) from blockIdx.x; an empty key range
+//! when the row length is bad (flagged once per (layer, batch, kv head)). q, k: the layer's Q and K data.
+template <class T>
 struct window_cta {
-  int64_t b, kh, h0, n, key_begin, key_end;
-  int w, hc;
+  int64_t z, b, kh, h0, n, key_begin, key_end;
+  int w, hc, chunk;
+  const T* q;
+  const T* k;
 };
 
 template <class T>
-PREFIXKV_DEVICE window_cta window_cta_of(const window_params<T>& p) {
-  window_cta c;
+PREFIXKV_DEVICE window_cta<T> window_cta_of(const window_params<T>& p) {
+  window_cta<T> c;
   const int64_t Hk = p.k.heads, by = blockIdx.y;
   const int chunk = int(by % p.chunks);
+  c.z = blockIdx.z;
+  c.chunk = chunk;
+  c.q = p.q_of[c.z];
+  c.k = p.k_of[c.z];
   c.kh = (by / p.chunks) % Hk;
   c.b = by / (int64_t(p.chunks) * Hk);
   c.w = int(p.q.tokens);
-  c.n = p.rows.length(p.grid.id(p.layer, c.b, 0));
+  c.n = window_row_length(p, c.z, c.b, c.kh);
   const bool bad_len = c.n < c.w || c.n > p.k.tokens;
   if (bad_len && blockIdx.x == 0 && chunk == 0 && threadIdx.x == 0) flag(p.status, status_bad_length);
   c.key_begin = int64_t(blockIdx.x) * p.split_keys;
@@ -101,7 +110,7 @@ PREFIXKV_DEVICE window_cta window_cta_of(const window_params<T>& p) {
 
 //! Query row r of the CTA block (R rows: hc heads x WP padded window rows) is a real window query.
 template <class T>
-PREFIXKV_DEVICE bool window_row_real(const window_params<T>& p, const window_cta& c, int r) {
+PREFIXKV_DEVICE bool window_row_real(const window_params<T>& p, const window_cta<T>& c, int r) {
   const int hl = r / p.WP;
   return hl < c.hc && r - hl * p.WP < c.w;
 }
@@ -109,14 +118,14 @@ PREFIXKV_DEVICE bool window_row_real(const window_params<T>& p, const window_cta
 //! Row r's LSE as the caller gave it; +inf for a padded row (its probabilities are then exactly 0). Split from
 //! window_lse2_of so a kernel can issue the load early and use it late.
 template <class T>
-PREFIXKV_DEVICE float window_lse_raw(const window_params<T>& p, const window_cta& c, int r) {
+PREFIXKV_DEVICE float window_lse_raw(const window_params<T>& p, const window_cta<T>& c, int r) {
   const int hl = r / p.WP;
-  return window_row_real(p, c, r) ? p.lse(c.b, c.h0 + hl, r - hl * p.WP) : INFINITY;
+  return window_row_real(p, c, r) ? window_lse_at(p, c.z, c.b, c.h0 + hl, r - hl * p.WP) : INFINITY;
 }
 
 //! Base-2 form of row r's raw LSE v; a real row's value that is not finite sets `bad`.
 template <class T>
-PREFIXKV_DEVICE float window_lse2_of(const window_params<T>& p, const window_cta& c, int r, float v, bool& bad) {
+PREFIXKV_DEVICE float window_lse2_of(const window_params<T>& p, const window_cta<T>& c, int r, float v, bool& bad) {
   if (window_row_real(p, c, r)) {
     bad |= !isfinite(v);
     if (p.lse_natural) v *= 1.4426950408889634f;
@@ -126,34 +135,27 @@ PREFIXKV_DEVICE float window_lse2_of(const window_params<T>& p, const window_cta
 
 //! The CTA's base-2 log-sum-exp per query row into lse2[r]. Returns whether any caller value was not finite.
 template <class T>
-PREFIXKV_DEVICE bool window_load_lse2(const window_params<T>& p, const window_cta& c, float* lse2) {
+PREFIXKV_DEVICE bool window_load_lse2(const window_params<T>& p, const window_cta<T>& c, float* lse2) {
   bool bad = false;
   for (int r = int(threadIdx.x); r < p.R; r += int(blockDim.x))
     lse2[r] = window_lse2_of(p, c, r, window_lse_raw(p, c, r), bad);
   return bad;
 }
 
-//! Stores one key's group reduction v (divided by the group size for the mean) into the kv-head row `row`: a plain
-//! store when one CTA covers the whole group, else combined across head chunks (atomic sum / max of non-negative
-//! floats as unsigned). Keys at or past `key_end` are skipped; a non-finite value sets `bad`.
+//! Stores one key's group reduction v (divided by the group size for the mean) into the CTA's head-chunk row `row`
+//! (window_finalize combines the chunks). Keys at or past `key_end` are skipped; a non-finite value sets `bad`.
 template <class T>
 PREFIXKV_DEVICE void window_store_key(const window_params<T>& p, float* row, int64_t key, int64_t key_end, float v,
                                       bool gmax, bool& bad) {
   if (key >= key_end) return;
   if (!gmax) v *= p.inv_G;
   bad |= !isfinite(v);
-  float* dst = row + key;
-  if (p.chunks == 1)
-    *dst = v;
-  else if (!gmax)
-    atomicAdd(dst, v);
-  else
-    atomicMax(reinterpret_cast<unsigned*>(dst), __float_as_uint(fmaxf(v, 0.0f)));
+  row[key] = v;
 }
 
-//! One CTA: (batch b, kv head kh, chunk of HC q heads) x a contiguous range of `split_keys` keys; warps take
-//! 32-key tiles round robin and run independently after the Q block is loaded.
-template <class T, int NK, int NJ, int WARPS>
+//! One CTA: (layer, batch b, kv head kh, chunk of HC q heads) x a contiguous range of `split_keys` keys; warps take
+//! 32-key tiles round robin and run independently after the Q block is loaded. `Paged`: K through a block table.
+template <class T, int NK, int NJ, int WARPS, bool Paged>
 PREFIXKV_KERNEL void __launch_bounds__(WARPS * 32, 1) window_mma_kernel(window_params<T> p) {
   constexpr int QS = 8 * NJ;         // queries per inner step (NJ n8 tiles)
   constexpr int D = 64 * NK;
@@ -166,15 +168,14 @@ PREFIXKV_KERNEL void __launch_bounds__(WARPS * 32, 1) window_mma_kernel(window_p
   const int warp = int(threadIdx.x >> 5), lane = int(threadIdx.x & 31), g = lane >> 2, t4 = lane & 3;
   T* Kw = reinterpret_cast<T*>(smem_raw + L.k_off) + size_t(warp) * p.stages * wmma_keys * LD;
 
-  const window_cta cta = window_cta_of(p);
+  const window_cta<T> cta = window_cta_of(p);
   if (cta.key_begin >= cta.key_end) return;  // uniform over the CTA
-  const int64_t Hk = p.k.heads, b = cta.b, kh = cta.kh, n = cta.n, key_begin = cta.key_begin, key_end = cta.key_end,
-                h0 = cta.h0;
+  const int64_t b = cta.b, kh = cta.kh, n = cta.n, key_begin = cta.key_begin, key_end = cta.key_end, h0 = cta.h0;
   const int w = cta.w, hc = cta.hc;
-  bool bad = window_load_lse2(p, cta, lse2);
+  bool bad = window_load_lse2(p, cta, lse2), bad_page = false;
   bad |= load_rows<T>(Qs, LD, p.R, D, p.q.stride_dim, p.vec_q != 0, [&](int r) -> const T* {
     const int hl = r / p.WP, i = r - hl * p.WP;
-    return (hl < hc && i < w) ? p.q.row(b, h0 + hl, i) : nullptr;
+    return (hl < hc && i < w) ? cta.q + p.q.offset(b, h0 + hl, i, 0) : nullptr;
   });
   __syncthreads();
 
@@ -183,16 +184,47 @@ PREFIXKV_KERNEL void __launch_bounds__(WARPS * 32, 1) window_mma_kernel(window_p
   const uint32_t k_lane = smem_u32(Kw) + uint32_t(((lane & 15) * LD + (lane >> 4) * 8) * int(sizeof(T)));
   const uint32_t q_lane = smem_u32(Qs) + uint32_t(((lane & 7) * LD + (lane >> 3) * 8) * int(sizeof(T)));
   const int64_t ntile = (key_end - key_begin + wmma_keys - 1) / wmma_keys;
-  const T* krow0 = p.k.row(b, kh, 0);
+  // A valid address for the zero-filling copies (nothing is read from it): K row 0, or a Q row of the CTA when K
+  // is paged (its first page id may be out of range).
+  const T* krow0 = Paged ? cta.q + p.q.offset(b, h0, 0, 0) : k_row_of<false>(p.k, p.pg, cta.k, b, kh, 0);
   auto issue = [&](int64_t tile, int buf) {
     if (tile < ntile) {
-      const int64_t k0 = key_begin + tile * wmma_keys;
+      const int64_t k0 = key_begin + tile * wmma_keys;  // 32-aligned
       T* dst = Kw + size_t(buf) * wmma_keys * LD;
+      // The layer's K base is read from the kernel parameters here rather than held in a register across the
+      // loop (ptxas then keeps the bf16 D = 128 instance at 215 registers instead of 254).
+      if constexpr (Paged) {
+        // Pages of a multiple of 16 tokens: the tile's two 16-key halves take one block-table lookup each.
+        const bool by_half = p.pg.page_size % 16 == 0;
+        const T* half[2] = {nullptr, nullptr};
+        if (by_half) {
 #pragma unroll
-      for (int it = 0; it < CPR; ++it) {
-        const int idx = lane + 32 * it, r = idx / CPR, c = idx - r * CPR;
-        const bool ok = k0 + r < key_end;
-        cp_async16(smem_u32(dst + r * LD + c * 8), ok ? p.k.row(b, kh, k0 + r) + c * 8 : krow0, ok);
+          for (int hh = 0; hh < 2; ++hh) {
+            const int64_t key = k0 + 16 * hh;
+            half[hh] = key < key_end ? k_row_of<true>(p.k, p.pg, p.k_of[blockIdx.z], b, kh, key) : nullptr;
+            bad_page |= key < key_end && half[hh] == nullptr;
+          }
+        }
+#pragma unroll
+        for (int it = 0; it < CPR; ++it) {
+          const int idx = lane + 32 * it, r = idx / CPR, c = idx - r * CPR;
+          const T* row = nullptr;
+          if (by_half) {
+            row = half[r >> 4] != nullptr && k0 + r < key_end ? half[r >> 4] + (r & 15) * p.k.stride_token : nullptr;
+          } else {
+            row = k0 + r < key_end ? k_row_of<true>(p.k, p.pg, p.k_of[blockIdx.z], b, kh, k0 + r) : nullptr;
+            bad_page |= k0 + r < key_end && row == nullptr;
+          }
+          cp_async16(smem_u32(dst + r * LD + c * 8), row != nullptr ? row + c * 8 : krow0, row != nullptr);
+        }
+      } else {
+#pragma unroll
+        for (int it = 0; it < CPR; ++it) {
+          const int idx = lane + 32 * it, r = idx / CPR, c = idx - r * CPR;
+          const bool ok = k0 + r < key_end;
+          cp_async16(smem_u32(dst + r * LD + c * 8),
+                     ok ? k_row_of<false>(p.k, p.pg, p.k_of[blockIdx.z], b, kh, k0 + r) + c * 8 : krow0, ok);
+        }
       }
     }
     cp_async_commit();  // one group per tile slot, possibly empty: keeps the wait count uniform
@@ -325,12 +357,13 @@ PREFIXKV_KERNEL void __launch_bounds__(WARPS * 32, 1) window_mma_kernel(window_p
     }
     // Quad thread t4 writes key 16 * (t4 / 2) + 8 * (t4 % 2) + g of the tile.
     const float v = t4 == 0 ? gs[0][0] : t4 == 1 ? gs[0][1] : t4 == 2 ? gs[1][0] : gs[1][1];
-    window_store_key(p, p.kvrows + (b * Hk + kh) * p.k.tokens, k0 + 16 * (t4 >> 1) + 8 * (t4 & 1) + g, key_end, v,
-                     gmax, bad);
+    window_store_key(p, window_kvrow(p, cta.z, cta.chunk, b, kh), k0 + 16 * (t4 >> 1) + 8 * (t4 & 1) + g, key_end,
+                     v, gmax, bad);
   }
   cp_async_wait<0>();
   bad |= (probe & 0x80008000u) != 0u;
   if (__syncthreads_or(bad) && threadIdx.x == 0) flag(p.status, status_nonfinite);
+  if (Paged && __syncthreads_or(bad_page) && threadIdx.x == 0) flag(p.status, status_bad_page);
 }
 
 }  // namespace detail

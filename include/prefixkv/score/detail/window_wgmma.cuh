@@ -9,7 +9,7 @@
 //! compute capability 9.0. Otherwise window_mma.cuh (mma.sync) runs.
 //!
 //! S^T = K Q^T with `wgmma.mma_async.m64n128k16` (fp32 accumulation), A = K from registers, B = Q from shared
-//! memory, WGS warpgroups per CTA (3 by default, 2 through the tuning hook):
+//! memory, 3 warpgroups per CTA:
 //! * Warpgroup wg takes 64-key tiles wg, wg + WGS, ...; warp w of a warpgroup stages keys 16w..16w+15 of each tile
 //!   by `cp.async` into a private buffer (rows padded by 16 bytes, 1-4 stages, no barrier; the first stages are in
 //!   flight while the CTA loads Q and the LSE) and loads them with ldmatrix as the A fragments (the wgmma
@@ -20,14 +20,15 @@
 //!   c ^ (r % 8)), then dims 64-127. Descriptor: start >> 4, LBO 1 (unused), SBO 1024 B (8 rows x 128 B), swizzle
 //!   mode 1 (128 B); a k16 step adds 32 B, the second half of dim 128 is R * 128 bytes further, accumulator j
 //!   (queries 128 j ..) 128 * 128 j bytes further. All offsets are compile-time constants added to one descriptor.
-//! * Turns: the warpgroups issue their MMAs in a fixed rotation (named barriers 1 .. WGS), so the tensor cores run
-//!   one warpgroup's MMAs while the others compute exponentials. With 3 warpgroups a turn is one accumulator (64
-//!   keys x 128 queries; a warpgroup holds one, 164 registers); with 2 a turn is the whole tile (NP accumulators,
-//!   the exponentials of the first while the tensor cores finish the second).
+//! * Turns: the warpgroups issue their MMAs in a fixed rotation (named barriers 1 .. 3), so the tensor cores run
+//!   one warpgroup's MMAs while the others compute exponentials. A turn is one accumulator (64 keys x 128 queries;
+//!   a warpgroup holds one, 164 registers).
 //! * Accumulator layout per warp = mma.sync's C layout (keys 16w + g, +8 x queries 8j + 2t, +1): per element one
 //!   FFMA + ex2.approx + FADD, the LSE of a thread's 32 query columns in one 16-byte-aligned row (8 loads), sums per
 //!   64-query block in registers, quad shuffles once per tile, the causal mask only in tiles that reach the last w
-//!   keys (a separately compiled loop).
+//!   keys (a separately compiled loop). Each CTA writes its head chunk's partial row with plain stores.
+//! * Paged K (`Paged`): a warp's 16 keys of a tile take one block-table lookup when the page size is a multiple
+//!   of 16, else one per row; an id outside the pool zero-fills the rows and sets `status_bad_page`.
 //! H100, 128K-token Llama-3-8B layer: bench/score/RESULTS.md.
 #pragma once
 
@@ -36,7 +37,7 @@ namespace detail {
 
 inline constexpr int wgmma_keys = 64;    // keys per warpgroup tile (M)
 inline constexpr int wgmma_n = 128;      // queries per accumulator (N); the CTA query block is 128 or 256 rows
-inline constexpr int wgmma_groups = 3;   // warpgroups per CTA (default; 2 through the tuning hook)
+inline constexpr int wgmma_groups = 3;   // warpgroups per CTA
 inline constexpr int wgmma_stages_max = 4;  // K stages per warp (the plan takes fewer when shared memory is short)
 //! lse2 layout: per accumulator (128 query columns) a block of 4 x 36 floats; the 32 columns thread t (t = lane % 4)
 //! reads, 8j + 2t and 8j + 2t + 1 for j < 16, lie at 36 t + 2j (+1): two n8 tiles per 16-byte load, the four t rows
@@ -196,10 +197,10 @@ PREFIXKV_DEVICE void wgmma_turn(int i) {
     turn_bar<Wait, 3>();
 }
 
-//! NP = accumulators per tile (CTA query block R = 128 NP rows), NK = head_dim / 64, WGS = warpgroups (2 or 3; with
-//! 3 each turn issues one accumulator, so a warpgroup holds one at a time).
-template <class T, int NK, int NP, int WGS>
-PREFIXKV_KERNEL void __launch_bounds__(WGS * 128, 1) window_wgmma_kernel(window_params<T> p) {
+//! NP = accumulators per tile (CTA query block R = 128 NP rows), NK = head_dim / 64, `Paged`: K through a block
+//! table. wgmma_groups (3) warpgroups; each turn issues one accumulator, so a warpgroup holds one at a time.
+template <class T, int NK, int NP, bool Paged>
+PREFIXKV_KERNEL void __launch_bounds__(wgmma_groups * 128, 1) window_wgmma_kernel(window_params<T> p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int D = 64 * NK;
   constexpr int LD = D + 8;          // K stage row length in elements (16-byte pad: conflict-free ldmatrix)
@@ -209,9 +210,10 @@ PREFIXKV_KERNEL void __launch_bounds__(WGS * 128, 1) window_wgmma_kernel(window_
   constexpr int KS = NK * 4;         // k16 steps
   constexpr uint32_t stage_bytes = 16u * LD * sizeof(T);
   extern __shared__ __align__(1024) unsigned char smem_raw[];
+  constexpr int WGS = wgmma_groups;
   constexpr int THREADS = WGS * 128;
-  constexpr int SPT = WGS == 2 ? NP : 1;  // accumulators per turn
-  constexpr int TPT = NP / SPT;           // turns per tile
+  constexpr int SPT = 1;          // accumulators per turn
+  constexpr int TPT = NP / SPT;   // turns per tile
   const window_wgmma_smem L(R, D, p.stages, int(sizeof(T)), WGS);
   const uint32_t raw_s = smem_u32(smem_raw);
   unsigned char* base = smem_raw + ((1024u - (raw_s & 1023u)) & 1023u);
@@ -221,22 +223,48 @@ PREFIXKV_KERNEL void __launch_bounds__(WGS * 128, 1) window_wgmma_kernel(window_
   const int wg = warp >> 2, wq = warp & 3;  // warpgroup, warp inside it (keys 16 wq .. 16 wq + 15 of a tile)
   T* Kw = reinterpret_cast<T*>(base + L.k_off) + size_t(warp) * p.stages * 16 * LD;
 
-  const window_cta cta = window_cta_of(p);
+  const window_cta<T> cta = window_cta_of(p);
   if (cta.key_begin >= cta.key_end) return;  // uniform over the CTA
-  const int64_t Hk = p.k.heads, b = cta.b, kh = cta.kh, n = cta.n, key_begin = cta.key_begin, key_end = cta.key_end,
-                h0 = cta.h0;
+  const int64_t b = cta.b, kh = cta.kh, n = cta.n, key_begin = cta.key_begin, key_end = cta.key_end, h0 = cta.h0;
   const int w = cta.w, hc = cta.hc;
+  bool bad_page = false;
 
   // K staging: lane copies 16-byte chunk `kc` of rows kr0, kr0 + RPI, ... of its warp's 16 keys. The first stages
   // are issued before the Q block and the LSE are read, so their latencies overlap.
   const int kr0 = lane / CPR, kc = lane % CPR;
   const int64_t kts = p.k.stride_token * int64_t(sizeof(T));  // bytes from key to key
-  const char* kcol = reinterpret_cast<const char*>(p.k.row(b, kh, 0)) + kc * 16;
+  // Strided: the lane's column of key 0 (rows follow at `kts` bytes). Paged: a valid address for the zero-filling
+  // copies (nothing is read from it), a Q row of the CTA.
+  const char* kcol = Paged ? reinterpret_cast<const char*>(cta.q + p.q.offset(b, h0, 0, 0))
+                           : reinterpret_cast<const char*>(k_row_of<false>(p.k, p.pg, cta.k, b, kh, 0)) + kc * 16;
   const uint32_t kdst = smem_u32(Kw) + uint32_t((kr0 * LD + kc * 8) * int(sizeof(T)));
   const int64_t ntile = (key_end - key_begin + wgmma_keys - 1) / wgmma_keys;
   const int stages = p.stages;
   auto issue = [&](int64_t tile, int buf) {
-    if (tile < ntile) {
+    if (Paged && tile < ntile) {
+      const int64_t slice = key_begin + tile * wgmma_keys + 16 * wq;  // the warp's 16 keys start here (16-aligned)
+      const int64_t key0 = slice + kr0;
+      const uint32_t dst = kdst + uint32_t(buf) * stage_bytes;
+      if (p.pg.page_size % 16 == 0) {  // the 16 keys lie in one page: one block-table lookup
+        const T* first = slice < key_end ? k_row_of<Paged>(p.k, p.pg, cta.k, b, kh, slice) : nullptr;
+        bad_page |= slice < key_end && first == nullptr;
+        const char* src = first != nullptr ? reinterpret_cast<const char*>(first) + kc * 16 + kr0 * kts : kcol;
+#pragma unroll
+        for (int it = 0; it < 16 / RPI; ++it) {
+          const bool ok = first != nullptr && key0 + it * RPI < key_end;
+          cp_async16(dst + uint32_t(it * RPI * LD * int(sizeof(T))), ok ? src + it * RPI * kts : kcol, ok);
+        }
+      } else {  // one lookup per row
+#pragma unroll
+        for (int it = 0; it < 16 / RPI; ++it) {
+          const int64_t key = key0 + it * RPI;
+          const T* row = key < key_end ? k_row_of<Paged>(p.k, p.pg, cta.k, b, kh, key) : nullptr;
+          bad_page |= key < key_end && row == nullptr;
+          cp_async16(dst + uint32_t(it * RPI * LD * int(sizeof(T))),
+                     row != nullptr ? reinterpret_cast<const char*>(row) + kc * 16 : kcol, row != nullptr);
+        }
+      }
+    } else if (tile < ntile) {
       const int64_t key0 = key_begin + tile * wgmma_keys + 16 * wq + kr0;
       const char* src = kcol + key0 * kts;
       const uint32_t dst = kdst + uint32_t(buf) * stage_bytes;
@@ -269,7 +297,7 @@ PREFIXKV_KERNEL void __launch_bounds__(WGS * 128, 1) window_wgmma_kernel(window_
     const int hl = r / p.WP, i = r - hl * p.WP;
     qv[it] = make_uint4(0, 0, 0, 0);
     if (idx < R * CPR && hl < hc && i < w) {
-      const T* s = p.q.row(b, h0 + hl, i) + int64_t(cd) * 8 * p.q.stride_dim;
+      const T* s = cta.q + p.q.offset(b, h0 + hl, i, int64_t(cd) * 8);
       if (p.vec_q) {
         qv[it] = *reinterpret_cast<const uint4*>(s);
       } else {
@@ -308,7 +336,7 @@ PREFIXKV_KERNEL void __launch_bounds__(WGS * 128, 1) window_wgmma_kernel(window_
   const bool gmax = p.group == head_reduce::max;
   const int wp_mask = p.WP - 1;  // WP is 64, 128 or 256
   const int bph = p.WP / 64;     // 64-query blocks per head
-  float* out_row = p.kvrows + (b * Hk + kh) * p.k.tokens;
+  float* out_row = window_kvrow(p, cta.z, cta.chunk, b, kh);
   uint32_t probe[2] = {0u, 0u};
   int buf = 0;
   // Turns: warpgroup 0 issues first, then 1, (2,) 0, ...; each warpgroup waits for its turn before issuing MMAs and
@@ -419,6 +447,7 @@ PREFIXKV_KERNEL void __launch_bounds__(WGS * 128, 1) window_wgmma_kernel(window_
   cp_async_wait<0>();
   bad |= ((probe[0] | probe[1]) & 0x7FFF7FFFu) != 0u;
   if (__syncthreads_or(bad) && threadIdx.x == 0) flag(p.status, status_nonfinite);
+  if (Paged && __syncthreads_or(bad_page) && threadIdx.x == 0) flag(p.status, status_bad_page);
 #else
   (void)p;
   __trap();  // PREFIXKV_SM90A defined but this body was not compiled for sm_90a: fail loudly
