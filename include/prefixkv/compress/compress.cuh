@@ -165,6 +165,7 @@ PREFIXKV_HOST_DEVICE reason compress_bits_reason(unsigned bits) {
   if (bits & status_bad_length) return reason::out_of_range;
   if (bits & status_negative) return reason::negative_input;
   if (bits & status_capacity) return reason::capacity_exceeded;
+  if (bits & status_bad_page) return reason::out_of_range;
   return bits ? reason::out_of_range : reason::none;
 }
 
@@ -295,8 +296,24 @@ inline cudaError_t compress_stage_bound(const compress_plan& pl, size_t& bytes) 
     const auto q = make_kv_view_bhsd(compress_fake_ptr<const T>(), B, c.q_heads, c.max_window, c.head_dim);
     const auto k = make_kv_view_bhsd(compress_fake_ptr<const T>(), B, c.kv_heads, std::max(c.max_tokens, c.max_window),
                                      c.head_dim);
-    PREFIXKV_TRY(window_attention(nullptr, b, q, k, lse_view{}, c.window, grid, 0, rows, compress_fake_ptr<float>(),
-                                  nullptr, 0));
+    kv_view<const T> fake_q[compact_max_layers], fake_k[compact_max_layers];
+    for (int64_t l = 0; l < L; ++l) {
+      fake_q[l] = q;
+      fake_k[l] = k;
+    }
+    PREFIXKV_TRY(window_attention_layers(nullptr, b, fake_q, fake_k, nullptr, c.window, grid, rows,
+                                         compress_fake_ptr<float>(), nullptr, 0));
+    bytes = std::max(bytes, b);
+    // the paged variant (any page size: the workspace follows the token capacity)
+    const int64_t page = 16, blocks = (std::max(c.max_tokens, c.max_window) + page - 1) / page;
+    paged_kv_view<const T> pk = make_paged_kv_view(compress_fake_ptr<const T>(), page_layout::nhd,
+                                                   std::max<int64_t>(c.max_pages, 1), page, c.kv_heads, c.head_dim,
+                                                   compress_fake_ptr<const int32_t>(), B, blocks);
+    paged_kv_view<const T> fake_pk[compact_max_layers];
+    for (int64_t l = 0; l < L; ++l) fake_pk[l] = pk;
+    b = 0;
+    PREFIXKV_TRY(window_attention_layers(nullptr, b, fake_q, fake_pk, nullptr, c.window, grid, rows,
+                                         compress_fake_ptr<float>(), nullptr, 0));
     bytes = std::max(bytes, b);
   }
   curve_device_out co{compress_fake_ptr<int64_t>(), compress_fake_ptr<int64_t>(), compress_fake_ptr<int32_t>(),
@@ -320,10 +337,24 @@ inline cudaError_t compress_stage_fits(size_t need, size_t have) {
   return cudaSuccess;
 }
 
+//! Read-only K views of layers [l0, l0 + lc) over their first `tokens` positions, for the scorers (host arrays of
+//! at most compact_max_layers views, on the stack).
+template <class Cache>
+struct compress_key_views;
 template <class T, class S>
-inline kv_view<const T> compress_keys(const kv_layers<T, S>& c, int64_t l, int64_t tokens) {
-  return c.k[l].as_const().with_tokens(tokens);
-}
+struct compress_key_views<kv_layers<T, S>> {
+  kv_view<const T> k[compact_max_layers];
+  void fill(const kv_layers<T, S>& c, int64_t l0, int64_t lc, int64_t tokens) {
+    for (int64_t l = 0; l < lc; ++l) k[l] = c.k[l0 + l].as_const().with_tokens(tokens);
+  }
+};
+template <class T, class S>
+struct compress_key_views<paged_kv_layers<T, S>> {
+  paged_kv_view<const T> k[compact_max_layers];
+  void fill(const paged_kv_layers<T, S>& c, int64_t l0, int64_t lc, int64_t tokens) {
+    for (int64_t l = 0; l < lc; ++l) k[l] = c.k[l0 + l].with_token_capacity(tokens).as_const();
+  }
+};
 
 //! Stage boundaries of one call, for the benchmark's per-stage times: events recorded (when given) after the
 //! prologue, the scorer, the curves, the solver, the selection + gate, the compaction and the outputs.
@@ -350,10 +381,6 @@ cudaError_t compress_run(void* d_temp, size_t& temp_bytes, const compress_plan& 
   }
   int64_t batch = 0, capacity = 0;
   PREFIXKV_TRY(compress_check_args(pl, a, layer, batch, capacity));
-  if (c.scorer == scorer_kind::window || c.scorer == scorer_kind::key_norm) {
-    if constexpr (is_paged_cache<Cache>::value)
-      return fail(reason::unsupported, "compress: this scorer does not read paged caches yet");
-  }
   size_t stage_bytes = 0;
   PREFIXKV_TRY(compress_stage_bound<T>(pl, stage_bytes));
   workspace_layout<cw_count> full;
@@ -414,33 +441,27 @@ cudaError_t compress_run(void* d_temp, size_t& temp_bytes, const compress_plan& 
     unsigned* bits = reinterpret_cast<unsigned*>(k.status + compress_st_bits);
     float* own = ws.get<float>(cw_scores);
     const float* scores = c.scorer == scorer_kind::scores ? a.scores : own;
-    // ---- score
-    for (int64_t li = 0; li < g.lc; ++li) {
-      const int64_t l = g.l0 + li;
-      size_t need = 0;
-      switch (c.scorer) {
-        case scorer_kind::attention:
-          PREFIXKV_TRY(accumulated_attention(nullptr, need, a.attention[l], grid, li, rows, own, bits, stream));
-          PREFIXKV_TRY(compress_stage_fits(need, stage_have));
-          PREFIXKV_TRY(accumulated_attention(stage, need, a.attention[l], grid, li, rows, own, bits, stream));
-          break;
-        case scorer_kind::window:
-        case scorer_kind::key_norm:
-          if constexpr (!is_paged_cache<Cache>::value) {
-            const kv_view<const T> kk = compress_keys(a.cache, l, token_cap);
-            if (c.scorer == scorer_kind::window) {
-              const lse_view lse = a.lse ? a.lse[l] : lse_view{};
-              PREFIXKV_TRY(window_attention(nullptr, need, a.queries[l], kk, lse, c.window, grid, li, rows, own, bits, stream));
-              PREFIXKV_TRY(compress_stage_fits(need, stage_have));
-              PREFIXKV_TRY(window_attention(stage, need, a.queries[l], kk, lse, c.window, grid, li, rows, own, bits, stream));
-            } else {
-              PREFIXKV_TRY(key_norm(nullptr, need, kk, key_norm_options{true}, grid, li, rows, own, bits, stream));
-              PREFIXKV_TRY(compress_stage_fits(need, stage_have));
-              PREFIXKV_TRY(key_norm(stage, need, kk, key_norm_options{true}, grid, li, rows, own, bits, stream));
-            }
-          }
-          break;
-        default: break;
+    // ---- score: every layer of the call in one scorer call (a constant number of launches)
+    const int64_t l0 = g.l0, lc = g.lc;
+    size_t need = 0;
+    if (c.scorer == scorer_kind::attention) {
+      PREFIXKV_TRY(accumulated_attention_layers(nullptr, need, a.attention + l0, grid, rows, own, bits, stream));
+      PREFIXKV_TRY(compress_stage_fits(need, stage_have));
+      PREFIXKV_TRY(accumulated_attention_layers(stage, need, a.attention + l0, grid, rows, own, bits, stream));
+    } else if (c.scorer == scorer_kind::window || c.scorer == scorer_kind::key_norm) {
+      compress_key_views<Cache> keys;
+      keys.fill(a.cache, l0, lc, token_cap);
+      if (c.scorer == scorer_kind::window) {
+        const lse_view* lse = a.lse ? a.lse + l0 : nullptr;
+        PREFIXKV_TRY(window_attention_layers(nullptr, need, a.queries + l0, keys.k, lse, c.window, grid, rows, own,
+                                             bits, stream));
+        PREFIXKV_TRY(compress_stage_fits(need, stage_have));
+        PREFIXKV_TRY(window_attention_layers(stage, need, a.queries + l0, keys.k, lse, c.window, grid, rows, own,
+                                             bits, stream));
+      } else {
+        PREFIXKV_TRY(key_norm_layers(nullptr, need, keys.k, key_norm_options{true}, grid, rows, own, bits, stream));
+        PREFIXKV_TRY(compress_stage_fits(need, stage_have));
+        PREFIXKV_TRY(key_norm_layers(stage, need, keys.k, key_norm_options{true}, grid, rows, own, bits, stream));
       }
     }
     if (c.scorer == scorer_kind::recency) {
@@ -461,7 +482,7 @@ cudaError_t compress_run(void* d_temp, size_t& temp_bytes, const compress_plan& 
     curve_device_out co{ws.get<int64_t>(cw_curve_off), ws.get<int64_t>(cw_curve_tokens), ws.get<int32_t>(cw_positions),
                         ws.get<float>(cw_cumulative), ws.get<float>(cw_sorted)};
     curve_set curves;
-    size_t need = 0;
+    need = 0;
     PREFIXKV_TRY(build_curves(nullptr, need, scores, rows, c.protect, C, co, curves, bits, stream));
     PREFIXKV_TRY(compress_stage_fits(need, stage_have));
     PREFIXKV_TRY(build_curves(stage, need, scores, rows, c.protect, C, co, curves, bits, stream));

@@ -138,6 +138,31 @@ struct paged_kv_view {
   PREFIXKV_HOST_DEVICE T* row(int64_t b, int64_t h, int64_t t) const { return pages + offset(b, h, t, 0); }
   PREFIXKV_HOST_DEVICE bool rows_contiguous() const { return stride_dim == 1 || dim <= 1; }
   PREFIXKV_HOST_DEVICE int64_t token_capacity() const { return max_blocks * page_size; }
+  //! Read-only version.
+  PREFIXKV_HOST_DEVICE paged_kv_view<const T> as_const() const {
+    paged_kv_view<const T> v;
+    v.pages = pages;
+    v.num_pages = num_pages;
+    v.page_size = page_size;
+    v.heads = heads;
+    v.dim = dim;
+    v.stride_page = stride_page;
+    v.stride_slot = stride_slot;
+    v.stride_head = stride_head;
+    v.stride_dim = stride_dim;
+    v.block_table = block_table;
+    v.batch = batch;
+    v.max_blocks = max_blocks;
+    v.block_table_stride = block_table_stride;
+    return v;
+  }
+  //! The same view over the first `tokens` token positions of every sequence (a prefix of the block table).
+  PREFIXKV_HOST_DEVICE paged_kv_view with_token_capacity(int64_t tokens) const {
+    paged_kv_view v = *this;
+    const int64_t blocks = page_size > 0 ? (tokens + page_size - 1) / page_size : 0;
+    v.max_blocks = blocks < max_blocks ? blocks : max_blocks;
+    return v;
+  }
   PREFIXKV_HOST_DEVICE int64_t row_bytes() const { return dim * static_cast<int64_t>(sizeof(T)); }
 };
 

@@ -93,9 +93,14 @@ inline C cache_slice(const C& c, int64_t l0, int64_t n) {
   return s;
 }
 
+//! Layer l's keys, read-only, over the first `tokens` positions (what the scorers see on both backends).
 template <class T, class S>
-inline kv_view<const T> layer_keys(const kv_layers<T, S>& c, int64_t l) {
-  return c.k[l].as_const();
+inline kv_view<const T> layer_keys(const kv_layers<T, S>& c, int64_t l, int64_t tokens) {
+  return c.k[l].as_const().with_tokens(tokens);
+}
+template <class T, class S>
+inline paged_kv_view<const T> layer_keys(const paged_kv_layers<T, S>& c, int64_t l, int64_t tokens) {
+  return c.k[l].with_token_capacity(tokens).as_const();
 }
 
 template <class Cache, class P, class Dst>
@@ -203,17 +208,14 @@ inline cudaError_t compress_host_run(const compress_plan& pl, const compress_arg
         e = accumulated_attention_host(a.attention[l], grid, li, rows, own.data());
         break;
       case scorer_kind::window:
-      case scorer_kind::key_norm:
-        if constexpr (is_paged_cache<Cache>::value) {
-          return fail(reason::unsupported, "compress: this scorer does not read paged caches yet");
-        } else {
-          const kv_view<const cache_element_t<Cache>> k = layer_keys(a.cache, l);
-          e = c.scorer == scorer_kind::window
-                  ? window_attention_host(a.queries[l], k, a.lse ? a.lse[l] : lse_view{}, c.window, grid, li, rows,
-                                          own.data())
-                  : key_norm_host(k, key_norm_options{true}, grid, li, rows, own.data());
-        }
+      case scorer_kind::key_norm: {
+        const auto k = layer_keys(a.cache, l, std::min(capacity, c.max_tokens));
+        e = c.scorer == scorer_kind::window
+                ? window_attention_host(a.queries[l], k, a.lse ? a.lse[l] : lse_view{}, c.window, grid, li, rows,
+                                        own.data())
+                : key_norm_host(k, key_norm_options{true}, grid, li, rows, own.data());
         break;
+      }
       case scorer_kind::recency:
         for (int64_t b = 0; b < batch; ++b)
           for (int64_t h = 0; h < H; ++h) {
