@@ -507,10 +507,10 @@ __device__ inline bool sample_select(const curve_set& cv, int64_t ns, long long 
 // inlined, the two paths together spilled registers in the cluster path's passes (~2 us at 32 x 4K); apart,
 // neither spills (the kernel's parameters are __grid_constant__, so passing them by reference copies nothing).
 template <int = 0>
-__device__ __noinline__ void solve_block_problem(const curve_set& cv, int64_t p, const int64_t* poff, const solve_budget& bud,
-                                          const keep_bounds& bnd, int64_t* keep, float* thr, int32_t* status,
-                                          int key_cap, bool sample_select_on, const solve_smem_view sm, solve_shared& sh,
-                                          solve_select_state& sst) {
+__device__ __noinline__ void solve_block_problem(const curve_set& cv, int64_t p, const int64_t* poff,
+                                                 const solve_budget& bud, const keep_bounds& bnd, int64_t* keep,
+                                                 float* thr, int32_t* status, int key_cap, bool sample_select_on,
+                                                 const solve_smem_view sm, solve_shared& sh, solve_select_state& sst) {
   const int tid = threadIdx.x;
   const int64_t S = cv.count;
   const int64_t s0 = poff ? poff[p] : 0, s1 = poff ? poff[p + 1] : S;
