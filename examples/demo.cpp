@@ -22,10 +22,15 @@
 #include <string>
 #include <vector>
 
+// The bundled model (models/stories260K); CMake passes its absolute path, so the demo runs from any directory.
+#ifndef PREFIXKV_DEMO_MODEL_DIR
+#define PREFIXKV_DEMO_MODEL_DIR "models/stories260K"
+#endif
+
 namespace {
 
 struct options {
-  std::string model_dir = "../shared/models/stories260K";
+  std::string model_dir = PREFIXKV_DEMO_MODEL_DIR;
   int prompt_tokens = 256;
   double evict_ratio = 0.5;
   int continue_tokens = 64;

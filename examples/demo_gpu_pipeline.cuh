@@ -103,7 +103,7 @@ void run_gpu_pipeline(const std::vector<std::vector<float>>& P, int T, int Hq, i
     }));
     prefixkv::selection sel{L, d_sel_off.p, d_indices.p};
     PREFIXKV_TRY(stage([&](void* t, size_t& n) {
-      return prefixkv::compact_in_place(t, n, layers, sel, grid, outs, stream);
+      return prefixkv::compact_in_place(t, n, layers, sel, grid, outs, prefixkv::index_check::device, stream);
     }));
     if (query) temp_bytes = need;
     return cudaSuccess;

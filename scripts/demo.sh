@@ -3,11 +3,11 @@
 # bytes before/after, time per stage, and how generation from the compressed cache compares.
 # Uses the GPU when one is present (and prefixkv was built with CUDA), the host backend otherwise.
 #   ./scripts/demo.sh [--evict-ratio R] [--prompt-tokens N] [--continue N]
-# The model (stories260K) is read from $PREFIXKV_MODEL_DIR, default ../shared/models/stories260K.
+# The model (stories260K, bundled in models/stories260K) is read from $PREFIXKV_MODEL_DIR if set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${BUILD_DIR:-build}
-model=${PREFIXKV_MODEL_DIR:-../shared/models/stories260K}
+model=${PREFIXKV_MODEL_DIR:-models/stories260K}
 if [ ! -f "$model/stories260K.bin" ]; then
   echo "demo.sh: model not found in $model (set PREFIXKV_MODEL_DIR)" >&2
   exit 2

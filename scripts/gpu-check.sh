@@ -7,7 +7,6 @@
 #   2 CTAs next to the block path, sample-select); racecheck is slowest on the cluster kernel. Empty = all.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ -f .device/env.sh ] && source .device/env.sh
 build=${BUILD_DIR:-build-gpu}
 logs=${LOG_DIR:-$build/logs}
 tools=${TOOLS:-memcheck racecheck}

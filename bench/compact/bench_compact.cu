@@ -7,20 +7,15 @@
 //   memcpy_GBps the same for cudaMemcpyAsync D2D of the kept bytes, timed in the same process
 //   ratio       memcpy time / kernel time (1.0 = copy speed)
 // `trusted:1` skips the device-side index check kernel (index_check::trusted).
-// `kernel`, `resident`, `chunk_rows` pick move-kernel variants (detail::compact_tune, same run; see args()).
-// BM_copy: a plain copy kernel against cudaMemcpyAsync of the same bytes (diagnostic, same run); variants 5-9
-// copy the same bytes as 512 long-lived streams (the in-place kernel's one block per lane), 10 as one-shot
-// blocks interleaved over the 512 streams, 11-15 as 512 long-lived blocks over 64 / 128 / 256 streams (with or
-// without a cluster barrier per round), 16-17 as 512 streams with rotated tile order, 18-25 as 2 x SMs persistent
-// blocks taking tiles from a ticket counter (one stream; 512 streams chunk-major; groups of 8-128 streams); see
-// RESULTS.md.
+// BM_copy: plain copy kernels (no gather) against cudaMemcpyAsync of the same bytes, the references for the
+// compaction kernels' shapes: shape 0 = one 32 KB tile per short-lived block (the out-of-place grid), 1 = 2 x SMs
+// persistent blocks with a fixed grid stride, 2 = 512 independent streams, one long-lived block each (the in-place
+// grid's shape: one block per lane of 32 layers x 8 heads x K/V; a block barrier per tile changes nothing there).
 #include <prefixkv/compact/compact.cuh>
 
 #include "support/bench_util.cuh"
 
 #include <algorithm>
-#include <cstdio>
-#include <cstdlib>
 #include <map>
 #include <numeric>
 #include <random>
@@ -49,7 +44,7 @@ char* arena(size_t bytes) {
     PKV_BENCH_CHECK(cudaMalloc(&p, bytes));
     PKV_BENCH_CHECK(cudaMemset(p, 3, bytes));
     have = bytes;
-    // warm-up (clocks, first touch): device run 7 timed the first 4K-token cases 0.1-0.3 of memcpy low without it
+    // warm-up (clocks, first touch): without it the first 4K-token cases timed 0.1-0.3 of memcpy low
     for (int i = 0; i < 300; ++i)
       PKV_BENCH_CHECK(cudaMemcpyAsync(p, p + (size_t(1) << 30), size_t(1) << 30, cudaMemcpyDeviceToDevice));
     PKV_BENCH_CHECK(cudaDeviceSynchronize());
@@ -57,51 +52,11 @@ char* arena(size_t bytes) {
   return p;
 }
 
-// Opt-in (not used for RESULTS.md run 8): PREFIXKV_BENCH_HOLD_US=N queues a kernel that spins N microseconds
-// after the L2 flush and before the start event, so that the host has enqueued the whole timed call before the
-// timed region starts (host-side planning and launches then cannot leave the GPU idle inside it). Applied to the
-// compaction calls, the copy kernels and the memcpy baseline alike.
-__global__ void hold_kernel(long long ns) {
-  const long long t0 = clock64();
-  // clock64 counts SM cycles; ~1.98 GHz boost on H100: 2 cycles per ns is an upper bound, good enough here
-  while (clock64() - t0 < 2 * ns) {
-  }
-}
-int hold_us() {
-  static const int v = [] {
-    const char* e = std::getenv("PREFIXKV_BENCH_HOLD_US");
-    return e ? std::atoi(e) : 0;
-  }();
-  return v;
-}
-template <class F>
-float hold_time_ms(event_timer& t, F&& fn) {
-  if (hold_us() <= 0) return t.time_ms(fn);
-  flush_l2(0);
-  hold_kernel<<<1, 1>>>(static_cast<long long>(hold_us()) * 1000);
-  return t.time_ms(fn, 0, false);  // (flush already queued, before the hold kernel)
-}
-
 float memcpy_ms(size_t bytes) {
   static std::map<size_t, float> cache;
   auto it = cache.find(bytes);
   if (it != cache.end()) return it->second;
-  float ms = 0;
-  if (hold_us() <= 0) {
-    ms = time_memcpy_d2d(bytes, 21);
-  } else {
-    device_array<char> src(bytes), dst(bytes);
-    PKV_BENCH_CHECK(cudaMemset(src.ptr, 1, bytes));
-    event_timer t;
-    auto cp = [&](cudaStream_t st) {
-      PKV_BENCH_CHECK(cudaMemcpyAsync(dst.ptr, src.ptr, bytes, cudaMemcpyDeviceToDevice, st));
-    };
-    hold_time_ms(t, cp);
-    std::vector<float> v(21);
-    for (auto& x : v) x = hold_time_ms(t, cp);
-    std::sort(v.begin(), v.end());
-    ms = v[v.size() / 2];
-  }
+  const float ms = time_memcpy_d2d(bytes, 21);
   cache[bytes] = ms;
   return ms;
 }
@@ -111,11 +66,6 @@ void BM_compact(benchmark::State& state) {
   const int64_t pct = state.range(1);
   const mode md = static_cast<mode>(state.range(2));
   const auto check = state.range(3) ? prefixkv::index_check::trusted : prefixkv::index_check::device;
-  auto& tune = prefixkv::detail::compact_tune();
-  tune = prefixkv::detail::compact_tuning{};
-  tune.kernel = static_cast<int>(state.range(4));
-  tune.resident = static_cast<int>(state.range(5));
-  tune.chunk_rows = state.range(6);
   const int64_t kept = T * pct / 100;
   const int64_t row = D * sizeof(bf16);
   const size_t layer_bytes = size_t(B * H * T * row);           // one K or V tensor of one layer
@@ -171,10 +121,10 @@ void BM_compact(benchmark::State& state) {
 
   auto call = [&](void* t, size_t& bytes, cudaStream_t s) -> cudaError_t {
     switch (md) {
-      case contig_inplace: return prefixkv::compact_in_place(t, bytes, contig, sel, grid, {}, s, check);
-      case contig_gather: return prefixkv::gather_kept(t, bytes, contig, outc, sel, grid, {}, s, check);
-      case paged_inplace: return prefixkv::compact_in_place(t, bytes, paged, sel, grid, {}, s, check);
-      default: return prefixkv::gather_kept(t, bytes, paged, outc, sel, grid, {}, s, check);
+      case contig_inplace: return prefixkv::compact_in_place(t, bytes, contig, sel, grid, {}, check, s);
+      case contig_gather: return prefixkv::gather_kept(t, bytes, contig, outc, sel, grid, {}, check, s);
+      case paged_inplace: return prefixkv::compact_in_place(t, bytes, paged, sel, grid, {}, check, s);
+      default: return prefixkv::gather_kept(t, bytes, paged, outc, sel, grid, {}, check, s);
     }
   };
   size_t temp_bytes = 0;
@@ -184,10 +134,10 @@ void BM_compact(benchmark::State& state) {
   PKV_BENCH_CHECK(cudaDeviceSynchronize());
 
   event_timer timer;
-  hold_time_ms(timer, run);  // warm-up
+  timer.time_ms(run);  // warm-up
   std::vector<float> times;
   for (auto _ : state) {
-    const float ms = hold_time_ms(timer, run);
+    const float ms = timer.time_ms(run);
     state.SetIterationTime(ms / 1e3);
     times.push_back(ms);
   }
@@ -203,63 +153,19 @@ void BM_compact(benchmark::State& state) {
   state.SetLabel(mode_name[md]);
 }
 
-// kernel: -1 = the library default; 0 = general move kernel; 1.. = fast kernel variants (compact_fast_pick).
-// resident: 0 = default grid; k > 0 = persistent grid (blocks per SM x SMs), out of place cut in ~k x grid chunks.
-// chunk_rows: -1 = default; 0 = out of place split in ~16 x SMs work items (grid <= 64 x SMs); r > 0 = out of
-// place cut in chunks of ~r destination rows, one short-lived block each.
-// PREFIXKV_BENCH_EXPLORE=1 registers the move-kernel variants (one process, same arena; device run 6 had three
-// more fast variants, since removed) and every copy-kernel variant; the default set times the library default
-// everywhere plus the out-of-place chunking variants.
 void args(benchmark::internal::Benchmark* b) {
-  const bool explore = std::getenv("PREFIXKV_BENCH_EXPLORE") != nullptr;
-  struct variant {
-    int64_t kernel, resident, chunk_rows;
-  };
-  std::vector<variant> variants = {{-1, 0, -1}, {-1, 0, 0}, {-1, 0, 128}, {-1, 0, 512}};
-  if (explore) {
-    variants = {{0, 0, 0}, {0, 4, 0}};
-    for (int64_t v = 1; v <= prefixkv::detail::compact_fast_variants; ++v) variants.push_back({v, 0, 0});
-    variants.push_back({1, 4, 0});
-  }
   for (int64_t trusted : {0, 1})
     for (int64_t md : {0, 1, 2, 3})
       for (int64_t T : {4096, 32768, 131072})
-        for (int64_t pct : {25, 50, 75})
-          for (const auto& v : variants) {
-            if (trusted && T != 4096) continue;  // the check kernel only matters for short caches
-            if (explore && (T == 32768 || pct == 50)) continue;
-            if (explore && trusted && v.kernel > 1) continue;
-            const bool gather = md == contig_gather || md == paged_gather;
-            if (!explore && v.chunk_rows != -1 && (!gather || trusted)) continue;
-            b->Args({T, pct, md, trusted, v.kernel, v.resident, v.chunk_rows});
-          }
-  b->ArgNames({"tokens", "kept_pct", "mode", "trusted", "kernel", "resident", "chunk_rows"});
+        for (int64_t pct : {25, 50, 75}) {
+          if (trusted && T != 4096) continue;  // the check kernel only matters for short caches
+          b->Args({T, pct, md, trusted});
+        }
+  b->ArgNames({"tokens", "kept_pct", "mode", "trusted"});
 }
 
-// Diagnostic: a plain 16-byte-vector copy kernel (no gather) against cudaMemcpyAsync of the same bytes, to split
-// the gap into "kernel copy vs driver copy" and "gather overhead". U words in flight per thread, MinB blocks/SM,
-// Hint as compact_load/compact_store; grid: 0 = persistent (MinB x SMs, grid-stride), 1 = one tile per block.
-template <int U, int MinB, int Hint>
-__global__ void __launch_bounds__(256, MinB) copy_kernel(const uint4* __restrict__ s, uint4* __restrict__ d, int64_t n) {
-  constexpr int64_t tile = int64_t(256) * U;
-  for (int64_t base = int64_t(blockIdx.x) * tile; base < n; base += int64_t(gridDim.x) * tile) {
-    uint4 buf[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t i = base + u * 256 + threadIdx.x;
-      if (i < n) buf[u] = prefixkv::detail::compact_load<uint4, Hint>(s + i);
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t i = base + u * 256 + threadIdx.x;
-      if (i < n) prefixkv::detail::compact_store<uint4, Hint>(d + i, buf[u]);
-    }
-  }
-}
-
-// One tile of the diagnostic copies: words [base, base + 256 U) below `end`, all loads of a thread before its
-// stores, an optional block barrier in between (as in place).
-template <int U, bool Bar>
+// One tile of the copies: words [base, base + 256 U) below `end`, all loads of a thread before its stores.
+template <int U>
 __device__ __forceinline__ void copy_tile(const uint4* src, uint4* dst, int64_t base, int64_t end) {
   uint4 buf[U];
 #pragma unroll
@@ -267,7 +173,6 @@ __device__ __forceinline__ void copy_tile(const uint4* src, uint4* dst, int64_t 
     const int64_t i = base + u * 256 + threadIdx.x;
     if (i < end) buf[u] = src[i];
   }
-  if (Bar) __syncthreads();
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     const int64_t i = base + u * 256 + threadIdx.x;
@@ -275,255 +180,62 @@ __device__ __forceinline__ void copy_tile(const uint4* src, uint4* dst, int64_t 
   }
 }
 
-// Diagnostic for the in-place gap: 512 independent streams (one block each, like the in-place kernel's one block
-// per lane of a 32-layer x 8-head x K/V cache), each copying its own contiguous region in tiles of 256 x U words
-// with all loads of a tile before its stores. Bar: a block barrier between the loads and the stores of a tile (as
-// in place). Shift: the region's second half moves onto its first half within the source buffer (an in-place move,
-// reads ahead of writes), instead of copying to the destination buffer.
-template <int U, bool Bar, bool Shift>
-__global__ void __launch_bounds__(256, 2) stream_copy_kernel(uint4* __restrict__ s, uint4* __restrict__ d, int64_t per) {
-  uint4* src = s + int64_t(blockIdx.x) * per + (Shift ? per / 2 : 0);
-  uint4* dst = Shift ? s + int64_t(blockIdx.x) * per : d + int64_t(blockIdx.x) * per;
-  const int64_t n = Shift ? per / 2 : per;
-  for (int64_t base = 0; base < n; base += int64_t(256) * U) copy_tile<U, Bar>(src, dst, base, n);
+// Shapes 0 and 1: tiles of 256 x 8 words, grid-stride (one tile per block when the grid covers every tile).
+__global__ void __launch_bounds__(256, 2) copy_kernel(const uint4* __restrict__ s, uint4* __restrict__ d, int64_t n) {
+  constexpr int64_t tile = int64_t(256) * 8;
+  for (int64_t base = int64_t(blockIdx.x) * tile; base < n; base += int64_t(gridDim.x) * tile)
+    copy_tile<8>(s, d, base, n);
 }
 
-// Partition-camping check for the in-place gap: the 512 streams of stream_copy_kernel are 2^k words apart and move
-// in lockstep, so at any moment all blocks touch addresses congruent modulo the stream size. Here stream b walks its
-// tiles starting at tile (b * 37) mod tiles (wrapping around), so the blocks are spread over the regions' phases;
-// everything else (tile size, one block per stream, optional barrier per tile) is stream_copy_kernel's.
-template <bool Bar>
-__global__ void __launch_bounds__(256, 2) stream_rot_kernel(const uint4* __restrict__ s, uint4* __restrict__ d,
-                                                            int64_t per) {
-  constexpr int U = 8;
-  constexpr int64_t tile = int64_t(256) * U;
+// Shape 2: 512 independent streams of `per` words, one long-lived block each.
+__global__ void __launch_bounds__(256, 2) stream_copy_kernel(const uint4* __restrict__ s, uint4* __restrict__ d,
+                                                             int64_t per) {
   const uint4* src = s + int64_t(blockIdx.x) * per;
   uint4* dst = d + int64_t(blockIdx.x) * per;
-  const int64_t tiles = (per + tile - 1) / tile;
-  const int64_t t0 = (int64_t(blockIdx.x) * 37) % tiles;
-  for (int64_t k = 0; k < tiles; ++k) {
-    copy_tile<U, Bar>(src, dst, ((t0 + k) % tiles) * tile, per);
-  }
-}
-
-// The block's next ticket (thread 0 takes it, every thread gets it).
-__device__ __forceinline__ int64_t take_ticket(unsigned* counter) {
-  __shared__ int64_t next;
-  if (threadIdx.x == 0) next = atomicAdd(counter, 1u);
-  __syncthreads();
-  const int64_t t = next;
-  __syncthreads();
-  return t;
-}
-
-// Load-balance checks: 2 x SMs long-lived blocks take tiles of 256 x 8 words from a ticket counter (one atomicAdd
-// per tile; `counter` is a fresh zeroed word per launch) instead of a fixed grid stride, so faster SMs take more
-// tiles. The streams go in groups of `group` consecutive ones, one group after the other, chunk-major inside a
-// group (ticket t -> group t / (group x tiles), r = the rest; tile r / group of stream r % group), as an in-place
-// kernel would order its (lane, chunk) work: group == streams is chunk-major over all streams (variants 19, 20),
-// smaller groups keep the tiles in flight in about 2 x group regions (21-25: how many interleaved lanes an in-place
-// kernel can afford). Rot: stream b's tiles rotated by b * 37, so that concurrent blocks are not at congruent
-// addresses.
-template <bool Rot>
-__global__ void __launch_bounds__(256, 2) ticket_streams_kernel(const uint4* __restrict__ s, uint4* __restrict__ d,
-                                                                int64_t per, int64_t streams, int64_t group,
-                                                                unsigned* counter) {
-  constexpr int U = 8;
-  constexpr int64_t tile = int64_t(256) * U;
-  const int64_t tiles = (per + tile - 1) / tile;
-  for (;;) {
-    const int64_t t = take_ticket(counter);
-    if (t >= streams * tiles) return;
-    const int64_t g = t / (group * tiles), r = t - g * group * tiles;
-    const int64_t k = r / group, stream = g * group + (r - k * group);
-    const int64_t base = stream * per + (Rot ? (k + stream * 37) % tiles : k) * tile;
-    copy_tile<U, false>(s, d, base, stream * per + per);
-  }
-}
-
-// The same 512 streams through a shared-memory ring of NS tiles filled with 16-byte cp.async copies, so that
-// NS - 1 tiles of loads stay in flight while a tile is stored (no registers held by loads in flight). Each thread
-// stores exactly the words it copied, so only the in-place case (Shift) needs the block barrier per tile.
-template <int U, int NS, bool Shift>
-__global__ void __launch_bounds__(256, 2) stream_pipe_kernel(uint4* __restrict__ s, uint4* __restrict__ d, int64_t per) {
-  extern __shared__ uint4 ring[];  // [NS][256 * U]
-  uint4* src = s + int64_t(blockIdx.x) * per + (Shift ? per / 2 : 0);
-  uint4* dst = Shift ? s + int64_t(blockIdx.x) * per : d + int64_t(blockIdx.x) * per;
-  const int64_t n = Shift ? per / 2 : per;
-  constexpr int64_t tile = int64_t(256) * U;
-  const int64_t tiles = (n + tile - 1) / tile;
-  auto issue = [&](int64_t t) {
-    if (t < tiles) {
-      uint4* slot = ring + (t % NS) * tile;
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int64_t i = t * tile + u * 256 + threadIdx.x;
-        if (i < n) {
-          const unsigned sa = static_cast<unsigned>(__cvta_generic_to_shared(slot + u * 256 + threadIdx.x));
-          asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(sa), "l"(src + i) : "memory");
-        }
-      }
-    }
-    asm volatile("cp.async.commit_group;" ::: "memory");
-  };
-  for (int t = 0; t < NS - 1; ++t) issue(t);
-  for (int64_t t = 0; t < tiles; ++t) {
-    asm volatile("cp.async.wait_group %0;" ::"n"(NS - 2) : "memory");
-    if (Shift) __syncthreads();  // every thread's loads of tile t done before any store of it
-    issue(t + NS - 1);           // into the slot of tile t - 1, whose words this thread stored already
-    const uint4* slot = ring + (t % NS) * tile;
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t i = t * tile + u * 256 + threadIdx.x;
-      if (i < n) dst[i] = slot[u * 256 + threadIdx.x];
-    }
-  }
-}
-
-// One-shot blocks over the same 512 streams, interleaved: block b copies tile b / 512 of stream b % 512, so the
-// resident blocks touch ~264 separate regions at any time, like the lanes, but each block lives for one tile.
-__global__ void __launch_bounds__(256, 2) stream_oneshot_kernel(const uint4* __restrict__ s, uint4* __restrict__ d,
-                                                                int64_t per) {
-  constexpr int U = 8;
-  const int64_t stream = blockIdx.x % 512, t = blockIdx.x / 512;
-  const uint4* src = s + stream * per;
-  uint4* dst = d + stream * per;
-  uint4 buf[U];
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    const int64_t i = t * 256 * U + u * 256 + threadIdx.x;
-    if (i < per) buf[u] = src[i];
-  }
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    const int64_t i = t * 256 * U + u * 256 + threadIdx.x;
-    if (i < per) dst[i] = buf[u];
-  }
-}
-
-// 512 long-lived blocks over 512 / G streams, G blocks per stream (member m takes tiles m, m + G, ...), to split
-// the in-place gap into "how many separate regions are in flight" and "block lifetime"; Sync: the G blocks of a
-// stream form a cluster and meet at a cluster barrier between each round's loads and stores (what an in-place
-// kernel with several blocks per lane in lockstep would need).
-template <int G, bool Sync>
-__global__ void __cluster_dims__(G, 1, 1) __launch_bounds__(256, 2)
-    stream_group_kernel(const uint4* __restrict__ s, uint4* __restrict__ d, int64_t per) {
-  constexpr int U = 8;
-  constexpr int64_t tile = 256 * U;
-  const int64_t stream = blockIdx.x / G, m = blockIdx.x % G;
-  const uint4* src = s + stream * per;
-  uint4* dst = d + stream * per;
-  const int64_t tiles = (per + tile - 1) / tile, rounds = (tiles + G - 1) / G;
-  for (int64_t r = 0; r < rounds; ++r) {
-    uint4 buf[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t i = (r * G + m) * tile + u * 256 + threadIdx.x;
-      if (i < per) buf[u] = src[i];
-    }
-    if (Sync) asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t i = (r * G + m) * tile + u * 256 + threadIdx.x;
-      if (i < per) dst[i] = buf[u];
-    }
-  }
+  for (int64_t base = 0; base < per; base += int64_t(256) * 8) copy_tile<8>(src, dst, base, per);
 }
 
 void BM_copy(benchmark::State& state) {
-  const int64_t T = state.range(0), pct = state.range(1), v = state.range(2), one_shot = state.range(3);
+  const int64_t T = state.range(0), pct = state.range(1), shape = state.range(2);
   const size_t bytes = size_t(2 * L * B * H * (T * pct / 100) * D * sizeof(bf16));
   char* base = arena(2 * bytes);
-  for (auto k : {stream_pipe_kernel<8, 3, false>, stream_pipe_kernel<8, 3, true>})
-    PKV_BENCH_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, 3 * 256 * 8 * 16));
   const int64_t n = int64_t(bytes / 16);
   int sms = 0;
   PKV_BENCH_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-  // variants 18-25: one zeroed counter word per launch (words are not reused: a used one would end the copy at once)
-  constexpr int64_t ticket_words = 65536;
-  static unsigned* tickets = nullptr;
-  static int64_t launches = 0;
-  if (v >= 18 && tickets == nullptr) {
-    PKV_BENCH_CHECK(cudaMalloc(&tickets, ticket_words * sizeof(unsigned)));
-    PKV_BENCH_CHECK(cudaMemset(tickets, 0, ticket_words * sizeof(unsigned)));
-  }
-  auto next_ticket = [&]() -> unsigned* {
-    if (launches >= ticket_words) {
-      std::fprintf(stderr, "BM_copy: more than %lld ticket-copy launches in one process\n", (long long)ticket_words);
-      std::exit(1);
-    }
-    return tickets + launches++;
-  };
   auto launch = [&](cudaStream_t st) {
     const auto* s = reinterpret_cast<const uint4*>(base);
     auto* d = reinterpret_cast<uint4*>(base + bytes);
-    auto grid = [&](int u, int per_sm) {
-      const int64_t tiles = (n + 256 * u - 1) / (256 * u);
-      return static_cast<unsigned>(one_shot ? tiles : std::min<int64_t>(tiles, int64_t(per_sm) * sms));
-    };
-    switch (v) {
-      case 0: copy_kernel<8, 2, 3><<<grid(8, 2), 256, 0, st>>>(s, d, n); break;
-      case 1: copy_kernel<8, 2, 0><<<grid(8, 2), 256, 0, st>>>(s, d, n); break;
-      case 2: copy_kernel<16, 2, 3><<<grid(16, 2), 256, 0, st>>>(s, d, n); break;
-      case 3: copy_kernel<4, 4, 3><<<grid(4, 4), 256, 0, st>>>(s, d, n); break;
-      case 4: copy_kernel<4, 8, 0><<<grid(4, 8), 256, 0, st>>>(s, d, n); break;
-      // 512 streams (n / 512 words each; the moved bytes are n words, as above, except Shift: n / 2)
-      case 5: stream_copy_kernel<8, false, false><<<512, 256, 0, st>>>(const_cast<uint4*>(s), d, n / 512); break;
-      case 6: stream_copy_kernel<8, true, false><<<512, 256, 0, st>>>(const_cast<uint4*>(s), d, n / 512); break;
-      case 7: stream_copy_kernel<8, true, true><<<512, 256, 0, st>>>(const_cast<uint4*>(s), d, n / 512); break;
-      case 8: stream_pipe_kernel<8, 3, false><<<512, 256, 3 * 256 * 8 * 16, st>>>(const_cast<uint4*>(s), d, n / 512); break;
-      case 9: stream_pipe_kernel<8, 3, true><<<512, 256, 3 * 256 * 8 * 16, st>>>(const_cast<uint4*>(s), d, n / 512); break;
-      // 512 long-lived blocks over fewer streams (the moved bytes are n words)
-      case 11: stream_group_kernel<8, false><<<512, 256, 0, st>>>(s, d, n / 64); break;
-      case 12: stream_group_kernel<8, true><<<512, 256, 0, st>>>(s, d, n / 64); break;
-      case 13: stream_group_kernel<4, true><<<512, 256, 0, st>>>(s, d, n / 128); break;
-      case 14: stream_group_kernel<2, true><<<512, 256, 0, st>>>(s, d, n / 256); break;
-      case 15: stream_group_kernel<4, false><<<512, 256, 0, st>>>(s, d, n / 128); break;
-      // 512 long-lived streams with rotated tile order (partition-camping check)
-      case 16: stream_rot_kernel<false><<<512, 256, 0, st>>>(s, d, n / 512); break;
-      case 17: stream_rot_kernel<true><<<512, 256, 0, st>>>(s, d, n / 512); break;
-      case 18: ticket_streams_kernel<false><<<2 * sms, 256, 0, st>>>(s, d, n, 1, 1, next_ticket()); break;
-      case 19: ticket_streams_kernel<false><<<2 * sms, 256, 0, st>>>(s, d, n / 512, 512, 512, next_ticket()); break;
-      case 20: ticket_streams_kernel<true><<<2 * sms, 256, 0, st>>>(s, d, n / 512, 512, 512, next_ticket()); break;
-      case 21: ticket_streams_kernel<false><<<2 * sms, 256, 0, st>>>(s, d, n / 512, 512, 8, next_ticket()); break;
-      case 22: ticket_streams_kernel<false><<<2 * sms, 256, 0, st>>>(s, d, n / 512, 512, 16, next_ticket()); break;
-      case 23: ticket_streams_kernel<false><<<2 * sms, 256, 0, st>>>(s, d, n / 512, 512, 32, next_ticket()); break;
-      case 24: ticket_streams_kernel<false><<<2 * sms, 256, 0, st>>>(s, d, n / 512, 512, 64, next_ticket()); break;
-      case 25: ticket_streams_kernel<false><<<2 * sms, 256, 0, st>>>(s, d, n / 512, 512, 128, next_ticket()); break;
-      default: {
-        const int64_t per = n / 512, tiles = (per + 2047) / 2048;  // variant 10
-        stream_oneshot_kernel<<<static_cast<unsigned>(512 * tiles), 256, 0, st>>>(s, d, per);
-        break;
-      }
-    }
+    const int64_t tiles = (n + 2047) / 2048;
+    if (shape == 0)
+      copy_kernel<<<static_cast<unsigned>(tiles), 256, 0, st>>>(s, d, n);
+    else if (shape == 1)
+      copy_kernel<<<static_cast<unsigned>(std::min<int64_t>(tiles, 2 * int64_t(sms))), 256, 0, st>>>(s, d, n);
+    else
+      stream_copy_kernel<<<512, 256, 0, st>>>(s, d, n / 512);
     PKV_BENCH_CHECK(cudaGetLastError());
   };
   event_timer timer;
-  hold_time_ms(timer, launch);
+  timer.time_ms(launch);  // warm-up
   std::vector<float> times;
   for (auto _ : state) {
-    const float ms = hold_time_ms(timer, launch);
+    const float ms = timer.time_ms(launch);
     state.SetIterationTime(ms / 1e3);
     times.push_back(ms);
   }
   std::sort(times.begin(), times.end());
   const float med = times[times.size() / 2];
-  const size_t moved = v == 7 || v == 9 ? bytes / 2 : bytes;  // Shift moves half of each region
-  const float base_ms = memcpy_ms(moved);
+  const float base_ms = memcpy_ms(bytes);
   state.counters["median_ms"] = med;
   state.counters["memcpy_ms"] = base_ms;
-  state.counters["GBps"] = 2.0 * moved / (med * 1e6);
+  state.counters["GBps"] = 2.0 * bytes / (med * 1e6);
   state.counters["ratio"] = med > 0 ? base_ms / med : 0;
 }
 
 void copy_args(benchmark::internal::Benchmark* b) {
-  const bool explore = std::getenv("PREFIXKV_BENCH_EXPLORE") != nullptr;
   for (int64_t T : {4096, 131072})
     for (int64_t pct : {25, 75})
-      for (int64_t v = 0; v < 26; ++v)
-        for (int64_t one_shot : {0, 1})
-          if ((explore || v == 0 || v == 1 || v >= 5) && !(v >= 5 && one_shot)) b->Args({T, pct, v, one_shot});
-  b->ArgNames({"tokens", "kept_pct", "copy_variant", "one_shot"});
+      for (int64_t shape : {0, 1, 2}) b->Args({T, pct, shape});
+  b->ArgNames({"tokens", "kept_pct", "shape"});
 }
 
 }  // namespace

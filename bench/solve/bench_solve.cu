@@ -5,12 +5,11 @@
 // Shapes (segments x tokens): 32 x 4K, 80 x 32K, 80 x 128K (one problem each), and 16 problems of 32 x 4K in one
 // launch. Heavy-tailed random scores; curves built once on the host. Cold L2 before every timed run.
 // Counters: baseline_us (median of the bisection), ratio_vs_bisection (baseline / this run's median),
-// bisection_steps (host round-trips the baseline needed). path:3 = cluster path for problems that fit a thread-block
-// cluster, sample-select for the others (the default), path:4 = the cluster path's earlier exchange (cluster
-// barriers, no bulk load), path:5 = the default without the bulk load, path:1 = sample-select only, path:2 = the
-// earlier shared-memory narrowing path, path:0 = general path only (for comparison in the same run). cluster:
-// CTAs per cluster for paths 3-5 (0 = the library's choice from the device and the problem count). BM_floor:
-// launch and barrier floors of the cluster launch on this device.
+// bisection_steps (host round-trips the baseline needed). path:3 = `prefixkv::solve` (cluster path for problems
+// that fit a thread-block cluster, sample-select for the others), path:1 = sample-select only (the block path,
+// no clusters), path:0 = general path only (solve_policy variants, same answers, timed in the same run).
+// cluster: CTAs per cluster for path 3 (0 = the library's choice from the device and the problem count).
+// BM_floor: launch and barrier floors of the cluster launch on this device.
 #include <prefixkv/select/select.cuh>
 #include <prefixkv/solve/solve.cuh>
 
@@ -21,7 +20,6 @@
 #include <map>
 #include <memory>
 #include <random>
-#include <string>
 #include <vector>
 
 namespace pk = prefixkv;
@@ -164,6 +162,21 @@ void set_counters(benchmark::State& state, const std::vector<float>& ms, float b
   state.counters["bisection_steps"] = steps;
 }
 
+// path (3 default, 1 sample-select only, 0 general only) and cluster size (path 3) -> the entry point timed.
+using solve_fn = cudaError_t (*)(void*, size_t&, const pk::curve_set&, int64_t, const int64_t*,
+                                 const pk::solve_budget&, const pk::keep_bounds&, int64_t*, float*, int32_t*,
+                                 cudaStream_t);
+solve_fn pick(int path, int cluster) {
+  if (path == 1) return &pk::detail::solve_dispatch<pk::solve_policy<false, true>>;
+  if (path == 0) return &pk::detail::solve_dispatch<pk::solve_policy<false, false>>;
+  switch (cluster) {
+    case 4: return &pk::detail::solve_dispatch<pk::solve_policy<true, true, 4>>;
+    case 8: return &pk::detail::solve_dispatch<pk::solve_policy<true, true, 8>>;
+    case 16: return &pk::detail::solve_dispatch<pk::solve_policy<true, true, 16>>;
+    default: return &pk::solve;
+  }
+}
+
 void BM_solve_device(benchmark::State& state) {
   workload& w = get(state.range(0), state.range(1), state.range(2));
   cudaStream_t st;
@@ -173,14 +186,11 @@ void BM_solve_device(benchmark::State& state) {
   device_array<int32_t> status(size_t(w.problems));
   size_t bytes = 0;
   const auto budget = pk::budget_evict_ratio(evict_ratio);
-  const int path = int(state.range(3));  // 3: cluster (default), 4: cluster barriers, 5: no bulk load, 1: sample-select, 2: narrowing, 0: general only
-  const int cluster = int(state.range(4));
-  PKV_BENCH_CHECK(pk::detail::solve_impl(nullptr, bytes, w.dev, w.problems, w.poff->ptr, budget, {}, keep.ptr, thr.ptr,
-                                         status.ptr, st, path, 0, cluster));
+  const solve_fn fn = pick(int(state.range(3)), int(state.range(4)));
+  PKV_BENCH_CHECK(fn(nullptr, bytes, w.dev, w.problems, w.poff->ptr, budget, {}, keep.ptr, thr.ptr, status.ptr, st));
   device_array<char> temp(bytes);
   auto solve = [&](cudaStream_t s) {
-    PKV_BENCH_CHECK(pk::detail::solve_impl(temp.ptr, bytes, w.dev, w.problems, w.poff->ptr, budget, {}, keep.ptr,
-                                           thr.ptr, status.ptr, s, path, 0, cluster));
+    PKV_BENCH_CHECK(fn(temp.ptr, bytes, w.dev, w.problems, w.poff->ptr, budget, {}, keep.ptr, thr.ptr, status.ptr, s));
   };
   // baseline in the same run: the paper's bisection, one problem at a time
   bisection bis;
@@ -197,22 +207,6 @@ void BM_solve_device(benchmark::State& state) {
   if (total != N - int64_t(std::nearbyint(evict_ratio * double(w.segments * w.tokens))) * w.problems)
     state.SkipWithError("device solve missed the budget");
   set_counters(state, ms, baseline, bis.steps);
-#if defined(PREFIXKV_SOLVE_TRACE)
-  // phase times of the last (cold) run, thread 0 of problem 0: t<i> = microseconds from the kernel's start to
-  // mark i; block path: 1 prologue, 2/3 level-0 samples loaded/selected, 4/5 level 1, 6/7 level 2, 8 gathered,
-  // 9 final select, 10 end; cluster path: 1 metadata validated, 2 keys in shared memory, 3-6 radix passes,
-  // 7 per-segment sums, 10 end; pass 0 in detail: 11 searches, 12 counts pushed, 13 exchange complete, 14 counts
-  // summed; -1 = mark not reached
-  long long tr[16];
-  PKV_BENCH_CHECK(cudaMemcpyFromSymbol(tr, pk::detail::solve_trace, sizeof(tr)));
-  int dev = 0, khz = 0;
-  PKV_BENCH_CHECK(cudaGetDevice(&dev));
-  PKV_BENCH_CHECK(cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, dev));
-  for (int i = 1; i <= 15; ++i)
-    state.counters["t" + std::to_string(i)] = tr[i] >= tr[0] ? double(tr[i] - tr[0]) / (double(khz) * 1e-3) : -1.0;
-  const long long neg[16] = {-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1};
-  PKV_BENCH_CHECK(cudaMemcpyToSymbol(pk::detail::solve_trace, neg, sizeof(neg)));
-#endif
   cudaStreamDestroy(st);
 }
 
@@ -245,7 +239,8 @@ void BM_select_device(benchmark::State& state) {
 // Floors of the cluster path on this device, same launch shape as the solve (one cluster of `csize` CTAs x
 // solve_threads, the solve's dynamic shared memory): mode 0 = an empty kernel (launch + cold start), 1 = `n`
 // cluster barriers, 2 = `n` block barriers, 3 = `n` rounds of 16-byte remote stores of 1 KB per destination CTA
-// followed by a cluster barrier (the radix passes' exchange). Per-operation cost = (time(n) - time(0)) / n.
+// followed by a cluster barrier (what one radix pass exchanges, with a plain barrier). Per-operation cost =
+// (time(n) - time(0)) / n.
 template <int Mode>
 __global__ void __launch_bounds__(pk::detail::solve_threads, 1) floor_kernel(int n, unsigned* sink) {
   extern __shared__ __align__(16) unsigned char floor_smem[];
@@ -303,12 +298,6 @@ BENCHMARK(BM_solve_device)
     ->Args({1, 32, 4096, 3, 8})
     ->Args({1, 32, 4096, 3, 16})
     ->Args({1, 32, 4096, 3, 4})
-    ->Args({1, 32, 4096, 4, 0})
-    ->Args({1, 32, 4096, 4, 8})
-    ->Args({16, 32, 4096, 4, 0})
-    ->Args({1, 32, 4096, 5, 0})
-    ->Args({1, 32, 4096, 5, 8})
-    ->Args({16, 32, 4096, 5, 0})
     ->Args({1, 80, 32768, 3, 0})
     ->Args({1, 80, 131072, 3, 0})
     ->Args({16, 32, 4096, 3, 0})

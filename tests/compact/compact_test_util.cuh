@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <numeric>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace compact_test {
@@ -287,9 +288,31 @@ inline std::string describe(const case_cfg& c) {
          " shuffled=" + std::to_string(c.shuffled);
 }
 
+//! The device entry points under a launch policy: the public functions for the default policy, otherwise
+//! detail::compact_dispatch<Policy> (same arguments).
+using default_policy = prefixkv::compact_policy<>;
+template <class Policy, class Src, class Dst>
+cudaError_t gather_with(void* t, size_t& bytes, const Src& s, const Dst& d, const prefixkv::selection& sel,
+                        const prefixkv::segment_grid& grid, const prefixkv::compact_outputs& out,
+                        prefixkv::index_check chk, cudaStream_t st) {
+  if constexpr (std::is_same_v<Policy, default_policy>)
+    return prefixkv::gather_kept(t, bytes, s, d, sel, grid, out, chk, st);
+  else
+    return prefixkv::detail::compact_dispatch<Policy>(t, bytes, s, d, false, sel, grid, out, chk, st);
+}
+template <class Policy, class Cache>
+cudaError_t in_place_with(void* t, size_t& bytes, const Cache& c, const prefixkv::selection& sel,
+                          const prefixkv::segment_grid& grid, const prefixkv::compact_outputs& out,
+                          prefixkv::index_check chk, cudaStream_t st) {
+  if constexpr (std::is_same_v<Policy, default_policy>)
+    return prefixkv::compact_in_place(t, bytes, c, sel, grid, out, chk, st);
+  else
+    return prefixkv::detail::compact_dispatch<Policy>(t, bytes, c, c, true, sel, grid, out, chk, st);
+}
+
 //! Out-of-place: device (three ways) vs host twin, whole destination image compared (poison outside the kept
 //! rows must survive), source image unchanged, outputs equal.
-template <class T>
+template <class T, class Policy = default_policy>
 void run_gather_case(const case_cfg& c, std::mt19937_64& rng) {
   const std::string ctx = "gather " + describe(c);
   INFO(ctx);
@@ -319,7 +342,7 @@ void run_gather_case(const case_cfg& c, std::mt19937_64& rng) {
         cudaError_t e = cudaErrorUnknown;
         src.visit(false, [&](const auto& s) {
           dst.visit(false, [&](const auto& dd) {
-            e = prefixkv::gather_kept(t, bytes, s, dd, sel.dev(), grid, out.dev(), st);
+            e = gather_with<Policy>(t, bytes, s, dd, sel.dev(), grid, out.dev(), prefixkv::index_check::device, st);
           });
         });
         return e;
@@ -340,7 +363,7 @@ void run_gather_case(const case_cfg& c, std::mt19937_64& rng) {
 }
 
 //! In place: device (three ways, reset restores the source) vs host twin on a copy of the image.
-template <class T>
+template <class T, class Policy = default_policy>
 void run_inplace_case(const case_cfg& c, std::mt19937_64& rng) {
   const std::string ctx = "in place " + describe(c);
   INFO(ctx);
@@ -356,7 +379,9 @@ void run_inplace_case(const case_cfg& c, std::mt19937_64& rng) {
   run_three_ways(
       [&](void* t, size_t& bytes, cudaStream_t st) {
         cudaError_t err = cudaErrorUnknown;
-        kv.visit(false, [&](const auto& x) { err = prefixkv::compact_in_place(t, bytes, x, sel.dev(), grid, out.dev(), st); });
+        kv.visit(false, [&](const auto& x) {
+          err = in_place_with<Policy>(t, bytes, x, sel.dev(), grid, out.dev(), prefixkv::index_check::device, st);
+        });
         return err;
       },
       [&] {

@@ -107,7 +107,9 @@ TEST_CASE("in place: shift-by-one and keep-the-tail patterns") {
     run_three_ways(
         [&](void* t, size_t& bytes, cudaStream_t st) {
           cudaError_t err = cudaErrorUnknown;
-          kv.visit(false, [&](const auto& x) { err = prefixkv::compact_in_place(t, bytes, x, sel.dev(), grid, {}, st); });
+          kv.visit(false, [&](const auto& x) {
+            err = prefixkv::compact_in_place(t, bytes, x, sel.dev(), grid, {}, prefixkv::index_check::device, st);
+          });
           return err;
         },
         [&] { kv.upload(original); },
@@ -119,37 +121,43 @@ TEST_CASE("in place: shift-by-one and keep-the-tail patterns") {
   }
 }
 
-// Launch variants of the move kernel (benchmark hook): programmatic dependent launch on/off, a tiny grid so that
-// every block walks several lanes, the general and fast move kernels, persistent grids, short out-of-place blocks.
-TEST_CASE("in place and gather: launch variants, several lanes per block") {
-  auto rng = make_rng(606);
-  auto& tune = prefixkv::detail::compact_tune();
-  const auto saved = tune;
-  for (int variant = 0; variant < 8; ++variant) {
-    tune.pdl = variant % 2 == 0;
-    tune.max_blocks = variant == 1 || variant == 2 ? 3 : 0;
-    // move kernel: default pick, the general kernel, or a fast variant (persistent grid for variants >= 4)
-    tune.kernel = variant % 3 == 0 ? -1 : (variant % 3 == 1 ? 0 : 1 + variant % prefixkv::detail::compact_fast_variants);
-    tune.resident = variant >= 4 && variant != 6 ? 1 + variant % 4 : 0;
-    tune.chunk_rows = variant == 3 || variant == 6 ? 32 : (variant == 0 ? -1 : 0);  // out of place: short blocks
-    for (layout l : {layout::bhsd, layout::strided, layout::nhd, layout::hnd}) {
-      case_cfg c;
-      c.src = l;
-      c.dst = variant % 2 ? layout::bshd : layout::bhsd;
-      c.g.L = 2;
-      c.g.B = 2;
-      c.g.H = 3;
-      c.g.T = 300 + int64_t(rng() % 100);
-      c.g.D = variant % 4 < 2 ? 128 : 64;
-      c.frac = 3 + variant % 3;
-      INFO("variant " << variant);
-      run_inplace_case<uint16_t>(c, rng);
-      run_gather_case<uint16_t>(c, rng);
-      c.g.D = 3;  // narrow path
-      run_inplace_case<uint8_t>(c, rng);
-    }
+// Launch policies of the move kernel (compact_policy): programmatic dependent launch on/off, the fast and the
+// general move kernels on the same packed rows, a grid of 3 blocks (every block walks several lanes / chunks),
+// out-of-place chunks of 256, 32 and 1 rows.
+namespace {
+template <class Policy>
+void run_policy_variant(int variant, std::mt19937_64& rng) {
+  for (layout l : {layout::bhsd, layout::strided, layout::nhd, layout::hnd}) {
+    case_cfg c;
+    c.src = l;
+    c.dst = variant % 2 ? layout::bshd : layout::bhsd;
+    c.g.L = 2;
+    c.g.B = 2;
+    c.g.H = 3;
+    c.g.T = 300 + int64_t(rng() % 100);
+    c.g.D = variant % 4 < 2 ? 128 : 64;
+    c.frac = 3 + variant % 3;
+    INFO("variant " << variant);
+    run_inplace_case<uint16_t, Policy>(c, rng);
+    run_gather_case<uint16_t, Policy>(c, rng);
+    c.g.D = 3;  // narrow path
+    run_inplace_case<uint8_t, Policy>(c, rng);
   }
-  tune = saved;
+}
+}  // namespace
+
+TEST_CASE("in place and gather: launch policies, several lanes per block") {
+  auto rng = make_rng(606);
+  using prefixkv::compact_policy;
+  //                            Pdl    Fast   MaxBlocks ChunkRows
+  run_policy_variant<compact_policy<>>(0, rng);
+  run_policy_variant<compact_policy<false, false, 3, 256>>(1, rng);
+  run_policy_variant<compact_policy<true, true, 3, 32>>(2, rng);
+  run_policy_variant<compact_policy<false, true, 0, 32>>(3, rng);
+  run_policy_variant<compact_policy<true, false, 0, 32>>(4, rng);
+  run_policy_variant<compact_policy<false, true, 0, 256>>(5, rng);
+  run_policy_variant<compact_policy<true, true, 0, 1>>(6, rng);
+  run_policy_variant<compact_policy<false, false, 0, 256>>(7, rng);
 }
 // ---- kept-list patterns mixed per call, checked on the device and trusted --------------------------------------
 
@@ -201,7 +209,7 @@ inline host_selection pattern_selection(std::mt19937_64& rng, int64_t S, int64_t
 }
 
 //! Device (three ways, or `reps` plain launches) vs host twin for one explicit selection, whole image compared.
-template <class T>
+template <class T, class Policy = default_policy>
 void run_inplace_pattern(layout l, const geometry& g, bool headwise, int first_pattern, std::mt19937_64& rng,
                          int reps = 0, prefixkv::index_check chk = prefixkv::index_check::device) {
   cache<T> kv(l, g, rng, false);
@@ -215,7 +223,9 @@ void run_inplace_pattern(layout l, const geometry& g, bool headwise, int first_p
   const auto expect = kv.host;
   auto op = [&](void* t, size_t& bytes, cudaStream_t st) {
     cudaError_t err = cudaErrorUnknown;
-    kv.visit(false, [&](const auto& x) { err = prefixkv::compact_in_place(t, bytes, x, sel.dev(), grid, out.dev(), st, chk); });
+    kv.visit(false, [&](const auto& x) {
+      err = in_place_with<Policy>(t, bytes, x, sel.dev(), grid, out.dev(), chk, st);
+    });
     return err;
   };
   auto reset = [&] {
@@ -251,38 +261,43 @@ void run_inplace_pattern(layout l, const geometry& g, bool headwise, int first_p
 // Eight kept patterns mixed per call (0 / 1 / all kept, shift-by-one, keep the tail, only the last token, long runs
 // with gaps, random), every strided and paged layout, 16-byte, narrow (3-byte rows + scales) and misaligned rows,
 // shared and head-wise lists, with and without programmatic dependent launch, checked on the device and trusted.
+namespace {
+template <class Policy>
+void run_pattern_variant(int v, std::mt19937_64& rng) {
+  const auto chk = v % 4 < 2 ? prefixkv::index_check::device : prefixkv::index_check::trusted;
+  for (layout l : {layout::bhsd, layout::bshd, layout::strided, layout::nhd, layout::hnd}) {
+    INFO("variant " << v << " layout " << name(l));
+    geometry g;
+    g.L = 2;
+    g.B = 3;
+    g.H = 2;
+    g.T = 60 + int64_t(rng() % 90);
+    g.D = 128;
+    g.page = v % 2 ? 16 : 5;
+    run_inplace_pattern<uint16_t, Policy>(l, g, false, v, rng, 0, chk);
+    g.D = 64;
+    run_inplace_pattern<uint16_t, Policy>(l, g, true, v + 1, rng, 0, chk);
+    g.D = 256;
+    run_inplace_pattern<uint8_t, Policy>(l, g, v % 2 == 0, v + 2, rng, 0, chk);
+    g.D = 3;  // narrow path, odd rows (general kernel)
+    g.scales = 1 + v % 2;
+    run_inplace_pattern<uint8_t, Policy>(l, g, g.scales == 2, v + 3, rng, 0, chk);
+    g.scales = 0;
+    g.D = 64;
+    g.misalign = 1;
+    run_inplace_pattern<float, Policy>(l, g, true, v + 5, rng, 0, chk);
+  }
+}
+}  // namespace
+
 TEST_CASE("in place: kept patterns, device-checked and trusted") {
   auto rng = make_rng(607);
-  auto& tune = prefixkv::detail::compact_tune();
-  const auto saved = tune;
   for (int v = 0; v < 8; ++v) {
-    tune = prefixkv::detail::compact_tuning{};
-    tune.pdl = v % 2 == 0;
-    const auto chk = v % 4 < 2 ? prefixkv::index_check::device : prefixkv::index_check::trusted;
-    for (layout l : {layout::bhsd, layout::bshd, layout::strided, layout::nhd, layout::hnd}) {
-      INFO("variant " << v << " layout " << name(l));
-      geometry g;
-      g.L = 2;
-      g.B = 3;
-      g.H = 2;
-      g.T = 60 + int64_t(rng() % 90);
-      g.D = 128;
-      g.page = v % 2 ? 16 : 5;
-      run_inplace_pattern<uint16_t>(l, g, false, v, rng, 0, chk);
-      g.D = 64;
-      run_inplace_pattern<uint16_t>(l, g, true, v + 1, rng, 0, chk);
-      g.D = 256;
-      run_inplace_pattern<uint8_t>(l, g, v % 2 == 0, v + 2, rng, 0, chk);
-      g.D = 3;  // narrow path, odd rows (general kernel)
-      g.scales = 1 + v % 2;
-      run_inplace_pattern<uint8_t>(l, g, g.scales == 2, v + 3, rng, 0, chk);
-      g.scales = 0;
-      g.D = 64;
-      g.misalign = 1;
-      run_inplace_pattern<float>(l, g, true, v + 5, rng, 0, chk);
-    }
+    if (v % 2 == 0)
+      run_pattern_variant<default_policy>(v, rng);
+    else
+      run_pattern_variant<prefixkv::compact_policy<false>>(v, rng);  // without programmatic dependent launch
   }
-  tune = saved;
 }
 
 // Large lanes (thousands of rows, many tiles per block), repeated with a poisoned workspace, compared byte for byte

@@ -47,10 +47,16 @@ void expect_device_reject(cache<T>& src, cache<T>* dst, host_selection& sel, con
         cudaError_t err = cudaErrorUnknown;
         if (dst)
           src.visit(false, [&](const auto& s) {
-            dst->visit(false, [&](const auto& d) { err = prefixkv::gather_kept(t, bytes, s, d, sel.dev(), grid, out.dev(), st); });
+            dst->visit(false, [&](const auto& d) {
+              const auto chk = prefixkv::index_check::device;
+              err = prefixkv::gather_kept(t, bytes, s, d, sel.dev(), grid, out.dev(), chk, st);
+            });
           });
         else
-          src.visit(false, [&](const auto& s) { err = prefixkv::compact_in_place(t, bytes, s, sel.dev(), grid, out.dev(), st); });
+          src.visit(false, [&](const auto& s) {
+            const auto chk = prefixkv::index_check::device;
+            err = prefixkv::compact_in_place(t, bytes, s, sel.dev(), grid, out.dev(), chk, st);
+          });
         return err;
       },
       [&] {

@@ -30,6 +30,11 @@ bool variant_enabled(int index) {
   return list.find("," + std::to_string(index) + ",") != std::string::npos;
 }
 
+// Signature shared by prefixkv::solve and every detail::solve_dispatch<Policy>.
+using solve_fn = cudaError_t (*)(void*, size_t&, const pk::curve_set&, int64_t, const int64_t*,
+                                 const pk::solve_budget&, const pk::keep_bounds&, int64_t*, float*, int32_t*,
+                                 cudaStream_t);
+
 struct batch {
   std::vector<int64_t> rows, poff;
   std::vector<float> scores;
@@ -126,28 +131,30 @@ void run_and_compare(const batch& b, const pk::solve_budget& hb, const pk::solve
   int64_t rejected = 0;
   for (auto s : estatus) rejected += s != 0;
   INFO("P ", P, " S ", S, " rejected ", rejected);
-  // every device path on the same inputs: the public entry (cluster path where a problem fits, cluster size
-  // chosen from the device and P), the cluster path forced to 2 CTAs with a 4096-key budget per CTA (problems over
-  // 8192 candidates then take the block path in the same launch), to 8 and to 16 CTAs; sample-select without
-  // clusters, also with a small key budget (more narrowing levels, gather overflow -> general fallback); the
-  // earlier narrowing path; the general path alone; the cluster path's earlier design (cluster barriers, path 4),
-  // as chosen and forced to 2 CTAs x 4096 keys; the mbarrier exchange without the bulk load (path 5)
+  // every device path on the same inputs (policies of detail::solve_dispatch; the same answers): the public entry
+  // (cluster path where a problem fits, cluster size chosen from the device and P), the cluster path forced to 2
+  // CTAs with a 4096-key budget per CTA (problems over 8192 candidates then take the block path in the same
+  // launch), to 8 and to 16 CTAs; sample-select without clusters, also with a small key budget (more narrowing
+  // levels, gather overflow -> general fallback); the general path alone
   struct variant {
-    int path, key_cap, cluster;
+    const char* name;
+    solve_fn fn;
   };
-  const variant variants[] = {variant{3, 0, 0}, variant{3, 4096, 2}, variant{3, 0, 8}, variant{3, 0, 16},
-                              variant{1, 0, 0}, variant{1, 4096, 0}, variant{2, 0, 0}, variant{0, 0, 0},
-                              variant{4, 0, 0}, variant{4, 4096, 2}, variant{5, 0, 0}};
+  const variant variants[] = {
+      {"default (prefixkv::solve)", &pk::solve},
+      {"cluster 2 x 4096 keys", &pk::detail::solve_dispatch<pk::solve_policy<true, true, 2, 4096>>},
+      {"cluster 8", &pk::detail::solve_dispatch<pk::solve_policy<true, true, 8>>},
+      {"cluster 16", &pk::detail::solve_dispatch<pk::solve_policy<true, true, 16>>},
+      {"sample-select", &pk::detail::solve_dispatch<pk::solve_policy<false, true>>},
+      {"sample-select, 4096 keys", &pk::detail::solve_dispatch<pk::solve_policy<false, true, 0, 4096>>},
+      {"general", &pk::detail::solve_dispatch<pk::solve_policy<false, false>>}};
   for (int vi = 0; vi < int(sizeof(variants) / sizeof(variants[0])); ++vi) {
   if (!variant_enabled(vi)) continue;
   const variant var = variants[vi];
-  INFO("path ", var.path, " key cap limit ", var.key_cap, " cluster ", var.cluster);
+  INFO("variant ", vi, ": ", var.name);
   run_three_ways(
       [&](void* t, size_t& bytes, cudaStream_t st) {
-        if (var.path == 3 && var.key_cap == 0 && var.cluster == 0)
-          return pk::solve(t, bytes, dc.view, P, poff.get(), db, dbd, keep.get(), thr.get(), status.get(), st);
-        return pk::detail::solve_impl(t, bytes, dc.view, P, poff.get(), db, dbd, keep.get(), thr.get(), status.get(),
-                                      st, var.path, var.key_cap, var.cluster);
+        return var.fn(t, bytes, dc.view, P, poff.get(), db, dbd, keep.get(), thr.get(), status.get(), st);
       },
       [&] {
         keep.poison();

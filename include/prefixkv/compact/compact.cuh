@@ -27,6 +27,25 @@
 #include <cstdint>
 
 PREFIXKV_NAMESPACE_BEGIN
+
+//! Compile-time launch policy of the compaction kernels. `gather_kept` and `compact_in_place` use
+//! `compact_policy<>`; tests instantiate others through `detail::compact_dispatch<Policy>` to cover every code
+//! path on the same inputs (the results are identical).
+//! * `Pdl`: with `index_check::device`, the move kernel is launched with programmatic dependent launch after the
+//!   check kernel (sm_90); false: a plain stream-ordered launch.
+//! * `Fast`: jobs whose every kind moves packed rows of 16-byte words take `compact_fast_kernel`; false: the
+//!   general kernel for every job.
+//! * `MaxBlocks`: > 0 caps the move kernel's grid (every block then walks several lanes or chunks).
+//! * `ChunkRows`: out of place, every lane is cut into chunks of about this many destination rows, one block each
+//!   (256: 0.955-0.973 of memcpy at 32K/128K tokens on an H100, docs/performance.md).
+template <bool Pdl = true, bool Fast = true, int64_t MaxBlocks = 0, int64_t ChunkRows = 256>
+struct compact_policy {
+  static constexpr bool pdl = Pdl;
+  static constexpr bool fast = Fast;
+  static constexpr int64_t max_blocks = MaxBlocks;
+  static constexpr int64_t chunk_rows = ChunkRows;
+};
+
 namespace detail {
 
 inline constexpr int compact_threads = 256;
@@ -129,23 +148,6 @@ PREFIXKV_KERNEL void __launch_bounds__(compact_threads) compact_check_kernel(com
   if (threadIdx.x == 0) block_status[blockIdx.x] = err;
 }
 
-//! Cache hints of the data accesses (bit 0: streaming loads `ld.global.cs`, bit 1: streaming stores
-//! `st.global.cs`; a clear bit = plain access).
-//! Plain accesses are the default: measured 0.01-0.02 of memcpy faster than streaming ones, for this kernel and for
-//! a plain copy kernel alike (bench/compact/RESULTS.md).
-inline constexpr int compact_hint_cs = 3;
-inline constexpr int compact_hint_plain = 0;
-template <class V, int Hint = compact_hint_plain>
-__device__ __forceinline__ V compact_load(const void* p) {
-  if constexpr ((Hint & 1) != 0) return __ldcs(reinterpret_cast<const V*>(p));
-  else return *reinterpret_cast<const V*>(p);
-}
-template <class V, int Hint = compact_hint_plain>
-__device__ __forceinline__ void compact_store(void* p, const V& v) {
-  if constexpr ((Hint & 2) != 0) __stcs(reinterpret_cast<V*>(p), v);
-  else *reinterpret_cast<V*>(p) = v;
-}
-
 //! Row offsets of one stage (one row per thread), double-buffered in shared memory.
 struct compact_stage_smem {
   int64_t src[2][compact_threads];
@@ -171,16 +173,15 @@ struct compact_stage_smem {
 //! j*vpr + c, i.e. p' > j, so idx[p'] > j for every row j stored earlier: loads never see a store of the current
 //! or an earlier round by any thread, and one barrier per round suffices. A lane is handled by exactly one block
 //! (nchunk == 1 in place). If p == j (row stays put) load and store hit the same bytes with the same value.
-//! Template knobs: U accesses in flight per thread (0: by width), Hint (cache hints, see compact_load), Contig
-//! (both sides' rows are packed: no per-element stride math; the fast kernel's case).
-template <int W, bool InPlace, int U0 = 0, int Hint = compact_hint_plain, bool Contig = false>
+//! Contig: both sides' rows are packed (no per-element stride math; the fast kernel's case). Accesses in flight
+//! per thread: compact_unroll for 16-byte words, fewer for the narrow widths (odd rows, not bandwidth critical).
+template <int W, bool InPlace, bool Contig = false>
 __device__ __forceinline__ void compact_move_rows(const compact_meta& m, const compact_geom& sg,
                                                   const compact_geom& dg, const char* sbase, char* dbase,
                                                   const int32_t* idx, int64_t b, int64_t h, int64_t r0, int64_t r1,
                                                   compact_stage_smem& sm) {
   using word = typename compact_word<W>::type;
-  // narrow paths: odd rows, not bandwidth critical
-  constexpr int U = U0 > 0 ? U0 : (W == 16 ? compact_unroll : (W == 8 ? 4 : 2));
+  constexpr int U = W == 16 ? compact_unroll : (W == 8 ? 4 : 2);
   const int S = blockDim.x;
   const int tid = threadIdx.x;
   const int32_t vpr = static_cast<int32_t>(sg.row_bytes / W);
@@ -231,8 +232,8 @@ __device__ __forceinline__ void compact_move_rows(const compact_meta& m, const c
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         if (q0 + u * S + tid < items)
-          buf[u] = compact_load<word, Hint>(sbase + sm.src[cur][rr] +
-                                            (Contig ? cc * W : sg.chunk(static_cast<int64_t>(cc) * W)));
+          buf[u] = *reinterpret_cast<const word*>(sbase + sm.src[cur][rr] +
+                                                  (Contig ? cc * W : sg.chunk(static_cast<int64_t>(cc) * W)));
         rr += dr;
         cc += dc;
         if (cc >= vpr) {
@@ -246,8 +247,8 @@ __device__ __forceinline__ void compact_move_rows(const compact_meta& m, const c
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         if (q0 + u * S + tid < items)
-          compact_store<word, Hint>(dbase + sm.dst[cur][rr] + (Contig ? cc * W : dg.chunk(static_cast<int64_t>(cc) * W)),
-                                    buf[u]);
+          *reinterpret_cast<word*>(dbase + sm.dst[cur][rr] +
+                                   (Contig ? cc * W : dg.chunk(static_cast<int64_t>(cc) * W))) = buf[u];
         rr += dr;
         cc += dc;
         if (cc >= vpr) {
@@ -361,7 +362,7 @@ __device__ __forceinline__ compact_work compact_work_of(const compact_meta& m, i
 //! The general kernel (any access width, strided rows); `compact_fast_kernel` serves packed 16-byte rows.
 //! 128 registers, 2 blocks per SM. (Measured: capping at 80 registers for 3 blocks/SM spills and loses 0.06-0.14
 //! of memcpy; a cp.async.bulk shared-memory pipeline with one warp per block reached only 0.83-0.85. See
-//! bench/compact/RESULTS.md.)
+//! docs/performance.md.)
 template <bool InPlace>
 PREFIXKV_KERNEL void __launch_bounds__(compact_threads, 2) compact_move_kernel(const compact_meta m,
                                                                                const compact_ptrs p) {
@@ -380,34 +381,20 @@ PREFIXKV_KERNEL void __launch_bounds__(compact_threads, 2) compact_move_kernel(c
 
 //! Fast move kernel: every kind moves 16-byte words between packed rows (the common case: fp16/bf16/fp8 rows of
 //! >= 16 bytes, any token/head/page strides). Same staging and in-place proof as `compact_move_rows`, without the
-//! width switch and per-element stride math. U accesses in flight per thread, MinBlocks blocks per SM.
-template <bool InPlace, int U, int MinBlocks, int Hint>
-PREFIXKV_KERNEL void __launch_bounds__(compact_threads, MinBlocks) compact_fast_kernel(const compact_meta m,
-                                                                                       const compact_ptrs p) {
+//! width switch and per-element stride math. compact_unroll accesses in flight per thread, 2 blocks per SM, plain
+//! loads and stores.
+template <bool InPlace>
+PREFIXKV_KERNEL void __launch_bounds__(compact_threads, 2) compact_fast_kernel(const compact_meta m,
+                                                                               const compact_ptrs p) {
   if (!compact_prologue(m)) return;
   __shared__ compact_stage_smem sm;
   const int64_t total = m.lanes() * m.nchunk;
   for (int64_t w = blockIdx.x; w < total; w += gridDim.x) {
     const compact_work x = compact_work_of(m, w);
     if (x.r0 >= x.r1) continue;
-    compact_move_rows<16, InPlace, U, Hint, true>(m, m.src[x.k], m.dst[x.k], p.src[x.l][x.k], p.dst[x.l][x.k],
-                                                  m.sel.indices + x.off, x.b, x.h, x.r0, x.r1, sm);
+    compact_move_rows<16, InPlace, true>(m, m.src[x.k], m.dst[x.k], p.src[x.l][x.k], p.dst[x.l][x.k],
+                                         m.sel.indices + x.off, x.b, x.h, x.r0, x.r1, sm);
   }
-}
-
-//! Benchmark/test hook (not API): launch variants of the move kernel, compared in one process by bench_compact.
-struct compact_tuning {
-  bool pdl = true;         // programmatic dependent launch of the move kernel after the check kernel
-  int64_t max_blocks = 0;  // > 0: cap the move kernel's grid (tests: several lanes per block)
-  int kernel = -1;         // -1: default choice; 0: general kernel; 1..: fast kernel variants (compact_fast_pick)
-  int resident = 0;        // > 0: persistent grid of (blocks per SM of the variant) x SMs, out of place split into
-                           //      about `resident` x grid equal chunks
-  int64_t chunk_rows = -1; // out of place: lanes cut into chunks of about this many destination rows, one block
-                           //      each, grid uncapped (0: the ~16 x SMs work items split; -1: default)
-};
-inline compact_tuning& compact_tune() {
-  static compact_tuning t;
-  return t;
 }
 
 //! Launches `kernel` with programmatic stream serialization (overlaps its launch with the check kernel's tail).
@@ -427,28 +414,12 @@ cudaError_t compact_launch_kernel(void (*kernel)(Params...), unsigned blocks, un
   return cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 
-//! Fast kernel variants (bench_compact compares them in one process): variant -> kernel, blocks per SM.
-//! 1: streaming (.cs) loads and stores; 2 (default): plain accesses, 0.01-0.02 of memcpy faster. Dropped after
-//! device run 6 (bench/compact/RESULTS.md): 16 accesses in flight (spills at 128 registers, -0.03..-0.04),
-//! 4 blocks/SM with 8 or 4 accesses (64 registers, spills, -0.01..-0.23).
-inline constexpr int compact_default_variant = 2;
-inline constexpr int compact_fast_variants = 2;
-//! Out of place: chunks of about this many destination rows, one short-lived block each (device runs 7-8:
-//! 0.955-0.973 of memcpy at 32K/128K tokens vs 0.92-0.93 for ~16 x SMs long chunks; 128 and 512 rows mixed).
-inline constexpr int64_t compact_default_chunk_rows = 256;
-inline void compact_fast_pick(int variant, bool inplace, void (*&kernel)(compact_meta, compact_ptrs), int& per_sm) {
-  per_sm = 2;
-  if (variant == 1)
-    kernel = inplace ? compact_fast_kernel<true, 8, 2, compact_hint_cs> : compact_fast_kernel<false, 8, 2, compact_hint_cs>;
-  else
-    kernel = inplace ? compact_fast_kernel<true, 8, 2, compact_hint_plain>
-                     : compact_fast_kernel<false, 8, 2, compact_hint_plain>;
-}
-
-template <class SrcCache, class DstCache>
-cudaError_t compact_launch(void* d_temp, size_t& temp_bytes, const SrcCache& src, const DstCache& dst, bool inplace,
-                           const selection& sel, const segment_grid& grid, const compact_outputs& out,
-                           cudaStream_t stream, index_check check) {
+//! The launch of every policy: host checks (compact_plan), size query, check kernel, move kernel.
+template <class Policy, class SrcCache, class DstCache>
+cudaError_t compact_dispatch(void* d_temp, size_t& temp_bytes, const SrcCache& src, const DstCache& dst,
+                             bool inplace, const selection& sel, const segment_grid& grid,
+                             const compact_outputs& out, index_check check, cudaStream_t stream) {
+  static_assert(Policy::chunk_rows > 0 && Policy::max_blocks >= 0, "compact_policy: chunk_rows > 0, max_blocks >= 0");
   compact_meta m;
   compact_ptrs ptrs;
   PREFIXKV_TRY(compact_plan(src, dst, inplace, sel, grid, out, m, &ptrs));
@@ -470,14 +441,6 @@ cudaError_t compact_launch(void* d_temp, size_t& temp_bytes, const SrcCache& src
     return cudaSuccess;
   }
   PREFIXKV_TRY(ws.map(d_temp, temp_bytes));
-  // grid shape: in place one block per lane (its rows in ascending tiles); out of place lanes are split in
-  // chunks of kept rows (by default short chunks of compact_default_chunk_rows rows, one block each, below)
-  const int64_t lanes = m.lanes();
-  if (!inplace && lanes > 0) {
-    const int64_t want = 16 * static_cast<int64_t>(sms);
-    const int64_t by_rows = std::max<int64_t>(1, m.src_tokens / 128);
-    m.nchunk = std::max<int64_t>(1, std::min<int64_t>((want + lanes - 1) / lanes, by_rows));
-  }
   if (validate_on_device) {
     if (need_owner)
       PREFIXKV_TRY(check_runtime(cudaMemsetAsync(ws.get<int32_t>(1), 0xFF, ws.size_of(1), stream), "compact: memset"));
@@ -487,32 +450,27 @@ cudaError_t compact_launch(void* d_temp, size_t& temp_bytes, const SrcCache& src
     m.vstatus = ws.get<int32_t>(0);
     m.vblocks = static_cast<int32_t>(vblocks);
   }
-  bool fast = m.kinds > 0;
+  bool fast = Policy::fast && m.kinds > 0;
   for (int k = 0; k < m.kinds; ++k)
     fast = fast && m.vec[k] == 16 && m.src[k].contiguous && m.dst[k].contiguous;
-  const int variant = !fast ? 0 : (compact_tune().kernel >= 0 ? compact_tune().kernel : compact_default_variant);
-  void (*kernel)(compact_meta, compact_ptrs) = inplace ? compact_move_kernel<true> : compact_move_kernel<false>;
-  int per_sm = 2;
-  if (variant > 0) compact_fast_pick(variant, inplace, kernel, per_sm);
-  const int64_t resident = static_cast<int64_t>(per_sm) * sms;
-  if (compact_tune().resident > 0 && !inplace && lanes > 0) {
-    const int64_t by_rows = std::max<int64_t>(1, m.src_tokens / 128);
-    m.nchunk = std::max<int64_t>(1, std::min<int64_t>((compact_tune().resident * resident + lanes - 1) / lanes, by_rows));
-  }
-  const int64_t chunk_rows = compact_tune().chunk_rows >= 0 ? compact_tune().chunk_rows : compact_default_chunk_rows;
-  const bool short_blocks = !inplace && lanes > 0 && chunk_rows > 0 && compact_tune().resident <= 0;
+  void (*kernel)(compact_meta, compact_ptrs) =
+      fast ? (inplace ? compact_fast_kernel<true> : compact_fast_kernel<false>)
+           : (inplace ? compact_move_kernel<true> : compact_move_kernel<false>);
+  // Grid shape. In place: one block per lane (its rows in ascending stages, nchunk == 1), at most 64 x SMs blocks.
+  // Out of place: every lane cut into chunks of about Policy::chunk_rows destination rows, one short-lived block
+  // each, consecutive blocks on consecutive chunks of one lane (a compact window of memory in flight, as in a plain
+  // copy kernel); bounded so that lanes x nchunk fits the grid.
+  const int64_t lanes = m.lanes();
+  const bool short_blocks = !inplace && lanes > 0;
   if (short_blocks) {
-    // many short-lived blocks, consecutive ones on consecutive row chunks of one lane (a compact window of memory
-    // in flight, as in a plain copy kernel); bounded so that lanes x nchunk fits the grid
-    const int64_t want = (std::max<int64_t>(m.dst_capacity, 1) + chunk_rows - 1) / chunk_rows;
+    const int64_t want = (std::max<int64_t>(m.dst_capacity, 1) + Policy::chunk_rows - 1) / Policy::chunk_rows;
     m.nchunk = std::max<int64_t>(1, std::min<int64_t>(want, std::max<int64_t>(1, (int64_t(1) << 30) / lanes)));
   }
   const int64_t work = std::max<int64_t>(1, lanes * m.nchunk);
-  const bool pdl = validate_on_device && compact_tune().pdl;
+  const bool pdl = validate_on_device && Policy::pdl;
   // (every grid walks its work items grid-stride, so any cap is correct)
-  int64_t cap = compact_tune().resident > 0 ? resident
-                                            : (short_blocks ? std::min<int64_t>(work, INT32_MAX) : 64 * static_cast<int64_t>(sms));
-  if (compact_tune().max_blocks > 0) cap = compact_tune().max_blocks;
+  int64_t cap = short_blocks ? std::min<int64_t>(work, INT32_MAX) : 64 * static_cast<int64_t>(sms);
+  if (Policy::max_blocks > 0) cap = Policy::max_blocks;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(work, cap));
   PREFIXKV_TRY(check_runtime(compact_launch_kernel(kernel, blocks, compact_threads, 0, stream, pdl, m, ptrs),
                              "compact: launch"));
@@ -529,16 +487,18 @@ cudaError_t compact_launch(void* d_temp, size_t& temp_bytes, const SrcCache& src
 //! Index order is free (ascending not required). See compact.cuh's header for the validation contract.
 //! \code
 //! size_t bytes = 0;
-//! PREFIXKV_TRY(prefixkv::gather_kept(nullptr, bytes, src, dst, sel, grid, out, stream));
+//! const auto check = prefixkv::index_check::device;  // or trusted: the indices are known to be valid
+//! PREFIXKV_TRY(prefixkv::gather_kept(nullptr, bytes, src, dst, sel, grid, out, check, stream));
 //! // ... allocate bytes of d_temp (256-byte aligned) ...
-//! PREFIXKV_TRY(prefixkv::gather_kept(d_temp, bytes, src, dst, sel, grid, out, stream));
+//! PREFIXKV_TRY(prefixkv::gather_kept(d_temp, bytes, src, dst, sel, grid, out, check, stream));
 //! \endcode
 template <class Src, class Dst>
 [[nodiscard]] cudaError_t gather_kept(void* d_temp, size_t& temp_bytes, const Src& src, const Dst& dst,
                                       const selection& sel, const segment_grid& grid,
-                                      const compact_outputs& out = {}, cudaStream_t stream = 0,
-                                      index_check check = index_check::device) {
-  return detail::compact_launch(d_temp, temp_bytes, src, dst, false, sel, grid, out, stream, check);
+                                      const compact_outputs& out = {}, index_check check = index_check::device,
+                                      cudaStream_t stream = 0) {
+  return detail::compact_dispatch<compact_policy<>>(d_temp, temp_bytes, src, dst, false, sel, grid, out, check,
+                                                    stream);
 }
 
 //! In-place, order-preserving compaction of a strided (`kv_layers`) or paged (`paged_kv_layers`) cache; indices
@@ -547,15 +507,16 @@ template <class Src, class Dst>
 //! keep their old bytes.
 //! \code
 //! size_t bytes = 0;
-//! PREFIXKV_TRY(prefixkv::compact_in_place(nullptr, bytes, cache, sel, grid, out, stream));
-//! PREFIXKV_TRY(prefixkv::compact_in_place(d_temp, bytes, cache, sel, grid, out, stream));
+//! PREFIXKV_TRY(prefixkv::compact_in_place(nullptr, bytes, cache, sel, grid, out, check, stream));
+//! PREFIXKV_TRY(prefixkv::compact_in_place(d_temp, bytes, cache, sel, grid, out, check, stream));
 //! \endcode
 template <class Cache>
 [[nodiscard]] cudaError_t compact_in_place(void* d_temp, size_t& temp_bytes, const Cache& cache,
                                            const selection& sel, const segment_grid& grid,
-                                           const compact_outputs& out = {}, cudaStream_t stream = 0,
-                                           index_check check = index_check::device) {
-  return detail::compact_launch(d_temp, temp_bytes, cache, cache, true, sel, grid, out, stream, check);
+                                           const compact_outputs& out = {}, index_check check = index_check::device,
+                                           cudaStream_t stream = 0) {
+  return detail::compact_dispatch<compact_policy<>>(d_temp, temp_bytes, cache, cache, true, sel, grid, out, check,
+                                                    stream);
 }
 
 PREFIXKV_NAMESPACE_END

@@ -516,14 +516,14 @@ cudaError_t compress_run(void* d_temp, size_t& temp_bytes, const compress_plan& 
     const index_check check = is_paged_cache<Cache>::value || !c.in_place ? index_check::device : index_check::trusted;
     need = 0;
     if (c.in_place) {
-      PREFIXKV_TRY(compact_in_place(nullptr, need, src, sel, grid, co2, stream, check));
+      PREFIXKV_TRY(compact_in_place(nullptr, need, src, sel, grid, co2, check, stream));
       PREFIXKV_TRY(compress_stage_fits(need, stage_have));
-      PREFIXKV_TRY(compact_in_place(stage, need, src, sel, grid, co2, stream, check));
+      PREFIXKV_TRY(compact_in_place(stage, need, src, sel, grid, co2, check, stream));
     } else {
       const auto dst = cache_slice(a.dst, g.l0, g.lc);
-      PREFIXKV_TRY(gather_kept(nullptr, need, src, dst, sel, grid, co2, stream, check));
+      PREFIXKV_TRY(gather_kept(nullptr, need, src, dst, sel, grid, co2, check, stream));
       PREFIXKV_TRY(compress_stage_fits(need, stage_have));
-      PREFIXKV_TRY(gather_kept(stage, need, src, dst, sel, grid, co2, stream, check));
+      PREFIXKV_TRY(gather_kept(stage, need, src, dst, sel, grid, co2, check, stream));
     }
   }
   PREFIXKV_TRY(mark(5));

@@ -14,11 +14,10 @@
 //!    give keys L* / H* with count(L*) < R <= count(H*), which cut every window to about 3 strides; when all
 //!    windows fit in shared memory they are gathered and v is one more radix selection there. 1-3 levels, one
 //!    global round trip each, no per-probe binary searches;
-//! 3. (path 2, kept for comparison) the earlier narrowing path: 128-way searches on sample bounds of count(t);
-//! 4. general path (large problems, or windows that stop shrinking because of massive exact ties): a sample of
+//! 3. general path (large problems, or windows that stop shrinking because of massive exact ties): a sample of
 //!    every row in shared memory, then 256-way rounds over the key space where count(t) = sum_s #eligible ranks
 //!    with key <= t is a binary search per segment (sample, then the short global window between two samples);
-//! 5. every segment keeps lo_s + #(eligible keys < v) + its share of the keys == v, shares handed out in
+//! 4. every segment keeps lo_s + #(eligible keys < v) + its share of the keys == v, shares handed out in
 //!    segment order (a block scan), which is the (e, s, r) lexicographic tie break.
 //! All paths compute the same v (the smallest key with count(v) >= R) and the same counts.
 //!
@@ -40,42 +39,37 @@
 
 #include <atomic>
 
-//! Path `prefixkv::solve` takes: 3 = cluster path where a problem fits, sample-select for the others (default);
-//! 4 / 5 = the same with the cluster path's earlier exchange (cluster barriers) / without its bulk load; 1 =
-//! sample-select only, 2 = earlier narrowing path, 0 = general path only (all answers are identical).
-#ifndef PREFIXKV_SOLVE_FAST_PATH
-#define PREFIXKV_SOLVE_FAST_PATH 3
-#endif
-
 PREFIXKV_NAMESPACE_BEGIN
+
+//! Compile-time launch policy of the device solver. `prefixkv::solve` uses `solve_policy<>` (the cluster path
+//! where a problem fits, sample-select for the others, the general path where sample-select cannot decide);
+//! tests and benchmarks instantiate others through `detail::solve_dispatch<Policy>` to run every path on the
+//! same inputs. Every policy gives the same answers.
+//! * `Clusters`: problems that fit a thread-block cluster's shared memory take the cluster path (sm_90);
+//!   false: every problem takes the block path.
+//! * `SampleSelect`: the block path starts with sample-select; false: the general path alone.
+//! * `ClusterSize`: 0 = chosen from the device and the problem count; 2, 4, 8 or 16 = that size where the
+//!   device can co-schedule it.
+//! * `KeyCap`: 0 = the device's shared-memory key budget per block and per CTA; >= 4096 = a smaller one (more
+//!   sample-select levels; problems over ClusterSize x KeyCap candidates leave the cluster path).
+template <bool Clusters = true, bool SampleSelect = true, int ClusterSize = 0, int KeyCap = 0>
+struct solve_policy {
+  static constexpr bool clusters = Clusters;
+  static constexpr bool sample_select = SampleSelect;
+  static constexpr int cluster_size = ClusterSize;
+  static constexpr int key_cap = KeyCap;
+};
+
 namespace detail {
 
-// Phase timestamps (clock64 of thread 0, problem 0) for bench/solve's trace build only; no-ops otherwise.
-#if defined(PREFIXKV_SOLVE_TRACE)
-__device__ long long solve_trace[16];
-#define PKV_SOLVE_MARK(i)                                                               \
-  do {                                                                                  \
-    if (threadIdx.x == 0 && blockIdx.x == 0 && (i) < 16) solve_trace[(i)] = clock64(); \
-  } while (0)
-#else
-#define PKV_SOLVE_MARK(i) \
-  do {                    \
-  } while (0)
-#endif
-
 // 512 threads leave 128 registers per thread; at 1024 (64 registers) the kernel spilled ~750 bytes per thread
-// to local memory and every path ran 3-5x slower (see bench/solve/RESULTS.md).
-#ifndef PREFIXKV_SOLVE_THREADS
-#define PREFIXKV_SOLVE_THREADS 512
-#endif
-inline constexpr int solve_threads = PREFIXKV_SOLVE_THREADS;
+// to local memory and every path ran 3-5x slower (docs/performance.md, designs measured and not kept).
+inline constexpr int solve_threads = 512;
 static_assert(solve_threads % 256 == 0 && solve_threads <= 1024, "solve_threads: a multiple of 256, at most 1024");
 inline constexpr int solve_probes = 256;                    // thresholds evaluated per round
 inline constexpr int solve_parts = solve_threads / solve_probes;
 inline constexpr int solve_seg_cap = 1024;                  // segment metadata cached in shared memory
 inline constexpr int solve_batch = 4;                       // searches interleaved per thread
-inline constexpr int solve_level_samples = 256;             // samples per segment window per narrowing level
-inline constexpr int solve_max_levels = 4;
 inline constexpr size_t solve_meta_bytes = solve_seg_cap * (sizeof(int64_t) + 6 * sizeof(int32_t));
 inline constexpr int solve_min_keys = 4096;                 // shared-memory keys needed at the least
 inline constexpr int solve_max_keys = 49152;
@@ -200,7 +194,6 @@ struct solve_shared {
   block_scratch sc;
   long long part[solve_parts][solve_probes];
   long long newL, newH;
-  long long cL[2], cH[2];
   long long red[solve_threads / 32][6];  // per-warp partials of the prologue reduction
 };
 
@@ -264,25 +257,6 @@ __device__ inline long long window_le(const uint32_t* k, int32_t w, long long t)
   return a;
 }
 
-// Bound on the rank ub(t) = #{r : key_r <= t} of a segment from m samples of its window [A, A + w): sample q
-// sits at rank A + (q + 1) * w / (m + 1). Returns the lower bound (ranks below it are <= t) or the upper bound
-// (ranks from it on are > t).
-__device__ inline int32_t sample_bound(const uint32_t* smp, int m, int32_t A, int32_t w, long long t, bool upper) {
-  if (w <= 0) return A;
-  int qa = 0, qn = m;
-  while (qn > 0) {
-    const int h = qn >> 1;
-    if (static_cast<long long>(smp[qa + h]) <= t) {
-      qa += h + 1;
-      qn -= h + 1;
-    } else {
-      qn = h;
-    }
-  }
-  if (upper) return qa < m ? A + static_cast<int32_t>((static_cast<int64_t>(qa + 1) * w) / (m + 1)) : A + w;
-  return qa > 0 ? A + static_cast<int32_t>((static_cast<int64_t>(qa) * w) / (m + 1)) + 1 : A;
-}
-
 //! One round of the 256-way search on [L, H): every thread has stored its partial count of keys <= tp(probe) in
 //! sh.part[part][probe]. Add the parts up (plus `base`), find the first probe whose count reaches R and narrow
 //! [L, H) to the interval that ends at it. `tp` is this thread's probe value (threads tid < solve_probes own
@@ -342,127 +316,6 @@ __device__ inline void gather_window_keys(const curve_set& cv, int64_t ns, long 
     for (int u = 0; u < Unroll; ++u)
       if (b0 + u * solve_threads < W) sm.keys[b0 + u * solve_threads] = kk[u];
   }
-}
-
-// Earlier fast path, path 2 (ns <= solve_threads, metadata cached): narrow every segment's eligible range
-// [lo, hi) to a window
-// [wa, wb) that must contain the answer, using only shared-memory samples (each level loads m keys per window
-// and runs two 128-way searches on sample bounds), until all windows fit `key_cap` keys; then gather the
-// windows' keys into shared memory and finish the exact 256-way search there. Invariant for t in [L, H]:
-// count(t) = sum_i (wa_i - lo_i) + #(window_i keys <= t), and count(L) < R <= count(H).
-// Returns false (nothing decided) when the windows stop shrinking; the caller then runs the general path.
-__device__ inline bool narrow_and_gather(const curve_set& cv, int64_t ns, long long R, long long H0, int key_cap,
-                                         const solve_smem_view& sm, solve_shared& sh, int64_t& v_out) {
-  const int tid = threadIdx.x;
-  const int probe = tid % solve_probes, part = tid / solve_probes;
-  const int half = probe / 128, j = probe % 128;
-  for (int64_t i = tid; i < ns; i += solve_threads) {
-    sm.wa[i] = sm.lo[i];
-    sm.wb[i] = sm.hi[i];
-  }
-  long long L = -1, H = H0;
-  long long prevW = 0x7FFFFFFFFFFFFFFFll;
-  for (int level = 0;; ++level) {
-    long long wl = 0;
-    for (int64_t i = tid; i < ns; i += solve_threads) wl += sm.wb[i] - sm.wa[i];
-    const long long W = block_sum(wl, sh.sc);  // (syncs: windows visible)
-    if (W <= key_cap) break;
-    if (level >= solve_max_levels || 2 * W > prevW) return false;
-    prevW = W;
-    int m = static_cast<int>(key_cap / ns);
-    if (m > solve_level_samples) m = solve_level_samples;
-    const int total = static_cast<int>(ns) * m;
-    for (int b0 = tid; b0 < total; b0 += solve_threads * 4) {
-      uint32_t kk[4];
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const int idx = b0 + u * solve_threads;
-        kk[u] = 0;
-        if (idx < total) {
-          const int i = idx / m, q = idx % m;
-          const int32_t A = sm.wa[i], w = sm.wb[i] - A;
-          if (w > 0) kk[u] = entry_key(cv.cumulative + sm.off[i], A + (static_cast<int64_t>(q + 1) * w) / (m + 1));
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < 4; ++u)
-        if (b0 + u * solve_threads < total) sm.keys[b0 + u * solve_threads] = kk[u];
-    }
-    if (tid == 0) {
-      sh.cL[0] = sh.cL[1] = L;
-      sh.cH[0] = sh.cH[1] = H;
-    }
-    __syncthreads();
-    // half 0: L* = largest t with count_hi(t) < R; half 1: H* = smallest t with count_lo(t) >= R (or t == H)
-    for (;;) {
-      const long long Lc = sh.cL[half], Wd = sh.cH[half] - Lc;
-      const bool more = sh.cH[0] - sh.cL[0] > 1 || sh.cH[1] - sh.cL[1] > 1;
-      __syncthreads();
-      if (!more) break;
-      const long long tp = Wd > 1 ? Lc + ((j + 1) * Wd + 127) / 128 : Lc + Wd;
-      long long acc = 0;
-      for (int64_t i = part; i < ns; i += solve_parts)
-        acc += sample_bound(sm.keys + i * m, m, sm.wa[i], sm.wb[i] - sm.wa[i], tp, half == 0) - sm.lo[i];
-      sh.part[part][probe] = acc;
-      __syncthreads();
-      if (tid < solve_probes) {
-        long long tot = 0;
-#pragma unroll
-        for (int k = 0; k < solve_parts; ++k) tot += sh.part[k][tid];
-        sh.part[0][tid] = tot;
-      }
-      __syncthreads();
-      if (tid < solve_probes && Wd > 1) {
-        const bool hit = sh.part[0][tid] >= R || (half == 1 && tp == H);
-        bool prev_hit = false;
-        long long tprev = Lc;
-        if (j > 0) {
-          tprev = Lc + (j * Wd + 127) / 128;
-          prev_hit = sh.part[0][tid - 1] >= R || (half == 1 && tprev == H);
-        }
-        if (hit && !prev_hit) {
-          sh.cH[half] = tp;
-          sh.cL[half] = tprev;
-        }
-      }
-      __syncthreads();
-    }
-    const long long Ls = sh.cL[0], Hs = sh.cH[1];
-    // new windows from the sample bounds at L* and H*
-    int32_t na = 0, nb = 0;
-    if (tid < ns) {
-      const int32_t A = sm.wa[tid], w = sm.wb[tid] - A;
-      na = sample_bound(sm.keys + tid * m, m, A, w, Ls, false);
-      nb = sample_bound(sm.keys + tid * m, m, A, w, Hs, true);
-    }
-    __syncthreads();
-    if (tid < ns) {
-      sm.wa[tid] = na;
-      sm.wb[tid] = nb;
-    }
-    L = Ls;
-    H = Hs;
-    // the next block_sum synchronises
-  }
-  // gather the windows' keys
-  const int32_t w_mine = tid < ns ? sm.wb[tid] - sm.wa[tid] : 0;
-  long long W = 0;
-  const long long g_mine = block_exclusive_sum(w_mine, W, sh.sc);
-  if (tid < ns) sm.goff[tid] = static_cast<int32_t>(g_mine);
-  __syncthreads();
-  gather_window_keys<4>(cv, ns, W, sm);
-  const long long base = block_sum(tid < ns ? sm.wa[tid] - sm.lo[tid] : 0, sh.sc);  // (syncs: keys visible)
-  // exact 256-way search in shared memory
-  while (H - L > 1) {
-    const long long Wd = H - L;
-    const long long tp = L + ((probe + 1) * Wd + solve_probes - 1) / solve_probes;
-    long long acc = 0;
-    for (int64_t i = part; i < ns; i += solve_parts) acc += window_le(sm.keys + sm.goff[i], sm.wb[i] - sm.wa[i], tp);
-    sh.part[part][probe] = acc;
-    narrow_to_probe(sh, base, R, tp, L, H);
-  }
-  v_out = H;
-  return true;
 }
 
 // ---- sample-select fast path ----------------------------------------------------------------------------------
@@ -609,7 +462,6 @@ __device__ inline bool sample_select(const curve_set& cv, int64_t ns, long long 
         if (b0 + u * solve_threads < total) sm.keys[b0 + u * solve_threads] = kk[u];
     }
     __syncthreads();
-    PKV_SOLVE_MARK(2 + 2 * level);
     const long long base = red[3];
     const long long Rp = R - base;  // >= 1 by the invariant
     const long long kL = (Rp - 1) / D + 1;
@@ -618,7 +470,6 @@ __device__ inline bool sample_select(const curve_set& cv, int64_t ns, long long 
     ks[0] = static_cast<uint32_t>(kL);
     ks[1] = static_cast<uint32_t>(kH <= total ? kH : total);
     block_select<2>(sm.keys, total, ks, vs, st);
-    PKV_SOLVE_MARK(3 + 2 * level);
     const long long Ls = static_cast<long long>(vs[0]) - 1;
     const long long Hs = kH <= total ? static_cast<long long>(vs[1]) : 0x100000000ll;
     if (mine && b > a) {
@@ -643,24 +494,23 @@ __device__ inline bool sample_select(const curve_set& cv, int64_t ns, long long 
   __syncthreads();
   gather_window_keys<8>(cv, ns, W, sm);
   const long long base = block_sum(mine ? a - sm.lo[tid] : 0, sh.sc);  // (syncs: keys visible)
-  PKV_SOLVE_MARK(8);
   uint32_t ks[1] = {static_cast<uint32_t>(R - base)}, vs[1];
   block_select<1>(sm.keys, static_cast<int>(W), ks, vs, st);
-  PKV_SOLVE_MARK(9);
   v_out = static_cast<int64_t>(vs[0]);
   return true;
 }
 
 
-// One problem solved by one block (the sample-select / narrowing / general paths).
+// One problem solved by one block (sample-select, general path where it cannot decide; `sample_select` false:
+// the general path alone).
 // Not inlined into solve_kernel (a template, like the kernels, so that several translation units may include it):
 // inlined, the two paths together spilled registers in the cluster path's passes (~2 us at 32 x 4K); apart,
 // neither spills (the kernel's parameters are __grid_constant__, so passing them by reference copies nothing).
 template <int = 0>
-__device__ __noinline__ void solve_block_problem(const curve_set& cv, int64_t p, const int64_t* poff, const solve_budget& bud,
-                                          const keep_bounds& bnd, int64_t* keep, float* thr, int32_t* status,
-                                          int key_cap, int path, const solve_smem_view sm, solve_shared& sh,
-                                          solve_select_state& sst) {
+__device__ __noinline__ void solve_block_problem(const curve_set& cv, int64_t p, const int64_t* poff,
+                                                 const solve_budget& bud, const keep_bounds& bnd, int64_t* keep,
+                                                 float* thr, int32_t* status, int key_cap, bool sample_select_on,
+                                                 const solve_smem_view sm, solve_shared& sh, solve_select_state& sst) {
   const int tid = threadIdx.x;
   const int64_t S = cv.count;
   const int64_t s0 = poff ? poff[p] : 0, s1 = poff ? poff[p + 1] : S;
@@ -674,7 +524,6 @@ __device__ __noinline__ void solve_block_problem(const curve_set& cv, int64_t p,
   const int64_t ns = s1 - s0;
   const bool cached = ns <= solve_seg_cap;
 
-  PKV_SOLVE_MARK(0);
   // 1. totals and validity (one block reduction)
   long long red[6] = {0, 0, 0, 0, 0, 0};  // tokens, candidates, sum lo, sum hi, bad shape, bad bounds
   for (int64_t i = tid; i < ns; i += solve_threads) {
@@ -688,7 +537,6 @@ __device__ __noinline__ void solve_block_problem(const curve_set& cv, int64_t p,
     }
   }
   block_sums(red, sh);
-  PKV_SOLVE_MARK(1);
   problem_totals t;
   t.tokens = red[0];
   t.candidates = red[1];
@@ -711,10 +559,10 @@ __device__ __noinline__ void solve_block_problem(const curve_set& cv, int64_t p,
   const int64_t R = B - t.lo;
   int64_t v = -1;
   bool gathered = false;
-  if (R > 0 && path == 1 && ns <= solve_threads && ns * solve_sel_min_m <= key_cap) {
+  if (R > 0 && sample_select_on && ns <= solve_threads && ns * solve_sel_min_m <= key_cap) {
     gathered = sample_select(cv, ns, R, key_cap, sm, sh, sst, v);
   }
-  long long H0 = 0;  // largest eligible key (the general and legacy paths search [0, H0])
+  long long H0 = 0;  // largest eligible key (the general path searches [0, H0])
   if (R > 0 && !gathered) {
     long long maxkey = 0;
     for (int64_t i = tid; i < ns; i += solve_threads) {
@@ -725,9 +573,6 @@ __device__ __noinline__ void solve_block_problem(const curve_set& cv, int64_t p,
       }
     }
     H0 = block_max(maxkey, sh.sc);
-  }
-  if (R > 0 && !gathered && path == 2 && ns <= solve_threads) {
-    gathered = narrow_and_gather(cv, ns, R, H0, key_cap, sm, sh, v);
   }
   const int m = static_cast<int>(ns > 0 && ns <= key_cap ? key_cap / ns : 0);
   if (R > 0 && !gathered) {
@@ -797,7 +642,6 @@ __device__ __noinline__ void solve_block_problem(const curve_set& cv, int64_t p,
     if (status) status[p] = 0;
     if (thr) thr[p] = R > 0 ? key_value(static_cast<uint32_t>(v)) : 0.0f;
   }
-  PKV_SOLVE_MARK(10);
   __syncthreads();
 }
 
@@ -826,11 +670,10 @@ __device__ __noinline__ void solve_block_problem(const curve_set& cv, int64_t p,
 // begun once the problem is accepted (every CTA is running, its mbarriers initialised; every CTA is done with the
 // previous problem). A problem that fits 8 CTAs takes only 8 of a 16-CTA cluster (half the exchange traffic); the
 // other 8 just join the problem's two cluster barriers. The final per-segment sums still end with a cluster
-// barrier (an mbarrier hand-off measured slower). (`exchange` false, path 4: the previous exchange, plain remote
-// stores and cluster barriers throughout, kept for comparison.)
+// barrier (an mbarrier hand-off measured slower).
 //
 // Load. The slice's 16-byte aligned middle is one bulk copy (TMA) completing on the CTA's mbarrier `mload`:
-// measured ~0.9 us sooner than 4-byte cp.async copies (path 5 keeps those).
+// measured ~0.9 us sooner than 4-byte cp.async copies, which load only the at most 3 + 3 words around it.
 
 inline constexpr int solve_cluster_max = 16;
 
@@ -872,7 +715,6 @@ __device__ inline void run_lower2(const uint32_t* k1, int n1, uint32_t t1, const
 }
 
 // barrier.cluster in two halves (every thread of the cluster arrives; wait returns when all have arrived)
-__device__ inline void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory"); }
 __device__ inline void cluster_arrive_relaxed() { asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory"); }
 __device__ inline void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
 
@@ -940,10 +782,7 @@ __device__ inline void solve_cluster_problem(const Cluster& cluster, const curve
                                              int64_t s1, const solve_budget& bud, const keep_bounds& bnd,
                                              int64_t* keep, float* thr, int32_t* status, const solve_smem_view& sm_in,
                                              solve_shared& sh, solve_select_state& sst, solve_cluster_shared& cs,
-                                             int path, int ckey_cap, uint32_t& ph) {
-  // path 3: bulk slice load and the mbarrier exchange; 5: the same without the bulk load; 4: no bulk load, cluster
-  // barriers throughout (the earlier design); 4 and 5 are kept for comparison (bench/solve)
-  const bool exchange = path != 4, bulk = path == 3;
+                                             int ckey_cap, uint32_t& ph) {
   // partial counts per digit and thread group (the radix-select state is free here: 4 x 256 words)
   constexpr int nparts = solve_threads / 256;
   static_assert(nparts <= 4, "solve_select_state holds 4 x 256 partial counts");
@@ -951,23 +790,22 @@ __device__ inline void solve_cluster_problem(const Cluster& cluster, const curve
   const int tid = threadIdx.x;
   const int rank = static_cast<int>(cluster.block_rank()), csize = static_cast<int>(cluster.num_blocks());
   const int64_t ns = s1 - s0;
-  PKV_SOLVE_MARK(0);
   const int64_t base = ns > 0 ? cv.offsets[s0] : 0;
   const int64_t T = ns > 0 ? cv.offsets[s1] - base : 0;
-  // CTAs that take part: with the mbarrier exchange a problem that fits 8 CTAs uses 8 of a 16-CTA cluster (the
-  // exchange is then half the traffic: ~1.3 us less for 32 x 4K); the others only join the cluster barriers
-  const int active = exchange && csize > 8 && T <= 8 * static_cast<int64_t>(ckey_cap) ? 8 : csize;
+  // CTAs that take part: a problem that fits 8 CTAs uses 8 of a 16-CTA cluster (the exchange is then half the
+  // traffic: ~1.3 us less for 32 x 4K); the others only join the cluster barriers
+  const int active = csize > 8 && T <= 8 * static_cast<int64_t>(ckey_cap) ? 8 : csize;
   const int64_t a = base + (rank < active ? (rank * T) / active : T);
   const int64_t b = base + (rank < active ? ((rank + 1) * T) / active : T);
   const int n_mine = static_cast<int>(b - a);
   // The whole slice goes straight to shared memory, issued before the metadata reduction so that the cold loads
   // overlap it (flat index j holds the entry value cum[j - 1]; segment starts are fixed up below). In bounds
-  // whenever the curve offsets are valid (the precondition). keys[x] <- cum[a - 1 + x]: with `bulk`, the 16-byte
-  // aligned middle of the slice is one bulk copy (the keys start 0-3 words into their region so that its
-  // destination is aligned too), the at most 3 + 3 words around it 4-byte asynchronous copies.
+  // whenever the curve offsets are valid (the precondition). keys[x] <- cum[a - 1 + x]: the 16-byte aligned
+  // middle of the slice is one bulk copy (the keys start 0-3 words into their region so that its destination is
+  // aligned too), the at most 3 + 3 words around it 4-byte asynchronous copies.
   int h0 = n_mine, h1 = n_mine;  // [h0, h1): the bulk copy's keys
   solve_smem_view sm = sm_in;
-  if (bulk && n_mine > 0) {
+  if (n_mine > 0) {
     const int64_t g = a - 1;  // global index of keys[0] (-1: the problem's first entry value, 0)
     int lead = static_cast<int>((4 - ((reinterpret_cast<uintptr_t>(cv.cumulative + (g < 0 ? 0 : g)) >> 2) & 3)) & 3);
     if (g < 0) lead += 1;  // keys[0] is not copied
@@ -1010,7 +848,6 @@ __device__ inline void solve_cluster_problem(const Cluster& cluster, const curve
     if (rank == 0) cs.acc[i] = cs.eqa[i] = 0;
   }
   block_sums(red, sh);
-  PKV_SOLVE_MARK(1);
   problem_totals t;
   t.tokens = red[0];
   t.candidates = red[1];
@@ -1069,7 +906,6 @@ __device__ inline void solve_cluster_problem(const Cluster& cluster, const curve
   }
   const int nruns = static_cast<int>(carry);
   __syncthreads();  // keys fixed up, runs visible
-  PKV_SOLVE_MARK(2);
   // radix selection over the cluster's keys: C(d) = #eligible keys < prefix + d * 2^shift
   uint32_t prefix = 0;
   long long c_low = 0, c_high = total;  // C(0), C(256)
@@ -1080,9 +916,9 @@ __device__ inline void solve_cluster_problem(const Cluster& cluster, const curve
   if (rank >= active) cluster_wait();   // not taking part: the cluster barriers only (begun above, final below)
 #pragma unroll 1
   for (int pass = 0; pass < 4 && rank < active; ++pass) {
-    const int shift = 24 - 8 * pass, buf = exchange ? (xp & 1) : 0;
+    const int shift = 24 - 8 * pass, buf = xp & 1;
     const uint32_t bar = smem_addr(&cs.mbar[buf]);
-    if (exchange && tid == 0) mbar_expect(bar, static_cast<uint32_t>(active) * 256u * sizeof(uint32_t));
+    if (tid == 0) mbar_expect(bar, static_cast<uint32_t>(active) * 256u * sizeof(uint32_t));
     uint32_t n = 0;
     if (d > 0) {
       const uint32_t bound = prefix + (static_cast<uint32_t>(d) << shift);
@@ -1096,7 +932,6 @@ __device__ inline void solve_cluster_problem(const Cluster& cluster, const curve
     }
     part[half][d] = n;
     __syncthreads();
-    if (pass == 0) PKV_SOLVE_MARK(11);
     {
       // 16-byte pushes: thread t sends digits 4q..4q+3 (q = t % 64) to ranks t / 64, t / 64 + 8, ...
       const int q = tid & 63;
@@ -1109,26 +944,15 @@ __device__ inline void solve_cluster_problem(const Cluster& cluster, const curve
         sum.z += x.z;
         sum.w += x.w;
       }
-      // the first push: every CTA has started (the arrive above); cluster barriers: every CTA has read the
-      // previous pass's gather (the arrive at the end of that pass)
-      if (first || !exchange) cluster_wait();
+      // the first push: every CTA has started (the arrive above)
+      if (first) cluster_wait();
       first = false;
-      for (int r = tid >> 6; r < active; r += solve_threads / 64) {
-        if (exchange)
-          st_async16(&cs.gather[buf][rank][4 * q], &cs.mbar[buf], r, sum);
-        else
-          *reinterpret_cast<uint4*>(cluster.map_shared_rank(&cs.gather[buf][rank][4 * q], r)) = sum;
-      }
+      for (int r = tid >> 6; r < active; r += solve_threads / 64)
+        st_async16(&cs.gather[buf][rank][4 * q], &cs.mbar[buf], r, sum);
     }
-    if (pass == 0) PKV_SOLVE_MARK(12);
-    if (exchange) {
-      mbar_wait(bar, (ph >> buf) & 1u);  // every taking-part CTA's counts are in this CTA's buffer
-      ph ^= 1u << buf;
-      ++xp;
-    } else {
-      cluster.sync();  // every CTA's counts visible
-    }
-    if (pass == 0) PKV_SOLVE_MARK(13);
+    mbar_wait(bar, (ph >> buf) & 1u);  // every taking-part CTA's counts are in this CTA's buffer
+    ph ^= 1u << buf;
+    ++xp;
     if (tid < 256 && tid > 0) {
       uint32_t sum = 0;
 #pragma unroll
@@ -1141,14 +965,12 @@ __device__ inline void solve_cluster_problem(const Cluster& cluster, const curve
       cs.cnt[256] = static_cast<uint32_t>(c_high);
     }
     __syncthreads();
-    if (pass == 0) PKV_SOLVE_MARK(14);
     if (pass == 0 && raw && static_cast<long long>(cs.cnt[128]) != total) {
       // a key with the sign bit (C(0x80000000) counts the others): ordered keys, pass 0 again. Uniform: every CTA
-      // sees the same totals. The split barrier's arrive (cluster-barrier exchange) pairs with pass 0's wait.
+      // sees the same totals.
       raw = false;
       for (int x = tid; x < n_mine; x += solve_threads) sm.keys[x] = order_key(__uint_as_float(sm.keys[x]));
       __syncthreads();
-      if (!exchange) cluster_arrive();
       pass = -1;
       continue;
     }
@@ -1164,8 +986,6 @@ __device__ inline void solve_cluster_problem(const Cluster& cluster, const curve
     prefix = cs.prefix;
     c_low = cs.c_low;
     c_high = cs.c_high;
-    if (!exchange && pass < 3) cluster_arrive();  // this CTA's reads of gather are done
-    PKV_SOLVE_MARK(3 + pass);
   }
   const uint32_t v = prefix;  // count(< v) = c_low < R <= count(<= v)
   // per run: #keys < v and == v (at most two runs per thread: nruns <= solve_seg_cap = 2 * solve_threads), summed
@@ -1187,7 +1007,6 @@ __device__ inline void solve_cluster_problem(const Cluster& cluster, const curve
   // per-segment sums complete in CTA 0; after this barrier no CTA touches another's memory. (An mbarrier
   // hand-off to CTA 0 instead measured 0.3 us slower, and racecheck cannot see it order CTA 0's exit.)
   cluster.sync();
-  PKV_SOLVE_MARK(7);
   if (rank == 0) {
     // CTA 0: keys == v handed out in segment order (the (e, s, r) tie break), keep counts
     const long long rem = R - c_low;
@@ -1210,7 +1029,6 @@ __device__ inline void solve_cluster_problem(const Cluster& cluster, const curve
       if (thr) thr[p] = raw ? __uint_as_float(v) : key_value(v);
     }
   }
-  PKV_SOLVE_MARK(10);
   __syncthreads();
 }
 
@@ -1219,7 +1037,7 @@ template <int = 0>
 PREFIXKV_KERNEL void __launch_bounds__(solve_threads, 1)
     solve_kernel(const __grid_constant__ curve_set cv, int64_t P, const int64_t* poff,
                  const __grid_constant__ solve_budget bud, const __grid_constant__ keep_bounds bnd, int64_t* keep,
-                 float* thr, int32_t* status, int key_cap, int path, int csize, int ckey_cap) {
+                 float* thr, int32_t* status, int key_cap, bool sample_select_on, int csize, int ckey_cap) {
   extern __shared__ __align__(16) unsigned char solve_dyn_smem[];
   __shared__ solve_shared sh;
   __shared__ solve_select_state sst;
@@ -1270,7 +1088,7 @@ PREFIXKV_KERNEL void __launch_bounds__(solve_threads, 1)
       for (int64_t p = cid; p < P; p += nclusters) {
         int64_t s0, s1;
         if (solve_cluster_fits(cv, P, poff, p, csize, ckey_cap, s0, s1))
-          solve_cluster_problem(cluster, cv, p, s0, s1, bud, bnd, keep, thr, status, smc, sh, sst, cs, path, ckey_cap, ph);
+          solve_cluster_problem(cluster, cv, p, s0, s1, bud, bnd, keep, thr, status, smc, sh, sst, cs, ckey_cap, ph);
       }
       // every phase has completed (each CTA waited for its own); the memory may become block-path keys
       if (threadIdx.x == 0) {
@@ -1290,7 +1108,7 @@ PREFIXKV_KERNEL void __launch_bounds__(solve_threads, 1)
   for (int64_t p = blockIdx.x; p < P; p += gridDim.x) {
     int64_t s0, s1;
     if (csize > 1 && solve_cluster_fits(cv, P, poff, p, csize, ckey_cap, s0, s1)) continue;
-    solve_block_problem<>(cv, p, poff, bud, bnd, keep, thr, status, key_cap, path >= 3 ? 1 : path, sm, sh, sst);
+    solve_block_problem<>(cv, p, poff, bud, bnd, keep, thr, status, key_cap, sample_select_on, sm, sh, sst);
   }
 }
 
@@ -1390,18 +1208,16 @@ inline int solve_key_cap() noexcept {
   return solve_facts(f) == cudaSuccess ? f.key_cap : solve_min_keys;
 }
 
-// `path`: 3 = cluster path for the problems that fit a cluster, sample-select for the others (default; 4: the
-// cluster path's earlier exchange through cluster barriers, 5: no bulk load, for comparison), 1 =
-// sample-select fast path (no clusters), 2 = the earlier shared-memory narrowing path, 0 = general path only
-// (tests cover every path on the same inputs; the answers are identical). Problems a fast path cannot take (more
-// than solve_seg_cap segments, windows that stop shrinking) fall back to the general path. `key_cap_limit`
-// (tests) shrinks the shared-memory key budget per block; `cluster` (tests, benches; path 3) forces a cluster size
-// (2, 4, 8 or 16; 0 = chosen from the device and P).
-[[nodiscard]] inline cudaError_t solve_impl(void* d_temp, size_t& temp_bytes, const curve_set& curves,
-                                            int64_t num_problems, const int64_t* problem_offsets,
-                                            const solve_budget& budget, const keep_bounds& bounds, int64_t* keep,
-                                            float* threshold, int32_t* status, cudaStream_t stream,
-                                            int path, int key_cap_limit = 0, int cluster = 0) noexcept {
+// The launch of every policy: host checks, size query, device facts, one cluster (or plain) launch.
+template <class Policy>
+[[nodiscard]] cudaError_t solve_dispatch(void* d_temp, size_t& temp_bytes, const curve_set& curves,
+                                         int64_t num_problems, const int64_t* problem_offsets,
+                                         const solve_budget& budget, const keep_bounds& bounds, int64_t* keep,
+                                         float* threshold, int32_t* status, cudaStream_t stream) noexcept {
+  static_assert(Policy::key_cap == 0 || Policy::key_cap >= solve_min_keys, "solve_policy: key_cap 0 or >= 4096");
+  static_assert(Policy::cluster_size == 0 || Policy::cluster_size == 2 || Policy::cluster_size == 4 ||
+                    Policy::cluster_size == 8 || Policy::cluster_size == 16,
+                "solve_policy: cluster_size 0, 2, 4, 8 or 16");
   PREFIXKV_TRY(validate(curves.protect));
   if (curves.count < 0 || num_problems < 0) return fail(reason::negative_extent, "solve: negative segment or problem count");
   if (problem_offsets == nullptr && num_problems != 1)
@@ -1426,17 +1242,17 @@ inline int solve_key_cap() noexcept {
   solve_device_facts f;
   PREFIXKV_TRY(solve_facts(f));
   int key_cap = f.key_cap;
-  if (key_cap_limit >= solve_min_keys && key_cap_limit < key_cap) key_cap = key_cap_limit / 32 * 32;  // tests
+  if (Policy::key_cap > 0 && Policy::key_cap < key_cap) key_cap = Policy::key_cap / 32 * 32;
   const size_t smem = static_cast<size_t>(f.key_cap) * sizeof(uint32_t);
   // cluster path: keys per CTA after the cluster state (same dynamic shared memory), limited like key_cap
   int ckey_cap = f.key_cap - static_cast<int>(solve_cluster_bytes / sizeof(uint32_t)) - 4;  // (- 4: bulk alignment)
-  if (key_cap_limit >= solve_min_keys && key_cap_limit < ckey_cap) ckey_cap = key_cap_limit / 32 * 32;  // tests
+  if (Policy::key_cap > 0 && Policy::key_cap < ckey_cap) ckey_cap = Policy::key_cap / 32 * 32;
   int csize = 1;
-  if (path >= 3 && path <= 5 && ckey_cap >= solve_min_keys) {
+  if (Policy::clusters && ckey_cap >= solve_min_keys) {
     csize = solve_cluster_size(f, num_problems);
-    if (cluster > 1) {
+    if (Policy::cluster_size > 1) {
       int lg = 1;
-      while ((2 << lg) <= cluster && lg < 4) ++lg;
+      while ((2 << lg) <= Policy::cluster_size && lg < 4) ++lg;
       csize = f.active[lg] > 0 ? (1 << lg) : csize;
     }
   }
@@ -1449,7 +1265,8 @@ inline int solve_key_cap() noexcept {
   cudaLaunchAttribute attr[1];
   const cudaLaunchConfig_t cfg = solve_launch_config(attr, grid, csize, smem, stream);
   const cudaError_t e = cudaLaunchKernelEx(&cfg, solve_kernel<>, curves, num_problems, problem_offsets, budget,
-                                           bounds, keep, threshold, status, key_cap, path, csize, ckey_cap);
+                                           bounds, keep, threshold, status, key_cap, Policy::sample_select, csize,
+                                           ckey_cap);
   if (e != cudaSuccess) return fail(reason::cuda_runtime, "kernel launch failed", e);
   return check_launch(stream);
 }
@@ -1478,8 +1295,8 @@ inline int solve_key_cap() noexcept {
                                        const solve_budget& budget, const keep_bounds& bounds, int64_t* keep,
                                        float* threshold = nullptr, int32_t* status = nullptr,
                                        cudaStream_t stream = 0) noexcept {
-  return detail::solve_impl(d_temp, temp_bytes, curves, num_problems, problem_offsets, budget, bounds, keep,
-                            threshold, status, stream, PREFIXKV_SOLVE_FAST_PATH);
+  return detail::solve_dispatch<solve_policy<>>(d_temp, temp_bytes, curves, num_problems, problem_offsets, budget,
+                                                bounds, keep, threshold, status, stream);
 }
 
 PREFIXKV_NAMESPACE_END
