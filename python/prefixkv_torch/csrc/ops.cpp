@@ -13,32 +13,6 @@
 namespace pkv_torch {
 namespace {
 
-compress_opts make_opts(int64_t layout, int64_t q_heads, int64_t scorer, int64_t gran, int64_t alloc, int64_t budget,
-                        double evict_ratio, int64_t keep_tokens, at::ArrayRef<double> profile, int64_t sinks,
-                        int64_t recent, int64_t min_keep, int64_t max_keep, double window_scale, int64_t window_group,
-                        int64_t window_pool, int64_t window_pool_kernel, int64_t window_heads) {
-  compress_opts o;
-  o.layout = layout;
-  o.q_heads = q_heads;
-  o.scorer = scorer;
-  o.gran = gran;
-  o.alloc = alloc;
-  o.budget = budget;
-  o.evict_ratio = evict_ratio;
-  o.keep_tokens = keep_tokens;
-  o.profile.assign(profile.begin(), profile.end());
-  o.sinks = sinks;
-  o.recent = recent;
-  o.min_keep = min_keep;
-  o.max_keep = max_keep;
-  o.window_scale = window_scale;
-  o.window_group = window_group;
-  o.window_pool = window_pool;
-  o.window_pool_kernel = window_pool_kernel;
-  o.window_heads = window_heads;
-  return o;
-}
-
 // ---- compress_ ---------------------------------------------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_cpu(
@@ -166,17 +140,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_cpu(const at::Tensor& offs
 
 // ---- gather ------------------------------------------------------------------------------------------------------
 
+//! Host selections: offsets must start at 0, never decrease and stay within the index vector.
+void check_host_selection(const at::Tensor& sel_offsets, const at::Tensor& indices) {
+  const int64_t* o = sel_offsets.data_ptr<int64_t>();
+  const int64_t S = sel_offsets.size(0) - 1;
+  PKV_REQUIRE(o[0] == 0, "out_of_range", "selection offsets must start at 0");
+  for (int64_t s = 0; s < S; ++s)
+    PKV_REQUIRE(o[s + 1] >= o[s] && o[s + 1] <= indices.numel(), "out_of_range",
+                "selection offsets must not decrease and must stay within the indices");
+}
+
 std::tuple<at::Tensor, at::Tensor> gather_inplace_cpu(at::TensorList keys, at::TensorList values,
                                                       const at::Tensor& sel_offsets, const at::Tensor& indices,
                                                       int64_t heads_grid, bool sequence_major, int64_t layout) {
   const pk::segment_grid g =
       check_gather(keys, values, sel_offsets, indices, heads_grid, sequence_major, layout, "keys");
+  check_host_selection(sel_offsets, indices);
   at::Tensor lengths = at::empty({g.count()}, at::TensorOptions().dtype(at::kInt));
   at::Tensor status = at::zeros({1}, at::TensorOptions().dtype(at::kInt));
   dispatch_kv(keys[0].scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     cache_views<T> cv(keys, values, layout);
-    const pk::selection sel{g.count(), sel_offsets.data_ptr<int64_t>(), indices.data_ptr<int32_t>()};
+    const pk::selection sel{g.count(), sel_offsets.data_ptr<int64_t>(), index_ptr(indices)};
     const pk::compact_outputs out{lengths.data_ptr<int32_t>(), nullptr, nullptr, status.data_ptr<int32_t>()};
     check(pk::compact_in_place_host(cv.layers(g.layers), sel, g, out), "gather_");
     return 0;
@@ -191,12 +176,13 @@ std::tuple<at::Tensor, at::Tensor> gather_cpu(at::TensorList keys, at::TensorLis
   const pk::segment_grid g =
       check_gather(keys, values, sel_offsets, indices, heads_grid, sequence_major, layout, "keys");
   check_gather_dst(keys, values, out_keys, out_values, layout);
+  check_host_selection(sel_offsets, indices);
   at::Tensor lengths = at::empty({g.count()}, at::TensorOptions().dtype(at::kInt));
   at::Tensor status = at::zeros({1}, at::TensorOptions().dtype(at::kInt));
   dispatch_kv(keys[0].scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     cache_views<T> src(keys, values, layout), dst(out_keys, out_values, layout);
-    const pk::selection sel{g.count(), sel_offsets.data_ptr<int64_t>(), indices.data_ptr<int32_t>()};
+    const pk::selection sel{g.count(), sel_offsets.data_ptr<int64_t>(), index_ptr(indices)};
     const pk::compact_outputs out{lengths.data_ptr<int32_t>(), nullptr, nullptr, status.data_ptr<int32_t>()};
     check(pk::gather_kept_host(src.layers(g.layers), dst.layers(g.layers), sel, g, out), "gather");
     return 0;

@@ -112,6 +112,33 @@ struct compress_opts {
   int64_t window_group = 0, window_pool = 0, window_pool_kernel = 7, window_heads = 0;
 };
 
+//! The op's scalar arguments as compress_opts.
+inline compress_opts make_opts(int64_t layout, int64_t q_heads, int64_t scorer, int64_t gran, int64_t alloc, int64_t budget,
+                        double evict_ratio, int64_t keep_tokens, at::ArrayRef<double> profile, int64_t sinks,
+                        int64_t recent, int64_t min_keep, int64_t max_keep, double window_scale, int64_t window_group,
+                        int64_t window_pool, int64_t window_pool_kernel, int64_t window_heads) {
+  compress_opts o;
+  o.layout = layout;
+  o.q_heads = q_heads;
+  o.scorer = scorer;
+  o.gran = gran;
+  o.alloc = alloc;
+  o.budget = budget;
+  o.evict_ratio = evict_ratio;
+  o.keep_tokens = keep_tokens;
+  o.profile.assign(profile.begin(), profile.end());
+  o.sinks = sinks;
+  o.recent = recent;
+  o.min_keep = min_keep;
+  o.max_keep = max_keep;
+  o.window_scale = window_scale;
+  o.window_group = window_group;
+  o.window_pool = window_pool;
+  o.window_pool_kernel = window_pool_kernel;
+  o.window_heads = window_heads;
+  return o;
+}
+
 //! A validated compressor call: shapes, the plan, the lengths (int32, on the cache's device) and caller scores.
 struct compress_call {
   int64_t L = 0, B = 0, H = 0, S = 0, D = 0, Hq = 0, window = 0;
@@ -403,6 +430,13 @@ inline pk::segment_grid check_gather(at::TensorList keys, at::TensorList values,
   PKV_REQUIRE(sel_offsets.size(0) == g.count() + 1, "shape_mismatch", "the selection has ", sel_offsets.size(0) - 1,
               " rows, the cache ", g.count(), " segments");
   return g;
+}
+
+//! A valid int32 pointer for selection indices that may be empty (prefixkv needs a real pointer even when a
+//! selection keeps nothing; with an empty index vector it is never read).
+inline const int32_t* index_ptr(const at::Tensor& indices) {
+  static const int32_t none = 0;
+  return indices.numel() > 0 ? indices.data_ptr<int32_t>() : &none;
 }
 
 //! Checks of an out-of-place compaction's destination: one tensor per layer of each kind, the source's dtype,
