@@ -26,7 +26,8 @@ from prefixkv_torch import llama2c  # noqa: E402
 
 
 def default_model_dir():
-    for d in (os.path.join(REPO, "models", "stories260K"), os.path.join(REPO, "..", "shared", "models", "stories260K")):
+    for d in (os.path.join(REPO, "models", "stories260K"), os.path.join(REPO, "shared", "models", "stories260K"),
+              os.path.join(REPO, "..", "shared", "models", "stories260K")):
         if os.path.exists(os.path.join(d, "stories260K.bin")):
             return d
     return os.path.join(REPO, "models", "stories260K")

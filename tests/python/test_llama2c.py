@@ -9,7 +9,8 @@ import torch
 from prefixkv_torch import llama2c
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-MODEL_DIRS = [os.environ.get("PREFIXKV_MODEL_DIR", ""), os.path.join(REPO, "models", "stories260K"), os.path.join(REPO, "..", "shared", "models", "stories260K")]
+MODEL_DIRS = [os.environ.get("PREFIXKV_MODEL_DIR", ""), os.path.join(REPO, "models", "stories260K"),
+              os.path.join(REPO, "shared", "models", "stories260K"), os.path.join(REPO, "..", "shared", "models", "stories260K")]
 MODEL_DIR = next((d for d in MODEL_DIRS if os.path.exists(os.path.join(d, "stories260K.bin"))), None)
 needs_model = pytest.mark.skipif(MODEL_DIR is None, reason="stories260K not found")
 
