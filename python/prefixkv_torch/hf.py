@@ -65,9 +65,12 @@ class PrefixKVCache(_DynamicCache if _DynamicCache is not None else object):
     def get_seq_length(self, layer_idx=0):
         return self.logical_length
 
-    def get_mask_sizes(self, cache_position, layer_idx=0):
+    def get_mask_sizes(self, *args, **kwargs):
+        # (cache_position, layer_idx) in transformers 4.5x / 5.x; the query length is what matters here
+        q = args[0] if args else kwargs.get("cache_position", kwargs.get("query_length"))
+        q = int(q.shape[0]) if hasattr(q, "shape") else int(q)
         lengths = self.physical_lengths()
-        return (max(lengths) if lengths else 0) + cache_position.shape[0], 0
+        return (max(lengths) if lengths else 0) + q, 0
 
     # ---- compression
     def compress_(self, **kwargs):
