@@ -15,9 +15,10 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 class Case:
     """A random cache: L layers of [B, H, S, D] (or [B, S, H, D]) K and V, ragged lengths, probabilities."""
 
-    def __init__(self, rng, dtype, layout="bhsd", device="cpu", max_tokens=40, ties=False, padded=None):
-        self.L = rng.randint(1, 4)
-        self.B = rng.randint(1, 3)
+    def __init__(self, rng, dtype, layout="bhsd", device="cpu", max_tokens=40, ties=False, padded=None, max_layers=4,
+                 max_batch=3):
+        self.L = rng.randint(1, max_layers)
+        self.B = rng.randint(1, max_batch)
         self.H = rng.choice([1, 2, 4])
         self.G = rng.choice([1, 2])
         self.Hq = self.H * self.G
@@ -201,7 +202,7 @@ def test_compress_window(pkv, rng, device):
     budget boundary is clear of rounding; then the kept sets must be the same."""
     checked = 0
     for _ in range(12):
-        case = Case(rng, torch.float32, rng.choice(["bhsd", "bshd"]), device, max_tokens=24)
+        case = Case(rng, torch.float32, rng.choice(["bhsd", "bshd"]), device, max_tokens=16, max_layers=2, max_batch=2)
         case.lengths = [rng.randint(1, case.S) for _ in range(case.B)]
         w = rng.randint(1, min(case.lengths))
         qshape = [case.B, case.Hq, w, case.D] if case.layout == "bhsd" else [case.B, w, case.Hq, case.D]
@@ -217,7 +218,7 @@ def test_compress_window(pkv, rng, device):
         # margin: the candidates' global order near the cut must not hinge on rounding
         sc = torch.cat([rows[k][0] for k in rows])
         gaps = (sc.sort().values.diff().abs()).min() if sc.numel() > 1 else torch.tensor(1.0)
-        if float(gaps) < 1e-4:
+        if float(gaps) < 1e-5:
             continue
         checked += 1
         run_compress(pkv, case, 1, lambda l, b, h: rows[(l, b)][0].float(), scorer="window", queries=queries,
