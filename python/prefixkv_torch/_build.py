@@ -51,21 +51,23 @@ def load():
     global _module
     if _module is not None:
         return _module
-    import torch  # noqa: F401  (the ops register with this torch)
+    import torch  # (the ops register with this torch)
     from torch.utils import cpp_extension
 
     cuda = _cuda_wanted()
     variant = "cuda" if cuda else "cpu"
     sources = [os.path.join(_CSRC, "ops.cpp")]
-    cflags = ["-O2", "-std=c++17", "-Wno-unused-function"]
+    # PyTorch 1.x builds extensions as C++14; prefixkv needs C++17 (PyTorch 2 defaults to C++17 or newer: kept)
+    std = ["-std=c++17"] if int(torch.__version__.split(".")[0]) < 2 else []
+    cflags = ["-O2", "-Wno-unused-function"] + std
     cuda_flags = []
     if cuda:
         sources += [os.path.join(_CSRC, f) for f in
                     ("stages_cuda.cu", "compress_f32.cu", "compress_f16.cu", "compress_bf16.cu")]
         cflags.append("-DPKV_TORCH_CUDA")
-        cuda_flags = ["-O2", "-std=c++17", "-DPKV_TORCH_CUDA", "--expt-relaxed-constexpr", "-lineinfo",
+        cuda_flags = ["-O2", "-DPKV_TORCH_CUDA", "--expt-relaxed-constexpr", "-lineinfo",
                       "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
-                      "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__"]
+                      "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__"] + std
     _module = cpp_extension.load(
         name="prefixkv_torch_" + variant,
         sources=sources,
