@@ -13,6 +13,11 @@ command -v g++ >/dev/null || missing+=(g++)
 if command -v clang++ >/dev/null && ! ls /usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a >/dev/null 2>&1; then
   missing+=(libclang-rt-dev)  # libFuzzer for the .npy/solver fuzz test (skipped when absent)
 fi
+# the PyTorch extension's tests (tests/python) use Debian's CPU PyTorch; PYTHON_TESTS=0 leaves them out
+if [ "${PYTHON_TESTS:-1}" != 0 ]; then
+  /usr/bin/python3 -c "import torch" >/dev/null 2>&1 || missing+=(python3-torch)
+  /usr/bin/python3 -c "import pytest" >/dev/null 2>&1 || missing+=(python3-pytest)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "test.sh: installing ${missing[*]}"
   if [ "$(id -u)" = 0 ]; then
@@ -49,7 +54,8 @@ if [ "${HOST_SANITIZERS:-1}" != 0 ]; then
   cmake -S . -B "$san_build" "${san_gen[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPREFIXKV_ENABLE_CUDA=OFF \
     -DPREFIXKV_BUILD_BENCHMARKS=OFF "-DCMAKE_CXX_FLAGS=$san_flags" -DCMAKE_EXE_LINKER_FLAGS=-fsanitize=address,undefined
   cmake --build "$san_build" -j "$jobs"
-  # consumer builds use their own flags and the fuzz target its own sanitizers: both ran above
+  # consumer builds use their own flags, the fuzz target its own sanitizers and the Python extension links against
+  # an uninstrumented PyTorch: all ran above
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
-    ctest --test-dir "$san_build" --output-on-failure -j "$jobs" -L host -LE "consumer|fuzz"
+    ctest --test-dir "$san_build" --output-on-failure -j "$jobs" -L host -LE "consumer|fuzz|python"
 fi

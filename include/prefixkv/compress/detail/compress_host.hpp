@@ -255,10 +255,13 @@ inline cudaError_t compress_host_run(const compress_plan& pl, const compress_arg
   // ---- select
   selection_buffers sel;
   PREFIXKV_TRY(write_selection_host(curves.view(), keep.data(), sel));
-  // ---- compact
+  // ---- compact (a selection that keeps nothing, e.g. of empty sequences, still needs a valid index pointer)
+  selection kept = sel.view();
+  const int32_t no_index = 0;
+  if (kept.indices == nullptr) kept.indices = &no_index;
   const auto src = cache_slice(a.cache, g.l0, g.lc);
-  const cudaError_t ce = c.in_place ? compact_in_place_host(src, sel.view(), grid)
-                                    : gather_kept_host(src, cache_slice(a.dst, g.l0, g.lc), sel.view(), grid);
+  const cudaError_t ce = c.in_place ? compact_in_place_host(src, kept, grid)
+                                    : gather_kept_host(src, cache_slice(a.dst, g.l0, g.lc), kept, grid);
   if (ce != cudaSuccess) {  // page ids the compaction checks (out of range, or a page twice): a chain failure
     const error_info info = last_error();
     if (info.why == reason::out_of_range || info.why == reason::overlapping_buffers) return stop(info.why, info.message);
