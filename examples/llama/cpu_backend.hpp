@@ -246,6 +246,11 @@ class cpu_backend final : public backend {
 
   std::vector<int32_t> lengths() const override { return len_; }
 
+  //! Layer l's cache rows (kv_head, capacity(), head_size): for tests and tools that inspect the cache.
+  const float* keys(int l) const { return k_[size_t(l)].data(); }
+  const float* values(int l) const { return v_[size_t(l)].data(); }
+  int capacity() const { return cap_; }
+
   void save(int slot) override {
     snapshot& s = saved_[slot & 1];
     s.k = k_;
