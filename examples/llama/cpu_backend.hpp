@@ -11,12 +11,14 @@
 
 namespace prefixkv_llama {
 
-//! One layer's cache as the forward pass sees it: K and V (kv_head, capacity, head_size), `lengths` (kv_head).
+//! One layer's cache as the forward pass sees it: K and V (kv_head, capacity, head_size), `lengths` (kv_head), and
+//! optionally `positions` (kv_head, capacity): the RoPE position of every cached row.
 struct layer_cache_ref {
   float* k = nullptr;
   float* v = nullptr;
   int64_t capacity = 0;
   int32_t* lengths = nullptr;
+  float* positions = nullptr;
 };
 
 //! The forward pass of one token (host). Holds scratch buffers only; the weights stay in the model.
@@ -59,6 +61,7 @@ class cpu_forward {
         const int64_t t = lc.lengths[h]++;
         std::memcpy(lc.k + (h * lc.capacity + t) * hs, k_.data() + h * hs, sizeof(float) * hs);
         std::memcpy(lc.v + (h * lc.capacity + t) * hs, v_.data() + h * hs, sizeof(float) * hs);
+        if (lc.positions) lc.positions[h * lc.capacity + t] = float(pos);
       }
       for (int h = 0; h < c.n_heads; ++h) {
         const int kvh = h / G;
@@ -137,7 +140,9 @@ class cpu_forward {
   std::vector<float> x_, xb_, xb2_, q_, k_, v_, hb_, hb2_, att_, logits_, inv_freq_;
 };
 
-//! The host backend.
+//! The host backend. Besides K and V it keeps the original position of every cached row (a (kv_head, capacity, 1)
+//! float side tensor per layer that the compressor moves with the rows, as it moves quantisation scales), so that
+//! callers can see which prompt tokens every (layer, kv head) kept.
 class cpu_backend final : public backend {
  public:
   explicit cpu_backend(const model& m) : m_(m), fwd_(m) {
@@ -146,6 +151,7 @@ class cpu_backend final : public backend {
     const size_t per_layer = size_t(c.n_kv_heads) * size_t(cap_) * size_t(c.head_size());
     k_.assign(c.n_layers, std::vector<float>(per_layer, 0.f));
     v_ = k_;
+    pos_.assign(c.n_layers, std::vector<float>(size_t(c.n_kv_heads) * size_t(cap_), 0.f));
     len_.assign(size_t(c.n_layers) * c.n_kv_heads, 0);
     refs_.resize(c.n_layers);
     bind();
@@ -211,14 +217,15 @@ class cpu_backend final : public backend {
       return err = "compress: the prefill did not record attention probabilities", false;
     if (sk == pk::scorer_kind::window && window_ == 0)
       return err = "compress: the prefill did not record window queries", false;
-    std::vector<pk::kv_view<float>> kv(L), vv(L);
+    std::vector<pk::kv_view<float>> kv(L), vv(L), ps(L);
     std::vector<pk::kv_view<const float>> pv, qv;
     for (int l = 0; l < L; ++l) {
       kv[l] = pk::make_kv_view_bhsd(k_[l].data(), 1, Hk, cap_, hs);
       vv[l] = pk::make_kv_view_bhsd(v_[l].data(), 1, Hk, cap_, hs);
+      ps[l] = pk::make_kv_view_bhsd(pos_[l].data(), 1, Hk, cap_, 1);  // positions travel with the rows
     }
     pk::compress_args<pk::kv_layers<float>, float> a;
-    a.cache = pk::kv_layers<float>{kv.data(), vv.data(), nullptr, nullptr, L};
+    a.cache = pk::kv_layers<float>{kv.data(), vv.data(), ps.data(), nullptr, L};
     const int32_t n = prompt_len_;
     a.lengths = &n;
     if (sk == pk::scorer_kind::attention) {
@@ -237,7 +244,7 @@ class cpu_backend final : public backend {
     std::vector<int32_t> out(static_cast<size_t>(segs), -1);
     a.out.lengths = out.data();
     if (pk::compress_host(plan, a) != cudaSuccess)
-      return err = std::string("compress: ") + pk::last_error().message, false;
+      return err = pk::last_error().message, false;
     for (int l = 0; l < L; ++l)
       for (int h = 0; h < Hk; ++h) len_[size_t(l) * Hk + h] = out[size_t(l) * plan.seg_heads + (plan.seg_heads > 1 ? h : 0)];
     prefilled_ = false;
@@ -250,11 +257,19 @@ class cpu_backend final : public backend {
   const float* keys(int l) const { return k_[size_t(l)].data(); }
   const float* values(int l) const { return v_[size_t(l)].data(); }
   int capacity() const { return cap_; }
+  //! Original (RoPE) positions of the rows cached in (layer l, kv head h), in cache order.
+  std::vector<int> positions(int l, int h) const {
+    const int n = len_[size_t(l) * m_.cfg.n_kv_heads + h];
+    std::vector<int> out(static_cast<size_t>(n));
+    for (int t = 0; t < n; ++t) out[t] = int(pos_[size_t(l)][size_t(h) * cap_ + t]);
+    return out;
+  }
 
   void save(int slot) override {
     snapshot& s = saved_[slot & 1];
     s.k = k_;
     s.v = v_;
+    s.pos = pos_;
     s.len = len_;
     s.prefilled = prefilled_;
   }
@@ -266,6 +281,7 @@ class cpu_backend final : public backend {
         const size_t off = size_t(h) * cap_ * hs, rows = size_t(s.len[l * m_.cfg.n_kv_heads + h]) * hs;
         std::memcpy(k_[l].data() + off, s.k[l].data() + off, sizeof(float) * rows);
         std::memcpy(v_[l].data() + off, s.v[l].data() + off, sizeof(float) * rows);
+        std::memcpy(pos_[l].data() + size_t(h) * cap_, s.pos[l].data() + size_t(h) * cap_, sizeof(float) * rows / hs);
       }
     std::copy(s.len.begin(), s.len.end(), len_.begin());  // refs_ point into len_
     prefilled_ = s.prefilled;
@@ -274,10 +290,11 @@ class cpu_backend final : public backend {
  private:
   void bind() {
     for (int l = 0; l < m_.cfg.n_layers; ++l)
-      refs_[l] = layer_cache_ref{k_[l].data(), v_[l].data(), cap_, len_.data() + size_t(l) * m_.cfg.n_kv_heads};
+      refs_[l] = layer_cache_ref{k_[l].data(), v_[l].data(), cap_, len_.data() + size_t(l) * m_.cfg.n_kv_heads,
+                                 pos_[l].data()};
   }
   struct snapshot {
-    std::vector<std::vector<float>> k, v;
+    std::vector<std::vector<float>> k, v, pos;
     std::vector<int32_t> len;
     bool prefilled = false;
   };
@@ -285,6 +302,7 @@ class cpu_backend final : public backend {
   cpu_forward fwd_;
   int cap_ = 0;
   std::vector<std::vector<float>> k_, v_;  // (layer) (kv_head, capacity, head_size)
+  std::vector<std::vector<float>> pos_;    // (layer) (kv_head, capacity): original position of every row
   std::vector<int32_t> len_;               // (layer, kv_head)
   std::vector<layer_cache_ref> refs_;
   std::vector<std::vector<float>> P_, Q_;  // (layer) (q_head, T, T) / (q_head, w, head_size)

@@ -171,7 +171,13 @@ int main(int argc, char** argv) {
     die("the prompt has " + std::to_string(prompt.size()) + " tokens, the context " + std::to_string(c.seq_len));
   const int T = int(prompt.size());
   std::vector<float> logits;
-  if (!prefill_and_compress(*be, prompt, o.pol, logits, err)) die(err);
+  prefixkv::clear_last_error();
+  if (!prefill_and_compress(*be, prompt, o.pol, logits, err)) {
+    if (prefixkv::last_error().why == prefixkv::reason::infeasible_budget)
+      err += " (a prompt of " + std::to_string(T) + " tokens with " + std::to_string(o.pol.sinks) + " sinks and " +
+             std::to_string(o.pol.recent) + " recent tokens protected per segment; lower --evict-ratio)";
+    die(err);
+  }
   const std::vector<int32_t> len = be->lengths();
   if (o.verbose) {
     std::fprintf(stderr, "prefixkv-llama: %d prompt tokens, method %s, scorer %s, evict ratio %g; kept per layer:", T,

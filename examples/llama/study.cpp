@@ -16,7 +16,8 @@
 //       (teacher forcing: NLL, argmax predictions) and generate `gen` greedy tokens. Writes DIR/eval_i.jsonl, one
 //       line per (story, scorer, method, ratio): nll_mean, ppl, top1 (agreement of the argmax predictions with the
 //       full cache's, over the continuation positions that see the compressed cache), rouge_l (ROUGE-L F1 of the
-//       greedy generation against the full cache's), keep / keep_heads (tokens kept per layer / kv head).
+//       greedy generation against the full cache's), keep / keep_heads (tokens kept per layer / kv head),
+//       recent_kept (share of the prompt's last 64 positions still cached, mean over layers and kv heads).
 //       `streaming` ignores the scorer (it is reported once, scorer "recency"); `full` once (scorer "none").
 //
 // Common options: --model M.bin --tokenizer T.bin --window 16 --sinks 4 --recent 1. Errors: one line, exit 2.
@@ -358,8 +359,20 @@ void run_evaluate(const options& o, const model& m) {
   int done = 0;
   std::vector<float> logits;
   std::vector<int> top1_full, gen_full, top1, gen;
+  // share of the prompt's last 64 positions that the compressed caches still hold (mean over (layer, kv head))
+  auto recent_share = [&](int T) {
+    const int from = std::max(0, T - 64);
+    double sum = 0;
+    for (int l = 0; l < c.n_layers; ++l)
+      for (int h = 0; h < c.n_kv_heads; ++h) {
+        int n = 0;
+        for (int p : be.positions(l, h)) n += p >= from && p < T;
+        sum += double(n) / double(T - from);
+      }
+    return sum / double(c.n_layers * c.n_kv_heads);
+  };
   auto emit = [&](const story& s, const char* scorer, const char* method, double ratio, double nll_sum,
-                  double agree, double rouge, const std::vector<int32_t>& len, bool heads) {
+                  double agree, double rouge, const std::vector<int32_t>& len, bool heads, double recent) {
     const double mean = nll_sum / double(s.cont.size());
     std::string line = "{\"story\": " + std::to_string(s.index) + ", \"scorer\": \"" + scorer + "\", \"method\": \"" +
                        method + "\", \"ratio\": " + ratio_tag(ratio) +
@@ -371,12 +384,17 @@ void run_evaluate(const options& o, const model& m) {
     prefixkv::json_append_number(line, agree);
     line += ", \"rouge_l\": ";
     prefixkv::json_append_number(line, rouge);
+    line += ", \"recent_kept\": ";
+    prefixkv::json_append_number(line, recent);
     line += ", \"keep\": [";
     for (int l = 0; l < c.n_layers; ++l) {
       int64_t sum = 0;
       for (int h = 0; h < c.n_kv_heads; ++h) sum += len[size_t(l) * c.n_kv_heads + h];
       if (l) line += ", ";
-      prefixkv::json_append_number(line, double(sum) / c.n_kv_heads);
+      if (sum % c.n_kv_heads == 0)
+        prefixkv::json_append_int(line, sum / c.n_kv_heads);
+      else
+        prefixkv::json_append_number(line, double(sum) / c.n_kv_heads);
     }
     line += "]";
     if (heads) {
@@ -403,13 +421,14 @@ void run_evaluate(const options& o, const model& m) {
     be.restore(0);
     if (!generate(be, logits0, o.gen, T, 0.0, unused, false, gen_full, err)) die(err);
     be.restore(0);
-    emit(s, "none", "full", 0.0, nll_full, 1.0, 1.0, be.lengths(), false);
+    emit(s, "none", "full", 0.0, nll_full, 1.0, 1.0, be.lengths(), false, 1.0);
     for (const eval_config& e : cfgs) {
       be.restore(0);
       if (!be.compress(e.plan, err))
         die("story " + std::to_string(s.index) + ", " + to_string(e.pol.method) + " " + e.scorer_label + " " +
             ratio_tag(e.pol.evict_ratio) + ": " + err);
       const auto len = be.lengths();
+      const double recent = recent_share(T);
       be.save(1);
       double nll_sum = 0;
       if (!teacher_force(be, logits0, s.cont, T, nll_sum, &top1, err)) die(err);
@@ -419,7 +438,7 @@ void run_evaluate(const options& o, const model& m) {
       if (!generate(be, logits0, o.gen, T, 0.0, unused, false, gen, err)) die(err);
       emit(s, e.scorer_label, to_string(e.pol.method), e.pol.evict_ratio, nll_sum,
            top1.size() > 1 ? double(agree) / double(top1.size() - 1) : 1.0, rouge_l_f1(gen, gen_full), len,
-           per_head(e.pol.method));
+           per_head(e.pol.method), recent);
     }
     ++done;
     std::fflush(f);

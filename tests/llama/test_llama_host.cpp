@@ -468,6 +468,11 @@ TEST_CASE("decoding on compressed caches equals a reference that attends only ov
               alive[found] = 1;
               last = found;
             }
+            // the positions the backend carries through the compressor name the same rows
+            std::vector<int> matched;
+            for (int pos = 0; pos < T; ++pos)
+              if (alive[pos]) matched.push_back(pos);
+            CHECK(be.positions(l, g) == matched);
             for (int pos = 0; pos < 3; ++pos) CHECK(alive[pos]);          // sinks
             for (int pos = T - 2; pos < T; ++pos) CHECK(alive[pos]);      // recent
             ref.alive[l][g] = alive;
@@ -497,8 +502,11 @@ TEST_CASE("decoding on compressed caches equals a reference that attends only ov
         for (int l = 0; l < c.n_layers; ++l)
           for (int g = 0; g < c.n_kv_heads; ++g) {
             int n = 0;
-            for (char a : ref.alive[l][g]) n += a;
+            std::vector<int> pos;
+            for (size_t q = 0; q < ref.alive[l][g].size(); ++q)
+              if (ref.alive[l][g][q]) ++n, pos.push_back(int(q));
             CHECK(be.lengths()[size_t(l) * c.n_kv_heads + g] == n);
+            CHECK(be.positions(l, g) == pos);  // new tokens at T, T + 1, ...
           }
       }
 }
@@ -516,9 +524,12 @@ TEST_CASE("save / restore bring back the caches; compress needs a fresh prefill"
   REQUIRE(be.prefill(prompt.data(), int(prompt.size()), rec, l0, err));
   be.save(0);
   REQUIRE(be.step(7, 12, a, err));
+  const auto pos_after = be.positions(2, 1);
   be.restore(0);
+  CHECK(be.positions(2, 1).size() == prompt.size());
   REQUIRE(be.step(7, 12, b, err));
   CHECK(a == b);
+  CHECK(be.positions(2, 1) == pos_after);
   std::string e2;
   policy p;
   prefixkv::compress_plan plan;
