@@ -73,11 +73,15 @@ for ((i = 0; i < jobs; ++i)); do
 done
 for p in "${pids[@]}"; do wait "$p"; done
 elapsed=$(($(date +%s) - start))
+# CPU seconds of every child process (user + system), from bash's `times`
+times > "$work/times.txt"  # in this shell: a command substitution would only see its own children
+cpu=$(tail -1 "$work/times.txt" | awk '{ split($1, a, "m"); split($2, b, "m"); printf "%.0f", a[1] * 60 + a[2] + b[1] * 60 + b[2] }')
 
 if [ "$mode" = ci ]; then
-  exec "$py" scripts/quality_report.py "$work" --check --out "$work/report" --seconds "$elapsed"
+  exec "$py" scripts/quality_report.py "$work" --check --out "$work/report" --seconds "$elapsed" --cpu-seconds "$cpu" \
+    --no-discussion
 fi
 commit=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 git diff --quiet HEAD -- examples include scripts 2>/dev/null || commit="$commit (with uncommitted changes)"
-"$py" scripts/quality_report.py "$work" --check --out docs --commit "$commit" --seconds "$elapsed" \
+"$py" scripts/quality_report.py "$work" --check --out docs --commit "$commit" --seconds "$elapsed" --cpu-seconds "$cpu" \
   --command "./scripts/quality-study.sh" --cpu "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')"

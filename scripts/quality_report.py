@@ -424,9 +424,28 @@ def document(st, args, files, work):
       "should keep generation closer to the full cache than the same budget spread by a fixed rule. This page measures "
       "that claim with `prefixkv-llama` (examples/llama/) on a real pretrained model that nobody here trained, against "
       "every other allocation, all with the **same scorer, the same protected tokens and the same total budget**.\n")
+    w(f"Measured {today} on the tree at commit `{args.commit}` with `{args.command}`; the setup is under "
+      "[How the numbers were made](#how-the-numbers-were-made).\n")
+    w("## Headline numbers\n")
+    w(f"{len(st.stories)} evaluation stories; full cache: mean PPL {st.full_ppl.mean():.3f} "
+      f"[{st.ci(st.full_ppl)[1]:.3f}, {st.ci(st.full_ppl)[2]:.3f}]. Means of the PPL increase over the full cache "
+      "(paired, percent), ROUGE-L F1 and top-1 agreement against the full cache.\n")
+    for r in [x for x in (0.5, 0.8) if x in st.ratios]:
+        w(f"**Evict ratio {r:.1f}**\n")
+        w(headline_table(st, r) + "\n")
+    if os.path.exists(DISCUSSION_FILE) and not args.no_discussion:
+        with open(DISCUSSION_FILE) as f:
+            w(f.read().rstrip() + "\n")
+    w("## Where prefixkv beats each other allocation (paired, 95%)\n")
+    w("Evict ratios at which prefixkv is significantly better / worse than the named allocation (the paired bootstrap "
+      "interval of the difference excludes 0); every other ratio is a tie.\n")
+    for sc in SCORERS:
+        w(f"**scorer {sc}**\n")
+        w(verdict_table(st, sc) + "\n")
     w("## How the numbers were made\n")
     w(f"- Date {today}; the tree at commit `{args.commit}`; command `{args.command}` "
-      f"({args.seconds:.0f} s wall on {args.cpu or 'the CPU'}, 2 evaluation processes).")
+      f"({args.seconds:.0f} s wall and {args.cpu_seconds:.0f} CPU seconds on {args.cores} cores of "
+      f"{args.cpu or 'the CPU'}; 2 evaluation processes).")
     w("- Model: stories260K (llama2.c format; 5 layers, 8 query / 4 kv heads, head size 8, context 512), "
       "host backend of `prefixkv-llama` (fp32), compressor `prefixkv::compress_host`.")
     w(f"- Texts: stories sampled from the full-cache model at temperature 1 with fixed seeds (calibration: seeds "
@@ -460,22 +479,6 @@ def document(st, args, files, work):
     w("| prefixkv | one global cumulative-importance threshold over layers (the paper) | layer |")
     w("| prefixkv-head | one global threshold over all (layer, kv head) segments | head |")
     w("| profile | per-layer fractions calibrated offline (the paper's serving mode) | layer |\n")
-    w(f"Full cache: mean PPL {st.full_ppl.mean():.3f} "
-      f"[{st.ci(st.full_ppl)[1]:.3f}, {st.ci(st.full_ppl)[2]:.3f}].\n")
-    if os.path.exists(DISCUSSION_FILE) and not args.no_discussion:
-        with open(DISCUSSION_FILE) as f:
-            w(f.read().rstrip() + "\n")
-    for r in [x for x in (0.5, 0.8) if x in st.ratios]:
-        w(f"### At evict ratio {r:.1f}\n")
-        w("Means over the evaluation stories: PPL increase over the full cache (paired, percent), ROUGE-L F1 and top-1 "
-          "agreement against the full cache.\n")
-        w(headline_table(st, r) + "\n")
-    w("## Where prefixkv beats each other allocation (paired, 95%)\n")
-    w("Evict ratios at which prefixkv is significantly better / worse than the named allocation (the paired bootstrap "
-      "interval of the difference excludes 0); every other ratio is a tie.\n")
-    for sc in SCORERS:
-        w(f"**scorer {sc}**\n")
-        w(verdict_table(st, sc) + "\n")
     for metric, label, better, sign in METRICS:
         name = f"quality_{metric}.png"
         w(f"## {label[0].upper() + label[1:]} ({better})\n")
@@ -504,11 +507,12 @@ def document(st, args, files, work):
             w(f"Kept share of the prompt per layer, scorer {sc}, evict ratio {r:.1f} (mean over stories):\n")
             w(budget_table(st, sc, r) + "\n")
     w("## Reproduce\n")
-    w("```sh\n./scripts/quality-study.sh          # about this long on a 2-core CPU; writes this page and docs/img/quality_*.png\n"
+    w("```sh\n./scripts/quality-study.sh          # writes this page, docs/quality_summary.csv and docs/img/quality_*.png\n"
       "./scripts/quality-study.sh --ci DIR # the reduced run CI does (ctest -R quality_study_ci)\n```\n")
     w("Single points with the command line (one JSON line, see examples/llama/main.cpp):\n")
-    w("```sh\nbuild/bin/prefixkv-llama --prompt \"Once upon a time\" --method prefixkv --evict-ratio 0.5 \\\n"
-      "    --score-continuation \" there was a little girl\"\n```")
+    w("```sh\nbuild/bin/prefixkv-llama --prompt \"Once upon a time, there was a little girl named Lily. She loved to "
+      "play outside in the park.\" \\\n    --method prefixkv --scorer window --evict-ratio 0.5 "
+      "--score-continuation \" One day, she saw a big, red ball.\"\n```")
     return "\n".join(out) + "\n"
 
 
@@ -521,6 +525,8 @@ def main():
     ap.add_argument("--command", default="./scripts/quality-study.sh")
     ap.add_argument("--seconds", type=float, default=0.0)
     ap.add_argument("--cpu", default="")
+    ap.add_argument("--cpu-seconds", type=float, default=0.0)
+    ap.add_argument("--cores", default=str(os.cpu_count()))
     ap.add_argument("--no-discussion", action="store_true")
     args = ap.parse_args()
     st = Study(load(args.work))
