@@ -80,8 +80,20 @@ class Study:
 
 
 # ---- checks ----------------------------------------------------------------------------------------------------
-def check(st):
+def load_profiles(work):
+    """{(scorer, ratio): fractions} from WORK/profiles/SCORER_RATIO.json."""
+    out = {}
+    for path in glob.glob(os.path.join(work, "profiles", "*.json")):
+        name = os.path.basename(path)[:-5]
+        sc, r = name.rsplit("_", 1)
+        with open(path) as f:
+            out[(sc, float(r))] = json.load(f)
+    return out
+
+
+def check(st, work, sinks=4, recent=1):
     bad = []
+    profiles = load_profiles(work)
     n_cfg = {}
     for r in st.rows:
         k = (r["scorer"], r["method"], r["ratio"])
@@ -96,7 +108,18 @@ def check(st):
             if r["top1"] != 1 or r["rouge_l"] != 1:
                 bad.append(f"story {r['story']} {r['method']}/{r['scorer']} ratio 0: top1/rouge not 1")
         # budgets: rint(r * N) candidates evicted (N summed over the segments); profile: per layer
-        if r["method"] in ("full", "profile"):
+        if r["method"] == "full":
+            continue
+        if r["method"] == "profile":  # rint(f_l * T) candidates of layer l, clipped to its candidates
+            f = profiles.get((r["scorer"], r["ratio"]))
+            if f is None:
+                bad.append(f"no profile for {r['scorer']} {r['ratio']}")
+                continue
+            prot = min(sinks, T) + min(recent, T)
+            cand = T - min(prot, T)
+            want = [T - min(cand, max(0, round(x * T))) for x in f]
+            if r["keep"] != want:
+                bad.append(f"story {r['story']} profile/{r['scorer']} ratio {r['ratio']}: kept {r['keep']}, want {want}")
             continue
         if "keep_heads" in r:
             H = len(r["keep_heads"][0])
@@ -393,6 +416,8 @@ def plots(st, img):
                 for (a, b), v in np.ndenumerate(frac):
                     ax.text(b, a, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=8)
                 ax.set_title(f"{m}, {sc}, evict {r:.1f}")
+                ax.set_xticks(range(frac.shape[1]))
+                ax.set_yticks(range(frac.shape[0]))
                 ax.set_xlabel("kv head")
                 ax.set_ylabel("layer")
         fig.colorbar(im, ax=axes, shrink=0.8, label="kept fraction of the prompt")
@@ -470,7 +495,7 @@ def document(st, args, files, work):
       "query heads (the paper's); `window` = attention of the last 16 prompt queries over the cached keys. "
       "`streaming` keeps sinks + the most recent tokens and ignores the scorer (the same curve in both panels).")
     w("- Statistics: mean over stories with a 95% percentile bootstrap interval (2000 resamples of stories); "
-      "comparisons are paired (the same stories), and \"better\"/\"worse\" below means the paired interval excludes 0.\n")
+      "comparisons are paired (the same stories), and \"better\"/\"worse\" on this page means the paired interval excludes 0.\n")
     w("| method | allocation over layers | granularity |\n|---|---|---|")
     w("| streaming | uniform, recency scorer | layer |")
     w("| uniform | same count per layer | layer |")
@@ -531,7 +556,7 @@ def main():
     args = ap.parse_args()
     st = Study(load(args.work))
     if args.check:
-        check(st)
+        check(st, args.work)
     os.makedirs(args.out, exist_ok=True)
     try:
         files = plots(st, os.path.join(args.out, "img"))
