@@ -3,7 +3,7 @@
 # budget) against the full cache on stories260K — continuation perplexity, ROUGE-L and top-1 agreement.
 #
 #   ./scripts/quality-study.sh              # the published study: writes docs/quality.md and docs/img/quality_*.png
-#   ./scripts/quality-study.sh --ci DIR     # reduced (3 + 3 stories, ratios 0 and 0.5): checks the pipeline and that
+#   ./scripts/quality-study.sh --ci DIR     # reduced (2 + 2 stories, ratios 0 and 0.5): checks the pipeline and that
 #                                           # every method at ratio 0 scores exactly as the full cache; report in DIR
 #
 # Environment: BUILD_DIR (default build; the study binary is built there unless LLAMA_STUDY names one),
@@ -48,7 +48,7 @@ if [ -z "$study" ]; then
 fi
 
 if [ "$mode" = ci ]; then
-  counts=(--count 3)
+  counts=(--count 2)
   ratios=0,0.5
 else
   counts=(--count 100)
