@@ -1,0 +1,218 @@
+// prefixkv-llama: a LLaMA runtime (llama2.c checkpoints) with the prefixkv compressor inside.
+//
+//   prefixkv-llama --model M.bin --tokenizer T.bin --prompt TEXT [--steps N] [--temperature T --seed S]
+//                  [--method full|streaming|uniform|pyramid|adakv|prefixkv|prefixkv-head|profile] [--evict-ratio R]
+//                  [--profile P.json] [--scorer attention|window|keynorm] [--window W] [--sinks 4] [--recent 1]
+//                  [--device cpu|cuda] [--score-continuation TEXT] [--verbose]
+//
+// The prompt is encoded the llama2.c way (BOS, a dummy space, merges by score) and prefilled with the full cache;
+// the compressor then compresses every layer's cache (see policy.hpp for the methods) and decoding continues on
+// the compressed caches, new tokens at their original positions (prompt_len, prompt_len + 1, ...).
+// * Generation (default): prints the continuation's text (up to N tokens, stopping at BOS/EOS) on stdout.
+// * --score-continuation TEXT: TEXT is encoded with the merges only (no BOS, no dummy space); the prompt's last
+//   logits predict its first token, then the cache is compressed and TEXT is fed token by token (teacher
+//   forcing). Prints one JSON object: {"ppl": exp(nll_mean), "nll_mean", "tokens", "keep": [tokens kept per layer,
+//   protected ones included; the mean over kv heads with head granularity], "keep_heads" (head granularity only):
+//   [[tokens kept per kv head] per layer]}.
+// Errors (bad arguments, unreadable or malformed files, a prompt longer than the context) print one line on stderr
+// and exit with status 2.
+#include "runtime.hpp"
+#include "tokenizer.hpp"
+
+#include <prefixkv/io/json.hpp>
+#include <prefixkv/profile/profile.hpp>
+
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#ifndef PREFIXKV_LLAMA_MODEL_DIR
+#define PREFIXKV_LLAMA_MODEL_DIR "models/stories260K"
+#endif
+
+namespace {
+
+using namespace prefixkv_llama;
+
+[[noreturn]] void die(const std::string& why) {
+  std::fprintf(stderr, "prefixkv-llama: %s\n", why.c_str());
+  std::exit(2);
+}
+
+const char* usage =
+    "usage: prefixkv-llama [--model M.bin] [--tokenizer T.bin] --prompt TEXT [--steps N] [--temperature T --seed S]\n"
+    "         [--method full|streaming|uniform|pyramid|adakv|prefixkv|prefixkv-head|profile] [--evict-ratio R]\n"
+    "         [--profile P.json] [--scorer attention|window|keynorm] [--window W] [--sinks 4] [--recent 1]\n"
+    "         [--device cpu|cuda] [--score-continuation TEXT] [--verbose]\n";
+
+struct options {
+  std::string model = PREFIXKV_LLAMA_MODEL_DIR "/stories260K.bin";
+  std::string tokenizer = PREFIXKV_LLAMA_MODEL_DIR "/tok512.bin";
+  std::string prompt, profile, device = "cpu", continuation;
+  bool has_continuation = false, verbose = false;
+  long long steps = 256;
+  double temperature = 0.0;
+  unsigned long long seed = 0;
+  policy pol;
+};
+
+double parse_double(const std::string& flag, const std::string& s) {
+  errno = 0;
+  char* end = nullptr;
+  const double v = std::strtod(s.c_str(), &end);
+  if (s.empty() || end != s.c_str() + s.size() || errno != 0 || !std::isfinite(v))
+    die(flag + ": '" + s + "' is not a finite number");
+  return v;
+}
+long long parse_int(const std::string& flag, const std::string& s) {
+  errno = 0;
+  char* end = nullptr;
+  const long long v = std::strtoll(s.c_str(), &end, 10);
+  if (s.empty() || end != s.c_str() + s.size() || errno != 0) die(flag + ": '" + s + "' is not an integer");
+  return v;
+}
+
+options parse(int argc, char** argv) {
+  options o;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) die("missing value after " + a);
+      return argv[++i];
+    };
+    if (a == "--help" || a == "-h") {
+      std::fputs(usage, stdout);
+      std::exit(0);
+    } else if (a == "--model") o.model = value();
+    else if (a == "--tokenizer") o.tokenizer = value();
+    else if (a == "--prompt") o.prompt = value();
+    else if (a == "--steps") o.steps = parse_int(a, value());
+    else if (a == "--temperature") o.temperature = parse_double(a, value());
+    else if (a == "--seed") {
+      const long long s = parse_int(a, value());
+      if (s < 0) die("--seed must be >= 0");
+      o.seed = static_cast<unsigned long long>(s);
+    } else if (a == "--method") {
+      const std::string m = value();
+      if (!parse_method(m, o.pol.method)) die("unknown --method '" + m + "'");
+    } else if (a == "--evict-ratio") {
+      o.pol.evict_ratio = parse_double(a, value());
+    } else if (a == "--profile") o.profile = value();
+    else if (a == "--scorer") {
+      const std::string s = value();
+      if (!parse_scorer(s, o.pol.scorer)) die("unknown --scorer '" + s + "'");
+    } else if (a == "--window") {
+      const long long w = parse_int(a, value());
+      if (w < 1 || w > (1 << 20)) die("--window must be >= 1");
+      o.pol.window = int(w);
+    } else if (a == "--sinks") o.pol.sinks = parse_int(a, value());
+    else if (a == "--recent") o.pol.recent = parse_int(a, value());
+    else if (a == "--device") o.device = value();
+    else if (a == "--score-continuation") {
+      o.continuation = value();
+      o.has_continuation = true;
+    } else if (a == "--verbose") o.verbose = true;
+    else die("unknown option '" + a + "' (see --help)");
+  }
+  if (o.steps < 0) die("--steps must be >= 0");
+  if (o.temperature < 0) die("--temperature must be >= 0");
+  if (!(o.pol.evict_ratio >= 0.0 && o.pol.evict_ratio < 1.0)) die("--evict-ratio must be in [0, 1)");
+  if (o.pol.sinks < 0 || o.pol.recent < 0) die("--sinks and --recent must be >= 0");
+  if (o.pol.sinks > (1 << 20) || o.pol.recent > (1 << 20)) die("--sinks and --recent are too large");
+  if (o.pol.method == method_kind::profile && o.profile.empty()) die("--method profile needs --profile P.json");
+  if (o.pol.method != method_kind::profile && !o.profile.empty()) die("--profile needs --method profile");
+  return o;
+}
+
+std::string keep_json(const std::vector<int32_t>& len, int layers, int heads, bool with_heads) {
+  std::string s = "\"keep\": [";
+  for (int l = 0; l < layers; ++l) {
+    int64_t sum = 0;
+    for (int h = 0; h < heads; ++h) sum += len[size_t(l) * heads + h];
+    if (l) s += ", ";
+    if (sum % heads == 0)
+      prefixkv::json_append_int(s, sum / heads);
+    else
+      prefixkv::json_append_number(s, double(sum) / heads);
+  }
+  s += "]";
+  if (with_heads) {
+    s += ", \"keep_heads\": [";
+    for (int l = 0; l < layers; ++l) {
+      if (l) s += ", ";
+      prefixkv::json_append_int_array(s, len.data() + size_t(l) * heads, heads);
+    }
+    s += "]";
+  }
+  return s;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  options o = parse(argc, argv);
+  model m;
+  tokenizer tk;
+  std::string err;
+  if (!load_checkpoint(o.model, m, err)) die(err);
+  if (!tk.load(o.tokenizer, m.cfg.vocab_size, err)) die(err);
+  if (o.pol.method == method_kind::profile) {
+    if (prefixkv::profile_load(o.profile.c_str(), o.pol.profile) != cudaSuccess)
+      die("cannot use the profile " + o.profile + ": " + prefixkv::last_error().message);
+  }
+  auto be = make_backend(o.device, m, err);
+  if (!be) die(err);
+  const config& c = m.cfg;
+  const std::vector<int> prompt = tk.encode(o.prompt, true, true);
+  if (int64_t(prompt.size()) > c.seq_len)
+    die("the prompt has " + std::to_string(prompt.size()) + " tokens, the context " + std::to_string(c.seq_len));
+  const int T = int(prompt.size());
+  std::vector<float> logits;
+  prefixkv::clear_last_error();
+  if (!prefill_and_compress(*be, prompt, o.pol, logits, err)) {
+    if (prefixkv::last_error().why == prefixkv::reason::infeasible_budget)
+      err += " (a prompt of " + std::to_string(T) + " tokens with " + std::to_string(o.pol.sinks) + " sinks and " +
+             std::to_string(o.pol.recent) + " recent tokens protected per segment; lower --evict-ratio)";
+    die(err);
+  }
+  const std::vector<int32_t> len = be->lengths();
+  if (o.verbose) {
+    std::fprintf(stderr, "prefixkv-llama: %d prompt tokens, method %s, scorer %s, evict ratio %g; kept per layer:", T,
+                 to_string(o.pol.method), to_string(o.pol.scorer), o.pol.evict_ratio);
+    for (int l = 0; l < c.n_layers; ++l) {
+      std::fprintf(stderr, " [");
+      for (int h = 0; h < c.n_kv_heads; ++h) std::fprintf(stderr, h ? " %d" : "%d", len[size_t(l) * c.n_kv_heads + h]);
+      std::fprintf(stderr, "]");
+    }
+    std::fprintf(stderr, "\n");
+  }
+  if (o.has_continuation) {
+    const std::vector<int> text = tk.encode(o.continuation, false, false);
+    if (text.empty()) die("--score-continuation: the text is empty");
+    if (int64_t(T) + int64_t(text.size()) - 1 > c.seq_len)
+      die("prompt (" + std::to_string(T) + ") and continuation (" + std::to_string(text.size()) +
+          " tokens) exceed the context of " + std::to_string(c.seq_len));
+    double nll_sum = 0;
+    if (!teacher_force(*be, logits, text, T, nll_sum, nullptr, err)) die(err);
+    const double mean = nll_sum / double(text.size());
+    std::string s = "{\"ppl\": ";
+    prefixkv::json_append_number(s, std::exp(mean));
+    s += ", \"nll_mean\": ";
+    prefixkv::json_append_number(s, mean);
+    s += ", \"tokens\": ";
+    prefixkv::json_append_int(s, int64_t(text.size()));
+    s += ", " + keep_json(len, c.n_layers, c.n_kv_heads, per_head(o.pol.method)) + "}\n";
+    std::fputs(s.c_str(), stdout);
+    return 0;
+  }
+  rng r(o.seed);
+  std::vector<int> out;
+  if (!generate(*be, logits, int(std::min<long long>(o.steps, c.seq_len)), T, o.temperature, r, true, out, err)) die(err);
+  std::string text = tk.decode(prompt.back(), out);
+  text += "\n";
+  std::fputs(text.c_str(), stdout);
+  return 0;
+}
