@@ -21,11 +21,13 @@
 //! \endcode
 #pragma once
 
+#include "../core/checked.hpp"
 #include "../core/error.hpp"
 #include "../core/validate.hpp"
 #include "../core/views.hpp"
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <numeric>
 #include <vector>
@@ -94,53 +96,80 @@ struct curve_buffers {
   return cudaSuccess;
 }
 
-//! Host twin of the curve builder. `scores` is a flat host array addressed through `rows` (host offsets).
-//! Scores must be finite and >= 0. Prefix sums accumulate in double and are stored as float.
-[[nodiscard]] inline cudaError_t build_curves_host(const float* scores, const segments& rows, protect_policy protect,
-                                                   curve_buffers& out) {
+namespace detail {
+inline cudaError_t build_curves_host_impl(const float* scores, const segments& rows, protect_policy protect,
+                                          curve_buffers& out) {
   PREFIXKV_TRY(validate_host_contents(rows));
   PREFIXKV_TRY(validate(protect));
   const int64_t S = rows.count;
-  out = curve_buffers{};
-  out.protect = protect;
-  out.offsets.assign(S + 1, 0);
-  out.tokens.resize(S);
+  // 1. validate everything (lengths, scores, total candidates) before allocating anything
+  checked_i64 total = 0;
   for (int64_t s = 0; s < S; ++s) {
     const int64_t n = rows.length(s);
-    if (n > 0 && scores == nullptr) return detail::fail(reason::null_pointer, "build_curves: scores is null");
+    if (n > INT32_MAX) return fail(reason::out_of_range, "build_curves: a row is longer than int32 positions allow");
+    if (n > 0 && scores == nullptr) return fail(reason::null_pointer, "build_curves: scores is null");
+    const float* row = scores + rows.begin(s);
     for (int64_t t = 0; t < n; ++t) {
-      const float x = scores[rows.begin(s) + t];
-      if (!std::isfinite(x)) return detail::fail(reason::nonfinite_input, "build_curves: a score is NaN or infinite");
-      if (x < 0.0f) return detail::fail(reason::negative_input, "build_curves: a score is negative");
+      const float x = row[t];
+      if (!std::isfinite(x)) return fail(reason::nonfinite_input, "build_curves: a score is NaN or infinite");
+      if (x < 0.0f) return fail(reason::negative_input, "build_curves: a score is negative (scores must be >= 0)");
     }
-    out.tokens[s] = n;
-    out.offsets[s + 1] = out.offsets[s] + candidate_count(n, protect);
+    total += candidate_count(n, protect);
   }
-  const int64_t total = out.offsets[S];
-  out.positions.resize(total);
-  out.cumulative.resize(total);
-  out.sorted_scores.resize(total);
+  if (!total.ok() || !(checked_i64(S) + 1).ok())
+    return fail(reason::capacity_exceeded, "build_curves: the total candidate count overflows int64");
+  // 2. allocate and fill (out is replaced only on success)
+  curve_buffers b;
+  b.protect = protect;
+  b.offsets.assign(static_cast<size_t>(S) + 1, 0);
+  b.tokens.resize(static_cast<size_t>(S));
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t n = rows.length(s);
+    b.tokens[s] = n;
+    b.offsets[s + 1] = b.offsets[s] + candidate_count(n, protect);
+  }
+  const size_t count = static_cast<size_t>(total.value());
+  b.positions.resize(count);
+  b.cumulative.resize(count);
+  b.sorted_scores.resize(count);
   std::vector<int32_t> order;
   for (int64_t s = 0; s < S; ++s) {
-    const int64_t n = out.tokens[s];
-    const float* row = scores + rows.begin(s);
+    const int64_t n = b.tokens[s];
+    const float* row = n > 0 ? scores + rows.begin(s) : nullptr;
     order.clear();
     for (int64_t t = 0; t < n; ++t)
       if (!is_protected(t, n, protect)) order.push_back(static_cast<int32_t>(t));
-    std::stable_sort(order.begin(), order.end(), [row](int32_t a, int32_t b) { return row[a] > row[b]; });
+    std::stable_sort(order.begin(), order.end(), [row](int32_t a, int32_t c) { return row[a] > row[c]; });
     double mass = 0.0;
     for (int32_t t : order) mass += row[t];
-    const int64_t base = out.offsets[s], c = static_cast<int64_t>(order.size());
+    const int64_t base = b.offsets[s], c = static_cast<int64_t>(order.size());
     double run = 0.0;
     for (int64_t r = 0; r < c; ++r) {
       run += row[order[r]];
-      out.positions[base + r] = order[r];
-      out.sorted_scores[base + r] = row[order[r]];
-      out.cumulative[base + r] =
+      b.positions[base + r] = order[r];
+      b.sorted_scores[base + r] = row[order[r]] == 0.0f ? 0.0f : row[order[r]];  // -0 -> +0, as on the device
+      b.cumulative[base + r] =
           static_cast<float>(mass > 0.0 ? run / mass : static_cast<double>(r + 1) / static_cast<double>(c));
     }
   }
+  out = std::move(b);
   return cudaSuccess;
+}
+}  // namespace detail
+
+//! Host twin of the curve builder. `scores` is a flat host array addressed through `rows` (host offsets).
+//! Scores must be finite and >= 0: NaN or infinity is `reason::nonfinite_input`, a negative score (-0.0 counts
+//! as 0) is `reason::negative_input`. Rows longer than INT32_MAX tokens are `reason::out_of_range`, a total
+//! candidate count beyond int64 `reason::capacity_exceeded`. Everything is validated before anything is
+//! allocated; `out` is replaced only on success; running out of host memory returns `cudaErrorMemoryAllocation`
+//! (`reason::capacity_exceeded`). Prefix sums accumulate in double and are stored as float.
+[[nodiscard]] inline cudaError_t build_curves_host(const float* scores, const segments& rows, protect_policy protect,
+                                                   curve_buffers& out) noexcept {
+  try {
+    return detail::build_curves_host_impl(scores, rows, protect, out);
+  } catch (...) {
+    return detail::fail(reason::capacity_exceeded, "build_curves: out of host memory", cudaErrorMemoryAllocation);
+  }
 }
 
 PREFIXKV_NAMESPACE_END
