@@ -104,22 +104,27 @@ inline cudaError_t build_curves_host_impl(const float* scores, const segments& r
   const int64_t S = rows.count;
   // 1. validate everything (lengths, scores, total candidates) before allocating anything
   checked_i64 total = 0;
+  const bool uniform = rows.offsets == nullptr;
   for (int64_t s = 0; s < S; ++s) {
     const int64_t n = rows.length(s);
     if (n > INT32_MAX) return fail(reason::out_of_range, "build_curves: a row is longer than int32 positions allow");
     if (n > 0 && scores == nullptr) return fail(reason::null_pointer, "build_curves: scores is null");
+    if (uniform && n == 0) break;  // S empty rows: nothing to read (S alone may be absurd; see the allocation)
     const float* row = scores + rows.begin(s);
     for (int64_t t = 0; t < n; ++t) {
       const float x = row[t];
       if (!std::isfinite(x)) return fail(reason::nonfinite_input, "build_curves: a score is NaN or infinite");
       if (x < 0.0f) return fail(reason::negative_input, "build_curves: a score is negative (scores must be >= 0)");
     }
-    total += candidate_count(n, protect);
+    if (!uniform) total += candidate_count(n, protect);
   }
+  if (uniform) total = checked_i64(S) * candidate_count(rows.uniform_length, protect);
   if (!total.ok() || !(checked_i64(S) + 1).ok())
     return fail(reason::capacity_exceeded, "build_curves: the total candidate count overflows int64");
   // 2. allocate and fill (out is replaced only on success)
   curve_buffers b;
+  if (static_cast<uint64_t>(S) >= b.offsets.max_size() || static_cast<uint64_t>(total.value()) >= b.positions.max_size())
+    return fail(reason::capacity_exceeded, "build_curves: the curves would not fit host memory", cudaErrorMemoryAllocation);
   b.protect = protect;
   b.offsets.assign(static_cast<size_t>(S) + 1, 0);
   b.tokens.resize(static_cast<size_t>(S));
