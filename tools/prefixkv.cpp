@@ -7,9 +7,9 @@
 //
 // Output: JSON on stdout. Bad input: one line on stderr, exit code 2, nothing on stdout. A failed write to stdout
 // (a full disk, a closed pipe) is reported the same way (one line on stderr, exit code 2).
-// Limits (work and memory stay proportional to the input): input files are read up to 1 GiB (kMaxInputBytes),
-// a score matrix has at most 2^24 rows (kMaxRows) and at least one column when it has rows; an evict ratio
-// below the smallest normal double (e.g. 1e-400) underflows and is taken as 0.
+// Limits (work and memory stay proportional to the input): input files are read up to 1 GiB (kMaxInputBytes), and a
+// score matrix with rows must have at least one column (every row, hence every output entry, is backed by data in
+// the file); an evict ratio below the smallest normal double (e.g. 1e-400) underflows and is taken as 0.
 // Built with the host solver only (any C++17 compiler).
 #include <prefixkv/io/json.hpp>
 #include <prefixkv/io/npy.hpp>
@@ -33,8 +33,6 @@ namespace {
 
 //! Largest input file (score matrices, profiles) the tool reads.
 constexpr size_t kMaxInputBytes = size_t(1) << 30;
-//! Most rows (segments) of a score matrix.
-constexpr int64_t kMaxRows = int64_t(1) << 24;
 
 struct usage_error : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -123,7 +121,6 @@ matrix load_matrix(const std::string& path) {
   check(pk::npy_load(path.c_str(), a, kMaxInputBytes), path);
   if (a.rank() != 2) fail_with(path + ": expected a 2-D array [segments, tokens], got rank " + std::to_string(a.rank()));
   if (a.shape[1] > INT32_MAX) fail_with(path + ": too many tokens per row");
-  if (a.shape[0] > kMaxRows) fail_with(path + ": more than 2^24 rows (segments)");
   if (a.shape[0] > 0 && a.shape[1] == 0) fail_with(path + ": rows without tokens (shape [n, 0]); every row needs a score");
   matrix m;
   m.rows = a.shape[0];
@@ -210,7 +207,7 @@ std::string run_apply(const options& o) {
   if (!o.has_tokens) fail_with("apply: --tokens is required");
   if (o.tokens < 0) fail_with("apply: --tokens must be >= 0");
   std::vector<double> f;
-  check(pk::profile_load(o.profile.c_str(), f), o.profile);
+  check(pk::profile_load(o.profile.c_str(), f, kMaxInputBytes), o.profile);
   std::vector<int64_t> keep(f.size());
   check(pk::apply_profile(f.data(), static_cast<int64_t>(f.size()), o.tokens, pk::protect_policy{o.sinks, o.recent},
                           keep.data()),

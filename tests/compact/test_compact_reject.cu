@@ -394,7 +394,8 @@ TEST_CASE("aliasing: paged K and V pools on the same memory are refused; K/V int
   host_selection sel = random_selection(rng, grid.count(), T, 5, false);
   size_t bytes = 0;
   for (bool same : {false, true}) {
-    INFO(same ? "K and V pools identical" : "K/V interleaved per page");
+    const std::string what = same ? "K and V pools identical" : "K/V interleaved per page";
+    INFO(what);
     const auto before = img;
     auto hk = pool(false, 0, same), hv = pool(false, 1, same), dk = pool(true, 0, same), dv = pool(true, 1, same);
     const prefixkv::paged_kv_layers<uint16_t> hc{&hk, &hv, nullptr, nullptr, L}, dc{&dk, &dv, nullptr, nullptr, L};
