@@ -42,16 +42,18 @@ struct protect_policy {
 };
 
 //! Number of protected tokens of a segment of n tokens.
+//! (Overflow-free for every n >= 0 and every policy, INT64_MAX included; 0 for n <= 0.)
 PREFIXKV_HOST_DEVICE int64_t protected_count(int64_t n, protect_policy p) {
-  const int64_t a = p.sinks < n ? p.sinks : n;
-  const int64_t b = p.recent < n ? p.recent : n;
-  return a + b < n ? a + b : n;
+  if (n <= 0) return 0;
+  const int64_t a = p.sinks <= 0 ? 0 : (p.sinks < n ? p.sinks : n);
+  const int64_t b = p.recent <= 0 ? 0 : (p.recent < n ? p.recent : n);
+  return a < n - b ? a + b : n;
 }
 //! Number of candidates (ranked, evictable tokens) of a segment of n tokens.
 PREFIXKV_HOST_DEVICE int64_t candidate_count(int64_t n, protect_policy p) { return n - protected_count(n, p); }
 //! Whether position t of a segment of n tokens is protected.
 PREFIXKV_HOST_DEVICE bool is_protected(int64_t t, int64_t n, protect_policy p) {
-  return t < p.sinks || t >= n - p.recent;
+  return t < p.sinks || (p.recent > 0 && t >= n - p.recent);  // (n >= 0: n - recent cannot overflow)
 }
 //! Entry value of 0-based rank r of a curve row.
 PREFIXKV_HOST_DEVICE float entry_value(const float* cumulative_row, int64_t r) {
@@ -110,6 +112,7 @@ inline cudaError_t build_curves_host_impl(const float* scores, const segments& r
     if (n > INT32_MAX) return fail(reason::out_of_range, "build_curves: a row is longer than int32 positions allow");
     if (n > 0 && scores == nullptr) return fail(reason::null_pointer, "build_curves: scores is null");
     if (uniform && n == 0) break;  // S empty rows: nothing to read (S alone may be absurd; see the allocation)
+    if (n == 0) continue;
     const float* row = scores + rows.begin(s);
     for (int64_t t = 0; t < n; ++t) {
       const float x = row[t];
