@@ -334,23 +334,27 @@ cudaError_t compact_describe_cache(const Cache& c, compact_side& side) {
   return cudaSuccess;
 }
 
-//! The optional outputs are written while the cache and the selection are read: they must not share memory with
-//! the written tensors, the selection offsets or each other (byte ranges from their known extents). Their values
-//! are int32: a per-layer kept total that could exceed INT32_MAX is refused.
-inline cudaError_t compact_check_outputs(const compact_side& written, const selection& sel,
-                                         const compact_outputs& out) noexcept {
+//! The optional outputs are written, and the selection offsets and the block tables read, while the tensors move:
+//! the outputs may not share memory with any tensor, with each other, with the selection offsets or the tables;
+//! the offsets and the tables may not share memory with a written tensor (byte ranges from their known extents:
+//! S + 1 offsets, a table's (batch - 1) * stride + max_blocks entries). The selection's indices are not checked
+//! (their extent is known only from device-resident offsets). Output values are int32: a per-layer kept total
+//! that could exceed INT32_MAX is refused.
+inline cudaError_t compact_check_io(const compact_side& src, const compact_side& written, const selection& sel,
+                                    const compact_outputs& out) noexcept {
   const int64_t S = sel.count, L = written.layers;
   struct range {
     std::uintptr_t lo, n;
   };
-  range r[5] = {};
+  range r[7] = {};
   int nr = 0;
   auto add = [&](const void* p, int64_t bytes) {
     if (p != nullptr && bytes > 0) r[nr++] = {reinterpret_cast<std::uintptr_t>(p), static_cast<std::uintptr_t>(bytes)};
   };
+  auto table_bytes = [](const compact_side& c) -> int64_t {  // validated: fits int64
+    return c.t.paged && c.batch > 0 && c.t.max_blocks > 0 ? ((c.batch - 1) * c.t.stride + c.t.max_blocks) * 4 : 0;
+  };
   const int64_t spl = L > 0 ? S / L : 0;
-  const bool any = out.lengths || out.cu_seqlens || out.pages_in_use || out.status;
-  if (!any) return cudaSuccess;
   // S, L and batch are bounded by validated views and the grid check, so these byte counts fit int64
   add(out.lengths, S * 4);
   add(out.cu_seqlens, L * (spl + 1) * 4);
@@ -358,18 +362,29 @@ inline cudaError_t compact_check_outputs(const compact_side& written, const sele
   add(out.status, 4);
   const int n_out = nr;
   add(sel.offsets, (S + 1) * 8);
+  add(src.t.table, table_bytes(src));
+  if (written.t.table != src.t.table) add(written.t.table, table_bytes(written));
   auto meet = [](const range& a, const range& b) { return a.lo < b.lo ? b.lo - a.lo < a.n : a.lo - b.lo < b.n; };
-  for (int i = 0; i < n_out; ++i) {
-    for (int j = i + 1; j < nr; ++j)
+  for (int i = 0; i < nr; ++i) {
+    for (int j = i + 1; j < nr && i < n_out; ++j)
       if (meet(r[i], r[j]))
-        return fail(reason::overlapping_buffers, "compact: an output array overlaps another output or the selection");
-    for (int k = 0; k < compact_kinds; ++k)
-      if (written.present[k] && written.box[k].span > 0)
-        for (int64_t l = 0; l < L; ++l) {
-          const byte_box b = written.box_at(k, l);
-          if (meet(r[i], range{b.base, static_cast<std::uintptr_t>(b.span)}))
-            return fail(reason::overlapping_buffers, "compact: an output array overlaps the cache it compacts into");
-        }
+        return fail(reason::overlapping_buffers,
+                    "compact: an output array overlaps another output, the selection offsets or a block table");
+    // outputs against every tensor (the device may write them while sources are still read), the read-only
+    // metadata against the written tensors
+    for (int side = 0; side < 2; ++side) {
+      const compact_side& c = side == 0 ? written : src;
+      if (side == 1 && (&src == &written || i >= n_out)) break;
+      for (int k = 0; k < compact_kinds; ++k)
+        if (c.present[k] && c.box[k].span > 0)
+          for (int64_t l = 0; l < L; ++l) {
+            const byte_box b = c.box_at(k, l);
+            if (meet(r[i], range{b.base, static_cast<std::uintptr_t>(b.span)}))
+              return fail(reason::overlapping_buffers,
+                          i < n_out ? "compact: an output array overlaps a tensor of the cache"
+                                    : "compact: the selection offsets or a block table lie in memory the call writes");
+          }
+    }
   }
   if ((out.lengths || out.cu_seqlens) && L > 0 &&
       (written.tokens > INT32_MAX || !(checked_i64(spl) * written.tokens).ok() ||
@@ -420,7 +435,7 @@ cudaError_t compact_plan(const SrcCache& src, const DstCache& dst, bool inplace,
     }
   }
   if (src.layers > 0) PREFIXKV_TRY(compact_check_aliasing(s, inplace ? nullptr : &d));
-  PREFIXKV_TRY(compact_check_outputs(inplace ? s : d, sel, out));
+  if (src.layers > 0) PREFIXKV_TRY(compact_check_io(s, inplace ? s : d, sel, out));
   if (out.pages_in_use && !dd.t.paged)
     return fail(reason::bad_parameter, "compact: pages_in_use needs a paged destination");
   // Fill the plan.
@@ -545,6 +560,7 @@ inline void compact_move_host(const compact_meta& m, const compact_ptrs& p) {
       for (int32_t k = 0; k < m.kinds; ++k) {
         const compact_geom& sg = m.src[k];
         const compact_geom& dg = m.dst[k];
+        if (sg.row_bytes == 0) continue;  // nothing to move (and the views may be empty with any pointer)
         const int64_t unit = sg.contiguous && dg.contiguous ? sg.row_bytes : std::min(sg.elem_bytes, dg.elem_bytes);
         for (int64_t h = 0; h < sg.heads; ++h) {
           const int64_t seg = m.grid.heads == 1 ? m.grid.id(l, b) : m.grid.id(l, b, h);

@@ -58,12 +58,20 @@ inline int common_pow2(int64_t cap, std::initializer_list<int64_t> values) noexc
 }
 
 //! Shared size checks of a strided box of `elem`-byte elements at `base`: the element count, the addressed span
-//! and every stride in bytes fit int64, and the span does not wrap the address space. `what` prefixes nothing
+//! (also over the non-empty axes of an empty box) and every stride in bytes fit int64, and the span does not wrap
+//! the address space. `what` prefixes nothing
 //! (messages are static); it selects the message for views or page pools.
 inline cudaError_t check_box_sizes(const void* base, const int64_t (&ext)[4], const int64_t (&str)[4], int64_t elem,
                                    bool pool) noexcept {
   int64_t count = 0, span = 0, bytes = 0, sb = 0;
-  if (!checked_extent_product(ext, count) || !checked_box_span(ext, str, span) || !checked_mul(span, elem, bytes))
+  // reach: the largest offset of a coordinate within the non-empty axes, in bytes (an empty view's loops may still
+  // form the offsets of its other axes)
+  checked_i64 reach = 0;
+  for (int i = 0; i < 4; ++i)
+    if (ext[i] > 0) reach += (checked_i64(ext[i]) - 1) * str[i];
+  reach = (reach + 1) * elem;
+  if (!checked_extent_product(ext, count) || !checked_box_span(ext, str, span) || !checked_mul(span, elem, bytes) ||
+      !reach.ok())
     return fail(reason::out_of_range, pool ? "paged_kv_view: the pool's element count or byte span overflows int64"
                                            : "kv_view: the element count or byte span overflows int64");
   for (int i = 0; i < 4; ++i)

@@ -130,7 +130,7 @@ inline cudaError_t build_curves_host_impl(const float* scores, const segments& r
     return fail(reason::capacity_exceeded, "build_curves: the curves would not fit host memory", cudaErrorMemoryAllocation);
   b.protect = protect;
   b.offsets.assign(static_cast<size_t>(S) + 1, 0);
-  b.tokens.resize(static_cast<size_t>(S));
+  b.tokens.assign(static_cast<size_t>(S), 0);
   for (int64_t s = 0; s < S; ++s) {
     const int64_t n = rows.length(s);
     b.tokens[s] = n;
