@@ -1,7 +1,8 @@
 // libFuzzer harness: view, paged-view and segment validation on hostile descriptions, and the byte-box aliasing
 // rule. Properties: validate() never accepts a description whose element count, span or byte strides overflow
 // int64; an accepted view maps distinct coordinates to distinct elements inside its span (walked exactly for small
-// views); an accepted segment list has no row end past int64; byte_boxes_disjoint() never calls two boxes that
+// views); an accepted segment list has no row end past int64; an accepted grid's count() is exact;
+// byte_boxes_disjoint() never calls two boxes that
 // share a byte disjoint (checked with a byte map).
 #include <prefixkv/core/validate.hpp>
 
@@ -198,14 +199,24 @@ void check_boxes(FuzzedDataProvider& in) {
   mark(b, 2);
 }
 
+void check_grid(FuzzedDataProvider& in) {
+  pk::segment_grid g{fuzz::size_or_hostile(in, 0, 80), fuzz::size_or_hostile(in, 0, 8), fuzz::size_or_hostile(in, 0, 8)};
+  if (pk::validate(g) != cudaSuccess) return;
+  FUZZ_ASSERT(g.layers >= 0 && g.batch >= 0 && g.heads >= 0);
+  const __int128 n = wide(g.layers) * g.batch * g.heads;
+  FUZZ_ASSERT(fuzz::fits_i64(n) && g.count() == static_cast<int64_t>(n));
+  if (n > 0) FUZZ_ASSERT(g.id(g.layers - 1, g.batch - 1, g.heads - 1) == static_cast<int64_t>(n) - 1);
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   FuzzedDataProvider in(data, size);
-  switch (in.ConsumeIntegralInRange<int>(0, 3)) {
+  switch (in.ConsumeIntegralInRange<int>(0, 4)) {
     case 0: check_view(in); break;
     case 1: check_paged(in); break;
     case 2: check_segments(in); break;
+    case 3: check_grid(in); break;
     default: check_boxes(in); break;
   }
   return 0;

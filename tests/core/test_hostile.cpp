@@ -68,8 +68,12 @@ TEST_CASE("validate: sizes that overflow int64 are out_of_range, never accepted"
   // still fine: large but representable, and empty views with large extents
   auto big = prefixkv::make_kv_view(buf.data(), 1, 1, int64_t(1) << 40, 1, 0, 0, 1, 1);
   CHECK(prefixkv::validate(big) == cudaSuccess);
-  auto empty = prefixkv::make_kv_view<float>(nullptr, 0, kMax, kMax, kMax, 0, 0, 0, 1);
+  auto empty = prefixkv::make_kv_view<float>(nullptr, 0, int64_t(1) << 20, int64_t(1) << 20, 4, 0, 4, int64_t(1) << 22, 1);
   CHECK(prefixkv::validate(empty) == cudaSuccess);
+  // an empty view whose other axes reach past int64 (loops over them would form such offsets)
+  auto empty_far = prefixkv::make_kv_view<float>(nullptr, 1, 2, 4, 0, 0, kMax / 4, 1, 1);
+  CHECK(prefixkv::validate(empty_far) == cudaErrorInvalidValue);
+  CHECK(prefixkv::last_error().why == reason::out_of_range);
 
   // paged: pool bytes, block-table extent and max_blocks * page_size
   std::vector<int32_t> table(4, 0);

@@ -212,6 +212,15 @@ template <class T>
   return cudaSuccess;
 }
 
+//! Check a segment grid: extents >= 0 (`reason::negative_extent`) and layers * batch * heads within int64
+//! (`reason::out_of_range`), so that `count()` and `id()` never overflow.
+[[nodiscard]] inline cudaError_t validate(const segment_grid& g) noexcept {
+  if (g.layers < 0 || g.batch < 0 || g.heads < 0) return detail::fail(reason::negative_extent, "segment_grid: an extent is negative");
+  if (!(detail::checked_i64(g.layers) * g.batch * g.heads).ok())
+    return detail::fail(reason::out_of_range, "segment_grid: layers * batch * heads overflows int64");
+  return cudaSuccess;
+}
+
 //! Check ragged rows whose offsets/lengths live in host memory: non-negative begins, non-negative lengths, and
 //! every end (begin + length) within int64. cu_seqlens form: offsets non-decreasing and >= 0.
 [[nodiscard]] inline cudaError_t validate_host_contents(const segments& s) noexcept {

@@ -221,7 +221,8 @@ PREFIXKV_HOST_DEVICE segments make_ragged_segments(int64_t count, const int64_t*
 }
 
 //! Numbering of per-(layer, sequence, kv-head) segments: layer-major, then sequence, then head.
-//! With `heads == 1` it numbers per-(layer, sequence) segments.
+//! With `heads == 1` it numbers per-(layer, sequence) segments. `validate(grid)` (core/validate.hpp) checks that
+//! `count()` fits int64; call it before trusting a grid that came from outside.
 struct segment_grid {
   int64_t layers = 1, batch = 1, heads = 1;
   PREFIXKV_HOST_DEVICE int64_t count() const { return layers * batch * heads; }
