@@ -92,7 +92,8 @@ PREFIXKV_KERNEL void curve_counts_kernel(segments rows, protect_policy protect, 
   if (blockIdx.x == 0 && threadIdx.x < curve_flag_words) flags[threadIdx.x] = 0u;
   for (int64_t s = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; s < rows.count; s += int64_t(gridDim.x) * blockDim.x) {
     int64_t n = rows.length(s);
-    if (n < 0 || rows.begin(s) < 0) {
+    const int64_t b0 = rows.begin(s);
+    if (n < 0 || n > INT32_MAX || b0 < 0 || b0 > INT64_MAX - n) {  // (positions are int32; begin + n fits int64)
       if (status) atomicOr(status, status_bad_length);
       n = 0;
     }
@@ -368,7 +369,7 @@ struct curve_ranked_keys {
 [[nodiscard]] inline cudaError_t build_curves(void* d_temp, size_t& temp_bytes, const float* scores, segments rows,
                                               protect_policy protect, int64_t capacity, curve_device_out out,
                                               curve_set& set, unsigned* d_status = nullptr, cudaStream_t stream = 0,
-                                              curve_sort method = curve_sort::automatic) {
+                                              curve_sort method = curve_sort::automatic) noexcept {
   PREFIXKV_TRY(validate(rows));
   PREFIXKV_TRY(validate(protect));
   if (capacity < 0) return detail::fail(reason::negative_extent, "build_curves: capacity is negative");
@@ -525,7 +526,7 @@ struct curve_ranked_keys {
 [[nodiscard]] inline cudaError_t segmented_sort_only(void* d_temp, size_t& temp_bytes, const float* keys_in,
                                                      float* keys_out, const int32_t* vals_in, int32_t* vals_out,
                                                      int64_t capacity, const int64_t* offsets, int64_t S,
-                                                     cudaStream_t stream = 0) {
+                                                     cudaStream_t stream = 0) noexcept {
   const int64_t chunk = S < detail::curve_sort_chunk ? S : detail::curve_sort_chunk;
   if (d_temp == nullptr)
     return cub::DeviceSegmentedSort::StableSortPairsDescending(nullptr, temp_bytes, keys_in, keys_out, vals_in,
