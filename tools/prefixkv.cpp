@@ -5,7 +5,11 @@
 //   prefixkv profile --evict-ratio r [--sinks 4] [--recent 1] SAMPLE.npy...
 //   prefixkv apply --profile P.json --tokens n [--sinks 4] [--recent 1]
 //
-// Output: JSON on stdout. Bad input: one line on stderr, exit code 2, nothing on stdout.
+// Output: JSON on stdout. Bad input: one line on stderr, exit code 2, nothing on stdout. A failed write to stdout
+// (a full disk, a closed pipe) is reported the same way (one line on stderr, exit code 2).
+// Limits (work and memory stay proportional to the input): input files are read up to 1 GiB (kMaxInputBytes), and a
+// score matrix with rows must have at least one column (every row, hence every output entry, is backed by data in
+// the file); an evict ratio below the smallest normal double (e.g. 1e-400) underflows and is taken as 0.
 // Built with the host solver only (any C++17 compiler).
 #include <prefixkv/io/json.hpp>
 #include <prefixkv/io/npy.hpp>
@@ -14,6 +18,7 @@
 #include <prefixkv/solve/solve.hpp>
 
 #include <cerrno>
+#include <cfloat>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -25,6 +30,9 @@
 namespace pk = prefixkv;
 
 namespace {
+
+//! Largest input file (score matrices, profiles) the tool reads.
+constexpr size_t kMaxInputBytes = size_t(1) << 30;
 
 struct usage_error : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -49,9 +57,11 @@ void need(bool ok) {
 double parse_double(const std::string& opt, const char* s) {
   errno = 0;
   char* end = nullptr;
-  const double v = std::strtod(s, &end);
-  if (*s == '\0' || end == nullptr || *end != '\0' || errno == ERANGE || !std::isfinite(v))
+  double v = std::strtod(s, &end);
+  const bool range = errno == ERANGE;
+  if (*s == '\0' || end == nullptr || *end != '\0' || !std::isfinite(v) || (range && std::fabs(v) > DBL_MIN))
     fail_with(opt + ": not a finite number: '" + s + "'");
+  if (range) v = 0.0;  // underflow (e.g. 1e-400): finite, taken as 0
   return v;
 }
 
@@ -108,9 +118,10 @@ struct matrix {
 
 matrix load_matrix(const std::string& path) {
   pk::npy_array a;
-  check(pk::npy_load(path.c_str(), a), path);
+  check(pk::npy_load(path.c_str(), a, kMaxInputBytes), path);
   if (a.rank() != 2) fail_with(path + ": expected a 2-D array [segments, tokens], got rank " + std::to_string(a.rank()));
   if (a.shape[1] > INT32_MAX) fail_with(path + ": too many tokens per row");
+  if (a.shape[0] > 0 && a.shape[1] == 0) fail_with(path + ": rows without tokens (shape [n, 0]); every row needs a score");
   matrix m;
   m.rows = a.shape[0];
   m.cols = a.shape[1];
@@ -196,7 +207,7 @@ std::string run_apply(const options& o) {
   if (!o.has_tokens) fail_with("apply: --tokens is required");
   if (o.tokens < 0) fail_with("apply: --tokens must be >= 0");
   std::vector<double> f;
-  check(pk::profile_load(o.profile.c_str(), f), o.profile);
+  check(pk::profile_load(o.profile.c_str(), f, kMaxInputBytes), o.profile);
   std::vector<int64_t> keep(f.size());
   check(pk::apply_profile(f.data(), static_cast<int64_t>(f.size()), o.tokens, pk::protect_policy{o.sinks, o.recent},
                           keep.data()),
@@ -206,6 +217,17 @@ std::string run_apply(const options& o) {
   return out + "}\n";
 }
 
+// Write everything to stdout; on failure one line on stderr and exit code 2.
+int write_stdout(const std::string& out) {
+  errno = 0;
+  const bool ok = std::fwrite(out.data(), 1, out.size(), stdout) == out.size();
+  const bool flushed = std::fflush(stdout) == 0;
+  if (ok && flushed && !std::ferror(stdout)) return 0;
+  const int err = errno;
+  std::fprintf(stderr, "prefixkv: cannot write the output to stdout: %s\n", err ? std::strerror(err) : "write error");
+  return 2;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -213,10 +235,7 @@ int main(int argc, char** argv) {
   try {
     if (argc < 2) fail_with("missing command (solve, profile or apply)");
     const std::string cmd = argv[1];
-    if (cmd == "--help" || cmd == "-h") {
-      std::fputs(usage_text, stdout);
-      return 0;
-    }
+    if (cmd == "--help" || cmd == "-h") return write_stdout(usage_text);
     if (cmd != "solve" && cmd != "profile" && cmd != "apply") fail_with("unknown command '" + cmd + "'");
     const options o = parse(cmd, argc, argv);
     out = cmd == "solve" ? run_solve(o) : cmd == "profile" ? run_profile(o) : run_apply(o);
@@ -230,6 +249,5 @@ int main(int argc, char** argv) {
     std::fputs("prefixkv: internal error\n", stderr);
     return 2;
   }
-  std::fwrite(out.data(), 1, out.size(), stdout);
-  return std::fflush(stdout) == 0 ? 0 : 2;
+  return write_stdout(out);
 }

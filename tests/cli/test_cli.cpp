@@ -235,3 +235,46 @@ TEST_CASE("cli bad input: exit 2, one line on stderr, nothing on stdout") {
   expect_bad(std::string("apply --profile \"") + PKV_PROFILE_DATA + "/prefixkv_llava-v1.5-7b_0.5.json\" --tokens -4");
   expect_bad(std::string("apply --profile \"") + PKV_PROFILE_DATA + "/prefixkv_llava-v1.5-7b_0.5.json\"");
 }
+
+TEST_CASE("cli hostile input: work bounded by the file, endless streams, underflow, failed writes") {
+  auto rng = make_rng(804);
+  // a 128-byte .npy of shape (60000000, 0): no data, but 60M rows of work and output (ran and printed 60 MB)
+  {
+    std::string d = "{'descr': '<f4', 'fortran_order': False, 'shape': (60000000, 0), }";
+    while ((10 + d.size() + 1) % 64) d += ' ';
+    d += '\n';
+    std::ofstream o("cli_zero_cols.npy", std::ios::binary);
+    o << "\x93NUMPY" << char(1) << char(0) << char(d.size() & 0xFF) << char(d.size() >> 8) << d;
+  }
+  expect_bad("solve --scores cli_zero_cols.npy --evict-ratio 0.5");
+  expect_bad("profile --evict-ratio 0.5 cli_zero_cols.npy");
+  // endless streams stop at once (bad magic / not a JSON array), not after reading gigabytes
+  expect_bad("solve --scores /dev/zero --evict-ratio 0.5");
+  expect_bad("apply --profile /dev/zero --tokens 10");
+  // 1e-400 is finite: it underflows and is taken as 0 (the same answer as --evict-ratio 0)
+  std::vector<float> x = random_vector<float>(rng, 3 * 16, 0.0, 1.0);
+  write_matrix("cli_small.npy", x, 3, 16);
+  const result z = run("solve --scores cli_small.npy --evict-ratio 0");
+  const result u = run("solve --scores cli_small.npy --evict-ratio 1e-400");
+  REQUIRE(z.code == 0);
+  CHECK(u.code == 0);
+  CHECK(u.out == z.out);
+  CHECK(run("solve --scores cli_small.npy --evict-ratio -1e-400").out == z.out);
+  expect_bad("solve --scores cli_small.npy --evict-ratio 1e400");  // overflow is not finite
+  // a failed write to stdout: one line on stderr, exit 2 (it exited 0 or said nothing)
+  for (const char* args : {"solve --scores cli_small.npy --evict-ratio 0.5", "--help", "apply --profile cli_profile_w.json --tokens 9"}) {
+    INFO("args: ", args);
+    {
+      std::ofstream o("cli_profile_w.json");
+      o << "[0.5, 0.25]";
+    }
+    const std::string cmd = std::string("\"") + PKV_CLI + "\" " + args + " > /dev/full 2> cli_err.txt";
+    const int st = std::system(cmd.c_str());
+    REQUIRE(WIFEXITED(st));
+    CHECK(WEXITSTATUS(st) == 2);
+    const std::string err = slurp("cli_err.txt");
+    REQUIRE(!err.empty());
+    CHECK(err.find('\n') == err.size() - 1);
+    CHECK(err.rfind("prefixkv: ", 0) == 0);
+  }
+}

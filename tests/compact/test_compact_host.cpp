@@ -3,6 +3,7 @@
 
 #include <prefixkv/compact/compact.hpp>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -112,4 +113,115 @@ TEST_CASE("host twins reject bad selections with distinct reasons, caches untouc
   CHECK(prefixkv::gather_kept_host(cache, tiny, sel, grid) == cudaSuccess);
   CHECK(small[0] == 5 * D);
   CHECK(small[D] == 1 * D);
+}
+
+TEST_CASE("aliasing: tensors sharing memory are refused, K/V interleaved per token or per page is accepted") {
+  const int64_t B = 2, H = 2, T = 6, D = 3, L = 2;
+  const int64_t per_layer = B * T * 2 * H * D;
+  std::vector<uint8_t> buf(L * per_layer + 16);
+  for (size_t i = 0; i < buf.size(); ++i) buf[i] = uint8_t(i * 7 + 1);
+  // [L, B, T, 2, H, D]: K and V interleaved per token, layers back to back
+  auto view = [&](int64_t l, int kind, int64_t shift = 0) {
+    return prefixkv::make_kv_view(buf.data() + l * per_layer + kind * H * D + shift, B, H, T, D, T * 2 * H * D, D,
+                                  2 * H * D, 1);
+  };
+  const prefixkv::segment_grid grid{L, B, 1};
+  std::vector<int64_t> off{0, 2, 3, 5, 6};
+  std::vector<int32_t> idx{1, 4, 5, 0, 2, 3};
+  const prefixkv::selection sel{4, off.data(), idx.data()};
+  const auto before = buf;
+  auto expect_refused = [&](const prefixkv::kv_view<uint8_t>* k, const prefixkv::kv_view<uint8_t>* v,
+                            const prefixkv::kv_view<uint8_t>* ks) {
+    const prefixkv::kv_layers<uint8_t, uint8_t> cache{k, v, ks, nullptr, L};
+    CHECK(prefixkv::compact_in_place_host(cache, sel, grid) == cudaErrorInvalidValue);
+    CHECK(prefixkv::last_error().why == reason::overlapping_buffers);
+    CHECK(buf == before);
+  };
+  std::vector<prefixkv::kv_view<uint8_t>> k{view(0, 0), view(1, 0)}, v{view(0, 1), view(1, 1)};
+  expect_refused(k.data(), k.data(), nullptr);  // V on K's memory
+  std::vector<prefixkv::kv_view<uint8_t>> k00{view(0, 0), view(0, 0)}, v00{view(0, 1), view(0, 1)};
+  expect_refused(k00.data(), v00.data(), nullptr);  // layer 1 on layer 0
+  std::vector<prefixkv::kv_view<uint8_t>> vs{view(0, 1, -1), view(1, 1, -1)};
+  expect_refused(k.data(), vs.data(), nullptr);  // V one element into K's rows
+  std::vector<prefixkv::kv_view<uint8_t>> sc{view(0, 0).with_tokens(T), view(1, 0)};
+  for (auto& s : sc) s.dim = 1;
+  expect_refused(k.data(), v.data(), sc.data());  // K scales laid over K
+  // accepted: the interleaved cache, compacted exactly as two separate tensors would be
+  const prefixkv::kv_layers<uint8_t> cache{k.data(), v.data(), nullptr, nullptr, L};
+  std::vector<int32_t> len(4, -1);
+  REQUIRE(prefixkv::compact_in_place_host(cache, sel, grid, {len.data(), nullptr, nullptr, nullptr}) == cudaSuccess);
+  CHECK(len == std::vector<int32_t>{2, 1, 2, 1});
+  auto at = [&](const std::vector<uint8_t>& img, const prefixkv::kv_view<uint8_t>& x, int64_t b, int64_t h, int64_t t,
+                int64_t d) { return img[static_cast<size_t>((x.data - buf.data()) + x.offset(b, h, t, d))]; };
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t s = grid.id(l, b);
+      for (int64_t j = 0; j < off[s + 1] - off[s]; ++j)
+        for (int kind = 0; kind < 2; ++kind)
+          for (int64_t h = 0; h < H; ++h)
+            for (int64_t d = 0; d < D; ++d)
+              CHECK(at(buf, view(l, kind), b, h, j, d) == at(before, view(l, kind), b, h, idx[off[s] + j], d));
+    }
+  // an output array inside the cache, a gather whose destinations alias each other
+  const auto after = buf;
+  int32_t* inside = reinterpret_cast<int32_t*>(buf.data() + 4 * ((per_layer / 2) / 4));
+  CHECK(prefixkv::compact_in_place_host(cache, sel, grid, {inside, nullptr, nullptr, nullptr}) == cudaErrorInvalidValue);
+  CHECK(prefixkv::last_error().why == reason::overlapping_buffers);
+  CHECK(buf == after);
+  std::vector<uint8_t> out(2 * B * H * T * D, 0);
+  auto o0 = prefixkv::make_kv_view_bhsd(out.data(), B, H, T, D);
+  std::vector<prefixkv::kv_view<uint8_t>> ok{o0, o0}, ov{prefixkv::make_kv_view_bhsd(out.data() + B * H * T * D, B, H, T, D),
+                                                         prefixkv::make_kv_view_bhsd(out.data() + B * H * T * D, B, H, T, D)};
+  const prefixkv::kv_layers<uint8_t> dst{ok.data(), ov.data(), nullptr, nullptr, L};
+  CHECK(prefixkv::gather_kept_host(cache, dst, sel, grid) == cudaErrorInvalidValue);  // both layers into one buffer
+  CHECK(prefixkv::last_error().why == reason::overlapping_buffers);
+  CHECK(std::all_of(out.begin(), out.end(), [](uint8_t x) { return x == 0; }));
+}
+
+TEST_CASE("aliasing, paged: K/V per page accepted, one pool for both refused, a block table inside the pool refused") {
+  const int64_t B = 1, H = 1, D = 2, P = 2, blocks = 3, pages = 4;
+  std::vector<uint8_t> pool(pages * 2 * P * H * D + 8);
+  for (size_t i = 0; i < pool.size(); ++i) pool[i] = uint8_t(i);
+  std::vector<int32_t> table{2, 0, 3};
+  auto pv = [&](int kind, bool same, const int32_t* tbl) {
+    auto v = prefixkv::make_paged_kv_view(pool.data() + (same ? 0 : kind * P * H * D), prefixkv::page_layout::nhd, pages,
+                                          P, H, D, tbl, B, blocks);
+    v.stride_page = 2 * P * H * D;  // [pages, 2, P, H, D]
+    return v;
+  };
+  std::vector<int64_t> off{0, 3};
+  std::vector<int32_t> idx{1, 3, 4};
+  const prefixkv::selection sel{1, off.data(), idx.data()};
+  const prefixkv::segment_grid grid{1, B, 1};
+  const auto before = pool;
+  {
+    auto k = pv(0, true, table.data()), v = pv(1, true, table.data());
+    CHECK(prefixkv::compact_in_place_host(prefixkv::paged_kv_layers<uint8_t>{&k, &v, nullptr, nullptr, 1}, sel, grid) ==
+          cudaErrorInvalidValue);
+    CHECK(prefixkv::last_error().why == reason::overlapping_buffers);
+    CHECK(pool == before);
+  }
+  {  // the block table stored inside the pool it indexes
+    int32_t* in_pool = reinterpret_cast<int32_t*>(pool.data() + 4);
+    auto k = pv(0, false, in_pool), v = pv(1, false, in_pool);
+    const auto b2 = pool;
+    CHECK(prefixkv::compact_in_place_host(prefixkv::paged_kv_layers<uint8_t>{&k, &v, nullptr, nullptr, 1}, sel, grid) ==
+          cudaErrorInvalidValue);
+    CHECK(prefixkv::last_error().why == reason::overlapping_buffers);
+    CHECK(pool == b2);
+  }
+  pool = before;
+  auto k = pv(0, false, table.data()), v = pv(1, false, table.data());
+  REQUIRE(prefixkv::compact_in_place_host(prefixkv::paged_kv_layers<uint8_t>{&k, &v, nullptr, nullptr, 1}, sel, grid) ==
+          cudaSuccess);
+  for (int kind = 0; kind < 2; ++kind) {
+    const auto& x = kind ? v : k;
+    for (int64_t j = 0; j < 3; ++j)
+      for (int64_t d = 0; d < D; ++d) {
+        const int64_t t = idx[j];
+        const size_t got = static_cast<size_t>((x.pages - pool.data()) + x.offset(0, 0, j, d));
+        const size_t want = static_cast<size_t>((x.pages - pool.data()) + x.offset(0, 0, t, d));
+        CHECK(pool[got] == before[want]);
+      }
+  }
 }

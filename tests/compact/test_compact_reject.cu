@@ -256,3 +256,173 @@ TEST_CASE("host-side checks: refused before anything is enqueued") {
   CHECK(first_diff(src.download(), sb) == -1);
   CHECK(first_diff(dst.download(), db) == -1);
 }
+
+namespace {
+
+// One buffer [L, B, T, 2, H, D] (K and V interleaved per token, layers back to back) on host and device, and the
+// per-(layer, kind) views of it, with an optional extra element offset for V (to make V overlap K's elements).
+struct interleaved {
+  int64_t L = 2, B = 2, H = 2, T = 24, D = 8;
+  std::vector<unsigned char> host;
+  device_buffer<unsigned char> dev;
+  int64_t per_layer() const { return B * T * 2 * H * D; }
+  explicit interleaved(std::mt19937_64& rng) {
+    host.resize(size_t(L * per_layer()) * 2 + 64);
+    for (auto& x : host) x = static_cast<unsigned char>(rng());
+    dev = device_buffer<unsigned char>(host);
+  }
+  prefixkv::kv_view<uint16_t> view(bool on_device, int64_t layer, int kind, int64_t shift = 0) const {
+    uint16_t* base = reinterpret_cast<uint16_t*>(on_device ? dev.get() : const_cast<unsigned char*>(host.data()));
+    return prefixkv::make_kv_view(base + layer * per_layer() + kind * H * D + shift, B, H, T, D, T * 2 * H * D, D,
+                                  2 * H * D, 1);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("aliasing: tensors of one cache sharing memory are refused in place (host twin and device); K/V "
+          "interleaved per token is accepted") {
+  auto rng = make_rng(704);
+  interleaved buf(rng);
+  const prefixkv::segment_grid grid{buf.L, buf.B, 1};
+  host_selection sel = random_selection(rng, grid.count(), buf.T, 5, false);
+  size_t bytes = 1 << 16;
+  device_buffer<unsigned char> temp(bytes);
+  // the accepted layout: device (three ways) == host twin, byte for byte
+  {
+    auto host_img = buf.host;
+    std::vector<prefixkv::kv_view<uint16_t>> hk, hv, dk, dv;
+    for (int64_t l = 0; l < buf.L; ++l) {
+      hk.push_back(buf.view(false, l, 0));
+      hv.push_back(buf.view(false, l, 1));
+      dk.push_back(buf.view(true, l, 0));
+      dv.push_back(buf.view(true, l, 1));
+    }
+    REQUIRE(prefixkv::compact_in_place_host(prefixkv::kv_layers<uint16_t>{hk.data(), hv.data(), nullptr, nullptr, buf.L},
+                                            sel.host(), grid) == cudaSuccess);
+    const auto want = buf.host;
+    buf.host = host_img;
+    // spot check of the twin against the definition: row j of (l, b, h) now holds source row sel[j], K and V
+    auto at = [&](const std::vector<unsigned char>& image, const prefixkv::kv_view<uint16_t>& v, int64_t b, int64_t h,
+                  int64_t t, int64_t d) {
+      const int64_t e = (v.data - reinterpret_cast<uint16_t*>(buf.host.data())) + v.offset(b, h, t, d);
+      uint16_t x = 0;
+      std::memcpy(&x, image.data() + e * 2, 2);
+      return x;
+    };
+    for (int64_t l = 0; l < buf.L; ++l)
+      for (int64_t b = 0; b < buf.B; ++b) {
+        const int64_t s = grid.id(l, b);
+        for (int64_t j = 0; j < sel.offsets[s + 1] - sel.offsets[s]; ++j)
+          for (int kind = 0; kind < 2; ++kind) {
+            const auto v = buf.view(false, l, kind);
+            const int64_t t = sel.indices[sel.offsets[s] + j];
+            CHECK(at(want, v, b, 1, j, 3) == at(host_img, v, b, 1, t, 3));
+          }
+      }
+    const prefixkv::kv_layers<uint16_t> cache{dk.data(), dv.data(), nullptr, nullptr, buf.L};
+    run_three_ways([&](void* t, size_t& n, cudaStream_t st) { return prefixkv::compact_in_place(t, n, cache, sel.dev(), grid, {}, st); },
+                   [&] { buf.dev.upload(host_img); },
+                   [&](const char* mode) {
+                     INFO(mode);
+                     CHECK(first_diff(buf.dev.download(), want) == -1);
+                   });
+    buf.dev.upload(host_img);
+  }
+  // refused layouts: (K, V) on the same memory; V one element into K's rows; layer 1 on layer 0; a K scale on V
+  struct bad_case {
+    const char* what;
+    int64_t v_shift;
+    bool same_kv, same_layers, scale_on_v;
+  };
+  for (const bad_case& c : {bad_case{"K and V identical", 0, true, false, false},
+                            bad_case{"V shifted into K's elements", -(buf.H * buf.D) + 1, false, false, false},
+                            bad_case{"layer 1 on layer 0", 0, false, true, false},
+                            bad_case{"K scales on V", 0, false, false, true}}) {
+    INFO(c.what);
+    for (bool dev : {false, true}) {
+      std::vector<prefixkv::kv_view<uint16_t>> k, v;
+      std::vector<prefixkv::kv_view<uint16_t>> sc;  // scale views of the same element size as K here
+      for (int64_t l = 0; l < buf.L; ++l) {
+        const int64_t ll = c.same_layers ? 0 : l;
+        k.push_back(buf.view(dev, ll, 0));
+        v.push_back(c.same_kv ? buf.view(dev, ll, 0) : buf.view(dev, ll, 1, c.v_shift));
+        auto s = buf.view(dev, ll, 1);
+        s.dim = 1;
+        sc.push_back(s);
+      }
+      const prefixkv::kv_layers<uint16_t, uint16_t> cache{k.data(), v.data(), c.scale_on_v ? sc.data() : nullptr, nullptr,
+                                                          buf.L};
+      const auto before = buf.host;
+      if (!dev) {
+        CHECK(prefixkv::compact_in_place_host(cache, sel.host(), grid) == cudaErrorInvalidValue);
+      } else {
+        CHECK(prefixkv::compact_in_place(temp.get(), bytes, cache, sel.dev(), grid) == cudaErrorInvalidValue);
+        size_t q = 0;  // the size query refuses too
+        CHECK(prefixkv::compact_in_place(nullptr, q, cache, sel.dev(), grid) == cudaErrorInvalidValue);
+      }
+      CHECK(prefixkv::last_error().why == reason::overlapping_buffers);
+      CHECK(first_diff(buf.host, before) == -1);
+    }
+    PKV_CUDA_CHECK(cudaDeviceSynchronize());
+    CHECK(first_diff(buf.dev.download(), buf.host) == -1);
+  }
+}
+
+TEST_CASE("aliasing: paged K and V pools on the same memory are refused; K/V interleaved per page accepted") {
+  auto rng = make_rng(705);
+  const int64_t L = 1, B = 2, H = 2, D = 8, P = 4, blocks = 3, pages = B * blocks + 1, T = blocks * P;
+  // pool [pages, 2, P, H, D]: K then V inside every page
+  std::vector<unsigned char> img(size_t(pages * 2 * P * H * D) * 2);
+  for (auto& x : img) x = static_cast<unsigned char>(rng());
+  device_buffer<unsigned char> dimg(img);
+  std::vector<int32_t> table = {3, 0, 5, 1, 6, 2};
+  device_buffer<int32_t> dtable(table);
+  auto pool = [&](bool dev, int kind, bool same) {
+    uint16_t* base = reinterpret_cast<uint16_t*>(dev ? dimg.get() : img.data());
+    prefixkv::paged_kv_view<uint16_t> v;
+    v.pages = base + (same ? 0 : kind * P * H * D);
+    v.num_pages = pages;
+    v.page_size = P;
+    v.heads = H;
+    v.dim = D;
+    v.stride_page = 2 * P * H * D;
+    v.stride_slot = H * D;
+    v.stride_head = D;
+    v.stride_dim = 1;
+    v.block_table = dev ? dtable.get() : table.data();
+    v.batch = B;
+    v.max_blocks = blocks;
+    v.block_table_stride = blocks;
+    return v;
+  };
+  const prefixkv::segment_grid grid{L, B, 1};
+  host_selection sel = random_selection(rng, grid.count(), T, 5, false);
+  size_t bytes = 0;
+  for (bool same : {false, true}) {
+    const std::string what = same ? "K and V pools identical" : "K/V interleaved per page";
+    INFO(what);
+    const auto before = img;
+    auto hk = pool(false, 0, same), hv = pool(false, 1, same), dk = pool(true, 0, same), dv = pool(true, 1, same);
+    const prefixkv::paged_kv_layers<uint16_t> hc{&hk, &hv, nullptr, nullptr, L}, dc{&dk, &dv, nullptr, nullptr, L};
+    const cudaError_t eh = prefixkv::compact_in_place_host(hc, sel.host(), grid);
+    const cudaError_t ed = prefixkv::compact_in_place(nullptr, bytes, dc, sel.dev(), grid);
+    if (same) {
+      CHECK(eh == cudaErrorInvalidValue);
+      CHECK(ed == cudaErrorInvalidValue);
+      CHECK(prefixkv::last_error().why == reason::overlapping_buffers);
+      CHECK(first_diff(img, before) == -1);
+    } else {
+      CHECK(eh == cudaSuccess);
+      REQUIRE(ed == cudaSuccess);
+      const auto want = img;
+      run_three_ways([&](void* t, size_t& n, cudaStream_t st) { return prefixkv::compact_in_place(t, n, dc, sel.dev(), grid, {}, st); },
+                     [&] { dimg.upload(before); },
+                     [&](const char* mode) {
+                       INFO(mode);
+                       CHECK(first_diff(dimg.download(), want) == -1);
+                     });
+      img = before;
+    }
+  }
+}

@@ -279,3 +279,95 @@ TEST_CASE("curves: NaN, negative scores, capacity and bad arguments") {
                          pk::curve_sort::block) == cudaErrorInvalidValue);
   CHECK(pk::last_error().why == pk::reason::bad_parameter);
 }
+
+TEST_CASE("curves: a negative score anywhere is rejected like the host twin (flag + every curve empty); -0.0 is 0") {
+  // two uniform rows of 32 tokens, default protection (4 sinks, 1 recent); one negative score per variant, in a
+  // candidate of row 0 or 1, in a sink or in the recent token; -5 must never rank like 5
+  const int64_t S = 2, n = 32, total = S * n;
+  device_buffer<int64_t> offsets(S + 1), tokens(S);
+  device_buffer<int32_t> pos(total);
+  device_buffer<float> cum(total);
+  device_buffer<unsigned> status(1);
+  pk::curve_device_out out{offsets.get(), tokens.get(), pos.get(), cum.get(), nullptr};
+  pk::curve_set set;
+  const auto rows = pk::make_uniform_segments(S, n);
+  for (pk::curve_sort m : kMethods) {
+    for (int at : {10, 40, 1, 31, 63}) {
+      INFO("method ", int(m), " negative at ", at);
+      std::vector<float> scores(total);
+      for (int64_t i = 0; i < total; ++i) scores[i] = 1.0f + float(i % 7);
+      scores[at] = -5.0f;
+      pk::curve_buffers hc;
+      CHECK(pk::build_curves_host(scores.data(), rows, {}, hc) == cudaErrorInvalidValue);
+      CHECK(pk::last_error().why == pk::reason::negative_input);
+      device_buffer<float> d(scores);
+      for (unsigned* st : {status.get(), static_cast<unsigned*>(nullptr)}) {
+        run_three_ways(
+            [&](void* t, size_t& bytes, cudaStream_t s) {
+              return pk::build_curves(t, bytes, d.get(), rows, {}, total, out, set, st, s, m);
+            },
+            [&] {
+              offsets.poison();
+              PKV_CUDA_CHECK(cudaMemset(status.get(), 0, 4));
+            },
+            [&](const char* mode) {
+              INFO("mode ", mode, st ? " with status" : " without status");
+              if (st) {
+                CHECK(status.download()[0] == unsigned(pk::status_negative));
+                unsigned bits = 0;
+                CHECK(pk::read_status(status.get(), bits) == cudaErrorInvalidValue);
+                CHECK(pk::last_error().why == pk::reason::negative_input);
+              }
+              CHECK(offsets.download() == std::vector<int64_t>(S + 1, 0));  // no ranking at all
+            });
+      }
+    }
+    // -0.0 is a valid score equal to 0: accepted, same curves as the host twin, ranked as +0
+    std::vector<float> z(total);
+    for (int64_t i = 0; i < total; ++i) z[i] = (i % 3 == 0) ? -0.0f : float(i % 5);
+    pk::curve_buffers hz;
+    REQUIRE(pk::build_curves_host(z.data(), rows, {}, hz) == cudaSuccess);
+    device_buffer<float> dz(z);
+    device_buffer<float> sorted(total);
+    pk::curve_device_out outz = out;
+    outz.sorted_scores = sorted.get();
+    run_three_ways(
+        [&](void* t, size_t& bytes, cudaStream_t s) {
+          return pk::build_curves(t, bytes, dz.get(), rows, {}, total, outz, set, status.get(), s, m);
+        },
+        [&] {
+          offsets.poison();
+          pos.poison();
+          sorted.poison();
+          PKV_CUDA_CHECK(cudaMemset(status.get(), 0, 4));
+        },
+        [&](const char* mode) {
+          INFO("method ", int(m), " -0.0, mode ", mode);
+          CHECK(status.download()[0] == 0u);
+          CHECK(offsets.download() == hz.offsets);
+          const auto gp = pos.download();
+          const auto gs = sorted.download();
+          const int64_t c = hz.offsets.back();
+          CHECK(std::vector<int32_t>(gp.begin(), gp.begin() + c) == hz.positions);
+          for (int64_t i = 0; i < c; ++i) {
+            uint32_t a = 0, b = 0;
+            std::memcpy(&a, &gs[i], 4);
+            std::memcpy(&b, &hz.sorted_scores[i], 4);
+            CHECK(a == b);  // both +0 (no sign bit) where the score was -0.0
+          }
+        });
+  }
+  // every token protected (no candidate, capacity 0): a negative score is still flagged
+  std::vector<float> p(total, 1.0f);
+  p[7] = -1.0f;
+  device_buffer<float> dp(p);
+  pk::curve_buffers hp;
+  CHECK(pk::build_curves_host(p.data(), rows, pk::protect_policy{40, 0}, hp) == cudaErrorInvalidValue);
+  CHECK(pk::last_error().why == pk::reason::negative_input);
+  run_three_ways(
+      [&](void* t, size_t& bytes, cudaStream_t s) {
+        return pk::build_curves(t, bytes, dp.get(), rows, pk::protect_policy{40, 0}, 0, out, set, status.get(), s);
+      },
+      [&] { PKV_CUDA_CHECK(cudaMemset(status.get(), 0, 4)); },
+      [&](const char*) { CHECK(status.download()[0] == unsigned(pk::status_negative)); });
+}

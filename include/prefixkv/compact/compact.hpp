@@ -26,13 +26,16 @@
 //! \endcode
 #pragma once
 
+#include "../core/checked.hpp"
 #include "../core/error.hpp"
 #include "../core/validate.hpp"
 #include "../core/views.hpp"
 #include "../select/selection.hpp"
 
 #include <algorithm>
+#include <climits>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -154,33 +157,32 @@ inline bool compact_pow2_shift(int64_t x, int32_t& shift) {
   return true;
 }
 
-//! Host-side description of one side (one cache) before it becomes part of a `compact_meta`.
+//! Host-side description of one side (one cache) before it becomes part of a `compact_meta`. Fixed-size (no
+//! allocation): at most `compact_max_layers` layers of `compact_kinds` kinds.
 struct compact_side {
   compact_geom g[compact_kinds];
   bool present[compact_kinds] = {};
   compact_table t;
   int64_t batch = 0, tokens = 0;  // tokens: strided extent, or max_blocks * page_size
-  // byte spans [lo, hi) of every (layer, kind), for the overlap check
-  std::vector<std::pair<std::uintptr_t, std::uintptr_t>> spans;
-  std::vector<char*> ptr[compact_kinds];
+  int64_t layers = 0;
+  // the memory of every (layer, kind): the kind's byte box (base 0) placed at ptr[kind][layer]
+  byte_box box[compact_kinds];
+  char* ptr[compact_kinds][compact_max_layers] = {};
+  byte_box box_at(int kind, int64_t layer) const noexcept {
+    byte_box b = box[kind];
+    b.base = reinterpret_cast<std::uintptr_t>(ptr[kind][layer]);
+    return b;
+  }
 };
 
-inline int64_t compact_span_of(const int64_t (&ext)[4], const int64_t (&str)[4], int64_t elem) {
-  int64_t last = 0;
-  for (int i = 0; i < 4; ++i) {
-    if (ext[i] == 0) return 0;
-    last += (ext[i] - 1) * str[i];
-  }
-  return (last + 1) * elem;
-}
-
-//! Fill the byte geometry of one tensor kind and record every layer's pointer and byte span.
+//! Fill the byte geometry of one tensor kind and record every layer's pointer.
 //! `ext`/`str` (elements) are in (outer, head, token-or-slot, dim) order: (batch, head, token, dim) for strided
-//! views, (page, head, slot, dim) for paged pools. `data_of(view)` gives a layer's base pointer.
+//! views, (page, head, slot, dim) for paged pools. `data_of(view)` gives a layer's base pointer. The views passed
+//! `validate`, so every byte stride and span below fits int64.
 template <class View, class DataOf>
 void compact_fill_geom(compact_side& side, int kind, size_t elem_size, int64_t heads, int64_t tokens, int64_t dim,
                        bool contiguous, const int64_t (&ext)[4], const int64_t (&str)[4], const View* views,
-                       int64_t layers, DataOf data_of) {
+                       int64_t layers, DataOf data_of) noexcept {
   const int64_t e = static_cast<int64_t>(elem_size);
   compact_geom& g = side.g[kind];
   g.heads = heads;
@@ -194,16 +196,65 @@ void compact_fill_geom(compact_side& side, int kind, size_t elem_size, int64_t h
   g.s_dim = str[3] * e;
   int64_t vec = common_pow2(16, {g.contiguous ? g.row_bytes : e, ext[0] > 1 ? g.s_batch : 0,
                                  ext[1] > 1 ? g.s_head : 0, ext[2] > 1 ? g.s_token : 0, g.contiguous ? 0 : g.s_dim});
-  side.ptr[kind].resize(layers);
-  const int64_t span = compact_span_of(ext, str, e);
+  side.box[kind] = make_byte_box(nullptr, ext, str, e);
+  side.layers = layers;
   for (int64_t l = 0; l < layers; ++l) {
     char* p = reinterpret_cast<char*>(const_cast<void*>(static_cast<const void*>(data_of(views[l]))));
     side.ptr[kind][l] = p;
     vec = common_pow2(vec, {static_cast<int64_t>(reinterpret_cast<std::uintptr_t>(p) % 16)});
-    if (span) side.spans.push_back({reinterpret_cast<std::uintptr_t>(p), reinterpret_cast<std::uintptr_t>(p) + span});
   }
   g.vec = static_cast<int32_t>(vec);
   side.present[kind] = true;
+}
+
+//! One (layer, kind) tensor of one side, for the aliasing checks: its first byte and who it is.
+struct compact_piece {
+  std::uintptr_t lo = 0;
+  int32_t side = 0, code = 0;  // side: 0 = read only (out-of-place source), 1 = written; code = kind * 128 + layer
+};
+
+//! Aliasing checks with the byte-box rule of `byte_boxes_disjoint` (core/validate.hpp). In place (`dst` null):
+//! every pair of (layer, kind) tensors of the cache must be disjoint. Out of place: every destination pair, and
+//! every (source, destination) pair (sources may share memory among themselves: they are only read).
+//! Sort and sweep over the byte ranges, so tensors in separate allocations cost O(n log n); only pairs whose
+//! ranges intersect run the strided test. No allocation (at most 2 x 128 x 4 pieces, 16 KiB on the stack).
+inline cudaError_t compact_check_aliasing(const compact_side& src, const compact_side* dst) noexcept {
+  static_assert(compact_max_layers == 128, "compact_piece::code packs the layer in 7 bits");
+  compact_piece pieces[2 * compact_kinds * compact_max_layers];
+  int64_t n = 0;
+  const compact_side* sides[2] = {&src, dst};
+  for (int sd = 0; sd < 2; ++sd) {
+    if (sides[sd] == nullptr) continue;
+    const compact_side& c = *sides[sd];
+    for (int k = 0; k < compact_kinds; ++k) {
+      if (!c.present[k] || c.box[k].span == 0) continue;
+      for (int64_t l = 0; l < c.layers; ++l) {
+        compact_piece& p = pieces[n++];
+        p.lo = reinterpret_cast<std::uintptr_t>(c.ptr[k][l]);
+        p.side = dst ? sd : 1;  // in place the cache is written
+        p.code = static_cast<int32_t>(k * compact_max_layers + l);
+      }
+    }
+  }
+  auto box_of = [&](const compact_piece& p) {
+    return sides[dst ? p.side : 0]->box_at(p.code / compact_max_layers, p.code % compact_max_layers);
+  };
+  std::sort(pieces, pieces + n, [](const compact_piece& a, const compact_piece& b) { return a.lo < b.lo; });
+  for (int64_t i = 0; i < n; ++i) {
+    const byte_box a = box_of(pieces[i]);
+    const std::uintptr_t a_end = a.base + static_cast<std::uintptr_t>(a.span);  // no wrap: validated
+    for (int64_t j = i + 1; j < n && pieces[j].lo < a_end; ++j) {
+      if (pieces[i].side == 0 && pieces[j].side == 0) continue;  // two sources
+      if (byte_boxes_disjoint(a, box_of(pieces[j]))) continue;
+      if (pieces[i].side != pieces[j].side)
+        return fail(reason::overlapping_buffers, "compact: source and destination memory overlap");
+      return fail(reason::overlapping_buffers,
+                  dst ? "compact: two destination tensors (layers or K/V/scales) share memory"
+                      : "compact: two tensors of the cache (layers or K/V/scales) share memory; in-place compaction "
+                        "would corrupt them");
+    }
+  }
+  return cudaSuccess;
 }
 
 template <class T>
@@ -251,7 +302,9 @@ cudaError_t compact_describe(const paged_kv_view<T>* views, int64_t layers, int 
   t.table = v0.block_table;
   t.stride = v0.block_table_stride;
   t.page_size = v0.page_size;
-  t.num_pages = v0.num_pages;
+  // page ids are int32: pages past 2^31 can never be named, so the range checks (and the device's page-owner
+  // table, sized by this) need at most 2^31 pages
+  t.num_pages = v0.num_pages < (int64_t(1) << 31) ? v0.num_pages : (int64_t(1) << 31);
   t.max_blocks = v0.max_blocks;
   compact_pow2_shift(v0.page_size, t.shift);
   if (kind == 0) {
@@ -285,6 +338,65 @@ cudaError_t compact_describe_cache(const Cache& c, compact_side& side) {
   return cudaSuccess;
 }
 
+//! The optional outputs are written, and the selection offsets and the block tables read, while the tensors move:
+//! the outputs may not share memory with any tensor, with each other, with the selection offsets or the tables;
+//! the offsets and the tables may not share memory with a written tensor (byte ranges from their known extents:
+//! S + 1 offsets, a table's (batch - 1) * stride + max_blocks entries). The selection's indices are not checked
+//! (their extent is known only from device-resident offsets). Output values are int32: a per-layer kept total
+//! that could exceed INT32_MAX is refused.
+inline cudaError_t compact_check_io(const compact_side& src, const compact_side& written, const selection& sel,
+                                    const compact_outputs& out) noexcept {
+  const int64_t S = sel.count, L = written.layers;
+  struct range {
+    std::uintptr_t lo, n;
+  };
+  range r[7] = {};
+  int nr = 0;
+  auto add = [&](const void* p, int64_t bytes) {
+    if (p != nullptr && bytes > 0) r[nr++] = {reinterpret_cast<std::uintptr_t>(p), static_cast<std::uintptr_t>(bytes)};
+  };
+  auto table_bytes = [](const compact_side& c) -> int64_t {  // validated: fits int64
+    return c.t.paged && c.batch > 0 && c.t.max_blocks > 0 ? ((c.batch - 1) * c.t.stride + c.t.max_blocks) * 4 : 0;
+  };
+  const int64_t spl = L > 0 ? S / L : 0;
+  // S, L and batch are bounded by validated views and the grid check, so these byte counts fit int64
+  add(out.lengths, S * 4);
+  add(out.cu_seqlens, L * (spl + 1) * 4);
+  add(out.pages_in_use, written.batch * 4);
+  add(out.status, 4);
+  const int n_out = nr;
+  add(sel.offsets, (S + 1) * 8);
+  add(src.t.table, table_bytes(src));
+  if (written.t.table != src.t.table) add(written.t.table, table_bytes(written));
+  auto meet = [](const range& a, const range& b) { return a.lo < b.lo ? b.lo - a.lo < a.n : a.lo - b.lo < b.n; };
+  for (int i = 0; i < nr; ++i) {
+    for (int j = i + 1; j < nr && i < n_out; ++j)
+      if (meet(r[i], r[j]))
+        return fail(reason::overlapping_buffers,
+                    "compact: an output array overlaps another output, the selection offsets or a block table");
+    // outputs against every tensor (the device may write them while sources are still read), the read-only
+    // metadata against the written tensors
+    for (int side = 0; side < 2; ++side) {
+      const compact_side& c = side == 0 ? written : src;
+      if (side == 1 && (&src == &written || i >= n_out)) break;
+      for (int k = 0; k < compact_kinds; ++k)
+        if (c.present[k] && c.box[k].span > 0)
+          for (int64_t l = 0; l < L; ++l) {
+            const byte_box b = c.box_at(k, l);
+            if (meet(r[i], range{b.base, static_cast<std::uintptr_t>(b.span)}))
+              return fail(reason::overlapping_buffers,
+                          i < n_out ? "compact: an output array overlaps a tensor of the cache"
+                                    : "compact: the selection offsets or a block table lie in memory the call writes");
+          }
+    }
+  }
+  if ((out.lengths || out.cu_seqlens) && L > 0 &&
+      (written.tokens > INT32_MAX || !(checked_i64(spl) * written.tokens).ok() ||
+       (out.cu_seqlens && spl * written.tokens > INT32_MAX)))
+    return fail(reason::out_of_range, "compact: kept counts could exceed the int32 range of lengths / cu_seqlens");
+  return cudaSuccess;
+}
+
 //! The host half of `can_implement`: shapes, strides, grid, selection shape, overlap. Fills `m` and the pointer
 //! table. Touches no memory but the views' descriptions (no device-resident contents).
 template <class SrcCache, class DstCache>
@@ -297,6 +409,7 @@ cudaError_t compact_plan(const SrcCache& src, const DstCache& dst, bool inplace,
   static_assert(sizeof(src_t) == sizeof(dst_t) && sizeof(src_s) == sizeof(dst_s),
                 "compact: source and destination element sizes differ");
   if (src.layers != dst.layers) return fail(reason::shape_mismatch, "compact: source and destination layer counts differ");
+  m = compact_meta{};
   compact_side s, d;
   PREFIXKV_TRY(compact_describe_cache(src, s));
   if (!inplace) PREFIXKV_TRY(compact_describe_cache(dst, d));
@@ -307,6 +420,8 @@ cudaError_t compact_plan(const SrcCache& src, const DstCache& dst, bool inplace,
   if (src.layers > 0 && grid.batch != s.batch) return fail(reason::shape_mismatch, "compact: grid.batch != cache batch");
   if (src.layers > 0 && grid.heads != 1 && grid.heads != s.g[0].heads)
     return fail(reason::shape_mismatch, "compact: grid.heads must be 1 (shared lists) or the kv-head count");
+  if (!(checked_i64(grid.layers) * grid.batch * grid.heads).ok())
+    return fail(reason::out_of_range, "compact: segment_grid count (layers * batch * heads) overflows int64");
   if (sel.count != grid.count()) return fail(reason::shape_mismatch, "compact: selection.count != grid.count()");
   if (sel.count > 0 && sel.offsets == nullptr) return fail(reason::null_pointer, "compact: selection.offsets is null");
   if (sel.count > 0 && sel.indices == nullptr) return fail(reason::null_pointer, "compact: selection.indices is null");
@@ -322,15 +437,12 @@ cudaError_t compact_plan(const SrcCache& src, const DstCache& dst, bool inplace,
       if (s.present[k] && (s.g[k].heads != d.g[k].heads || s.g[k].row_bytes != d.g[k].row_bytes))
         return fail(reason::shape_mismatch, "compact: source and destination rows differ (heads or row bytes)");
     }
-    for (const auto& a : s.spans)
-      for (const auto& b : d.spans)
-        if (a.first < b.second && b.first < a.second)
-          return fail(reason::overlapping_buffers, "compact: source and destination memory overlap");
   }
+  if (src.layers > 0) PREFIXKV_TRY(compact_check_aliasing(s, inplace ? nullptr : &d));
+  if (src.layers > 0) PREFIXKV_TRY(compact_check_io(s, inplace ? s : d, sel, out));
   if (out.pages_in_use && !dd.t.paged)
     return fail(reason::bad_parameter, "compact: pages_in_use needs a paged destination");
   // Fill the plan.
-  m = compact_meta{};
   int32_t kinds = 0;
   int64_t prefix = 0;
   for (int k = 0; k < compact_kinds; ++k) {
@@ -370,24 +482,27 @@ inline void compact_mark_error(int32_t& err, reason r) {
 }
 
 //! Host version of the device-side content checks (the selection must be in host memory, as must block tables).
+//! Range, order and capacity problems are found in one pass; pages named twice are found afterwards by sorting
+//! the (page, owner) pairs met, so the scratch grows with the selection, never with the page pool.
 inline reason compact_check_host(const compact_meta& m) {
   const int64_t S = m.sel.count;
   if (S == 0) return reason::none;
-  std::vector<int64_t> owner;
-  if (m.paged_dst) owner.assign(static_cast<size_t>(m.dt.num_pages), -1);
+  struct owner_pair {
+    int64_t page, key;
+  };
+  std::vector<owner_pair> owners;
   auto mark = [&](int64_t b, int64_t blk) -> reason {
     const int64_t page = m.dt.table[b * m.dt.stride + blk];
     if (page < 0 || page >= m.dt.num_pages) return reason::out_of_range;
     const int64_t key = b * m.dt.max_blocks + blk;
-    if (owner[page] != -1 && owner[page] != key) return reason::overlapping_buffers;
-    owner[page] = key;
+    if (owners.empty() || owners.back().page != page || owners.back().key != key) owners.push_back({page, key});
     return reason::none;
   };
   if (m.sel.offsets[0] != 0) return reason::out_of_range;
   for (int64_t s = 0; s < S; ++s) {
     const int64_t off = m.sel.offsets[s], end = m.sel.offsets[s + 1];
     if (end < off) return reason::out_of_range;
-    const int64_t kept = end - off;
+    const int64_t kept = end - off;  // (off >= 0 by induction from offsets[0] == 0)
     if (kept > m.dst_capacity) return reason::capacity_exceeded;
     const int64_t b = m.grid.batch_of(s);
     for (int64_t p = 0; p < kept; ++p) {
@@ -409,6 +524,11 @@ inline reason compact_check_host(const compact_meta& m) {
       }
     }
   }
+  std::sort(owners.begin(), owners.end(), [](const owner_pair& x, const owner_pair& y) {
+    return x.page != y.page ? x.page < y.page : x.key < y.key;
+  });
+  for (size_t i = 1; i < owners.size(); ++i)
+    if (owners[i].page == owners[i - 1].page && owners[i].key != owners[i - 1].key) return reason::overlapping_buffers;
   return reason::none;
 }
 
@@ -444,6 +564,7 @@ inline void compact_move_host(const compact_meta& m, const compact_ptrs& p) {
       for (int32_t k = 0; k < m.kinds; ++k) {
         const compact_geom& sg = m.src[k];
         const compact_geom& dg = m.dst[k];
+        if (sg.row_bytes == 0) continue;  // nothing to move (and the views may be empty with any pointer)
         const int64_t unit = sg.contiguous && dg.contiguous ? sg.row_bytes : std::min(sg.elem_bytes, dg.elem_bytes);
         for (int64_t h = 0; h < sg.heads; ++h) {
           const int64_t seg = m.grid.heads == 1 ? m.grid.id(l, b) : m.grid.id(l, b, h);
@@ -461,23 +582,27 @@ inline void compact_move_host(const compact_meta& m, const compact_ptrs& p) {
 
 template <class SrcCache, class DstCache>
 cudaError_t compact_host_run(const SrcCache& src, const DstCache& dst, bool inplace, const selection& sel,
-                             const segment_grid& grid, const compact_outputs& out) {
-  compact_meta m;
-  std::vector<compact_ptrs> ptrs(1);
-  PREFIXKV_TRY(compact_plan(src, dst, inplace, sel, grid, out, m, ptrs.data()));
-  const reason r = compact_check_host(m);
-  if (out.status) *out.status = static_cast<int32_t>(r);
-  switch (r) {
-    case reason::none: break;
-    case reason::out_of_range: return fail(r, "compact: an offset, index or page id is out of range");
-    case reason::not_ascending: return fail(r, "compact: in-place compaction needs strictly ascending indices");
-    case reason::capacity_exceeded: return fail(r, "compact: a segment keeps more tokens than the destination holds");
-    case reason::overlapping_buffers: return fail(r, "compact: a page appears twice in the destination block table");
-    default: return fail(r, "compact: invalid selection");
+                             const segment_grid& grid, const compact_outputs& out) noexcept {
+  try {
+    compact_meta m;
+    std::unique_ptr<compact_ptrs> ptrs(new compact_ptrs);
+    PREFIXKV_TRY(compact_plan(src, dst, inplace, sel, grid, out, m, ptrs.get()));
+    const reason r = compact_check_host(m);
+    if (out.status) *out.status = static_cast<int32_t>(r);
+    switch (r) {
+      case reason::none: break;
+      case reason::out_of_range: return fail(r, "compact: an offset, index or page id is out of range");
+      case reason::not_ascending: return fail(r, "compact: in-place compaction needs strictly ascending indices");
+      case reason::capacity_exceeded: return fail(r, "compact: a segment keeps more tokens than the destination holds");
+      case reason::overlapping_buffers: return fail(r, "compact: a page appears twice in the destination block table");
+      default: return fail(r, "compact: invalid selection");
+    }
+    compact_move_host(m, *ptrs);
+    compact_outputs_host(m);
+    return cudaSuccess;
+  } catch (...) {
+    return fail(reason::capacity_exceeded, "compact: out of host memory", cudaErrorMemoryAllocation);
   }
-  compact_move_host(m, ptrs[0]);
-  compact_outputs_host(m);
-  return cudaSuccess;
 }
 
 }  // namespace detail
@@ -493,7 +618,7 @@ cudaError_t compact_host_run(const SrcCache& src, const DstCache& dst, bool inpl
 //! \endcode
 template <class Src, class Dst>
 [[nodiscard]] cudaError_t gather_kept_host(const Src& src, const Dst& dst, const selection& sel,
-                                           const segment_grid& grid, const compact_outputs& out = {}) {
+                                           const segment_grid& grid, const compact_outputs& out = {}) noexcept {
   return detail::compact_host_run(src, dst, false, sel, grid, out);
 }
 
@@ -507,7 +632,7 @@ template <class Src, class Dst>
 //! \endcode
 template <class Cache>
 [[nodiscard]] cudaError_t compact_in_place_host(const Cache& cache, const selection& sel, const segment_grid& grid,
-                                                const compact_outputs& out = {}) {
+                                                const compact_outputs& out = {}) noexcept {
   return detail::compact_host_run(cache, cache, true, sel, grid, out);
 }
 

@@ -4,6 +4,8 @@
 
 #include "error.hpp"
 
+#include <atomic>
+
 #if !defined(__CUDACC__)
 #error "prefixkv/core/launch.cuh needs a CUDA compiler; include prefixkv/prefixkv.hpp for the host-only API"
 #endif
@@ -38,12 +40,38 @@ __host__ __device__ constexpr I ceil_div(I a, I b) {
   return (a + b - 1) / b;
 }
 
-//! Number of multiprocessors of the current device (cached per device ordinal).
+//! Devices whose multiprocessor count is cached (ordinals at or above it are queried on every call).
+inline constexpr int sm_count_cache_devices = 64;
+
+//! Number of multiprocessors of the current device, queried once per device ordinal and cached (thread-safe:
+//! one atomic per ordinal; concurrent first calls may both query and store the same value). A failed query is
+//! an error (`reason::cuda_runtime`, the runtime's code) and is not cached.
+[[nodiscard]] inline cudaError_t sm_count(int& n) noexcept {
+  static std::atomic<int> cache[sm_count_cache_devices];  // 0 = not known yet (zero-initialised: static storage)
+  n = 0;
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return fail(reason::cuda_runtime, "sm_count: cudaGetDevice failed", e);
+  const bool cached = dev >= 0 && dev < sm_count_cache_devices;
+  if (cached) {
+    n = cache[dev].load(std::memory_order_relaxed);
+    if (n > 0) return cudaSuccess;
+  }
+  int v = 0;
+  e = cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev);
+  if (e != cudaSuccess) return fail(reason::cuda_runtime, "sm_count: cannot query the multiprocessor count", e);
+  if (v <= 0) return fail(reason::cuda_runtime, "sm_count: the device reports no multiprocessors", cudaErrorUnknown);
+  if (cached) cache[dev].store(v, std::memory_order_relaxed);
+  n = v;
+  return cudaSuccess;
+}
+
+//! The same as a plain number for grid sizing. When the query fails it records the error (`last_error()`) and
+//! returns 1 (a valid grid size for every kernel, which walk their work grid-stride); the launch that follows
+//! then reports the device problem itself. Prefer the checked overload in new code.
 inline int sm_count() noexcept {
-  int dev = 0, n = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 132;
-  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0) return 132;
-  return n;
+  int n = 0;
+  return sm_count(n) == cudaSuccess ? n : 1;
 }
 
 }  // namespace detail

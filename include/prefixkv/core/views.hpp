@@ -250,6 +250,8 @@ PREFIXKV_HOST_DEVICE segments make_ragged_segments(int64_t count, const int64_t*
 //! contiguous, which is what a per-sequence solve needs). With `heads == 1` it numbers per-(layer, sequence)
 //! segments. Every stage addresses segments through `id()` / `layer_of()` / `batch_of()` / `head_of()` only, so
 //! both orders work everywhere.
+//! `validate(grid)` (core/validate.hpp) checks that `count()` fits int64; call it before trusting a grid that came
+//! from outside.
 struct segment_grid {
   int64_t layers = 1, batch = 1, heads = 1;
   bool sequence_major = false;

@@ -19,10 +19,15 @@
 
 #include "error.hpp"
 
+#include <cstdint>
+
 PREFIXKV_NAMESPACE_BEGIN
 
 //! Alignment of every piece carved out of a workspace (and the alignment callers should give `d_temp`).
 inline constexpr std::size_t workspace_alignment = 256;
+
+//! Largest piece a layout accounts exactly (larger requests saturate).
+inline constexpr std::size_t workspace_max_bytes = SIZE_MAX / 2;
 
 //! Round `bytes` up to a multiple of `workspace_alignment`.
 PREFIXKV_HOST_DEVICE constexpr std::size_t workspace_round_up(std::size_t bytes) {
@@ -36,17 +41,26 @@ class workspace_layout {
 
  public:
   //! Ask for `count` objects of type T in piece `i` (replaces an earlier request for the same piece).
+  //! A request whose byte count overflows `size_t` saturates (see `bytes()`).
   template <class T>
   void reserve(int i, std::size_t count) noexcept {
-    sizes_[i] = count * sizeof(T);
+    sizes_[i] = count > workspace_max_bytes / sizeof(T) ? workspace_max_bytes : count * sizeof(T);
   }
   //! Ask for raw bytes in piece `i`.
-  void reserve_bytes(int i, std::size_t bytes) noexcept { sizes_[i] = bytes; }
+  void reserve_bytes(int i, std::size_t bytes) noexcept { sizes_[i] = bytes > workspace_max_bytes ? workspace_max_bytes : bytes; }
 
   //! Bytes the whole layout needs, padding included. Never 0 (so a size query never asks for an empty buffer).
+  //! When the pieces add up to more than `size_t` can count (sizes derived from absurd extents), the result
+  //! saturates at SIZE_MAX: no allocation can satisfy it and `map` refuses every buffer (workspace_too_small),
+  //! so a wrapped, too small size is never reported.
   std::size_t bytes() const noexcept {
     std::size_t total = 0;
-    for (int i = 0; i < N; ++i) total += workspace_round_up(sizes_[i]);
+    for (int i = 0; i < N; ++i) {
+      if (sizes_[i] >= workspace_max_bytes) return SIZE_MAX;
+      const std::size_t r = workspace_round_up(sizes_[i]);
+      if (r > SIZE_MAX - total) return SIZE_MAX;
+      total += r;
+    }
     return total == 0 ? workspace_alignment : total;
   }
 
@@ -55,7 +69,8 @@ class workspace_layout {
     if (d_temp == nullptr) return detail::fail(reason::null_pointer, "workspace: d_temp is null");
     if (reinterpret_cast<std::uintptr_t>(d_temp) % workspace_alignment != 0)
       return detail::fail(reason::misaligned, "workspace: d_temp must be 256-byte aligned");
-    if (temp_bytes < bytes())
+    const std::size_t need = bytes();
+    if (need == SIZE_MAX || temp_bytes < need)
       return detail::fail(reason::workspace_too_small, "workspace: temp_bytes is smaller than the size query returned");
     char* p = static_cast<char*>(d_temp);
     for (int i = 0; i < N; ++i) {

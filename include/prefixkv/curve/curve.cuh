@@ -10,6 +10,13 @@
 //! segments at once); then one block per segment reduces the mass and scans the normalised inclusive prefix sum
 //! in double precision.
 //!
+//! Bad scores: the host twin rejects NaN, infinite and negative scores (`reason::nonfinite_input`,
+//! `reason::negative_input`; -0.0 counts as 0). The device builder reads every score of every row (protected
+//! ones included), ORs `status_nonfinite` / `status_negative` into `d_status` (`read_status` turns them into those
+//! reasons) and then empties every curve of the call (all offsets 0, as for an exceeded capacity): no ranking is
+//! ever produced from such scores, and a device solver fed the empty curves reports `reason::shape_mismatch`
+//! and keeps every token.
+//!
 //! Agreement with the host twin: bit-identical. Positions and sorted scores follow the same total order (score
 //! descending, position ascending), and the prefix sums are added in double in the order `curve_prefix_host`
 //! (curve.hpp) defines, so cumulative values are the same floats; the last value of every non-empty curve is 1.
@@ -74,12 +81,19 @@ static_assert(int64_t(curve_block_threads) * curve_block_items == curve_block_ca
 
 inline constexpr int64_t curve_sort_chunk = 256;  // segments per CUB call (below its host-sync threshold)
 
+//! Internal flag words of one call (workspace): [0] the bad-score bits met, [1] blocks finished (last-block
+//! detection). Reset by the first kernel of every call.
+inline constexpr int curve_flag_words = 2;
+inline constexpr unsigned curve_reject_bits = status_negative | status_nonfinite;
+
 template <int = 0>
 PREFIXKV_KERNEL void curve_counts_kernel(segments rows, protect_policy protect, int64_t* offsets, int64_t* tokens,
-                                         unsigned* status) {
+                                         unsigned* status, unsigned* flags) {
+  if (blockIdx.x == 0 && threadIdx.x < curve_flag_words) flags[threadIdx.x] = 0u;
   for (int64_t s = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; s < rows.count; s += int64_t(gridDim.x) * blockDim.x) {
     int64_t n = rows.length(s);
-    if (n < 0 || rows.begin(s) < 0) {
+    const int64_t b0 = rows.begin(s);
+    if (n < 0 || n > INT32_MAX || b0 < 0 || b0 > INT64_MAX - n) {  // (positions are int32; begin + n fits int64)
       if (status) atomicOr(status, status_bad_length);
       n = 0;
     }
@@ -97,6 +111,35 @@ PREFIXKV_KERNEL void curve_capacity_guard(int64_t* offsets, int64_t S, int64_t c
   __syncthreads();
   for (int64_t s = threadIdx.x; s <= S; s += blockDim.x) offsets[s] = 0;
   if (threadIdx.x == 0 && status) atomicOr(status, status_capacity);
+}
+
+//! OR bad-score bits into the internal flags and the caller's status word.
+__device__ inline void curve_report(unsigned* flags, unsigned* status, unsigned bad) {
+  if (bad == 0u) return;
+  atomicOr(flags, bad);
+  if (status) atomicOr(status, bad);
+}
+
+//! Called once by every block of the last kernel that reads `offsets` (all threads, after the block's work):
+//! the last block to finish empties every curve (offsets all 0) when any score was negative, NaN or infinite,
+//! so a caller that skips the status word still gets no ranking (the solver then reports shape_mismatch and
+//! keeps every token) — the device form of the host twin's rejection.
+template <int = 0>
+__device__ void curve_finish_block(int64_t* offsets, int64_t S, unsigned* flags) {
+  __shared__ bool last;
+  __threadfence();  // every thread: its flag bits and outputs are ordered before the block's count
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    const unsigned done = atomicAdd(&flags[1], 1u);
+    last = done == gridDim.x * gridDim.y - 1u;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const unsigned bad = atomicOr(&flags[0], 0u);  // (an atomic read: coherent with the other blocks' ORs)
+  if (bad & curve_reject_bits)
+    for (int64_t s = threadIdx.x; s <= S; s += blockDim.x) offsets[s] = 0;
 }
 
 //! `curve_sort::radix` key: segment in the high bits, then the 31 magnitude bits of the score inverted, so one
@@ -117,7 +160,7 @@ __device__ inline float curve_key_score(uint64_t key) {
 template <class Key>
 PREFIXKV_KERNEL void curve_gather_kernel(const float* scores, segments rows, protect_policy protect,
                                          const int64_t* offsets, const int64_t* tokens, int64_t capacity, Key* keys,
-                                         int32_t* vals, unsigned* status) {
+                                         int32_t* vals, unsigned* status, unsigned* flags) {
   constexpr bool composite = std::is_same<Key, uint64_t>::value;
   unsigned bad = 0;
   for (int64_t s = blockIdx.y; s < rows.count; s += gridDim.y) {
@@ -144,7 +187,7 @@ PREFIXKV_KERNEL void curve_gather_kernel(const float* scores, segments rows, pro
     const int64_t tid = (int64_t(blockIdx.y) * gridDim.x + blockIdx.x) * blockDim.x + threadIdx.x;
     for (int64_t i = total + tid; i < capacity; i += nthreads) keys[i] = ~uint64_t(0);
   }
-  if (bad && status) atomicOr(status, bad);
+  curve_report(flags, status, bad);
 }
 
 //! Chunk sums of a tile -> (in `part`) each chunk's exclusive prefix inside its group (warp), and (in `gtot`) each
@@ -167,8 +210,9 @@ __device__ inline void curve_group_scan(double* part, double* gtot) {
 //! Normalised inclusive prefix sums of ranked rows, summed in the order `curve_prefix_host` defines (bit-identical
 //! to the host twin): one block per segment, tiles of Threads x curve_chunk ranks, one warp per group.
 template <int Threads, class Ranked>
-PREFIXKV_KERNEL void __launch_bounds__(Threads) curve_cumulative_kernel(const int64_t* offsets, int64_t S,
-                                                                        Ranked sorted, float* cumulative) {
+PREFIXKV_KERNEL void __launch_bounds__(Threads) curve_cumulative_kernel(int64_t* offsets, int64_t S,
+                                                                        Ranked sorted, float* cumulative,
+                                                                        unsigned* flags) {
   constexpr int K = static_cast<int>(curve_chunk), W = Threads / 32;
   static_assert(curve_group == 32 && Threads % 32 == 0, "one warp per group of 32 chunks");
   __shared__ double part[Threads];
@@ -235,6 +279,7 @@ PREFIXKV_KERNEL void __launch_bounds__(Threads) curve_cumulative_kernel(const in
       __syncthreads();
     }
   }
+  curve_finish_block(offsets, S, flags);
 }
 
 //! Scan a row's protected positions (not loaded by the candidate paths) for NaN/Inf/negative scores.
@@ -251,15 +296,27 @@ __device__ unsigned curve_check_protected(const float* row, int64_t n, protect_p
   return bad;
 }
 
+//! Scan a whole row (a row whose curve the capacity guard emptied: none of its scores is loaded otherwise).
+template <int = 0>
+__device__ unsigned curve_check_row(const float* row, int64_t n) {
+  unsigned bad = 0;
+  for (int64_t t = threadIdx.x; t < n; t += blockDim.x) {
+    const float x = row[t];
+    if (!isfinite(x)) bad |= status_nonfinite;
+    if (x < 0.0f) bad |= status_negative;
+  }
+  return bad;
+}
+
 //! `curve_sort::block`: one block per segment (<= Threads * Items candidates): load the candidates of the row,
 //! sort (score descending; BlockRadixSort is stable, so equal scores keep ascending positions), and write
 //! positions, sorted scores and the normalised inclusive prefix sum (double) — one kernel for the whole curve.
 template <int Threads, int Items>
 PREFIXKV_KERNEL void __launch_bounds__(Threads) curve_block_kernel(const float* scores, segments rows,
-                                                                   protect_policy protect, const int64_t* offsets,
+                                                                   protect_policy protect, int64_t* offsets,
                                                                    const int64_t* tokens, int32_t* positions,
                                                                    float* sorted_out, float* cumulative,
-                                                                   unsigned* status) {
+                                                                   unsigned* status, unsigned* flags) {
   using sort_t = cub::BlockRadixSort<unsigned, Threads, Items, int32_t>;
   static_assert(Items == curve_chunk && Threads % 32 == 0, "thread t holds chunk t, warp w group w");
   __shared__ typename sort_t::TempStorage tmp_sort;
@@ -270,7 +327,10 @@ PREFIXKV_KERNEL void __launch_bounds__(Threads) curve_block_kernel(const float* 
   for (int64_t s = blockIdx.x; s < rows.count; s += gridDim.x) {
     const int64_t n = tokens[s], base = offsets[s], c = offsets[s + 1] - base;
     const float* row = scores + rows.begin(s);
-    if (c != candidate_count(n, protect)) continue;  // emptied by the capacity guard
+    if (c != candidate_count(n, protect)) {  // emptied by the capacity guard: still check its scores
+      bad |= curve_check_row(row, n);
+      continue;
+    }
     bad |= curve_check_protected(row, n, protect);
     if (c <= 0) continue;
     unsigned key[Items];
@@ -327,7 +387,8 @@ PREFIXKV_KERNEL void __launch_bounds__(Threads) curve_block_kernel(const float* 
     }
     __syncthreads();  // part / gtot / mass_s are reused by the next segment
   }
-  if (bad && status) atomicOr(status, bad);
+  curve_report(flags, status, bad);
+  curve_finish_block(offsets, rows.count, flags);
 }
 
 //! Where the cumulative kernel reads ranked scores from: a float array, or sorted composite keys (+ the values
@@ -356,13 +417,14 @@ struct curve_ranked_keys {
 //! `sorted_scores`, `protect`) — valid once the stream reaches this point; nothing is read back.
 //! scores: device flat scores addressed by `rows` (device or uniform segments, S = rows.count);
 //! capacity: host-known upper bound of the total candidates (e.g. total tokens) sizing positions/cumulative and
-//! the workspace. Bad scores (NaN/Inf/negative) and an exceeded capacity are reported through `d_status`.
+//! the workspace. Bad scores (NaN/Inf/negative) and an exceeded capacity are reported through `d_status`, and
+//! then every curve of the call is empty (offsets all 0).
 //! method: which CUB sort ranks the candidates (`curve_sort`; every method gives the same curves). `block` is
 //! refused (`cudaErrorInvalidValue`) unless the host can prove every segment fits one block.
 [[nodiscard]] inline cudaError_t build_curves(void* d_temp, size_t& temp_bytes, const float* scores, segments rows,
                                               protect_policy protect, int64_t capacity, curve_device_out out,
                                               curve_set& set, unsigned* d_status = nullptr, cudaStream_t stream = 0,
-                                              curve_sort method = curve_sort::automatic) {
+                                              curve_sort method = curve_sort::automatic) noexcept {
   PREFIXKV_TRY(validate(rows));
   PREFIXKV_TRY(validate(protect));
   if (capacity < 0) return detail::fail(reason::negative_extent, "build_curves: capacity is negative");
@@ -419,7 +481,7 @@ struct curve_ranked_keys {
                                        "build_curves: scan size query failed"));
   // Workspace: segmented: keys/values in (+ sorted scores when the caller keeps none); radix: two 64-bit key
   // buffers and one value buffer (the caller's positions are the other); block: sorted scores only.
-  workspace_layout<6> ws;
+  workspace_layout<7> ws;
   if (method == curve_sort::segmented) {
     ws.reserve<float>(0, size_t(cap));
     ws.reserve<int32_t>(1, size_t(cap));
@@ -430,6 +492,7 @@ struct curve_ranked_keys {
   if (out.sorted_scores == nullptr) ws.reserve<float>(2, size_t(cap));
   ws.reserve_bytes(3, sort_bytes);
   ws.reserve_bytes(4, scan_bytes);
+  ws.reserve<unsigned>(6, detail::curve_flag_words);
   if (d_temp == nullptr) {
     temp_bytes = ws.bytes();
     return cudaSuccess;
@@ -448,8 +511,9 @@ struct curve_ranked_keys {
 
   // 1. tokens and candidate offsets (closed form for uniform rows; a device scan otherwise)
   const int64_t blocks_s = (S + 255) / 256;
+  unsigned* flags = ws.get<unsigned>(6);
   detail::curve_counts_kernel<><<<unsigned(blocks_s < 1024 ? blocks_s : 1024), 256, 0, stream>>>(rows, protect, out.offsets,
-                                                                                             out.tokens, d_status);
+                                                                                             out.tokens, d_status, flags);
   PREFIXKV_TRY(detail::check_launch(stream));
   if (!uniform) {
     size_t sb = scan_bytes;
@@ -458,13 +522,22 @@ struct curve_ranked_keys {
     detail::curve_capacity_guard<><<<1, 256, 0, stream>>>(out.offsets, S, capacity, d_status);
     PREFIXKV_TRY(detail::check_launch(stream));
   }
-  if (capacity == 0) return cudaSuccess;
+  if (capacity == 0) {
+    // no candidates (every curve is empty already): still check the scores, all of them protected, so that bad
+    // scores are flagged exactly as the host twin rejects them
+    if (scores == nullptr) return cudaSuccess;
+    const dim3 g0(1, unsigned(S < 65535 ? S : 65535));
+    detail::curve_gather_kernel<float><<<g0, 256, 0, stream>>>(scores, rows, protect, out.offsets, out.tokens, 0,
+                                                               static_cast<float*>(nullptr), static_cast<int32_t*>(nullptr),
+                                                               d_status, flags);
+    return detail::check_launch(stream);
+  }
 
   const int64_t cb = S < 4096 ? S : 4096;
   if (method == curve_sort::block) {  // 2. everything else in one kernel
     detail::curve_block_kernel<detail::curve_block_threads, detail::curve_block_items>
         <<<unsigned(S < 65535 ? S : 65535), detail::curve_block_threads, 0, stream>>>(
-            scores, rows, protect, out.offsets, out.tokens, out.positions, sorted_out, out.cumulative, d_status);
+            scores, rows, protect, out.offsets, out.tokens, out.positions, sorted_out, out.cumulative, d_status, flags);
     return detail::check_launch(stream);
   }
   // 2. gather the candidates, 3. sort, 4. normalised prefix sums
@@ -475,19 +548,19 @@ struct curve_ranked_keys {
     cub::DoubleBuffer<uint64_t> k(keys, keys + cap);
     cub::DoubleBuffer<int32_t> v(ws.get<int32_t>(1), out.positions);
     detail::curve_gather_kernel<uint64_t><<<gg, 256, 0, stream>>>(scores, rows, protect, out.offsets, out.tokens, capacity,
-                                                                  k.Current(), v.Current(), d_status);
+                                                                  k.Current(), v.Current(), d_status, flags);
     PREFIXKV_TRY(detail::check_launch(stream));
     size_t bytes = ws.size_of(3);
     PREFIXKV_TRY(detail::check_runtime(cub::DeviceRadixSort::SortPairs(ws.get<void>(3), bytes, k, v, capacity, 0, 31 + seg_bits, stream),
                                        "build_curves: radix sort failed"));
     const detail::curve_ranked_keys ranked{k.Current(), v.Current(), out.positions, sorted_out};
-    detail::curve_cumulative_kernel<256><<<unsigned(cb), 256, 0, stream>>>(out.offsets, S, ranked, out.cumulative);
+    detail::curve_cumulative_kernel<256><<<unsigned(cb), 256, 0, stream>>>(out.offsets, S, ranked, out.cumulative, flags);
     return detail::check_launch(stream);
   }
   float* keys_in = ws.get<float>(0);
   int32_t* vals_in = ws.get<int32_t>(1);
   detail::curve_gather_kernel<float><<<gg, 256, 0, stream>>>(scores, rows, protect, out.offsets, out.tokens, capacity,
-                                                           keys_in, vals_in, d_status);
+                                                           keys_in, vals_in, d_status, flags);
   PREFIXKV_TRY(detail::check_launch(stream));
   for (int64_t c0 = 0; c0 < S; c0 += detail::curve_sort_chunk) {
     const int64_t ns = S - c0 < detail::curve_sort_chunk ? S - c0 : detail::curve_sort_chunk;
@@ -499,7 +572,7 @@ struct curve_ranked_keys {
         "build_curves: segmented sort failed"));
   }
   detail::curve_cumulative_kernel<256><<<unsigned(cb), 256, 0, stream>>>(out.offsets, S, detail::curve_ranked_floats{sorted_out},
-                                                                          out.cumulative);
+                                                                          out.cumulative, flags);
   return detail::check_launch(stream);
 }
 
@@ -508,7 +581,7 @@ struct curve_ranked_keys {
 [[nodiscard]] inline cudaError_t segmented_sort_only(void* d_temp, size_t& temp_bytes, const float* keys_in,
                                                      float* keys_out, const int32_t* vals_in, int32_t* vals_out,
                                                      int64_t capacity, const int64_t* offsets, int64_t S,
-                                                     cudaStream_t stream = 0) {
+                                                     cudaStream_t stream = 0) noexcept {
   const int64_t chunk = S < detail::curve_sort_chunk ? S : detail::curve_sort_chunk;
   if (d_temp == nullptr)
     return cub::DeviceSegmentedSort::StableSortPairsDescending(nullptr, temp_bytes, keys_in, keys_out, vals_in,

@@ -21,11 +21,13 @@
 //! \endcode
 #pragma once
 
+#include "../core/checked.hpp"
 #include "../core/error.hpp"
 #include "../core/validate.hpp"
 #include "../core/views.hpp"
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <numeric>
 #include <vector>
@@ -40,16 +42,18 @@ struct protect_policy {
 };
 
 //! Number of protected tokens of a segment of n tokens.
+//! (Overflow-free for every n >= 0 and every policy, INT64_MAX included; 0 for n <= 0.)
 PREFIXKV_HOST_DEVICE int64_t protected_count(int64_t n, protect_policy p) {
-  const int64_t a = p.sinks < n ? p.sinks : n;
-  const int64_t b = p.recent < n ? p.recent : n;
-  return a + b < n ? a + b : n;
+  if (n <= 0) return 0;
+  const int64_t a = p.sinks <= 0 ? 0 : (p.sinks < n ? p.sinks : n);
+  const int64_t b = p.recent <= 0 ? 0 : (p.recent < n ? p.recent : n);
+  return a < n - b ? a + b : n;
 }
 //! Number of candidates (ranked, evictable tokens) of a segment of n tokens.
 PREFIXKV_HOST_DEVICE int64_t candidate_count(int64_t n, protect_policy p) { return n - protected_count(n, p); }
 //! Whether position t of a segment of n tokens is protected.
 PREFIXKV_HOST_DEVICE bool is_protected(int64_t t, int64_t n, protect_policy p) {
-  return t < p.sinks || t >= n - p.recent;
+  return t < p.sinks || (p.recent > 0 && t >= n - p.recent);  // (n >= 0: n - recent cannot overflow)
 }
 //! Entry value of 0-based rank r of a curve row.
 PREFIXKV_HOST_DEVICE float entry_value(const float* cumulative_row, int64_t r) {
@@ -98,7 +102,7 @@ inline constexpr int64_t curve_group = 32;  // chunks per group (256 ranks)
 //! G = the running sum of the earlier groups' totals (each started at 0.0 and summed left to right in double),
 //! the prefix of rank r is G + (C + p), the mass M is G over all groups, and cumulative[r] = float(prefix / M)
 //! (or (r + 1) / c when M == 0). The last value of every non-empty row is exactly 1.
-inline void curve_prefix_host(const float* y, int64_t c, float* cumulative) {
+inline void curve_prefix_host(const float* y, int64_t c, float* cumulative) noexcept {
   const int64_t gsize = curve_chunk * curve_group;
   double mass = 0.0;
   for (int64_t g0 = 0; g0 < c; g0 += gsize) {
@@ -134,48 +138,81 @@ inline void curve_prefix_host(const float* y, int64_t c, float* cumulative) {
   return cudaSuccess;
 }
 
-//! Host twin of the curve builder. `scores` is a flat host array addressed through `rows` (host offsets).
-//! Scores must be finite and >= 0. Prefix sums accumulate in double and are stored as float.
-[[nodiscard]] inline cudaError_t build_curves_host(const float* scores, const segments& rows, protect_policy protect,
-                                                   curve_buffers& out) {
+namespace detail {
+inline cudaError_t build_curves_host_impl(const float* scores, const segments& rows, protect_policy protect,
+                                          curve_buffers& out) {
   PREFIXKV_TRY(validate_host_contents(rows));
   PREFIXKV_TRY(validate(protect));
   const int64_t S = rows.count;
-  out = curve_buffers{};
-  out.protect = protect;
-  out.offsets.assign(S + 1, 0);
-  out.tokens.resize(S);
+  // 1. validate everything (lengths, scores, total candidates) before allocating anything
+  checked_i64 total = 0;
+  const bool uniform = rows.offsets == nullptr;
   for (int64_t s = 0; s < S; ++s) {
     const int64_t n = rows.length(s);
-    if (n > 0 && scores == nullptr) return detail::fail(reason::null_pointer, "build_curves: scores is null");
+    if (n > INT32_MAX) return fail(reason::out_of_range, "build_curves: a row is longer than int32 positions allow");
+    if (n > 0 && scores == nullptr) return fail(reason::null_pointer, "build_curves: scores is null");
+    if (uniform && n == 0) break;  // S empty rows: nothing to read (S alone may be absurd; see the allocation)
+    if (n == 0) continue;
+    const float* row = scores + rows.begin(s);
     for (int64_t t = 0; t < n; ++t) {
-      const float x = scores[rows.begin(s) + t];
-      if (!std::isfinite(x)) return detail::fail(reason::nonfinite_input, "build_curves: a score is NaN or infinite");
-      if (x < 0.0f) return detail::fail(reason::negative_input, "build_curves: a score is negative");
+      const float x = row[t];
+      if (!std::isfinite(x)) return fail(reason::nonfinite_input, "build_curves: a score is NaN or infinite");
+      if (x < 0.0f) return fail(reason::negative_input, "build_curves: a score is negative (scores must be >= 0)");
     }
-    out.tokens[s] = n;
-    out.offsets[s + 1] = out.offsets[s] + candidate_count(n, protect);
+    if (!uniform) total += candidate_count(n, protect);
   }
-  const int64_t total = out.offsets[S];
-  out.positions.resize(total);
-  out.cumulative.resize(total);
-  out.sorted_scores.resize(total);
+  if (uniform) total = checked_i64(S) * candidate_count(rows.uniform_length, protect);
+  if (!total.ok() || !(checked_i64(S) + 1).ok())
+    return fail(reason::capacity_exceeded, "build_curves: the total candidate count overflows int64");
+  // 2. allocate and fill (out is replaced only on success)
+  curve_buffers b;
+  if (static_cast<uint64_t>(S) >= b.offsets.max_size() || static_cast<uint64_t>(total.value()) >= b.positions.max_size())
+    return fail(reason::capacity_exceeded, "build_curves: the curves would not fit host memory", cudaErrorMemoryAllocation);
+  b.protect = protect;
+  b.offsets.assign(static_cast<size_t>(S) + 1, 0);
+  b.tokens.assign(static_cast<size_t>(S), 0);
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t n = rows.length(s);
+    b.tokens[s] = n;
+    b.offsets[s + 1] = b.offsets[s] + candidate_count(n, protect);
+  }
+  const size_t count = static_cast<size_t>(total.value());
+  b.positions.resize(count);
+  b.cumulative.resize(count);
+  b.sorted_scores.resize(count);
   std::vector<int32_t> order;
   for (int64_t s = 0; s < S; ++s) {
-    const int64_t n = out.tokens[s];
-    const float* row = scores + rows.begin(s);
+    const int64_t n = b.tokens[s];
+    const float* row = n > 0 ? scores + rows.begin(s) : nullptr;
     order.clear();
     for (int64_t t = 0; t < n; ++t)
       if (!is_protected(t, n, protect)) order.push_back(static_cast<int32_t>(t));
-    std::stable_sort(order.begin(), order.end(), [row](int32_t a, int32_t b) { return row[a] > row[b]; });
-    const int64_t base = out.offsets[s], c = static_cast<int64_t>(order.size());
+    std::stable_sort(order.begin(), order.end(), [row](int32_t a, int32_t c) { return row[a] > row[c]; });
+    const int64_t base = b.offsets[s], c = static_cast<int64_t>(order.size());
     for (int64_t r = 0; r < c; ++r) {
-      out.positions[base + r] = order[r];
-      out.sorted_scores[base + r] = row[order[r]];
+      b.positions[base + r] = order[r];
+      b.sorted_scores[base + r] = row[order[r]] == 0.0f ? 0.0f : row[order[r]];  // -0 -> +0, as on the device
     }
-    detail::curve_prefix_host(out.sorted_scores.data() + base, c, out.cumulative.data() + base);
+    curve_prefix_host(b.sorted_scores.data() + base, c, b.cumulative.data() + base);
   }
+  out = std::move(b);
   return cudaSuccess;
+}
+}  // namespace detail
+
+//! Host twin of the curve builder. `scores` is a flat host array addressed through `rows` (host offsets).
+//! Scores must be finite and >= 0: NaN or infinity is `reason::nonfinite_input`, a negative score (-0.0 counts
+//! as 0) is `reason::negative_input`. Rows longer than INT32_MAX tokens are `reason::out_of_range`, a total
+//! candidate count beyond int64 `reason::capacity_exceeded`. Everything is validated before anything is
+//! allocated; `out` is replaced only on success; running out of host memory returns `cudaErrorMemoryAllocation`
+//! (`reason::capacity_exceeded`). Prefix sums accumulate in double and are stored as float.
+[[nodiscard]] inline cudaError_t build_curves_host(const float* scores, const segments& rows, protect_policy protect,
+                                                   curve_buffers& out) noexcept {
+  try {
+    return detail::build_curves_host_impl(scores, rows, protect, out);
+  } catch (...) {
+    return detail::fail(reason::capacity_exceeded, "build_curves: out of host memory", cudaErrorMemoryAllocation);
+  }
 }
 
 PREFIXKV_NAMESPACE_END

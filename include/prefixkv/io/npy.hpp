@@ -207,31 +207,132 @@ inline cudaError_t npy_parse_impl(const unsigned char* b, size_t size, npy_array
   }
 }
 
-//! Read a whole file into memory (for the parser).
-[[nodiscard]] inline cudaError_t read_file_bytes(const char* path, std::vector<unsigned char>& out) noexcept {
+//! Default cap of `read_file_bytes` (and so of `npy_load` and `profile_load`): 1 GiB.
+inline constexpr size_t read_file_default_limit = size_t(1) << 30;
+
+namespace detail {
+inline bool file_ws(unsigned char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
+
+//! `read_file_bytes` with an optional early check: `first` (when not 0) is the byte the first non-whitespace byte
+//! of the file must be, so that a stream of anything else is refused at its first chunk.
+inline cudaError_t read_file_bytes_impl(const char* path, std::vector<unsigned char>& out, size_t max_bytes,
+                                        char first, const char* first_message) noexcept {
+  if (path == nullptr) return fail(reason::null_pointer, "read_file: path is null");
+  std::FILE* f = std::fopen(path, "rb");
+  if (!f) return fail(reason::bad_file, "read_file: cannot open the file");
+  cudaError_t e = cudaSuccess;
   try {
-    if (path == nullptr) return detail::fail(reason::null_pointer, "read_file: path is null");
-    std::FILE* f = std::fopen(path, "rb");
-    if (!f) return detail::fail(reason::bad_file, "read_file: cannot open the file");
     std::vector<unsigned char> buf;
     unsigned char chunk[1 << 16];
     size_t got;
-    while ((got = std::fread(chunk, 1, sizeof(chunk), f)) > 0) buf.insert(buf.end(), chunk, chunk + got);
-    const bool err = std::ferror(f) != 0;
-    std::fclose(f);
-    if (err) return detail::fail(reason::bad_file, "read_file: read error");
-    out.swap(buf);
-    return cudaSuccess;
+    bool seen = first == 0;
+    while ((got = std::fread(chunk, 1, sizeof(chunk), f)) > 0) {
+      for (size_t i = 0; !seen && i < got; ++i)
+        if (!file_ws(chunk[i])) {
+          if (chunk[i] != static_cast<unsigned char>(first)) {
+            e = fail(reason::bad_file, first_message);
+            break;
+          }
+          seen = true;
+        }
+      if (e != cudaSuccess) break;
+      if (got > max_bytes - buf.size()) {
+        e = fail(reason::capacity_exceeded, "read_file: the file is larger than the read limit");
+        break;
+      }
+      buf.insert(buf.end(), chunk, chunk + got);
+    }
+    if (e == cudaSuccess && std::ferror(f) != 0) e = fail(reason::bad_file, "read_file: read error");
+    if (e == cudaSuccess) out.swap(buf);
   } catch (...) {
-    return detail::fail(reason::capacity_exceeded, "read_file: out of memory", cudaErrorMemoryAllocation);
+    e = fail(reason::capacity_exceeded, "read_file: out of memory", cudaErrorMemoryAllocation);
   }
+  std::fclose(f);
+  return e;
+}
+}  // namespace detail
+
+//! Read a whole file into memory (for the parsers), at most `max_bytes` bytes: a longer file (or an endless
+//! stream such as /dev/zero) is `reason::capacity_exceeded` once `max_bytes` are exceeded. `out` is replaced
+//! only on success.
+[[nodiscard]] inline cudaError_t read_file_bytes(const char* path, std::vector<unsigned char>& out,
+                                                 size_t max_bytes = read_file_default_limit) noexcept {
+  return detail::read_file_bytes_impl(path, out, max_bytes, 0, "");
 }
 
-//! Load a `.npy` file.
-[[nodiscard]] inline cudaError_t npy_load(const char* path, npy_array& out) noexcept {
-  std::vector<unsigned char> bytes;
-  PREFIXKV_TRY(read_file_bytes(path, bytes));
-  return npy_parse(bytes.data(), bytes.size(), out);
+namespace detail {
+// Read exactly n bytes appended to buf (false on a short read). Grows the buffer chunk by chunk, so a header
+// announcing more than the file holds costs no more memory than the file.
+inline bool npy_read_exact(std::FILE* f, std::vector<unsigned char>& buf, size_t n) {
+  while (n > 0) {
+    const size_t step = n < (size_t(1) << 20) ? n : (size_t(1) << 20);
+    const size_t at = buf.size();
+    buf.resize(at + step);
+    const size_t got = std::fread(buf.data() + at, 1, step, f);
+    if (got != step) {
+      buf.resize(at + got);
+      return false;
+    }
+    n -= step;
+  }
+  return true;
+}
+
+inline cudaError_t npy_load_impl(std::FILE* f, npy_array& out, size_t max_bytes) {
+  // Read the fixed prefix and the header first, then exactly the payload the header announces (plus one byte to
+  // detect trailing data): memory and reading time stay bounded by the real file, an endless stream
+  // (/dev/zero) is refused at its first bytes, and a header announcing more than `max_bytes` is refused unread.
+  std::vector<unsigned char> buf;
+  if (!npy_read_exact(f, buf, 10)) return npy_bad("npy: not a .npy file (too short)");
+  static const unsigned char magic[6] = {0x93, 'N', 'U', 'M', 'P', 'Y'};
+  if (std::memcmp(buf.data(), magic, 6) != 0) return npy_bad("npy: not a .npy file (bad magic)");
+  size_t hlen = size_t(buf[8]) | (size_t(buf[9]) << 8);
+  if (buf[6] == 2 || buf[6] == 3) {
+    if (!npy_read_exact(f, buf, 2)) return npy_bad("npy: truncated header");
+    hlen |= (size_t(buf[10]) << 16) | (size_t(buf[11]) << 24);
+  } else if (buf[6] != 1) {
+    return npy_bad("npy: unsupported format version");
+  }
+  if (hlen > (size_t(1) << 20)) return npy_bad("npy: header longer than 1 MiB");
+  const size_t pos = buf.size();
+  if (!npy_read_exact(f, buf, hlen)) return npy_bad("npy: header length exceeds the file");
+  npy_dtype dtype = npy_dtype::f32;
+  bool big = false;
+  std::vector<int64_t> shape;
+  PREFIXKV_TRY(npy_parse_header(reinterpret_cast<const char*>(buf.data() + pos), hlen, dtype, big, shape));
+  const uint64_t item = dtype == npy_dtype::f32 ? 4 : 8;
+  uint64_t count = 1;
+  for (int64_t d : shape) {
+    if (d != 0 && count > (uint64_t(1) << 62) / uint64_t(d)) return npy_bad("npy: shape product overflows");
+    count *= uint64_t(d);
+  }
+  if (count > (uint64_t(1) << 62) / item) return npy_bad("npy: shape product overflows");
+  const uint64_t payload = count * item;
+  if (payload > max_bytes || buf.size() > max_bytes - payload)
+    return fail(reason::capacity_exceeded, "npy: the array is larger than the read limit");
+  if (!npy_read_exact(f, buf, static_cast<size_t>(payload))) return npy_bad("npy: payload size does not match the shape");
+  unsigned char extra = 0;
+  if (std::fread(&extra, 1, 1, f) == 1) return npy_bad("npy: payload size does not match the shape");
+  if (std::ferror(f) != 0) return fail(reason::bad_file, "npy: read error");
+  return npy_parse_impl(buf.data(), buf.size(), out);
+}
+}  // namespace detail
+
+//! Load a `.npy` file whose size is at most `max_bytes` bytes (`reason::capacity_exceeded` otherwise, found from
+//! the header before the payload is read). Reads only what the header announces, plus one byte.
+[[nodiscard]] inline cudaError_t npy_load(const char* path, npy_array& out,
+                                          size_t max_bytes = read_file_default_limit) noexcept {
+  if (path == nullptr) return detail::fail(reason::null_pointer, "npy: path is null");
+  std::FILE* f = std::fopen(path, "rb");
+  if (!f) return detail::fail(reason::bad_file, "npy: cannot open the file");
+  cudaError_t e = cudaSuccess;
+  try {
+    e = detail::npy_load_impl(f, out, max_bytes);
+  } catch (...) {
+    e = detail::fail(reason::capacity_exceeded, "npy: out of memory", cudaErrorMemoryAllocation);
+  }
+  std::fclose(f);
+  return e;
 }
 
 namespace detail {
@@ -244,7 +345,8 @@ inline cudaError_t npy_encode_impl(const T* data, const int64_t* shape, int rank
   std::string dict = std::string("{'descr': '<f") + (sizeof(T) == 4 ? "4" : "8") + "', 'fortran_order': False, 'shape': (";
   for (int i = 0; i < rank; ++i) {
     if (shape[i] < 0) return fail(reason::negative_extent, "npy: negative dimension");
-    if (shape[i] != 0 && count > (uint64_t(1) << 62) / uint64_t(shape[i])) return fail(reason::bad_parameter, "npy: shape too large");
+    if (shape[i] != 0 && count > ((uint64_t(1) << 62) / sizeof(T)) / uint64_t(shape[i]))
+      return fail(reason::bad_parameter, "npy: shape too large (more than 2^62 payload bytes)");
     count *= uint64_t(shape[i]);
     dict += std::to_string(shape[i]);
     if (rank == 1 || i + 1 < rank) dict += ", ";

@@ -101,10 +101,12 @@ class profile_accumulator {
   return cudaSuccess;
 }
 
-//! Load a profile file.
-[[nodiscard]] inline cudaError_t profile_load(const char* path, std::vector<double>& out) noexcept {
+//! Load a profile file of at most `max_bytes` bytes (`reason::capacity_exceeded` beyond; a file that does not
+//! start like a JSON array is refused at its first bytes).
+[[nodiscard]] inline cudaError_t profile_load(const char* path, std::vector<double>& out,
+                                              size_t max_bytes = read_file_default_limit) noexcept {
   std::vector<unsigned char> bytes;
-  PREFIXKV_TRY(read_file_bytes(path, bytes));
+  PREFIXKV_TRY(detail::read_file_bytes_impl(path, bytes, max_bytes, '[', "profile: not a JSON array (expected '[')"));
   return profile_from_json(reinterpret_cast<const char*>(bytes.data()), bytes.size(), out);
 }
 

@@ -26,6 +26,7 @@
 //! \endcode
 #pragma once
 
+#include "../core/checked.hpp"
 #include "../core/error.hpp"
 #include "../curve/curve.hpp"
 
@@ -172,75 +173,109 @@ inline const char* solve_message(reason r) noexcept {
 }  // namespace detail
 
 namespace detail {
-inline cudaError_t solve_host_impl(const curve_set& curves, int64_t num_problems, const int64_t* problem_offsets,
-                                   const solve_budget& budget, const keep_bounds& bounds, int64_t* keep,
-                                   float* threshold) {
+
+//! Totals and candidates to keep (B) of problem p, with checked sums; `why` = reason::none when feasible.
+inline reason solve_host_problem(const curve_set& curves, const keep_bounds& bounds, const solve_budget& budget,
+                                 int64_t p, int64_t s0, int64_t s1, problem_totals& t, int64_t& B) noexcept {
+  checked_i64 tokens = 0, cand = 0, lo_sum = 0, hi_sum = 0;
+  for (int64_t s = s0; s < s1; ++s) {
+    const int64_t c = curves.offsets[s + 1] - curves.offsets[s];
+    int64_t lo, hi;
+    if (!segment_bounds(bounds, s, c, lo, hi)) return reason::infeasible_bounds;
+    tokens += curves.tokens[s];
+    cand += c;
+    lo_sum += lo;
+    hi_sum += hi;
+  }
+  if (!tokens.ok() || !cand.ok() || !lo_sum.ok() || !hi_sum.ok()) return reason::capacity_exceeded;
+  t.tokens = tokens.value();
+  t.candidates = cand.value();
+  t.lo = lo_sum.value();
+  t.hi = hi_sum.value();
+  return problem_budget(budget, p, t, B);
+}
+
+inline cudaError_t solve_host_fail(reason why) noexcept {
+  if (why == reason::capacity_exceeded)
+    return fail(why, "solve: a problem's total token or candidate count overflows int64");
+  return fail(why, solve_message(why));
+}
+
+//! Every check of `solve_host`, without writing or allocating anything.
+inline cudaError_t solve_host_validate(const curve_set& curves, int64_t num_problems, const int64_t* problem_offsets,
+                                       const solve_budget& budget, const keep_bounds& bounds, const int64_t* keep) noexcept {
   const int64_t S = curves.count;
   PREFIXKV_TRY(validate(curves.protect));
-  if (S < 0 || num_problems < 0) return detail::fail(reason::negative_extent, "solve: negative segment or problem count");
+  if (S < 0 || num_problems < 0) return fail(reason::negative_extent, "solve: negative segment or problem count");
   if (problem_offsets == nullptr && num_problems != 1)
-    return detail::fail(reason::bad_parameter, "solve: problem_offsets may be null only with num_problems == 1");
+    return fail(reason::bad_parameter, "solve: problem_offsets may be null only with num_problems == 1");
   if (S > 0 && (curves.offsets == nullptr || curves.tokens == nullptr || keep == nullptr))
-    return detail::fail(reason::null_pointer, "solve: curves.offsets, curves.tokens or keep is null");
-  if (S > 0 && curves.offsets[0] != 0) return detail::fail(reason::out_of_range, "solve: curves.offsets[0] must be 0");
+    return fail(reason::null_pointer, "solve: curves.offsets, curves.tokens or keep is null");
+  if (S > 0 && curves.offsets[0] != 0) return fail(reason::out_of_range, "solve: curves.offsets[0] must be 0");
   for (int64_t s = 0; s < S; ++s) {
+    // compare before subtracting: offsets[s + 1] - offsets[s] cannot overflow once both are known ordered and >= 0
+    if (curves.offsets[s + 1] < curves.offsets[s])
+      return fail(reason::shape_mismatch, "solve: curves.offsets decrease");
     const int64_t c = curves.offsets[s + 1] - curves.offsets[s];
-    if (curves.tokens[s] < 0) return detail::fail(reason::negative_extent, "solve: a segment has negative tokens");
+    if (curves.tokens[s] < 0) return fail(reason::negative_extent, "solve: a segment has negative tokens");
     if (c != candidate_count(curves.tokens[s], curves.protect))
-      return detail::fail(reason::shape_mismatch, detail::solve_message(reason::shape_mismatch));
+      return fail(reason::shape_mismatch, solve_message(reason::shape_mismatch));
   }
   const int64_t total = S > 0 ? curves.offsets[S] : 0;
-  if (total > 0 && curves.cumulative == nullptr) return detail::fail(reason::null_pointer, "solve: curves.cumulative is null");
+  if (total > 0 && curves.cumulative == nullptr) return fail(reason::null_pointer, "solve: curves.cumulative is null");
   for (int64_t s = 0; s < S; ++s) {
     const float* row = curves.cumulative + curves.offsets[s];
     const int64_t c = curves.offsets[s + 1] - curves.offsets[s];
     for (int64_t r = 0; r < c; ++r) {
-      if (!std::isfinite(row[r])) return detail::fail(reason::nonfinite_input, "solve: a cumulative value is NaN or infinite");
-      if (r > 0 && row[r] < row[r - 1]) return detail::fail(reason::not_ascending, "solve: a cumulative row decreases");
+      if (!std::isfinite(row[r])) return fail(reason::nonfinite_input, "solve: a cumulative value is NaN or infinite");
+      if (r > 0 && row[r] < row[r - 1]) return fail(reason::not_ascending, "solve: a cumulative row decreases");
     }
   }
   if (problem_offsets) {
-    if (num_problems > 0 && problem_offsets[0] < 0)
-      return detail::fail(reason::out_of_range, detail::solve_message(reason::out_of_range));
+    if (num_problems > 0 && problem_offsets[0] < 0) return fail(reason::out_of_range, solve_message(reason::out_of_range));
     for (int64_t p = 0; p < num_problems; ++p)
       if (problem_offsets[p + 1] < problem_offsets[p] || problem_offsets[p + 1] > S)
-        return detail::fail(reason::out_of_range, detail::solve_message(reason::out_of_range));
+        return fail(reason::out_of_range, solve_message(reason::out_of_range));
   }
-  // Pass 1: validate every problem and compute its pick count.
-  std::vector<int64_t> picks(static_cast<size_t>(num_problems));
   for (int64_t p = 0; p < num_problems; ++p) {
     const int64_t s0 = problem_offsets ? problem_offsets[p] : 0, s1 = problem_offsets ? problem_offsets[p + 1] : S;
-    detail::problem_totals t;
-    for (int64_t s = s0; s < s1; ++s) {
-      const int64_t c = curves.offsets[s + 1] - curves.offsets[s];
-      int64_t lo, hi;
-      if (!detail::segment_bounds(bounds, s, c, lo, hi))
-        return detail::fail(reason::infeasible_bounds, detail::solve_message(reason::infeasible_bounds));
-      t.tokens += curves.tokens[s];
-      t.candidates += c;
-      t.lo += lo;
-      t.hi += hi;
-    }
+    problem_totals t;
     int64_t B = 0;
-    const reason why = detail::problem_budget(budget, p, t, B);
-    if (why != reason::none) return detail::fail(why, detail::solve_message(why));
-    picks[p] = B - t.lo;
+    const reason why = solve_host_problem(curves, bounds, budget, p, s0, s1, t, B);
+    if (why != reason::none) return solve_host_fail(why);
   }
-  // Pass 2: solve.
+  return cudaSuccess;
+}
+
+//! The solve proper; inputs already validated by `solve_host_validate`.
+inline cudaError_t solve_host_run(const curve_set& curves, int64_t num_problems, const int64_t* problem_offsets,
+                                  const solve_budget& budget, const keep_bounds& bounds, int64_t* keep,
+                                  float* threshold) {
+  const int64_t S = curves.count;
+  // scratch for the largest problem, allocated once before anything is written
+  int64_t widest = 0;
   for (int64_t p = 0; p < num_problems; ++p) {
     const int64_t s0 = problem_offsets ? problem_offsets[p] : 0, s1 = problem_offsets ? problem_offsets[p + 1] : S;
-    const int64_t R = picks[p];
+    widest = s1 - s0 > widest ? s1 - s0 : widest;
+  }
+  std::vector<int64_t> less(static_cast<size_t>(widest)), eq(static_cast<size_t>(widest));
+  for (int64_t p = 0; p < num_problems; ++p) {
+    const int64_t s0 = problem_offsets ? problem_offsets[p] : 0, s1 = problem_offsets ? problem_offsets[p + 1] : S;
+    problem_totals t;
+    int64_t B = 0;
+    (void)solve_host_problem(curves, bounds, budget, p, s0, s1, t, B);
+    const int64_t R = B - t.lo;
     // eligible count of segment s with key <= t
-    auto eligible_le = [&](int64_t s, int64_t t) -> int64_t {
+    auto eligible_le = [&](int64_t s, int64_t key) -> int64_t {
       const int64_t c = curves.offsets[s + 1] - curves.offsets[s];
       int64_t lo, hi;
-      detail::segment_bounds(bounds, s, c, lo, hi);
-      if (t < 0) return 0;
+      segment_bounds(bounds, s, c, lo, hi);
+      if (key < 0) return 0;
       const float* row = curves.cumulative + curves.offsets[s];
       int64_t a = lo, n = hi - lo;  // first rank in [lo, hi) with key > t
       while (n > 0) {
         const int64_t h = n / 2;
-        if (static_cast<int64_t>(detail::entry_key(row, a + h)) <= t) {
+        if (static_cast<int64_t>(entry_key(row, a + h)) <= key) {
           a += h + 1;
           n -= h + 1;
         } else {
@@ -264,7 +299,6 @@ inline cudaError_t solve_host_impl(const curve_set& curves, int64_t num_problems
       v = H;
     }
     int64_t rem = R;
-    std::vector<int64_t> less(static_cast<size_t>(s1 - s0)), eq(static_cast<size_t>(s1 - s0));
     for (int64_t s = s0; s < s1; ++s) {
       less[s - s0] = R > 0 ? eligible_le(s, v - 1) : 0;
       eq[s - s0] = R > 0 ? eligible_le(s, v) - less[s - s0] : 0;
@@ -273,12 +307,12 @@ inline cudaError_t solve_host_impl(const curve_set& curves, int64_t num_problems
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t c = curves.offsets[s + 1] - curves.offsets[s];
       int64_t lo, hi;
-      detail::segment_bounds(bounds, s, c, lo, hi);
+      segment_bounds(bounds, s, c, lo, hi);
       const int64_t take = rem < eq[s - s0] ? rem : eq[s - s0];
       rem -= take;
       keep[s] = (curves.tokens[s] - c) + lo + less[s - s0] + take;
     }
-    if (threshold) threshold[p] = R > 0 ? detail::key_value(static_cast<uint32_t>(v)) : 0.0f;
+    if (threshold) threshold[p] = R > 0 ? key_value(static_cast<uint32_t>(v)) : 0.0f;
   }
   return cudaSuccess;
 }
@@ -298,21 +332,27 @@ inline cudaError_t solve_host_impl(const curve_set& curves, int64_t num_problems
                                             const int64_t* problem_offsets, const solve_budget& budget,
                                             const keep_bounds& bounds, int64_t* keep,
                                             float* threshold = nullptr) noexcept {
+  PREFIXKV_TRY(detail::solve_host_validate(curves, num_problems, problem_offsets, budget, bounds, keep));
   try {
-    return detail::solve_host_impl(curves, num_problems, problem_offsets, budget, bounds, keep, threshold);
+    return detail::solve_host_run(curves, num_problems, problem_offsets, budget, bounds, keep, threshold);
   } catch (...) {
     return detail::fail(reason::capacity_exceeded, "solve: out of host memory", cudaErrorMemoryAllocation);
   }
 }
 
-//! Convenience: one problem over all segments, keep counts into a vector (resized to S).
+//! Convenience: one problem over all segments, keep counts into a vector (resized to S; replaced only on
+//! success, and allocated only after the inputs passed validation).
 [[nodiscard]] inline cudaError_t solve_host(const curve_set& curves, const solve_budget& budget,
                                             const keep_bounds& bounds, std::vector<int64_t>& keep,
                                             float* threshold = nullptr) noexcept {
+  const int64_t one = 0;  // a non-null stand-in for `keep` during validation (never written)
+  PREFIXKV_TRY(detail::solve_host_validate(curves, 1, nullptr, budget, bounds, &one));
   try {
-    std::vector<int64_t> k(static_cast<size_t>(curves.count > 0 ? curves.count : 0));
-    PREFIXKV_TRY(solve_host(curves, 1, nullptr, budget, bounds, k.data(), threshold));
+    std::vector<int64_t> k(static_cast<size_t>(curves.count));
+    float thr = 0.0f;
+    PREFIXKV_TRY(detail::solve_host_run(curves, 1, nullptr, budget, bounds, k.data(), &thr));
     keep.swap(k);
+    if (threshold) *threshold = thr;
     return cudaSuccess;
   } catch (...) {
     return detail::fail(reason::capacity_exceeded, "solve: out of host memory", cudaErrorMemoryAllocation);
