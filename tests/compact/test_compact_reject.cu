@@ -321,7 +321,7 @@ TEST_CASE("aliasing: tensors of one cache sharing memory are refused in place (h
           }
       }
     const prefixkv::kv_layers<uint16_t> cache{dk.data(), dv.data(), nullptr, nullptr, buf.L};
-    run_three_ways([&](void* t, size_t& n, cudaStream_t st) { return prefixkv::compact_in_place(t, n, cache, sel.dev(), grid, {}, st); },
+    run_three_ways([&](void* t, size_t& n, cudaStream_t st) { return prefixkv::compact_in_place(t, n, cache, sel.dev(), grid, {}, prefixkv::index_check::device, st); },
                    [&] { buf.dev.upload(host_img); },
                    [&](const char* mode) {
                      INFO(mode);
@@ -416,7 +416,7 @@ TEST_CASE("aliasing: paged K and V pools on the same memory are refused; K/V int
       CHECK(eh == cudaSuccess);
       REQUIRE(ed == cudaSuccess);
       const auto want = img;
-      run_three_ways([&](void* t, size_t& n, cudaStream_t st) { return prefixkv::compact_in_place(t, n, dc, sel.dev(), grid, {}, st); },
+      run_three_ways([&](void* t, size_t& n, cudaStream_t st) { return prefixkv::compact_in_place(t, n, dc, sel.dev(), grid, {}, prefixkv::index_check::device, st); },
                      [&] { dimg.upload(before); },
                      [&](const char* mode) {
                        INFO(mode);
