@@ -23,6 +23,28 @@ namespace pk = prefixkv;
 
 namespace {
 
+// The baseline: CUB's segmented sort alone, called as `build_curves` calls it (chunks of curve_sort_chunk segments).
+#define BENCH_TRY(x) do { const cudaError_t e_ = (x); if (e_ != cudaSuccess) return e_; } while (0)
+cudaError_t segmented_sort_only(void* d_temp, size_t& temp_bytes, const float* keys_in,
+                                                     float* keys_out, const int32_t* vals_in, int32_t* vals_out,
+                                                     int64_t capacity, const int64_t* offsets, int64_t S,
+                                                     cudaStream_t stream = 0) noexcept {
+  const int64_t chunk = S < pk::detail::curve_sort_chunk ? S : pk::detail::curve_sort_chunk;
+  if (d_temp == nullptr)
+    return cub::DeviceSegmentedSort::StableSortPairsDescending(nullptr, temp_bytes, keys_in, keys_out, vals_in,
+                                                               vals_out, capacity, chunk > 0 ? chunk : 1, offsets,
+                                                               offsets + 1, stream);
+  for (int64_t c0 = 0; c0 < S; c0 += pk::detail::curve_sort_chunk) {
+    const int64_t ns = S - c0 < pk::detail::curve_sort_chunk ? S - c0 : pk::detail::curve_sort_chunk;
+    size_t bytes = temp_bytes;
+    BENCH_TRY(cub::DeviceSegmentedSort::StableSortPairsDescending(d_temp, bytes, keys_in, keys_out, vals_in,
+                                                                     vals_out, capacity, ns, offsets + c0,
+                                                                     offsets + c0 + 1, stream));
+  }
+  return cudaSuccess;
+}
+
+
 void BM_build_curves(benchmark::State& state) {
   const int64_t S = state.range(0), n = state.range(1);
   const auto method = static_cast<pk::curve_sort>(state.range(2));
@@ -42,10 +64,10 @@ void BM_build_curves(benchmark::State& state) {
   pk::curve_device_out out{offsets.ptr, tokens.ptr, pos.ptr, cum.ptr, sorted.ptr};
   pk::curve_set set;
   size_t bytes = 0;
-  PKV_BENCH_CHECK(pk::build_curves(nullptr, bytes, scores.ptr, rows, protect, total, out, set, status.ptr, 0, method));
+  PKV_BENCH_CHECK(pk::build_curves(nullptr, bytes, scores.ptr, rows, protect, total, out, set, pk::curve_options{method}, status.ptr, 0));
   device_array<char> temp(bytes);
   auto build = [&](cudaStream_t s) {
-    PKV_BENCH_CHECK(pk::build_curves(temp.ptr, bytes, scores.ptr, rows, protect, total, out, set, status.ptr, s, method));
+    PKV_BENCH_CHECK(pk::build_curves(temp.ptr, bytes, scores.ptr, rows, protect, total, out, set, pk::curve_options{method}, status.ptr, s));
   };
   // Baseline: the CUB sort alone on the same candidate layout (offsets from a first build).
   build(0);
@@ -57,10 +79,10 @@ void BM_build_curves(benchmark::State& state) {
   PKV_BENCH_CHECK(cudaMemcpy(keys.ptr, hk.data(), hk.size() * 4, cudaMemcpyHostToDevice));
   PKV_BENCH_CHECK(cudaMemcpy(vals.ptr, hv.data(), hv.size() * 4, cudaMemcpyHostToDevice));
   size_t sort_bytes = 0;
-  PKV_BENCH_CHECK(pk::segmented_sort_only(nullptr, sort_bytes, keys.ptr, sorted.ptr, vals.ptr, pos.ptr, total, offsets.ptr, S));
+  PKV_BENCH_CHECK(segmented_sort_only(nullptr, sort_bytes, keys.ptr, sorted.ptr, vals.ptr, pos.ptr, total, offsets.ptr, S));
   device_array<char> sort_temp(sort_bytes);
   const float sort_ms = median_ms([&](cudaStream_t s) {
-    PKV_BENCH_CHECK(pk::segmented_sort_only(sort_temp.ptr, sort_bytes, keys.ptr, sorted.ptr, vals.ptr, pos.ptr, total, offsets.ptr, S, s));
+    PKV_BENCH_CHECK(segmented_sort_only(sort_temp.ptr, sort_bytes, keys.ptr, sorted.ptr, vals.ptr, pos.ptr, total, offsets.ptr, S, s));
   });
   // Baseline 2: the radix sort alone on composite keys of the same count and bit width.
   int seg_bits = 0;

@@ -41,7 +41,7 @@ bool block_allowed(const curve_case& c, int64_t capacity) {
   return c.uniform && !c.lengths.empty() && pk::candidate_count(c.lengths[0], c.protect) <= pk::curve_block_capacity;
 }
 
-void run_curve_case_with(std::mt19937_64& rng, const curve_case& c, pk::curve_sort method) {
+void run_curve_case_with(std::mt19937_64& rng, const curve_case& c, pk::curve_sort method, int64_t max_row = -1) {
   const int64_t S = int64_t(c.lengths.size());
   INFO("S ", S, " sinks ", c.protect.sinks, " recent ", c.protect.recent, " dist ", int(c.d), " uniform ", c.uniform,
        " method ", int(method));
@@ -79,14 +79,14 @@ void run_curve_case_with(std::mt19937_64& rng, const curve_case& c, pk::curve_so
   pk::curve_set set;
   if (method == pk::curve_sort::block && !block_allowed(c, capacity)) {
     size_t bytes = 0;
-    CHECK(pk::build_curves(nullptr, bytes, dscores.get(), drows, c.protect, capacity, out, set, status.get(), 0, method) ==
+    CHECK(pk::build_curves(nullptr, bytes, dscores.get(), drows, c.protect, capacity, out, set, pk::curve_options{method}, status.get(), 0) ==
           cudaErrorInvalidValue);
     CHECK(pk::last_error().why == pk::reason::bad_parameter);
     return;
   }
   run_three_ways(
       [&](void* t, size_t& bytes, cudaStream_t s) {
-        return pk::build_curves(t, bytes, dscores.get(), drows, c.protect, capacity, out, set, status.get(), s, method);
+        return pk::build_curves(t, bytes, dscores.get(), drows, c.protect, capacity, out, set, pk::curve_options{method, max_row}, status.get(), s);
       },
       [&] {
         offsets.poison();
@@ -133,6 +133,10 @@ void run_curve_case_with(std::mt19937_64& rng, const curve_case& c, pk::curve_so
 
 void run_curve_case(std::mt19937_64& rng, const curve_case& c) {
   for (pk::curve_sort m : kMethods) run_curve_case_with(rng, c, m);
+  // a host-known bound on the row lengths lets `automatic` take the block path for ragged device rows
+  int64_t longest = 0;
+  for (int64_t n : c.lengths) longest = std::max(longest, n);
+  run_curve_case_with(rng, c, pk::curve_sort::automatic, longest);
 }
 
 std::vector<int64_t> random_lengths(std::mt19937_64& rng, int64_t S, int64_t maxlen) {
@@ -229,7 +233,7 @@ TEST_CASE("curves: NaN, negative scores, capacity and bad arguments") {
     for (const float* src : {d.get(), dsink.get()}) {
       run_three_ways(
           [&](void* t, size_t& bytes, cudaStream_t s) {
-            return pk::build_curves(t, bytes, src, pk::make_uniform_segments(2, 32), {}, 64, out, set, status.get(), s, m);
+            return pk::build_curves(t, bytes, src, pk::make_uniform_segments(2, 32), {}, 64, out, set, pk::curve_options{m}, status.get(), s);
           },
           [&] { PKV_CUDA_CHECK(cudaMemset(status.get(), 0, 4)); },
           [&](const char*) { CHECK(status.download()[0] == unsigned(pk::status_nonfinite | pk::status_negative)); });
@@ -244,7 +248,7 @@ TEST_CASE("curves: NaN, negative scores, capacity and bad arguments") {
     INFO("method ", int(m));
     run_three_ways(
         [&](void* t, size_t& bytes, cudaStream_t s) {
-          return pk::build_curves(t, bytes, dok.get(), pk::make_offset_segments(2, dcu.get()), {}, 20, out, set, status.get(), s, m);
+          return pk::build_curves(t, bytes, dok.get(), pk::make_offset_segments(2, dcu.get()), {}, 20, out, set, pk::curve_options{m}, status.get(), s);
         },
         [&] {
           PKV_CUDA_CHECK(cudaMemset(status.get(), 0, 4));
@@ -275,9 +279,16 @@ TEST_CASE("curves: NaN, negative scores, capacity and bad arguments") {
   CHECK(pk::build_curves(nullptr, bytes, d.get(), pk::make_uniform_segments(2, 32, 16), {}, 64, out, set) == cudaErrorInvalidValue);
   CHECK(pk::last_error().why == pk::reason::overlapping_strides);
   // block sort refused when a segment might not fit one block (uniform rows too long)
-  CHECK(pk::build_curves(nullptr, bytes, d.get(), pk::make_uniform_segments(1, 5000), {}, 5000, out, set, nullptr, 0,
-                         pk::curve_sort::block) == cudaErrorInvalidValue);
+  CHECK(pk::build_curves(nullptr, bytes, d.get(), pk::make_uniform_segments(1, 5000), {}, 5000, out, set,
+                         pk::curve_options{pk::curve_sort::block}, nullptr, 0) == cudaErrorInvalidValue);
   CHECK(pk::last_error().why == pk::reason::bad_parameter);
+  // ... and accepted for ragged device rows when the caller bounds the rows by a length that fits one block
+  const int64_t begins_len[2] = {0, 0};
+  const auto ragged = pk::make_ragged_segments(1, begins_len, begins_len + 1);
+  CHECK(pk::build_curves(nullptr, bytes, d.get(), ragged, {}, 5000, out, set,
+                         pk::curve_options{pk::curve_sort::block, 4000}, nullptr, 0) == cudaSuccess);
+  CHECK(pk::build_curves(nullptr, bytes, d.get(), ragged, {}, 5000, out, set,
+                         pk::curve_options{pk::curve_sort::block, 5000}, nullptr, 0) == cudaErrorInvalidValue);
 }
 
 TEST_CASE("curves: a negative score anywhere is rejected like the host twin (flag + every curve empty); -0.0 is 0") {
@@ -304,7 +315,7 @@ TEST_CASE("curves: a negative score anywhere is rejected like the host twin (fla
       for (unsigned* st : {status.get(), static_cast<unsigned*>(nullptr)}) {
         run_three_ways(
             [&](void* t, size_t& bytes, cudaStream_t s) {
-              return pk::build_curves(t, bytes, d.get(), rows, {}, total, out, set, st, s, m);
+              return pk::build_curves(t, bytes, d.get(), rows, {}, total, out, set, pk::curve_options{m}, st, s);
             },
             [&] {
               offsets.poison();
@@ -333,7 +344,7 @@ TEST_CASE("curves: a negative score anywhere is rejected like the host twin (fla
     outz.sorted_scores = sorted.get();
     run_three_ways(
         [&](void* t, size_t& bytes, cudaStream_t s) {
-          return pk::build_curves(t, bytes, dz.get(), rows, {}, total, outz, set, status.get(), s, m);
+          return pk::build_curves(t, bytes, dz.get(), rows, {}, total, outz, set, pk::curve_options{m}, status.get(), s);
         },
         [&] {
           offsets.poison();

@@ -320,7 +320,8 @@ inline cudaError_t compress_stage_bound(const compress_plan& pl, size_t& bytes) 
                       compress_fake_ptr<float>(), compress_fake_ptr<float>()};
   curve_set set;
   b = 0;
-  PREFIXKV_TRY(build_curves(nullptr, b, compress_fake_ptr<const float>(), rows, c.protect, C, co, set, nullptr, 0));
+  PREFIXKV_TRY(build_curves(nullptr, b, compress_fake_ptr<const float>(), rows, c.protect, C, co, set,
+                            curve_options{curve_sort::automatic, c.max_tokens}, nullptr, 0));
   bytes = std::max(bytes, b);
   // solver and selection: the 256-byte minimum; compaction: its check kernel's words (<= 2 per SM) and, for paged
   // caches, one word per page of the pool
@@ -483,9 +484,10 @@ cudaError_t compress_run(void* d_temp, size_t& temp_bytes, const compress_plan& 
                         ws.get<float>(cw_cumulative), ws.get<float>(cw_sorted)};
     curve_set curves;
     need = 0;
-    PREFIXKV_TRY(build_curves(nullptr, need, scores, rows, c.protect, C, co, curves, bits, stream));
+    const curve_options copt{curve_sort::automatic, c.max_tokens};  // the prologue bounds every row by max_tokens
+    PREFIXKV_TRY(build_curves(nullptr, need, scores, rows, c.protect, C, co, curves, copt, bits, stream));
     PREFIXKV_TRY(compress_stage_fits(need, stage_have));
-    PREFIXKV_TRY(build_curves(stage, need, scores, rows, c.protect, C, co, curves, bits, stream));
+    PREFIXKV_TRY(build_curves(stage, need, scores, rows, c.protect, C, co, curves, copt, bits, stream));
     PREFIXKV_TRY(mark(2));
     // ---- solve
     solve_budget budget;

@@ -70,6 +70,15 @@ enum class curve_sort {
   segmented,  //!< cub::DeviceSegmentedSort, in calls of at most 256 segments
 };
 
+//! Options of `build_curves`.
+struct curve_options {
+  curve_sort method = curve_sort::automatic;  //!< which sort ranks the candidates (all give the same curves)
+  //! A host-known upper bound of every row's length (tokens), or -1. Rows longer than it are flagged
+  //! (`status_bad_length`) and treated as empty; in exchange, `automatic` can prove that every segment fits one
+  //! block and take the one-kernel `block` path for ragged device rows too.
+  int64_t max_row = -1;
+};
+
 //! Most candidates one segment may have for `curve_sort::block`.
 inline constexpr int64_t curve_block_capacity = 4096;
 
@@ -88,12 +97,13 @@ inline constexpr unsigned curve_reject_bits = status_negative | status_nonfinite
 
 template <int = 0>
 PREFIXKV_KERNEL void curve_counts_kernel(segments rows, protect_policy protect, int64_t* offsets, int64_t* tokens,
-                                         unsigned* status, unsigned* flags) {
+                                         unsigned* status, unsigned* flags, int64_t max_row) {
   if (blockIdx.x == 0 && threadIdx.x < curve_flag_words) flags[threadIdx.x] = 0u;
   for (int64_t s = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; s < rows.count; s += int64_t(gridDim.x) * blockDim.x) {
     int64_t n = rows.length(s);
     const int64_t b0 = rows.begin(s);
-    if (n < 0 || n > INT32_MAX || b0 < 0 || b0 > INT64_MAX - n) {  // (positions are int32; begin + n fits int64)
+    if (n < 0 || n > INT32_MAX || b0 < 0 || b0 > INT64_MAX - n ||  // (positions are int32; begin + n fits int64)
+        (max_row >= 0 && n > max_row)) {                           // (the caller's bound, relied on by `block`)
       if (status) atomicOr(status, status_bad_length);
       n = 0;
     }
@@ -419,12 +429,14 @@ struct curve_ranked_keys {
 //! capacity: host-known upper bound of the total candidates (e.g. total tokens) sizing positions/cumulative and
 //! the workspace. Bad scores (NaN/Inf/negative) and an exceeded capacity are reported through `d_status`, and
 //! then every curve of the call is empty (offsets all 0).
-//! method: which CUB sort ranks the candidates (`curve_sort`; every method gives the same curves). `block` is
-//! refused (`cudaErrorInvalidValue`) unless the host can prove every segment fits one block.
+//! opt: which CUB sort ranks the candidates (`curve_sort`; every method gives the same curves; `block` is refused
+//! with `cudaErrorInvalidValue` unless the host can prove every segment fits one block) and an optional bound on
+//! the row lengths (see `curve_options`).
 [[nodiscard]] inline cudaError_t build_curves(void* d_temp, size_t& temp_bytes, const float* scores, segments rows,
                                               protect_policy protect, int64_t capacity, curve_device_out out,
-                                              curve_set& set, unsigned* d_status = nullptr, cudaStream_t stream = 0,
-                                              curve_sort method = curve_sort::automatic) noexcept {
+                                              curve_set& set, curve_options opt, unsigned* d_status = nullptr,
+                                              cudaStream_t stream = 0) noexcept {
+  curve_sort method = opt.method;
   PREFIXKV_TRY(validate(rows));
   PREFIXKV_TRY(validate(protect));
   if (capacity < 0) return detail::fail(reason::negative_extent, "build_curves: capacity is negative");
@@ -442,8 +454,10 @@ struct curve_ranked_keys {
   }
   // Which sort: `block` needs a host-side proof that no segment exceeds one block; the composite radix key needs
   // the segment id to fit beside the 31 score bits.
+  if (opt.max_row > INT32_MAX) return detail::fail(reason::out_of_range, "build_curves: max_row beyond int32 positions");
   const bool block_ok = capacity <= curve_block_capacity ||
-                        (uniform && candidate_count(rows.uniform_length, protect) <= curve_block_capacity);
+                        (uniform && candidate_count(rows.uniform_length, protect) <= curve_block_capacity) ||
+                        (opt.max_row >= 0 && candidate_count(opt.max_row, protect) <= curve_block_capacity);
   int seg_bits = 0;
   while (seg_bits < 63 && (int64_t(1) << seg_bits) < S) ++seg_bits;
   const bool radix_ok = seg_bits <= 33;
@@ -513,7 +527,8 @@ struct curve_ranked_keys {
   const int64_t blocks_s = (S + 255) / 256;
   unsigned* flags = ws.get<unsigned>(6);
   detail::curve_counts_kernel<><<<unsigned(blocks_s < 1024 ? blocks_s : 1024), 256, 0, stream>>>(rows, protect, out.offsets,
-                                                                                             out.tokens, d_status, flags);
+                                                                                             out.tokens, d_status, flags,
+                                                                                             opt.max_row);
   PREFIXKV_TRY(detail::check_launch(stream));
   if (!uniform) {
     size_t sb = scan_bytes;
@@ -576,25 +591,12 @@ struct curve_ranked_keys {
   return detail::check_launch(stream);
 }
 
-//! Workspace-free helper for tests and benchmarks: the CUB sort alone, as `build_curves` calls it (the baseline
-//! the curve benchmark compares against).
-[[nodiscard]] inline cudaError_t segmented_sort_only(void* d_temp, size_t& temp_bytes, const float* keys_in,
-                                                     float* keys_out, const int32_t* vals_in, int32_t* vals_out,
-                                                     int64_t capacity, const int64_t* offsets, int64_t S,
-                                                     cudaStream_t stream = 0) noexcept {
-  const int64_t chunk = S < detail::curve_sort_chunk ? S : detail::curve_sort_chunk;
-  if (d_temp == nullptr)
-    return cub::DeviceSegmentedSort::StableSortPairsDescending(nullptr, temp_bytes, keys_in, keys_out, vals_in,
-                                                               vals_out, capacity, chunk > 0 ? chunk : 1, offsets,
-                                                               offsets + 1, stream);
-  for (int64_t c0 = 0; c0 < S; c0 += detail::curve_sort_chunk) {
-    const int64_t ns = S - c0 < detail::curve_sort_chunk ? S - c0 : detail::curve_sort_chunk;
-    size_t bytes = temp_bytes;
-    PREFIXKV_TRY(cub::DeviceSegmentedSort::StableSortPairsDescending(d_temp, bytes, keys_in, keys_out, vals_in,
-                                                                     vals_out, capacity, ns, offsets + c0,
-                                                                     offsets + c0 + 1, stream));
-  }
-  return cudaSuccess;
+//! `build_curves` with the default options (automatic sort, no row bound).
+[[nodiscard]] inline cudaError_t build_curves(void* d_temp, size_t& temp_bytes, const float* scores, segments rows,
+                                              protect_policy protect, int64_t capacity, curve_device_out out,
+                                              curve_set& set, unsigned* d_status = nullptr,
+                                              cudaStream_t stream = 0) noexcept {
+  return build_curves(d_temp, temp_bytes, scores, rows, protect, capacity, out, set, curve_options{}, d_status, stream);
 }
 
 PREFIXKV_NAMESPACE_END
