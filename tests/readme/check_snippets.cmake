@@ -1,0 +1,25 @@
+# README.md must show the quick start exactly as examples/quickstart compiles it: every region between
+# `// [tag]` markers in the example files, dedented, must appear verbatim in README.md.
+file(READ "${SOURCE_DIR}/README.md" readme)
+foreach(pair "quickstart.cpp:quickstart-host" "quickstart.cu:quickstart-cuda")
+  string(REPLACE ":" ";" parts "${pair}")
+  list(GET parts 0 file)
+  list(GET parts 1 tag)
+  file(READ "${SOURCE_DIR}/examples/quickstart/${file}" src)
+  string(FIND "${src}" "// [${tag}]\n" a)
+  if(a EQUAL -1)
+    message(FATAL_ERROR "marker // [${tag}] missing in ${file}")
+  endif()
+  string(LENGTH "// [${tag}]\n" skip)
+  math(EXPR a "${a} + ${skip}")
+  string(SUBSTRING "${src}" ${a} -1 rest)
+  string(FIND "${rest}" "// [${tag}]" b)
+  string(SUBSTRING "${rest}" 0 ${b} body)
+  string(REGEX REPLACE "\n[ ]*$" "" body "${body}")   # the closing marker's indentation
+  string(REGEX REPLACE "(^|\n)  " "\\1" body "${body}") # the function body's two-space indent
+  string(FIND "${readme}" "${body}" at)
+  if(at EQUAL -1)
+    message(FATAL_ERROR "README.md does not show examples/quickstart/${file} [${tag}] verbatim:\n${body}")
+  endif()
+endforeach()
+message(STATUS "README quick start matches examples/quickstart")
