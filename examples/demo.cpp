@@ -4,13 +4,12 @@
 //   prefixkv_demo [--model DIR] [--prompt-tokens N] [--evict-ratio R] [--continue N]
 //
 // 1. prefill: the model writes its story from BOS for N tokens, recording every layer's attention probabilities;
-// 2. score:   accumulated attention per cached token and layer (the paper's scorer, `accumulated_attention_host`);
-// 3. curve:   rank each layer's candidates and normalise (`build_curves_host`), sinks 4 / recent 1 protected;
-// 4. solve:   one global threshold for all layers meeting the evict ratio exactly (`solve_host`);
-// 5. select + compact: kept positions per layer (`write_selection_host`), then every layer's K and V compacted in
-//    place to its own length (`compact_in_place_host`);
-// 6. continue generating from the compressed cache and from the full one, and compare.
-// Built as CUDA (demo_gpu.cu) it also runs steps 2-5 on the GPU and checks they give byte-identical caches.
+// 2. compress: one call of the compressor (`compress_host`) scores every cached token per layer (accumulated
+//    attention, the paper's scorer), builds the curves (sinks 4 / recent 1 protected), solves one global threshold
+//    meeting the evict ratio exactly, and compacts every layer's K and V in place to its own length;
+// 3. continue generating from the compressed cache and from the full one, and compare.
+// Built as CUDA (demo_gpu.cu) it also runs the compressor on the GPU (`compress`) and checks that it writes
+// byte-identical caches.
 #include <prefixkv/prefixkv.hpp>
 
 #include "tiny_llama.hpp"
@@ -133,69 +132,50 @@ int main(int argc, char** argv) {
   tiny_llama::kv_cache full = cache;  // uncompressed copy for the comparison
   const size_t bytes_before = cache.bytes();
 
-  // ---- 2. score: accumulated attention, one row per layer -------------------------------------------------------
-  const prefixkv::segment_grid grid{L, 1, 1};
-  const prefixkv::segments rows = prefixkv::make_uniform_segments(L, T);
-  std::vector<float> scores(size_t(L) * T);
-  t0 = std::chrono::steady_clock::now();
-  for (int l = 0; l < L; ++l) {
-    auto pv = prefixkv::make_kv_view_bhsd(static_cast<const float*>(P[l].data()), 1, Hq, T, T);
-    check(prefixkv::accumulated_attention_host(pv, grid, l, rows, scores.data()), "score");
-  }
-  const double score_ms = ms_since(t0);
-
-  // ---- 3. curves, 4. solve, 5. select --------------------------------------------------------------------------
+  // ---- 2-5. the compressor: score, curve, solve, select and compact every layer in one call --------------------
   const prefixkv::protect_policy protect{4, 1};
-  prefixkv::curve_buffers curves;
-  t0 = std::chrono::steady_clock::now();
-  check(prefixkv::build_curves_host(scores.data(), rows, protect, curves), "curves");
-  const double curve_ms = ms_since(t0);
-
-  std::vector<int64_t> keep;
-  float threshold = 0.f;
-  t0 = std::chrono::steady_clock::now();
-  check(prefixkv::solve_host(curves.view(), prefixkv::budget_evict_ratio(opt.evict_ratio), prefixkv::keep_bounds{},
-                             keep, &threshold),
-        "solve");
-  const double solve_ms = ms_since(t0);
-
-  prefixkv::selection_buffers sel;
-  t0 = std::chrono::steady_clock::now();
-  check(prefixkv::write_selection_host(curves.view(), keep.data(), sel), "select");
-  const double select_ms = ms_since(t0);
-
-  // ---- 5. compact every layer's K and V in place -----------------------------------------------------------------
+  prefixkv::compress_config cfg;
+  cfg.layers = L, cfg.q_heads = Hq, cfg.kv_heads = Hkv, cfg.head_dim = hs, cfg.max_tokens = T;
+  cfg.scorer = prefixkv::scorer_kind::attention;  // the paper's accumulated attention
+  cfg.evict_ratio = opt.evict_ratio;
+  cfg.protect = protect;
+  prefixkv::compress_plan plan;
+  check(prefixkv::make_plan(cfg, plan), "plan");
   std::vector<prefixkv::kv_view<float>> kv(L), vv(L);
+  std::vector<prefixkv::kv_view<const float>> pv(L);
   for (int l = 0; l < L; ++l) {
     kv[l] = prefixkv::make_kv_view_bhsd(cache.k[l].data(), 1, Hkv, T, hs, cache.capacity);
     vv[l] = prefixkv::make_kv_view_bhsd(cache.v[l].data(), 1, Hkv, T, hs, cache.capacity);
+    pv[l] = prefixkv::make_kv_view_bhsd(static_cast<const float*>(P[l].data()), 1, Hq, T, T);
   }
+  const int32_t tokens = T;
   std::vector<int32_t> new_len(L);
-  prefixkv::kv_layers<float> layers{kv.data(), vv.data(), nullptr, nullptr, L};
-  prefixkv::compact_outputs outs{};
-  outs.lengths = new_len.data();
+  float threshold = 0.f;
+  prefixkv::compress_args<prefixkv::kv_layers<float>, float> args;
+  args.cache = {kv.data(), vv.data(), nullptr, nullptr, L};
+  args.lengths = &tokens;
+  args.attention = pv.data();
+  args.out.lengths = new_len.data();
+  args.out.threshold = &threshold;
   t0 = std::chrono::steady_clock::now();
-  check(prefixkv::compact_in_place_host(layers, sel.view(), grid, outs), "compact");
-  const double compact_ms = ms_since(t0);
+  check(prefixkv::compress_host(plan, args), "compress");
+  const double compress_ms = ms_since(t0);
+  std::vector<int64_t> keep(new_len.begin(), new_len.end());
   for (int l = 0; l < L; ++l) cache.length[l] = new_len[l];
   const size_t bytes_after = cache.bytes();
 
   std::printf("\nPrefixKV, evict ratio %.2f, global threshold p = %.4f (host backend)\n", opt.evict_ratio, threshold);
-  std::printf("  layer  tokens  kept  evicted  kept%%   attention mass kept\n");
-  for (int l = 0; l < L; ++l) {
-    const int64_t k = keep[l], cands = curves.offsets[l + 1] - curves.offsets[l];
-    const int64_t kc = k - prefixkv::protected_count(T, protect);
-    const double mass = kc > 0 ? curves.cumulative[curves.offsets[l] + kc - 1] : 0.0;
-    std::printf("  %5d  %6d  %4lld  %7lld  %5.1f   %.3f of %lld candidates' mass\n", l, T, (long long)k,
-                (long long)(T - k), 100.0 * double(k) / T, mass, (long long)cands);
-  }
+  std::printf("  layer  tokens  kept  evicted  kept%%\n");
+  for (int l = 0; l < L; ++l)
+    std::printf("  %5d  %6d  %4lld  %7lld  %5.1f\n", l, T, (long long)keep[l], (long long)(T - keep[l]),
+                100.0 * double(keep[l]) / T);
   std::printf("  KV bytes: %zu -> %zu (%.1f%% of the original)\n", bytes_before, bytes_after,
               100.0 * double(bytes_after) / double(bytes_before));
-  std::printf("  time (ms): prefill %.1f | score %.3f  curve %.3f  solve %.3f  select %.3f  compact %.3f\n",
-              prefill_ms, score_ms, curve_ms, solve_ms, select_ms, compact_ms);
+  std::printf("  time (ms): prefill %.1f | compress (score, curve, solve, select, compact) %.3f\n", prefill_ms,
+              compress_ms);
 
 #if defined(PREFIXKV_DEMO_GPU)
-  run_gpu_pipeline(P, T, Hq, Hkv, hs, full, cache, keep, opt.evict_ratio, protect);
+  run_gpu_pipeline(P, T, Hq, Hkv, hs, full, cache, keep, plan);
 #endif
 
   // ---- 6. continue from both caches ------------------------------------------------------------------------------
