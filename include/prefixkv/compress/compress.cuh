@@ -248,12 +248,30 @@ PREFIXKV_KERNEL void __launch_bounds__(256) compress_finalize_kernel(compress_ka
 //! Workspace pieces of the chain.
 enum compress_piece : int {
   cw_status = 0, cw_seg_begin, cw_seg_len, cw_counts, cw_poff, cw_solve_status, cw_thr, cw_keep, cw_sel_off,
-  cw_curve_off, cw_curve_tokens, cw_positions, cw_cumulative, cw_sorted, cw_scores, cw_stage, cw_count
+  cw_curve_off, cw_curve_tokens, cw_scores, cw_union, cw_count
 };
 
-//! Piece sizes for a call with `batch` sequences over `lc` layers (stage temp given separately).
+//! Temporary storage of the stages: the scorer's, and the largest of the curve builder's, the solver's, the
+//! selection writer's and the compaction's.
+struct compress_temps {
+  size_t scorer = 0, stages = 0;
+};
+
+//! The union piece: the scorer's temp while scoring, then the curve arrays (positions, cumulative, sorted scores;
+//! C candidates each) followed by the temp of the later stages — the curve arrays are not alive while scoring.
+struct compress_union {
+  size_t curve_array = 0;  // bytes of one curve array, rounded
+  size_t bytes = 0;
+  compress_union(int64_t C, const compress_temps& t) {
+    curve_array = workspace_round_up(static_cast<size_t>(C) * sizeof(float));
+    const size_t after = 3 * curve_array + workspace_round_up(t.stages);
+    bytes = t.scorer > after ? t.scorer : after;
+  }
+};
+
+//! Piece sizes for a call with `batch` sequences over `lc` layers.
 inline void compress_reserve(workspace_layout<cw_count>& ws, const compress_plan& pl, int64_t batch, int64_t lc,
-                             size_t stage_bytes) {
+                             const compress_temps& temps) {
   const int64_t S = lc * batch * pl.seg_heads;
   const int64_t P = pl.cfg.alloc == allocation::prefix ? batch : batch * lc;
   const int64_t C = S * pl.cfg.max_tokens;
@@ -268,11 +286,8 @@ inline void compress_reserve(workspace_layout<cw_count>& ws, const compress_plan
   ws.reserve<int64_t>(cw_sel_off, S + 1);
   ws.reserve<int64_t>(cw_curve_off, S + 1);
   ws.reserve<int64_t>(cw_curve_tokens, S);
-  ws.reserve<int32_t>(cw_positions, C);
-  ws.reserve<float>(cw_cumulative, C);
-  ws.reserve<float>(cw_sorted, C);
   ws.reserve<float>(cw_scores, C);  // scores, then the kept indices (int32) once the curves are built
-  ws.reserve_bytes(cw_stage, stage_bytes);
+  ws.reserve_bytes(cw_union, compress_union(C, temps).bytes);
 }
 
 //! A never-dereferenced, suitably aligned stand-in pointer for size queries.
@@ -281,14 +296,15 @@ inline X* compress_fake_ptr() {
   return reinterpret_cast<X*>(static_cast<std::uintptr_t>(1) << 12);
 }
 
-//! Largest stage temp of any call the plan serves.
+//! Largest stage temps of any call the plan serves.
 template <class T>
-inline cudaError_t compress_stage_bound(const compress_plan& pl, size_t& bytes) {
+inline cudaError_t compress_stage_bound(const compress_plan& pl, compress_temps& temps) {
   const compress_config& c = pl.cfg;
   const int64_t B = c.max_batch, L = c.layers, H = pl.seg_heads;
   const int64_t S = L * B * H, C = S * c.max_tokens;
-  bytes = 0;
+  temps = compress_temps{};
   if (S == 0) return cudaSuccess;
+  size_t bytes = 0;
   const segments rows = make_ragged_segments(S, compress_fake_ptr<const int64_t>(), compress_fake_ptr<const int64_t>());
   const segment_grid grid{L, B, H, true};
   size_t b = 0;
@@ -316,6 +332,8 @@ inline cudaError_t compress_stage_bound(const compress_plan& pl, size_t& bytes) 
                                          compress_fake_ptr<float>(), nullptr, 0));
     bytes = std::max(bytes, b);
   }
+  temps.scorer = bytes;
+  bytes = 0;
   curve_device_out co{compress_fake_ptr<int64_t>(), compress_fake_ptr<int64_t>(), compress_fake_ptr<int32_t>(),
                       compress_fake_ptr<float>(), compress_fake_ptr<float>()};
   curve_set set;
@@ -327,7 +345,7 @@ inline cudaError_t compress_stage_bound(const compress_plan& pl, size_t& bytes) 
   // caches, one word per page of the pool
   bytes = std::max<size_t>(bytes, workspace_round_up(2 * sizeof(int32_t) * static_cast<size_t>(sm_count())) +
                                       workspace_round_up(sizeof(int32_t) * static_cast<size_t>(c.max_pages)));
-  bytes = std::max<size_t>(bytes, workspace_alignment);
+  temps.stages = std::max<size_t>(bytes, workspace_alignment);
   return cudaSuccess;
 }
 
@@ -373,19 +391,19 @@ cudaError_t compress_run(void* d_temp, size_t& temp_bytes, const compress_plan& 
   // ---- size query: from the plan alone
   if (d_temp == nullptr) {
     if (!pl.valid) return fail(reason::bad_parameter, "compress: the plan was not made by make_plan");
-    size_t stage = 0;
-    PREFIXKV_TRY(compress_stage_bound<T>(pl, stage));
+    compress_temps temps;
+    PREFIXKV_TRY(compress_stage_bound<T>(pl, temps));
     workspace_layout<cw_count> ws;
-    compress_reserve(ws, pl, c.max_batch, c.layers, stage);
+    compress_reserve(ws, pl, c.max_batch, c.layers, temps);
     temp_bytes = ws.bytes();
     return cudaSuccess;
   }
   int64_t batch = 0, capacity = 0;
   PREFIXKV_TRY(compress_check_args(pl, a, layer, batch, capacity));
-  size_t stage_bytes = 0;
-  PREFIXKV_TRY(compress_stage_bound<T>(pl, stage_bytes));
+  compress_temps temps;
+  PREFIXKV_TRY(compress_stage_bound<T>(pl, temps));
   workspace_layout<cw_count> full;
-  compress_reserve(full, pl, c.max_batch, c.layers, stage_bytes);
+  compress_reserve(full, pl, c.max_batch, c.layers, temps);
   PREFIXKV_TRY(full.map(d_temp, temp_bytes));  // the caller's buffer covers the plan
   compress_geometry g;
   g.l0 = layer < 0 ? 0 : layer;
@@ -394,7 +412,7 @@ cudaError_t compress_run(void* d_temp, size_t& temp_bytes, const compress_plan& 
   g.heads = pl.seg_heads;
   g.capacity = capacity;
   workspace_layout<cw_count> ws;  // this call's pieces, inside the same buffer
-  compress_reserve(ws, pl, batch, g.lc, stage_bytes);
+  compress_reserve(ws, pl, batch, g.lc, temps);
   PREFIXKV_TRY(ws.map(d_temp, temp_bytes));
   const int64_t S = g.segments();
   const segment_grid grid = g.grid();
@@ -428,8 +446,13 @@ cudaError_t compress_run(void* d_temp, size_t& temp_bytes, const compress_plan& 
     k.table_page = a.cache.k[0].page_size;
     k.table_pages = a.cache.k[0].num_pages;
   }
-  void* stage = ws.get<void>(cw_stage);
-  const size_t stage_have = ws.size_of(cw_stage);
+  // the union piece: the scorer's temp first, then the curve arrays and the later stages' temp
+  const compress_union un(S * c.max_tokens, temps);
+  char* const ubase = ws.get<char>(cw_union);
+  void* const scorer_temp = ubase;
+  const size_t scorer_have = ws.size_of(cw_union);
+  void* const stage = ubase + 3 * un.curve_array;
+  const size_t stage_have = ws.size_of(cw_union) - 3 * un.curve_array;
 
   PREFIXKV_TRY(check_runtime(cudaMemsetAsync(k.status, 0, compress_st_words * sizeof(int32_t), stream), "compress: memset"));
   if (batch > 0) {
@@ -447,8 +470,8 @@ cudaError_t compress_run(void* d_temp, size_t& temp_bytes, const compress_plan& 
     size_t need = 0;
     if (c.scorer == scorer_kind::attention) {
       PREFIXKV_TRY(accumulated_attention_layers(nullptr, need, a.attention + l0, grid, rows, own, bits, stream));
-      PREFIXKV_TRY(compress_stage_fits(need, stage_have));
-      PREFIXKV_TRY(accumulated_attention_layers(stage, need, a.attention + l0, grid, rows, own, bits, stream));
+      PREFIXKV_TRY(compress_stage_fits(need, scorer_have));
+      PREFIXKV_TRY(accumulated_attention_layers(scorer_temp, need, a.attention + l0, grid, rows, own, bits, stream));
     } else if (c.scorer == scorer_kind::window || c.scorer == scorer_kind::key_norm) {
       compress_key_views<Cache> keys;
       keys.fill(a.cache, l0, lc, token_cap);
@@ -456,13 +479,13 @@ cudaError_t compress_run(void* d_temp, size_t& temp_bytes, const compress_plan& 
         const lse_view* lse = a.lse ? a.lse + l0 : nullptr;
         PREFIXKV_TRY(window_attention_layers(nullptr, need, a.queries + l0, keys.k, lse, c.window, grid, rows, own,
                                              bits, stream));
-        PREFIXKV_TRY(compress_stage_fits(need, stage_have));
-        PREFIXKV_TRY(window_attention_layers(stage, need, a.queries + l0, keys.k, lse, c.window, grid, rows, own,
+        PREFIXKV_TRY(compress_stage_fits(need, scorer_have));
+        PREFIXKV_TRY(window_attention_layers(scorer_temp, need, a.queries + l0, keys.k, lse, c.window, grid, rows, own,
                                              bits, stream));
       } else {
         PREFIXKV_TRY(key_norm_layers(nullptr, need, keys.k, key_norm_options{true}, grid, rows, own, bits, stream));
-        PREFIXKV_TRY(compress_stage_fits(need, stage_have));
-        PREFIXKV_TRY(key_norm_layers(stage, need, keys.k, key_norm_options{true}, grid, rows, own, bits, stream));
+        PREFIXKV_TRY(compress_stage_fits(need, scorer_have));
+        PREFIXKV_TRY(key_norm_layers(scorer_temp, need, keys.k, key_norm_options{true}, grid, rows, own, bits, stream));
       }
     }
     if (c.scorer == scorer_kind::recency) {
@@ -480,8 +503,9 @@ cudaError_t compress_run(void* d_temp, size_t& temp_bytes, const compress_plan& 
     PREFIXKV_TRY(mark(1));
     // ---- curves
     const int64_t C = S * c.max_tokens;
-    curve_device_out co{ws.get<int64_t>(cw_curve_off), ws.get<int64_t>(cw_curve_tokens), ws.get<int32_t>(cw_positions),
-                        ws.get<float>(cw_cumulative), ws.get<float>(cw_sorted)};
+    curve_device_out co{ws.get<int64_t>(cw_curve_off), ws.get<int64_t>(cw_curve_tokens),
+                        reinterpret_cast<int32_t*>(ubase), reinterpret_cast<float*>(ubase + un.curve_array),
+                        reinterpret_cast<float*>(ubase + 2 * un.curve_array)};
     curve_set curves;
     need = 0;
     const curve_options copt{curve_sort::automatic, c.max_tokens};  // the prologue bounds every row by max_tokens
