@@ -82,6 +82,17 @@ PREFIXKV_HOST_DEVICE reason decode_init_scalars(const decode_plan& pl, const dec
   return why;
 }
 
+//! Paged caches: every block holding rows [0, n) of sequence b names a page of the pool (rows are moved without
+//! further checks; distinct pages are the runtime's invariant).
+PREFIXKV_HOST_DEVICE bool decode_pages_ok(const compact_table& t, int64_t b, int64_t n) {
+  if (!t.paged) return true;
+  for (int64_t blk = 0; blk * t.page_size < n; ++blk) {
+    const int64_t page = t.table[b * t.stride + blk];
+    if (page < 0 || page >= t.num_pages) return false;
+  }
+  return true;
+}
+
 //! Geometry of the attention observation shared by all layers (the device kernels read one descriptor).
 template <class P>
 inline bool decode_same_view(const kv_view<const P>& a, const kv_view<const P>& b) {
@@ -280,6 +291,11 @@ inline cudaError_t decode_step_host_run(const decode_plan& pl, decode_state& st,
           skip[(l * batch + b) * H + h] = 1;
           continue;
         }
+        if (!decode_pages_ok(m.st, b, n + add)) {
+          why = decode_min_reason(why, reason::out_of_range);
+          skip[(l * batch + b) * H + h] = 1;
+          continue;
+        }
         const int64_t n1 = n + add;
         if (pl.has_scores()) {
           float* sc = st.scores + s * T;
@@ -336,20 +352,21 @@ inline cudaError_t decode_step_host_run(const decode_plan& pl, decode_state& st,
           const int64_t n = st.lengths[s];
           state_of[j] = s;
           begins[j] = s * T;
-          lens[j] = n >= 0 && n <= capacity ? n : -1;  // a bad length is left alone (an empty row here)
+          lens[j] = n >= 0 && n <= capacity && decode_pages_ok(m.st, b, n) ? n : -1;  // bad: left alone (empty row)
         }
-    for (int64_t j = 0; j < S; ++j) lens[j] = lens[j] < 0 ? 0 : lens[j];
+
+    std::vector<char> bad(static_cast<size_t>(S), 0);
+    for (int64_t j = 0; j < S; ++j) {
+      bad[j] = lens[j] < 0;
+      if (bad[j]) lens[j] = 0;
+    }
     const segments rows = make_ragged_segments(S, begins.data(), lens.data());
     curve_buffers curves;
     PREFIXKV_TRY(build_curves_host(st.scores, rows, c.protect, curves));
     const int64_t np = c.rebalance ? batch : S, per = c.rebalance ? L * H : 1;
     std::vector<int64_t> counts(static_cast<size_t>(np), 0), poff(static_cast<size_t>(np + 1)), keep(static_cast<size_t>(S));
-    std::vector<char> bad(static_cast<size_t>(S), 0);
-    for (int64_t j = 0; j < S; ++j) {
-      const int64_t s = state_of[j], n = st.lengths[s];
-      bad[j] = !(n >= 0 && n <= capacity);
-      if (!bad[j]) counts[j / per] += decode_compress_count(pl, st, grid.layer_of(j), s);
-    }
+    for (int64_t j = 0; j < S; ++j)
+      if (!bad[j]) counts[j / per] += decode_compress_count(pl, st, grid.layer_of(j), state_of[j]);
     for (int64_t q = 0; q <= np; ++q) poff[q] = q * per;
     solve_budget budget;
     budget.kind = budget_kind::keep_candidates;
