@@ -346,7 +346,8 @@ PREFIXKV_KERNEL void __launch_bounds__(decode_threads) decode_step_kernel(const 
         for (int64_t q = 0; q < a.p_tokens; ++q) {
           float hs = 0.0f;
           const P* col = pd + b * a.p_sb + q * a.p_st + r * a.p_sd;
-          for (int64_t g = 0; g < G; ++g) hs += to_float(col[(g0 + g) * a.p_sh]);
+#pragma unroll 8
+          for (int64_t g = 0; g < G; ++g) hs += to_float(col[(g0 + g) * a.p_sh]);  // (loads hoisted, adds in order)
           x += hs / static_cast<float>(G);
         }
         v = decode_accumulate(old, decode_sanitise(x, why), why);
