@@ -148,6 +148,30 @@ struct gpu_case {
                    [&] { dmem.poison(); }, [&](const char* how) { check_state(how); });
   }
 
+  //! Init from per-sequence lengths for the first `batch` sequences only (the others start empty); one length past
+  //! max_tokens and one `seen` below its length (both clamped and reported).
+  void init_per_sequence(std::mt19937_64& rng, int64_t batch) {
+    std::vector<int32_t> len(static_cast<size_t>(batch)), seen(static_cast<size_t>(batch));
+    for (int64_t b = 0; b < batch; ++b) {
+      seen[b] = int32_t(g.T / 2 + int64_t(rng() % uint64_t(g.T)));
+      len[b] = int32_t(seen[b] / 3);
+    }
+    len[0] = int32_t(plan.cfg.max_tokens + 7);
+    if (batch > 1) seen[1] = len[1] - 1;
+    device_buffer<int32_t> dlen(len), dseen(seen);
+    pk::decode_init_args ha, da;
+    ha.batch = da.batch = batch;
+    ha.lengths = len.data();
+    da.lengths = dlen.get();
+    ha.seen = seen.data();
+    da.seen = dseen.get();
+    REQUIRE(pk::decode_init_host(plan, hst, ha) == cudaSuccess);
+    CHECK(hbuf.status == int32_t(pk::reason::out_of_range));
+    CHECK(hbuf.lengths[plan.state_index(0, 0, 0)] == plan.cfg.max_tokens);
+    run_three_ways([&](void* t, size_t& n, cudaStream_t s) { return pk::decode_init(t, n, plan, dst, da, s); },
+                   [&] { dmem.poison(); }, [&](const char* how) { check_state(how); });
+  }
+
   //! Random observation for a step (with `bad` NaN / negative values now and then), uploaded.
   void randomise(std::mt19937_64& rng, bool ties, bool bad) {
     for (auto& x : p) x = from_double<P>(ties ? double(rng() % 8) / 8.0 : double(rng() % 1000003) / 1000003.0);

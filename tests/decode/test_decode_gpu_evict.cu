@@ -194,3 +194,17 @@ TEST_CASE("decode gpu: a page id outside the pool leaves its segments unchanged,
     for (int64_t l = 0; l < 2; ++l) CHECK(c.hbuf.lengths[c.plan.state_index(l, 1, 0)] == before[c.plan.state_index(l, 1, 0)]);
   }
 }
+
+TEST_CASE("decode gpu: init from per-sequence lengths, fewer sequences than max_batch, clamped inputs") {
+  auto rng = make_rng(209);
+  for (auto pol : {pk::decode_policy::fixed_position, pk::decode_policy::score, pk::decode_policy::amortised}) {
+    pk::decode_config cfg;
+    cfg.policy = pol;
+    cfg.gran = pol == pk::decode_policy::score ? pk::granularity::head : pk::granularity::layer;
+    gpu_case<pk::bf16, pk::bf16> c(layout::bshd, geo(2, 3, 2, 64, 32), cfg, rng);
+    c.init_per_sequence(rng, 2);
+    c.randomise(rng, false, false);
+    // sequence 0 was clamped to max_tokens: its new token does not fit (reported, left unchanged)
+    c.step(pk::decode_observe::attention, pk::decode_when::automatic, 1, false, true, "after init");
+  }
+}

@@ -404,3 +404,54 @@ TEST_CASE("decode: host-visible bad arguments are rejected before anything is wr
   CHECK(pk::decode_init_host(g.plan, g.st, ia) == cudaErrorInvalidValue);
   CHECK(pk::last_error().why == pk::reason::null_pointer);
 }
+
+TEST_CASE("decode init: per-sequence lengths, fewer sequences than max_batch, clamped inputs reported") {
+  pk::decode_config c = base_config(2, 3, 2, 2, 50);
+  c.head_dim = 2;
+  c.policy = pk::decode_policy::fixed_position;
+  c.distance = -10;
+  pk::decode_plan plan;
+  REQUIRE(pk::make_plan(c, plan) == cudaSuccess);
+  pk::decode_state_buffers buf(plan);
+  pk::decode_state st = buf.state();
+  const std::vector<int32_t> len = {30, 70}, seen = {100, 20};
+  pk::decode_init_args ia;
+  ia.batch = 2;
+  ia.lengths = len.data();
+  ia.seen = seen.data();
+  REQUIRE(pk::decode_init_host(plan, st, ia) == cudaSuccess);
+  CHECK(*st.status == int32_t(pk::reason::out_of_range));
+  for (int64_t l = 0; l < 2; ++l) {
+    const int64_t s0 = plan.state_index(l, 0, 0), s1 = plan.state_index(l, 1, 0), s2 = plan.state_index(l, 2, 0);
+    CHECK(st.lengths[s0] == 30);
+    CHECK(st.seen[s0] == 100);
+    CHECK(st.position[s0] == 20);
+    CHECK(st.lengths[s1] == 50);  // clamped to max_tokens
+    CHECK(st.seen[s1] == 50);     // raised to the length
+    CHECK(st.frac_num[s1] == 50);
+    CHECK(st.frac_den[s1] == 50);
+    CHECK(st.lengths[s2] == 0);   // not given: empty
+    CHECK(st.seen[s2] == 0);
+  }
+}
+
+TEST_CASE("decode init: initial scores are sanitised, rows past the score stride start at 0") {
+  pk::decode_config c = base_config(1, 1, 1, 1, 16);
+  c.policy = pk::decode_policy::score;
+  pk::decode_plan plan;
+  REQUIRE(pk::make_plan(c, plan) == cudaSuccess);
+  pk::decode_state_buffers buf(plan);
+  pk::decode_state st = buf.state();
+  const std::vector<int32_t> len = {8}, seen = {20};
+  const std::vector<float> sc = {1, 2, std::nanf(""), 4, 5};
+  pk::decode_init_args ia;
+  ia.batch = 1;
+  ia.lengths = len.data();
+  ia.seen = seen.data();
+  ia.scores = sc.data();
+  ia.score_stride = 5;
+  REQUIRE(pk::decode_init_host(plan, st, ia) == cudaSuccess);
+  CHECK(*st.status == int32_t(pk::reason::out_of_range));
+  CHECK(buf.scores == std::vector<float>{1, 2, 0, 4, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0});
+  CHECK(buf.stamps[7] == 7);
+}

@@ -164,7 +164,7 @@ struct decode_init_args {
   bool lengths_per_segment = false;   //!< e.g. `compress_outputs::lengths`
   const int32_t* seen = nullptr;      //!< (batch) tokens each sequence has seen (its prompt length)
   const float* scores = nullptr;      //!< optional (layers, batch[, kv_heads], score_stride) initial running scores
-  int64_t score_stride = 0;           //!< floats between two score rows
+  int64_t score_stride = 0;           //!< floats between two score rows (>= every length; rows past it start at 0)
 };
 
 //! One step. `Cache` is `kv_layers<T>` or `paged_kv_layers<T>` (host arrays of per-layer views; data in the

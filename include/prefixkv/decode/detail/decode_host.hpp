@@ -411,10 +411,13 @@ inline cudaError_t decode_step_host_run(const decode_plan& pl, decode_state& st,
         int64_t n = 0;
         why = detail::decode_min_reason(why, detail::decode_init_scalars(plan, state, args, l, b, h, n));
         const int64_t s = plan.state_index(l, b, h), j = (l * args.batch + b) * plan.seg_heads + h;
+        if (plan.has_scores() && args.scores && n > args.score_stride)
+          why = detail::decode_min_reason(why, reason::out_of_range);  // rows past the stride start at 0
         if (plan.has_scores())
           for (int64_t r = 0; r < T; ++r) {
             float x = 0.0f;
-            if (r < n && args.scores) x = detail::decode_sanitise(args.scores[j * args.score_stride + r], why);
+            if (r < n && r < args.score_stride && args.scores)
+              x = detail::decode_sanitise(args.scores[j * args.score_stride + r], why);
             state.scores[s * T + r] = x;
           }
         if (plan.has_stamps())

@@ -275,10 +275,12 @@ PREFIXKV_KERNEL void __launch_bounds__(decode_threads) decode_init_kernel(decode
     __syncthreads();
     const int64_t n = n_s;
     const int64_t j = (l * a.batch + b) * Hs + h;
+    if (pl.has_scores() && a.scores && n > a.score_stride && threadIdx.x == 0)
+      why = decode_min_reason(why, reason::out_of_range);  // rows past the stride start at 0
     if (pl.has_scores())
       for (int64_t r = threadIdx.x; r < T; r += blockDim.x) {
         float x = 0.0f;
-        if (r < n && a.scores) x = decode_sanitise(a.scores[j * a.score_stride + r], why);
+        if (r < n && r < a.score_stride && a.scores) x = decode_sanitise(a.scores[j * a.score_stride + r], why);
         st.scores[s * T + r] = x;
       }
     if (pl.has_stamps())
