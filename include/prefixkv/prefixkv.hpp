@@ -17,6 +17,7 @@
 #include "solve/solve.hpp"
 #include "compact/compact.hpp"
 #include "compress/compress.hpp"
+#include "decode/decode.hpp"
 #include "profile/profile.hpp"
 #include "io/npy.hpp"
 #include "io/json.hpp"
