@@ -7,6 +7,7 @@
 #include "support/test_random.hpp"
 
 #include <algorithm>
+#include <thread>
 #include <vector>
 
 using namespace prefixkv_test;
@@ -122,4 +123,26 @@ TEST_CASE("segments read the same on device and host (cu_seqlens and ragged form
   for (int64_t s = 0; s < count; ++s)
     for (int64_t i = 0; i < width; ++i)
       CHECK(got[s * width + i] == (i < hs.length(s) ? flat[hs.begin(s) + i] : -1.f));
+}
+
+TEST_CASE("sm_count: the device's multiprocessor count, cached per device, the same from every thread") {
+  int dev = 0, want = 0;
+  PKV_CUDA_CHECK(cudaGetDevice(&dev));
+  PKV_CUDA_CHECK(cudaDeviceGetAttribute(&want, cudaDevAttrMultiProcessorCount, dev));
+  int n = -1;
+  CHECK(prefixkv::detail::sm_count(n) == cudaSuccess);
+  CHECK(n == want);
+  CHECK(prefixkv::detail::sm_count() == want);
+  // concurrent first calls on other threads (the cache is per device, lock-free)
+  std::vector<int> got(8, -1);
+  std::vector<std::thread> th;
+  for (size_t i = 0; i < got.size(); ++i)
+    th.emplace_back([&got, i] {
+      int v = -1;
+      if (cudaSetDevice(0) == cudaSuccess && prefixkv::detail::sm_count(v) == cudaSuccess) got[i] = v;
+    });
+  for (auto& t : th) t.join();
+  int dev0 = 0;
+  PKV_CUDA_CHECK(cudaDeviceGetAttribute(&dev0, cudaDevAttrMultiProcessorCount, 0));
+  for (int v : got) CHECK(v == dev0);
 }

@@ -170,3 +170,52 @@ TEST_CASE("pipeline: window scores -> curves -> solve -> kept indices, device-on
                  });
   }
 }
+
+TEST_CASE("pipeline: a negative score empties the curves; the device solver then keeps every token and says why") {
+  // 3 segments of 40 tokens, one negative score in segment 1: the builder flags it and empties every curve, the
+  // solver reports shape_mismatch for the problem and keeps all tokens — never a ranking with the sign lost
+  const int64_t S = 3, n = 40, total = S * n;
+  std::vector<float> x(total);
+  for (int64_t i = 0; i < total; ++i) x[i] = float((i * 37) % 11);
+  x[n + 17] = -5.0f;
+  device_buffer<float> dx(x);
+  device_buffer<int64_t> offsets(S + 1), tokens(S), keep(S);
+  device_buffer<int32_t> pos(total), solve_status(1);
+  device_buffer<float> cum(total);
+  device_buffer<unsigned> status(1);
+  const pk::curve_device_out out{offsets.get(), tokens.get(), pos.get(), cum.get(), nullptr};
+  pk::curve_set curves;
+  for (unsigned* st : {status.get(), static_cast<unsigned*>(nullptr)}) {
+    run_three_ways(
+        [&](void* t, size_t& bytes, cudaStream_t s) -> cudaError_t {
+          size_t b_curve = 0, b_solve = 0;
+          PREFIXKV_TRY(pk::build_curves(nullptr, b_curve, dx.get(), pk::make_uniform_segments(S, n), {}, total, out, curves, st, s));
+          PREFIXKV_TRY(pk::solve(nullptr, b_solve, curves, 1, nullptr, pk::budget_evict_ratio(0.5), {}, keep.get(), nullptr,
+                                 solve_status.get(), s));
+          pk::workspace_layout<2> ws;
+          ws.reserve_bytes(0, b_curve);
+          ws.reserve_bytes(1, b_solve);
+          if (t == nullptr) {
+            bytes = ws.bytes();
+            return cudaSuccess;
+          }
+          PREFIXKV_TRY(ws.map(t, bytes));
+          PREFIXKV_TRY(pk::build_curves(ws.get<void>(0), b_curve, dx.get(), pk::make_uniform_segments(S, n), {}, total, out,
+                                        curves, st, s));
+          return pk::solve(ws.get<void>(1), b_solve, curves, 1, nullptr, pk::budget_evict_ratio(0.5), {}, keep.get(), nullptr,
+                           solve_status.get(), s);
+        },
+        [&] {
+          keep.poison();
+          PKV_CUDA_CHECK(cudaMemset(status.get(), 0, 4));
+          PKV_CUDA_CHECK(cudaMemset(solve_status.get(), 0, 4));
+        },
+        [&](const char* mode) {
+          INFO("mode ", mode, st ? " with status" : " without status");
+          if (st) CHECK(status.download()[0] == unsigned(pk::status_negative));
+          CHECK(offsets.download() == std::vector<int64_t>(S + 1, 0));
+          CHECK(solve_status.download()[0] == int32_t(pk::reason::shape_mismatch));
+          CHECK(keep.download() == std::vector<int64_t>(S, n));
+        });
+  }
+}
