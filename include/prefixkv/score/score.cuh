@@ -1274,7 +1274,8 @@ template <class T>
                                                        unsigned* d_status = nullptr, cudaStream_t stream = 0) {
   static_assert(detail::is_score_element<T>::value, PREFIXKV_SCORE_ELEMENT_MESSAGE);
   if constexpr (detail::is_score_element<T>::value)
-    return detail::accumulated_attention_run(d_temp, temp_bytes, &p, grid, layer, 1, rows, scores, d_status, stream);
+    return detail::accumulated_attention_run<detail::attention_policy>(d_temp, temp_bytes, &p, grid, layer, 1, rows,
+                                                                       scores, d_status, stream);
   else
     return cudaErrorInvalidValue;
 }
@@ -1288,8 +1289,8 @@ template <class T>
                                                               unsigned* d_status = nullptr, cudaStream_t stream = 0) {
   static_assert(detail::is_score_element<T>::value, PREFIXKV_SCORE_ELEMENT_MESSAGE);
   if constexpr (detail::is_score_element<T>::value)
-    return detail::accumulated_attention_run(d_temp, temp_bytes, p, grid, 0, grid.layers, rows, scores, d_status,
-                                             stream);
+    return detail::accumulated_attention_run<detail::attention_policy>(d_temp, temp_bytes, p, grid, 0, grid.layers,
+                                                                       rows, scores, d_status, stream);
   else
     return cudaErrorInvalidValue;
 }

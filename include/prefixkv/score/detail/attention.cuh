@@ -12,8 +12,9 @@
 //! * Workers take chunks round-robin (round r: worker w computes chunk r x workers + w) into registers: V fp32
 //!   accumulators per lane, the loads of `attention_load_bytes / (V x element size)` consecutive queries in flight.
 //!   Contiguous key rows are read with 16-, 8- or 4-byte vector loads (the widest that every row start allows),
-//!   anything else (a key stride, 2-byte-aligned rows) element by element; only keys < n are read (the last tile
-//!   of a row loads its partial vectors element-wise).
+//!   anything else (a key stride, 2-byte-aligned rows) element by element. Only keys < n are read: the vector
+//!   tiles cover the keys below n rounded down to V (a lane loads all its V keys or none), and one more block per
+//!   row (the tail tile, one key per lane) reads the last n mod V keys element by element.
 //! * At the end of a round the workers' chunk sums go to shared memory (double-buffered: one barrier per round) and
 //!   each thread adds, for the keys it owns in the running sums, the round's chunk sums in chunk order.
 //! * Non-finite elements: f16 sums cannot overflow, so a non-finite chunk sum means a non-finite element; for fp32
@@ -242,6 +243,14 @@ inline int attention_vector_bytes(const kv_view<const T>* p, int64_t layers) {
   return vb >= 4 ? vb : 0;
 }
 
+//! Compile-time choices of the launch shape (the results do not depend on them: the order is fixed by the chunks).
+//! The entry points use this one; tests instantiate `accumulated_attention_run` with others to reach every shape on
+//! any device.
+struct attention_policy {
+  static constexpr int lanes = 0;        //!< lanes per worker: 0 = chosen per launch (plan_attention), else 32, 16, 8
+  static constexpr int max_workers = 0;  //!< 0 = attention_max_threads / lanes, else at most this many per round
+};
+
 //! Launch shape: lanes per worker, workers per block, key tiles per row.
 struct attention_launch {
   int lanes = 32, workers = 1;
@@ -252,19 +261,25 @@ struct attention_launch {
 //! Lanes: 32, or fewer (16, 8) while the blocks would not fill two per SM and narrower tiles add blocks. Workers:
 //! enough for the chunks in the fewest rounds of at most `attention_max_threads` threads, spread evenly over the
 //! rounds, in whole warps.
-inline attention_launch plan_attention(int64_t keys, int64_t queries, int64_t row_blocks, int V) {
+inline attention_launch plan_attention(int64_t keys, int64_t queries, int64_t row_blocks, int V, int lanes,
+                                       int max_workers) {
   auto tiles_of = [&](int lanes) {
     const int64_t tw = int64_t(lanes) * V;
     return keys > 0 ? (keys + tw - 1) / tw : int64_t(1);
   };
   attention_launch s;
   const int64_t want = 2 * int64_t(sm_count());
-  while (s.lanes > 8 && tiles_of(s.lanes) * row_blocks < want && tiles_of(s.lanes / 2) > tiles_of(s.lanes))
-    s.lanes /= 2;
+  if (lanes != 0)
+    s.lanes = lanes;
+  else
+    while (s.lanes > 8 && tiles_of(s.lanes) * row_blocks < want && tiles_of(s.lanes / 2) > tiles_of(s.lanes))
+      s.lanes /= 2;
   s.tiles = tiles_of(s.lanes);
   const int64_t QC = attention_query_chunk;
   const int64_t J = std::max<int64_t>(1, (queries + QC - 1) / QC);
-  const int64_t wmax = attention_max_threads / s.lanes, per_warp = 32 / s.lanes;
+  const int64_t per_warp = 32 / s.lanes;
+  const int64_t wmax = max_workers > 0 ? std::min<int64_t>(max_workers, attention_max_threads / s.lanes)
+                                       : attention_max_threads / s.lanes;
   const int64_t rounds = (J + wmax - 1) / wmax;
   int64_t w = (J + rounds - 1) / rounds;
   w = (w + per_warp - 1) / per_warp * per_warp;
@@ -274,11 +289,13 @@ inline attention_launch plan_attention(int64_t keys, int64_t queries, int64_t ro
   return s;
 }
 
-template <class T, int V, bool Contig>
+template <class Policy, class T, int V, bool Contig>
 inline cudaError_t launch_attention(const attention_params<T>& a0, int64_t ny, int64_t layers, int64_t row_blocks,
                                     cudaStream_t stream) {
   attention_params<T> a = a0;
-  const attention_launch s = plan_attention(a.p.dim, a.p.tokens, row_blocks, V);
+  static_assert(Policy::lanes == 0 || Policy::lanes == 8 || Policy::lanes == 16 || Policy::lanes == 32,
+                "attention_policy::lanes: 0, 8, 16 or 32");
+  const attention_launch s = plan_attention(a.p.dim, a.p.tokens, row_blocks, V, Policy::lanes, Policy::max_workers);
   a.tiles = s.tiles;
   a.lanes = s.lanes;
   a.workers = s.workers;
@@ -289,7 +306,7 @@ inline cudaError_t launch_attention(const attention_params<T>& a0, int64_t ny, i
 }
 
 //! The accumulated-attention scorer for `layers` layers starting at grid layer `layer`: one launch.
-template <class T>
+template <class Policy, class T>
 inline cudaError_t accumulated_attention_run(void* d_temp, size_t& temp_bytes, const kv_view<const T>* p,
                                              const segment_grid& grid, int64_t layer, int64_t layers,
                                              const segments& rows, float* scores, unsigned* d_status,
@@ -312,11 +329,11 @@ inline cudaError_t accumulated_attention_run(void* d_temp, size_t& temp_bytes, c
   a.status = d_status;
   const int vb = attention_vector_bytes(p, layers);
   constexpr int e = int(sizeof(T));
-  if (vb == 16) return launch_attention<T, 16 / e, true>(a, ny, layers, row_blocks, stream);
-  if (vb == 8) return launch_attention<T, 8 / e, true>(a, ny, layers, row_blocks, stream);
+  if (vb == 16) return launch_attention<Policy, T, 16 / e, true>(a, ny, layers, row_blocks, stream);
+  if (vb == 8) return launch_attention<Policy, T, 8 / e, true>(a, ny, layers, row_blocks, stream);
   if constexpr (sizeof(T) == 2)
-    if (vb == 4) return launch_attention<T, 2, true>(a, ny, layers, row_blocks, stream);
-  return launch_attention<T, 1, false>(a, ny, layers, row_blocks, stream);
+    if (vb == 4) return launch_attention<Policy, T, 2, true>(a, ny, layers, row_blocks, stream);
+  return launch_attention<Policy, T, 1, false>(a, ny, layers, row_blocks, stream);
 }
 
 }  // namespace detail
