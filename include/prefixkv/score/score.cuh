@@ -3,7 +3,8 @@
 //! order, plus the CUB-style workspace first and an optional device status word and the stream last).
 //!
 //! * `accumulated_attention` / `accumulated_attention_layers` — the paper's scorer from materialised
-//!   probabilities (bit-identical to the twin).
+//!   probabilities, read once at memory bandwidth (detail/attention.cuh), bit-identical to the twin: both add the
+//!   queries in the chunked order defined in score.hpp.
 //! * `window_attention` / `window_attention_layers` — observation-window attention from Q and K
 //!   (FlashAttention-compatible), K strided or paged. The probability pass runs on tensor cores: wgmma
 //!   (detail/window_wgmma.cuh, opt-in `PREFIXKV_SM90A` builds on compute capability 9.0) or mma.sync m16n8k16 +
