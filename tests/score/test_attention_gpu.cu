@@ -33,7 +33,8 @@ struct attn_cfg {
 
 std::string describe(const attn_cfg& c) {
   char s[256];
-  std::snprintf(s, sizeof s, "layers %lld B %lld Hq %lld out %lld Q %lld K %lld pad %lld storage %d mis %d seq %d len %d bad %d",
+  std::snprintf(s, sizeof s,
+                "layers %lld B %lld Hq %lld out %lld Q %lld K %lld pad %lld storage %d mis %d seq %d len %d bad %d",
                 (long long)c.layers, (long long)c.B, (long long)c.Hq, (long long)c.heads_out, (long long)c.Q,
                 (long long)c.K, (long long)c.pad, c.storage, int(c.misalign), int(c.seq_major), c.lengths,
                 int(c.bad_row));
@@ -60,7 +61,8 @@ void expect_same(const std::vector<float>& got, const std::vector<float>& want) 
   REQUIRE(got.size() == want.size());
   int bad = 0;
   for (size_t i = 0; i < got.size(); ++i)
-    if (std::memcmp(&got[i], &want[i], 4) != 0 && bad++ < 5) FAIL_CHECK("element ", i, ": gpu ", got[i], " host ", want[i]);
+    if (std::memcmp(&got[i], &want[i], 4) != 0 && bad++ < 5)
+      FAIL_CHECK("element ", i, ": gpu ", got[i], " host ", want[i]);
   CHECK(bad == 0);
 }
 

@@ -258,35 +258,53 @@ struct attention_launch {
   size_t smem = 0;
 };
 
-//! Lanes: 32, or fewer (16, 8) while the blocks would not fill two per SM and narrower tiles add blocks. Workers:
-//! enough for the chunks in the fewest rounds of at most `attention_max_threads` threads, spread evenly over the
+//! The shape for `lanes` lanes per worker: key tiles of lanes x V keys; enough workers for the query chunks in the
+//! fewest rounds of at most `attention_max_threads` threads (or `max_workers` workers), spread evenly over the
 //! rounds, in whole warps.
-inline attention_launch plan_attention(int64_t keys, int64_t queries, int64_t row_blocks, int V, int lanes,
-                                       int max_workers) {
-  auto tiles_of = [&](int lanes) {
-    const int64_t tw = int64_t(lanes) * V;
-    return keys > 0 ? (keys + tw - 1) / tw : int64_t(1);
-  };
+inline attention_launch attention_shape(int64_t keys, int64_t queries, int V, int lanes, int max_workers) {
   attention_launch s;
-  const int64_t want = 2 * int64_t(sm_count());
-  if (lanes != 0)
-    s.lanes = lanes;
-  else
-    while (s.lanes > 8 && tiles_of(s.lanes) * row_blocks < want && tiles_of(s.lanes / 2) > tiles_of(s.lanes))
-      s.lanes /= 2;
-  s.tiles = tiles_of(s.lanes);
+  s.lanes = lanes;
+  const int64_t tw = int64_t(lanes) * V;
+  s.tiles = keys > 0 ? (keys + tw - 1) / tw : int64_t(1);
   const int64_t QC = attention_query_chunk;
   const int64_t J = std::max<int64_t>(1, (queries + QC - 1) / QC);
-  const int64_t per_warp = 32 / s.lanes;
-  const int64_t wmax = max_workers > 0 ? std::min<int64_t>(max_workers, attention_max_threads / s.lanes)
-                                       : attention_max_threads / s.lanes;
+  const int64_t per_warp = 32 / lanes;
+  const int64_t wmax = max_workers > 0 ? std::min<int64_t>(max_workers, attention_max_threads / lanes)
+                                       : attention_max_threads / lanes;
   const int64_t rounds = (J + wmax - 1) / wmax;
   int64_t w = (J + rounds - 1) / rounds;
   w = (w + per_warp - 1) / per_warp * per_warp;
   s.workers = static_cast<int>(w);
-  const int64_t tw = int64_t(s.lanes) * V;
   s.smem = static_cast<size_t>((2 * w * tw + tw) * int64_t(sizeof(float)));
   return s;
+}
+
+//! Lanes per worker (unless the policy fixes them): the widest of 32, 16, 8 whose grid keeps the most threads busy
+//! on average — all blocks at once when they fit the device (blocks x threads), else full waves weighted by the
+//! last wave's fill — narrower only for at least 10 % more (wider tiles read longer contiguous runs of each row).
+//! `occupancy(threads, smem)` = resident blocks per SM of the kernel.
+template <class Occupancy>
+inline attention_launch plan_attention(int64_t keys, int64_t queries, int64_t row_blocks, int V, int lanes,
+                                       int max_workers, Occupancy&& occupancy) {
+  if (lanes != 0) return attention_shape(keys, queries, V, lanes, max_workers);
+  const double sms = double(sm_count());
+  attention_launch best;
+  double best_score = -1.0;
+  int64_t prev_tiles = -1;
+  for (int l : {32, 16, 8}) {
+    const attention_launch s = attention_shape(keys, queries, V, l, max_workers);
+    if (s.tiles == prev_tiles) continue;  // narrower lanes that add no tile only shorten the loads
+    prev_tiles = s.tiles;
+    const double threads = double(s.lanes) * s.workers, blocks = double(s.tiles) * double(row_blocks);
+    const double slots = std::max(1, occupancy(int(threads), s.smem)) * sms;
+    const double score = blocks <= slots ? blocks * threads
+                                         : slots * threads * blocks / (std::ceil(blocks / slots) * slots);
+    if (best_score < 0.0 || score > 1.1 * best_score) {
+      best = s;
+      best_score = score;
+    }
+  }
+  return best;
 }
 
 template <class Policy, class T, int V, bool Contig>
@@ -295,13 +313,20 @@ inline cudaError_t launch_attention(const attention_params<T>& a0, int64_t ny, i
   attention_params<T> a = a0;
   static_assert(Policy::lanes == 0 || Policy::lanes == 8 || Policy::lanes == 16 || Policy::lanes == 32,
                 "attention_policy::lanes: 0, 8, 16 or 32");
-  const attention_launch s = plan_attention(a.p.dim, a.p.tokens, row_blocks, V, Policy::lanes, Policy::max_workers);
+  const auto kernel = accumulated_attention_kernel<T, V, Contig>;
+  auto occupancy = [&](int threads, size_t smem) {
+    int blocks = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem) == cudaSuccess) return blocks;
+    (void)cudaGetLastError();  // a failed query only loses the estimate; the launch reports its own errors
+    return 1;
+  };
+  const attention_launch s =
+      plan_attention(a.p.dim, a.p.tokens, row_blocks, V, Policy::lanes, Policy::max_workers, occupancy);
   a.tiles = s.tiles;
   a.lanes = s.lanes;
   a.workers = s.workers;
   const int64_t bx = std::min<int64_t>(s.tiles + (V > 1 ? 1 : 0), 0x7FFFFFFF);
-  accumulated_attention_kernel<T, V, Contig>
-      <<<dim3(unsigned(bx), unsigned(ny), unsigned(layers)), unsigned(s.lanes * s.workers), s.smem, stream>>>(a);
+  kernel<<<dim3(unsigned(bx), unsigned(ny), unsigned(layers)), unsigned(s.lanes * s.workers), s.smem, stream>>>(a);
   return check_launch(stream);
 }
 
