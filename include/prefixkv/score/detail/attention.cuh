@@ -7,8 +7,8 @@
 //! division by the group size G ends it. The kernel follows it exactly:
 //!
 //! * A block owns one key tile of one output row (grid: key tiles, batch x output heads, layers). Its threads form
-//!   `workers` workers of `lanes` lanes (32, 16 or 8); lane i of every worker owns the V consecutive keys
-//!   [tile start + i V, + V) of the tile, so a worker covers the whole tile (lanes x V keys).
+//!   `workers` workers of `lanes` lanes (32, 16 or 8: plan_attention); lane i of every worker owns the V
+//!   consecutive keys [tile start + i V, + V) of the tile, so a worker covers the whole tile (lanes x V keys).
 //! * Workers take chunks round-robin (round r: worker w computes chunk r x workers + w) into registers: V fp32
 //!   accumulators per lane, the loads of `attention_load_bytes / (V x element size)` consecutive queries in flight.
 //!   Contiguous key rows are read with 16-, 8- or 4-byte vector loads (the widest that every row start allows),
