@@ -11,12 +11,21 @@
 // * BM_key_norm / BM_key_norm_paged: memcpy_ms = cudaMemcpyAsync device-to-device of the same K bytes,
 //   copy_bw_fraction = (bytes the scorer reads + writes) / time divided by (2 x K bytes) / memcpy time, i.e. its
 //   bandwidth as a fraction of the copy's; ratio_vs_floor as above.
+// * BM_attention_layers*: the paper's accumulated-attention scorer at the LLaVA-1.5-7B shape (32 layers, 32 q heads,
+//   32 kv heads, f16 probabilities P (batch, 32, S, S) per layer), all layers in one accumulated_attention_layers
+//   call; the argument is S. `BM_attention_layers`: batch 1, layer rows (mean over the 32 heads);
+//   `_heads`: one row per kv head; `_batch`: batch 4, ragged rows of S, 0.9 S, 0.75 S + 3 and S / 2 + 1 keys
+//   (device-side lengths; keys past a row are not read). P_GiB = the bytes of P the call reads; memcpy_ms =
+//   cudaMemcpyAsync device-to-device of as many bytes (timed on at most 4 GiB and scaled); copy_bw_fraction as
+//   above; floor_ms = the vectorised read-once kernel over the same P (full rows only). Layers beyond 24 GiB of P
+//   reuse earlier layers' buffers (each layer's P is then far larger than the L2).
 #include "support/bench_util.cuh"
 
 #include <prefixkv/core/launch.cuh>
 #include <prefixkv/score/score.cuh>
 
 #include <algorithm>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -226,8 +235,101 @@ void BM_key_norm_paged(benchmark::State& state) {
   report_key_norm(state, mean_ms, L, P.pool.bytes());
 }
 
+// ---- accumulated attention at the LLaVA-1.5-7B shape ---------------------------------------------------------------
+__global__ void fill_f16_probs(uint16_t* p, size_t n, float scale, uint32_t seed) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n; i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    uint32_t x = uint32_t(i) * 2654435761u ^ seed;
+    x ^= x >> 13;
+    x *= 0x5bd1e995u;
+    x ^= x >> 15;
+    p[i] = pk::float_to_half_bits(float(x & 0xFFFF) / 65535.0f * scale);
+  }
+}
+
+struct llava_attention {
+  static constexpr int64_t L = 32, Hq = 32, Hk = 32;
+  static constexpr size_t max_resident = size_t(24) << 30;  // bytes of P held on the device at most
+  int64_t B, S;
+  std::vector<std::unique_ptr<device_array<pk::f16>>> bufs;
+  std::vector<pk::kv_view<const pk::f16>> views;
+  device_array<unsigned> status, sink;
+  size_t layer_bytes;
+  llava_attention(int64_t batch, int64_t s) : B(batch), S(s), status(1), sink(1) {
+    const size_t elems = size_t(B * Hq * S * S);
+    layer_bytes = elems * sizeof(pk::f16);
+    const size_t distinct = std::max<size_t>(1, std::min<size_t>(L, max_resident / layer_bytes));
+    for (size_t i = 0; i < distinct; ++i) {
+      bufs.push_back(std::make_unique<device_array<pk::f16>>(elems));
+      fill_f16_probs<<<4096, 256>>>(reinterpret_cast<uint16_t*>(bufs.back()->ptr), elems, 2.0f / float(S), uint32_t(i + 5));
+    }
+    for (int64_t l = 0; l < L; ++l)
+      views.push_back(pk::make_kv_view_bhsd<const pk::f16>(bufs[size_t(l) % distinct]->ptr, B, Hq, S, S));
+    PKV_BENCH_CHECK(cudaMemset(status.ptr, 0, 4));
+    PKV_BENCH_CHECK(cudaDeviceSynchronize());
+  }
+  float floor_ms() {
+    return median_ms([&](cudaStream_t s) {
+      for (const auto& v : views)
+        read_once_kernel<<<132 * 8, 512, 0, s>>>(reinterpret_cast<const uint4*>(v.data), layer_bytes / 16, sink.ptr);
+    }, 7);
+  }
+};
+
+// memcpy time for `bytes` (timed on at most 4 GiB, scaled linearly), and the counters shared by the variants.
+void report_attention(benchmark::State& state, double mean_ms, double p_bytes, double score_bytes) {
+  const size_t copied = size_t(std::min(p_bytes, double(size_t(4) << 30)));
+  const double copy = double(time_memcpy_d2d(copied)) * p_bytes / double(copied);
+  state.counters["ms"] = mean_ms;
+  state.counters["P_GiB"] = p_bytes / double(1 << 30);
+  state.counters["memcpy_ms"] = copy;
+  state.counters["copy_bw_fraction"] = ((p_bytes + score_bytes) / mean_ms) / (2.0 * p_bytes / copy);
+}
+
+void run_attention_layers(benchmark::State& state, int64_t batch, bool per_head, bool ragged) {
+  const int64_t S = state.range(0);
+  llava_attention A(batch, S);
+  const int64_t L = llava_attention::L, heads = per_head ? llava_attention::Hk : 1;
+  const pk::segment_grid grid{L, batch, heads};
+  std::vector<int64_t> begins(size_t(grid.count())), lens(size_t(grid.count()));
+  double p_bytes = 0, score_floats = 0;
+  int64_t off = 0;
+  for (int64_t id = 0; id < grid.count(); ++id) {
+    const int64_t b = grid.batch_of(id);
+    const int64_t n = !ragged ? S : (b % 4 == 0 ? S : b % 4 == 1 ? S * 9 / 10 : b % 4 == 2 ? S * 3 / 4 + 3 : S / 2 + 1);
+    begins[size_t(id)] = off;
+    lens[size_t(id)] = n;
+    off += n;
+    p_bytes += double(llava_attention::Hq / heads) * double(S) * double(n) * sizeof(pk::f16);
+    score_floats += double(n);
+  }
+  device_array<int64_t> dbeg(begins.size()), dlen(lens.size());
+  PKV_BENCH_CHECK(cudaMemcpy(dbeg.ptr, begins.data(), begins.size() * 8, cudaMemcpyHostToDevice));
+  PKV_BENCH_CHECK(cudaMemcpy(dlen.ptr, lens.data(), lens.size() * 8, cudaMemcpyHostToDevice));
+  device_array<float> scores(static_cast<size_t>(off));
+  const auto rows = ragged ? pk::make_ragged_segments(grid.count(), dbeg.ptr, dlen.ptr)
+                           : pk::make_uniform_segments(grid.count(), S);
+  const double mean_ms = time_call(state, [&](void* t, size_t& b, cudaStream_t s) {
+    return pk::accumulated_attention_layers(t, b, A.views.data(), grid, rows, scores.ptr, A.status.ptr, s);
+  });
+  unsigned bits = 0;
+  PKV_BENCH_CHECK(pk::read_status(A.status.ptr, bits));
+  report_attention(state, mean_ms, p_bytes, score_floats * sizeof(float));
+  if (!ragged) {
+    const float floor = A.floor_ms();
+    state.counters["floor_ms"] = floor;
+    state.counters["ratio_vs_floor"] = mean_ms / floor;
+  }
+}
+
+void BM_attention_layers(benchmark::State& state) { run_attention_layers(state, 1, false, false); }
+void BM_attention_layers_heads(benchmark::State& state) { run_attention_layers(state, 1, true, false); }
+void BM_attention_layers_batch(benchmark::State& state) { run_attention_layers(state, 4, false, true); }
+
 }  // namespace
 
+BENCHMARK(BM_attention_layers)->Arg(700)->Arg(2048)->Arg(4096)->UseManualTime()->Iterations(5)->Repetitions(5)->ReportAggregatesOnly(true)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_attention_layers_heads)->Arg(700)->Arg(2048)->UseManualTime()->Iterations(5)->Repetitions(5)->ReportAggregatesOnly(true)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_attention_layers_batch)->Arg(700)->Arg(2048)->UseManualTime()->Iterations(5)->Repetitions(5)->ReportAggregatesOnly(true)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_window_caller_lse)->Arg(4096)->Arg(32768)->Arg(131072)->UseManualTime()->Iterations(20)->Repetitions(7)->ReportAggregatesOnly(true)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_window_two_pass)->Arg(4096)->Arg(32768)->Arg(131072)->UseManualTime()->Iterations(20)->Repetitions(7)->ReportAggregatesOnly(true)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_window_caller_lse_mma_sync)->Arg(4096)->Arg(32768)->Arg(131072)->UseManualTime()->Iterations(20)->Repetitions(7)->ReportAggregatesOnly(true)->Unit(benchmark::kMillisecond);

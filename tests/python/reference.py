@@ -16,20 +16,23 @@ FLT_MAX = 3.4028234663852886e38
 # ---- scorers ------------------------------------------------------------------------------------------------------
 
 def attention_scores(p, heads_out):
-    """Accumulated attention of one layer. p: (B, Hq, Q, K) probabilities. Returns (B, heads_out, K) float32:
-    score[t] = sum over queries q (in order) of (sum over the group's q heads (in order)) / group size."""
+    """Accumulated attention of one layer in prefixkv's defined order (score/score.hpp). p: (B, Hq, Q, K)
+    probabilities. Returns (B, heads_out, K) float32: the queries in chunks of 32 from query 0; a chunk's sum runs
+    from 0 over the group's q heads (outer, in order) and the chunk's queries (inner, in order); the chunk sums are
+    added in chunk order from 0; then one division by the group size."""
     p = p.float()
     B, Hq, Q, K = p.shape
     G = Hq // heads_out
     out = torch.zeros(B, heads_out, K, dtype=torch.float32)
     for oh in range(heads_out):
         acc = torch.zeros(B, K, dtype=torch.float32)
-        for q in range(Q):
-            hs = torch.zeros(B, K, dtype=torch.float32)
+        for q0 in range(0, Q, 32):
+            c = torch.zeros(B, K, dtype=torch.float32)
             for g in range(G):
-                hs = hs + p[:, oh * G + g, q, :]
-            acc = acc + hs / float(G)
-        out[:, oh] = acc
+                for q in range(q0, min(Q, q0 + 32)):
+                    c = c + p[:, oh * G + g, q, :]
+            acc = acc + c
+        out[:, oh] = acc / float(G)
     return out
 
 

@@ -9,6 +9,7 @@
 #include "support/test_random.hpp"
 #include "score_storage.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -275,12 +276,17 @@ TEST_CASE("window scorer host twin matches the double-precision reference (per-h
   }
 }
 
-TEST_CASE("accumulated attention host twin: paper formula, exact fp32 order, strided P, per-head lengths") {
+TEST_CASE("accumulated attention host twin: paper formula, the defined fp32 order, strided P, per-head lengths") {
+  // The defined order, written out here: chunks of 32 consecutive queries; a chunk sums heads (outer) x its queries
+  // (inner) from 0.0f; the chunk sums are added in chunk order from 0.0f; one division by the group size.
+  static_assert(pk::attention_query_chunk == 32, "the reference below spells out chunks of 32 queries");
   auto rng = make_rng(22);
   for (int rep = 0; rep < 12; ++rep) {
-    const int64_t B = 1 + rng() % 3, Hk = 1 + rng() % 3, G = 1 + rng() % 4, Hq = Hk * G, Q = 1 + rng() % 9,
-                  cap = 1 + rng() % 70;
+    const int64_t B = 1 + rng() % 3, Hk = 1 + rng() % 3, G = 1 + rng() % 4, Hq = Hk * G;
+    const int64_t Q = rep % 3 == 0 ? 1 + rng() % 9 : (rep % 3 == 1 ? 32 * (1 + rng() % 3) : 33 + rng() % 90);
+    const int64_t cap = 1 + rng() % 70;
     const bool per_head = rep & 1;
+    INFO("rep ", rep, " Q ", Q, " Hq ", Hq, " cap ", cap);
     // P stored (B, Q, Hq, cap + 3): strided.
     std::vector<float> pf = random_vector<float>(rng, size_t(B * Q * Hq * (cap + 3)), 0, 1);
     auto p = pk::make_kv_view<const float>(pf.data(), B, Hq, Q, cap, Q * Hq * (cap + 3), cap + 3, Hq * (cap + 3), 1);
@@ -301,20 +307,21 @@ TEST_CASE("accumulated attention host twin: paper formula, exact fp32 order, str
       for (int64_t oh = 0; oh < grid.heads; ++oh) {
         const int64_t id = grid.id(layer, b, oh);
         for (int64_t t = 0; t < rt.lens[id]; ++t) {
-          float s = 0;  // the paper's order, fp32
+          float s = 0;  // the defined order, fp32
           double sd = 0;
-          for (int64_t qi = 0; qi < Q; ++qi) {
-            float hs = 0;
-            double hd = 0;
-            for (int64_t g = 0; g < GG; ++g) {
-              hs += pf[((b * Q + qi) * Hq + oh * GG + g) * (cap + 3) + t];
-              hd += pf[((b * Q + qi) * Hq + oh * GG + g) * (cap + 3) + t];
-            }
-            s += hs / float(GG);
-            sd += hd / GG;
+          for (int64_t q0 = 0; q0 < Q; q0 += 32) {
+            float c = 0;
+            for (int64_t g = 0; g < GG; ++g)
+              for (int64_t qi = q0; qi < std::min(Q, q0 + 32); ++qi) {
+                c += pf[((b * Q + qi) * Hq + oh * GG + g) * (cap + 3) + t];
+                sd += pf[((b * Q + qi) * Hq + oh * GG + g) * (cap + 3) + t];
+              }
+            s += c;
           }
+          const float want = s / float(GG);
+          sd /= double(GG);
           const float got = out[rt.begins[id] + t];
-          CHECK(got == s);
+          CHECK(got == want);
           CHECK(std::fabs(got - sd) <= 1e-5 * sd + 1e-6);
         }
       }

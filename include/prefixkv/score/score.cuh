@@ -3,7 +3,8 @@
 //! order, plus the CUB-style workspace first and an optional device status word and the stream last).
 //!
 //! * `accumulated_attention` / `accumulated_attention_layers` — the paper's scorer from materialised
-//!   probabilities (bit-identical to the twin).
+//!   probabilities, read once at memory bandwidth (detail/attention.cuh), bit-identical to the twin: both add the
+//!   queries in the chunked order defined in score.hpp.
 //! * `window_attention` / `window_attention_layers` — observation-window attention from Q and K
 //!   (FlashAttention-compatible), K strided or paged. The probability pass runs on tensor cores: wgmma
 //!   (detail/window_wgmma.cuh, opt-in `PREFIXKV_SM90A` builds on compute capability 9.0) or mma.sync m16n8k16 +
@@ -1242,46 +1243,6 @@ template <class T>
 // Accumulated attention (the paper's scorer)
 // ------------------------------------------------------------------------------------------------------------
 namespace detail {
-template <class T>
-struct attention_params {
-  kv_view<const T> p;  // (batch, q_head, query, key) extents and strides; layer z's data at p_of[z]
-  segment_grid grid;
-  int64_t layer;       // grid layer of blockIdx.z == 0
-  segments rows;
-  float* scores;
-  unsigned* status;
-  const T* p_of[score_max_layers];
-};
-
-//! Grid: (key blocks, batch x output heads, layers). A row longer than the key extent is written as zeros (at most
-//! the key extent of them).
-template <class T>
-PREFIXKV_KERNEL void accumulated_attention_kernel(attention_params<T> a) {
-  const kv_view<const T>& p = a.p;
-  const int64_t z = blockIdx.z, oh = blockIdx.y % a.grid.heads, b = blockIdx.y / a.grid.heads;
-  const T* const pb = a.p_of[z];
-  const int64_t id = a.grid.id(a.layer + z, b, oh), n_row = a.rows.length(id);
-  const bool bad_len = n_row > p.dim;
-  const int64_t n = bad_len ? p.dim : n_row;
-  if (bad_len && blockIdx.x == 0 && threadIdx.x == 0) flag(a.status, status_bad_length);
-  const int64_t G = p.heads / a.grid.heads;
-  bool bad = false;
-  float* out = a.scores + a.rows.begin(id);
-  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < n; t += int64_t(gridDim.x) * blockDim.x) {
-    float s = 0.0f;
-    if (!bad_len) {
-      for (int64_t qi = 0; qi < p.tokens; ++qi) {
-        float hs = 0.0f;
-        for (int64_t g = 0; g < G; ++g) hs += to_float(pb[p.offset(b, oh * G + g, qi, t)]);
-        s += hs / static_cast<float>(G);
-      }
-      bad |= !isfinite(s);
-    }
-    out[t] = s;
-  }
-  if (__syncthreads_or(bad) && threadIdx.x == 0) flag(a.status, status_nonfinite);
-}
-
 // Entry points that need no workspace (accumulated attention, key norm): the size query answers the minimum,
 // the workspace is still checked, and `launch` stays false when there is nothing to do (a size query, no
 // sequence, no row, or uniform rows of length 0).
@@ -1298,32 +1259,12 @@ inline cudaError_t no_workspace_begin(void* d_temp, size_t& temp_bytes, int64_t 
   return cudaSuccess;
 }
 
-//! The accumulated-attention scorer for `layers` layers starting at grid layer `layer`: one launch.
-template <class T>
-inline cudaError_t accumulated_attention_run(void* d_temp, size_t& temp_bytes, const kv_view<const T>* p,
-                                             const segment_grid& grid, int64_t layer, int64_t layers,
-                                             const segments& rows, float* scores, unsigned* d_status,
-                                             cudaStream_t stream) {
-  PREFIXKV_TRY(check_attention_args(p, grid, layer, layers, rows, scores, false));
-  bool launch = false;
-  PREFIXKV_TRY(no_workspace_begin(d_temp, temp_bytes, p[0].batch, rows, launch));
-  if (!launch) return cudaSuccess;
-  const int64_t ny = p[0].batch * grid.heads;
-  if (ny > 65535) return fail(reason::unsupported, "attention scorer: batch x heads too large for one launch");
-  attention_params<T> a{};
-  a.p = p[0];
-  for (int64_t l = 0; l < layers; ++l) a.p_of[l] = p[l].data;
-  a.grid = grid;
-  a.layer = layer;
-  a.rows = rows;
-  a.scores = scores;
-  a.status = d_status;
-  const int64_t bx = p[0].dim > 0 ? (p[0].dim + 255) / 256 : 1;  // no keys: one block flags any non-empty row
-  accumulated_attention_kernel<T><<<dim3(unsigned(bx < 2048 ? bx : 2048), unsigned(ny), unsigned(layers)), 256, 0,
-                                    stream>>>(a);
-  return check_launch(stream);
-}
 }  // namespace detail
+PREFIXKV_NAMESPACE_END
+
+#include "detail/attention.cuh"
+
+PREFIXKV_NAMESPACE_BEGIN
 
 //! The paper's accumulated-attention scorer for one layer (device); bit-identical to `accumulated_attention_host`.
 //! p: (batch, q_head, query, key) as a kv_view (heads = q heads, tokens = queries, dim = keys), any strides.
@@ -1334,7 +1275,8 @@ template <class T>
                                                        unsigned* d_status = nullptr, cudaStream_t stream = 0) {
   static_assert(detail::is_score_element<T>::value, PREFIXKV_SCORE_ELEMENT_MESSAGE);
   if constexpr (detail::is_score_element<T>::value)
-    return detail::accumulated_attention_run(d_temp, temp_bytes, &p, grid, layer, 1, rows, scores, d_status, stream);
+    return detail::accumulated_attention_run<detail::attention_policy>(d_temp, temp_bytes, &p, grid, layer, 1, rows,
+                                                                       scores, d_status, stream);
   else
     return cudaErrorInvalidValue;
 }
@@ -1348,8 +1290,8 @@ template <class T>
                                                               unsigned* d_status = nullptr, cudaStream_t stream = 0) {
   static_assert(detail::is_score_element<T>::value, PREFIXKV_SCORE_ELEMENT_MESSAGE);
   if constexpr (detail::is_score_element<T>::value)
-    return detail::accumulated_attention_run(d_temp, temp_bytes, p, grid, 0, grid.layers, rows, scores, d_status,
-                                             stream);
+    return detail::accumulated_attention_run<detail::attention_policy>(d_temp, temp_bytes, p, grid, 0, grid.layers,
+                                                                       rows, scores, d_status, stream);
   else
     return cudaErrorInvalidValue;
 }

@@ -11,8 +11,18 @@
 //! extent of the input (a padded capacity).
 //!
 //! 1. `accumulated_attention_host` — the paper's scorer, from materialised probabilities P (batch, q_head,
-//!    query, key): score[k] = sum_q ( (sum_{h in group} P[b,h,q,k]) / |group| ), fp32 accumulation in exactly
-//!    this order (the device kernel uses the same order and matches bit for bit).
+//!    query, key): score[k] = (1 / G) sum_q sum_{h in group} P[b,h,q,k], G = |group| (all q heads for layer
+//!    rows, q_heads / kv_heads for per-head rows), in fp32 and in this defined order, which the device kernel
+//!    follows exactly (bit-identical results):
+//!    - the queries are cut into chunks of `attention_query_chunk` (32) consecutive queries from query 0; the last
+//!      chunk may be shorter;
+//!    - chunk j's partial sum c_j[k] is one fp32 accumulator starting at 0.0f that adds P[b,h,q,k] over the
+//!      group's heads in ascending order (outer loop) and, for each head, the chunk's queries in ascending order
+//!      (inner loop);
+//!    - s[k] starts at 0.0f and adds c_0[k], c_1[k], ... in chunk order;
+//!    - score[k] = s[k] / G, one correctly rounded IEEE division (x / 1 == x).
+//!    Only additions and that one division: there is nothing to contract into a fused multiply-add. The chunks let
+//!    the device spread the query sum over warps without changing a bit.
 //! 2. `window_attention_host` — observation-window attention from Q (batch, q_head, w, dim) and K (batch,
 //!    kv_head, token, dim) without materialising probabilities. With n the length of the row that kv head kh
 //!    writes (its own row, or the (layer, sequence) row), window query i of the q heads of kh sits at position
@@ -100,6 +110,10 @@ enum status_bits : unsigned {
 
 //! Most layers one all-layers scorer call takes (their pointers travel as kernel parameters).
 inline constexpr int64_t score_max_layers = 128;
+
+//! Queries per chunk of the accumulated-attention scorer's defined summation order (see the file comment): part of
+//! the result's definition, shared by the host twin and the device kernel.
+inline constexpr int64_t attention_query_chunk = 32;
 
 namespace detail {
 
@@ -468,20 +482,31 @@ inline cudaError_t accumulated_attention_host_run(const kv_view<const T>* p, con
               if (!std::isfinite(to_float(p[l](b, oh * G + g, qi, t))))
                 return fail(reason::nonfinite_input, "attention scorer: NaN or infinity in P");
       }
+  // The defined order (see the file comment): per key, chunk sums c_j over (head of the group, query of the chunk),
+  // heads outer, queries inner, each from 0.0f; the chunk sums added in chunk order from 0.0f; one division by G.
+  // The loops below run keys innermost (independent accumulators), which leaves each key's order unchanged.
+  const int64_t Q = p[0].tokens, QC = attention_query_chunk;
+  const float Gf = static_cast<float>(G);
+  std::vector<float> sum, chunk;
   for (int64_t l = 0; l < nlayers; ++l)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t oh = 0; oh < grid.heads; ++oh) {
         const int64_t id = grid.id(layer + l, b, oh), n = rows.length(id);
-        float* out = scores + rows.begin(id);
-        for (int64_t t = 0; t < n; ++t) {
-          float s = 0.0f;
-          for (int64_t qi = 0; qi < p[l].tokens; ++qi) {
-            float hs = 0.0f;
-            for (int64_t g = 0; g < G; ++g) hs += to_float(p[l](b, oh * G + g, qi, t));
-            s += hs / static_cast<float>(G);
-          }
-          out[t] = s;
+        if (n <= 0) continue;
+        sum.assign(static_cast<size_t>(n), 0.0f);
+        chunk.resize(static_cast<size_t>(n));
+        for (int64_t q0 = 0; q0 < Q; q0 += QC) {
+          const int64_t q1 = std::min(Q, q0 + QC);
+          std::fill(chunk.begin(), chunk.end(), 0.0f);
+          for (int64_t g = 0; g < G; ++g)
+            for (int64_t qi = q0; qi < q1; ++qi) {
+              const T* row = p[l].data + p[l].offset(b, oh * G + g, qi, 0);
+              for (int64_t t = 0; t < n; ++t) chunk[size_t(t)] += to_float(row[t * p[l].stride_dim]);
+            }
+          for (int64_t t = 0; t < n; ++t) sum[size_t(t)] += chunk[size_t(t)];
         }
+        float* out = scores + rows.begin(id);
+        for (int64_t t = 0; t < n; ++t) out[t] = sum[size_t(t)] / Gf;
       }
   return cudaSuccess;
 }
