@@ -428,7 +428,7 @@ inline cudaError_t window_attention_host_run(const kv_view<const T>* q, const KV
       }
       if (grid.heads == 1) {
         const int64_t id = grid.id(layer + l, b, 0), n = rows.length(id);
-        float* out = scores + rows.begin(id);
+        float* out = n > 0 ? scores + rows.begin(id) : nullptr;  // (scores may be null when no row has a token)
         for (int64_t t = 0; t < n; ++t) {
           float v = opt.heads == head_reduce::max ? -INFINITY : 0.0f;
           for (int64_t kh = 0; kh < Hk; ++kh)
@@ -438,7 +438,7 @@ inline cudaError_t window_attention_host_run(const kv_view<const T>* q, const KV
       } else {
         for (int64_t kh = 0; kh < Hk; ++kh) {
           const int64_t id = grid.id(layer + l, b, kh), n = rows.length(id);
-          float* out = scores + rows.begin(id);
+          float* out = n > 0 ? scores + rows.begin(id) : nullptr;  // (scores may be null when no row has a token)
           for (int64_t t = 0; t < n; ++t) out[t] = kv_rows[kh][t];
         }
       }
@@ -505,7 +505,7 @@ inline cudaError_t accumulated_attention_host_run(const kv_view<const T>* p, con
             }
           for (int64_t t = 0; t < n; ++t) sum[size_t(t)] += chunk[size_t(t)];
         }
-        float* out = scores + rows.begin(id);
+        float* out = n > 0 ? scores + rows.begin(id) : nullptr;  // (scores may be null when no row has a token)
         for (int64_t t = 0; t < n; ++t) out[t] = sum[size_t(t)] / Gf;
       }
   return cudaSuccess;
@@ -561,7 +561,7 @@ inline cudaError_t key_norm_host_run(const KView* k, const key_norm_options& opt
     for (int64_t b = 0; b < B; ++b) {
       if (grid.heads == 1) {
         const int64_t id = grid.id(layer + l, b, 0), n = rows.length(id);
-        float* out = scores + rows.begin(id);
+        float* out = n > 0 ? scores + rows.begin(id) : nullptr;  // (scores may be null when no row has a token)
         for (int64_t t = 0; t < n; ++t) {
           float sum = 0.0f;
           for (int64_t h = 0; h < Hk; ++h) sum += value(k[l], b, h, t);
@@ -570,7 +570,7 @@ inline cudaError_t key_norm_host_run(const KView* k, const key_norm_options& opt
       } else {
         for (int64_t h = 0; h < Hk; ++h) {
           const int64_t id = grid.id(layer + l, b, h), n = rows.length(id);
-          float* out = scores + rows.begin(id);
+          float* out = n > 0 ? scores + rows.begin(id) : nullptr;  // (scores may be null when no row has a token)
           for (int64_t t = 0; t < n; ++t) out[t] = value(k[l], b, h, t);
         }
       }
