@@ -242,6 +242,7 @@ void long_context(benchmark::State& state) {
   cfg.max_tokens = cap;
   cfg.max_window = w;
   cfg.max_pages = num_pages;
+  cfg.page_size = page;
   cfg.scorer = pk::scorer_kind::window;
   cfg.evict_ratio = 0.5;
   pk::compress_plan plan;

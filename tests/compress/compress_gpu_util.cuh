@@ -130,6 +130,7 @@ struct model {
     c.max_tokens = s.T;
     c.max_window = s.window;
     c.max_pages = cache.num_pages;
+    c.page_size = s.page;
     c.scorer = sc;
     c.gran = gr;
     c.alloc = al;

@@ -271,6 +271,7 @@ TEST_CASE("compress_host: paged in place == strided in place, out of place == in
   pk::compress_config cfg = m.config();
   cfg.scorer = pk::scorer_kind::attention;
   cfg.max_pages = B * blocks + 2;
+  cfg.page_size = page;
   pk::compress_plan plan;
   REQUIRE(pk::make_plan(cfg, plan) == cudaSuccess);
   std::vector<int32_t> len = {37, 21};

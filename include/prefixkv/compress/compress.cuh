@@ -320,8 +320,8 @@ inline cudaError_t compress_stage_bound(const compress_plan& pl, compress_temps&
     PREFIXKV_TRY(window_attention_layers(nullptr, b, fake_q, fake_k, nullptr, c.window, grid, rows,
                                          compress_fake_ptr<float>(), nullptr, 0));
     bytes = std::max(bytes, b);
-    // the paged variant (any page size: the workspace follows the token capacity)
-    const int64_t page = 16, blocks = (std::max(c.max_tokens, c.max_window) + page - 1) / page;
+    // the paged variant: the token capacity is max_tokens rounded up to whole pages
+    const int64_t page = c.page_size > 0 ? c.page_size : 16, blocks = (std::max(c.max_tokens, c.max_window) + page - 1) / page;
     paged_kv_view<const T> pk = make_paged_kv_view(compress_fake_ptr<const T>(), page_layout::nhd,
                                                    std::max<int64_t>(c.max_pages, 1), page, c.kv_heads, c.head_dim,
                                                    compress_fake_ptr<const int32_t>(), B, blocks);

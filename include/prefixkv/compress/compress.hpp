@@ -87,6 +87,7 @@ struct compress_config {
   int64_t max_tokens = 0;  //!< tokens per sequence (per segment)
   int64_t max_window = 0;  //!< window scorer: query rows per sequence
   int64_t max_pages = 0;   //!< paged caches: pages in the pool
+  int64_t page_size = 0;   //!< paged caches: tokens per page (the cache's views must use it); 0 for strided caches
   // ---- policy
   scorer_kind scorer = scorer_kind::attention;
   window_options window{};  //!< window scorer options (scale, group/head reductions, pooling)
@@ -300,8 +301,9 @@ inline const char* compress_message(reason r) noexcept {
     return fail(reason::bad_parameter, "compress: layers, q_heads, kv_heads and head_dim must be positive");
   if (c.layers > compact_max_layers) return fail(reason::unsupported, "compress: more than compact_max_layers layers");
   if (c.q_heads % c.kv_heads != 0) return fail(reason::shape_mismatch, "compress: q_heads is not a multiple of kv_heads");
-  if (c.max_batch < 0 || c.max_tokens < 0 || c.max_window < 0 || c.max_pages < 0)
-    return fail(reason::negative_extent, "compress: a max_* size is negative");
+  if (c.max_batch < 0 || c.max_tokens < 0 || c.max_window < 0 || c.max_pages < 0 || c.page_size < 0)
+    return fail(reason::negative_extent, "compress: a max_* size or the page size is negative");
+  if (c.page_size > INT32_MAX) return fail(reason::out_of_range, "compress: page_size too large");
   if (c.max_tokens > INT32_MAX) return fail(reason::out_of_range, "compress: max_tokens must fit int32 positions");
   if (c.kv_heads > 4096 || c.max_batch > (int64_t(1) << 24))
     return fail(reason::out_of_range, "compress: kv_heads or max_batch too large");
@@ -395,6 +397,10 @@ inline cudaError_t compress_check_args(const compress_plan& pl, const compress_a
     return fail(reason::bad_parameter, "compress: one layer at a time needs a per-layer budget (uniform, pyramid or profile)");
   int64_t heads = 0, dim = 0;
   cache_shape(a.cache, batch, capacity, heads, dim);
+  if constexpr (is_paged_cache<Cache>::value) {
+    if (a.cache.k[0].page_size != c.page_size)
+      return fail(reason::shape_mismatch, "compress: the paged cache's page size differs from the plan's page_size");
+  }
   if (heads != c.kv_heads || dim != c.head_dim)
     return fail(reason::shape_mismatch, "compress: the cache's kv heads or head_dim differ from the plan");
   if (batch > c.max_batch) return fail(reason::capacity_exceeded, "compress: batch exceeds the plan's max_batch");
