@@ -59,6 +59,21 @@ struct compress_shard {
   int64_t layer_count = 0;  //!< the layers it holds (0: all from layer_begin to the model's last)
 };
 
+//! What one sharded call exchanges (CUDA backend), per rank: payload bytes of each collective (NCCL moves about
+//! 2 (n - 1) / n times an all-reduce's payload over its n ranks, and receives (n - 1) payloads of an all-gather).
+//! Sizes follow from the plan, the shard and the batch alone. See docs/multigpu.md.
+struct compress_traffic {
+  int64_t head_rows = 0;         //!< the tensor-parallel all-gather of per-kv-head score rows (this rank's part):
+                                 //!< layer rows under tensor parallelism with the window / key-norm scorer, else 0
+  int64_t histogram = 0;         //!< each of the 4 radix rounds' all-reduces (summed over the tensor- and pipeline-
+                                 //!< parallel calls of the round; 0: no rank shares a problem)
+  int64_t tally = 0;             //!< the final all-reduces: (less, equal) per segment and one key per problem
+  int64_t records = 0;           //!< the status all-gathers (64 bytes each: one per present communicator)
+  int collectives = 0;           //!< collective calls per step on this rank
+  //! Payload bytes of all collectives of one call.
+  int64_t total() const { return head_rows + 4 * histogram + tally + records; }
+};
+
 namespace detail {
 
 inline constexpr int dist_radix_rounds = 4;   // 8-bit digits of the 32-bit entry keys
@@ -196,12 +211,13 @@ PREFIXKV_HOST_DEVICE dist_record dist_merge(const dist_record* r, int n, bool pi
   return m;
 }
 
-//! The chain's reason from a merged record, in chain order: stage 0, then stage 1 (with the device's status bits),
-//! the selection, the compaction's checks.
-PREFIXKV_HOST_DEVICE reason dist_chain_reason(const dist_record& m, reason (*bits_reason)(unsigned) = nullptr) {
+//! The chain's reason from a merged record, in chain order: stage 0, then stage 1 (with the device's status bits,
+//! `bits_reason(bits)`), the selection, the compaction's checks.
+template <class BitsReason>
+PREFIXKV_HOST_DEVICE reason dist_chain_reason(const dist_record& m, BitsReason bits_reason) {
   if (m.why[0]) return static_cast<reason>(m.why[0]);
   reason r1 = static_cast<reason>(m.why[1]);
-  if (r1 == reason::none && m.bits && bits_reason) r1 = bits_reason(static_cast<unsigned>(m.bits));
+  if (r1 == reason::none && m.bits) r1 = bits_reason(static_cast<unsigned>(m.bits));
   if (r1 != reason::none) return r1;
   if (m.why[2]) return static_cast<reason>(m.why[2]);
   return static_cast<reason>(m.why[3]);
@@ -296,25 +312,63 @@ inline cudaError_t dist_exchange_records(const compress_shard& sh, int64_t L, di
   return cudaSuccess;
 }
 
-//! The head reduction of layer rows under tensor parallelism (host): the window scorer's `heads` reduction, the key
-//! norm's mean, over kv heads 0..Hk-1 in order, exactly as the single-GPU scorers reduce. `gathered` holds the
-//! per-head rows of every rank: rank r's block at r * lc * B * hc * T, row ((b * lc + li) * hc + hl) * T.
+//! The head reduction of layer rows under tensor parallelism: the window scorer's `heads` reduction, the key norm's
+//! mean, over kv heads 0..Hk-1 in order, exactly as the single-GPU scorers reduce (one fp32 accumulator from 0 or
+//! -inf, then one division). `gathered` holds the per-head rows of every rank: rank r's block at r * lc * B * hc * T,
+//! row ((b * lc + li) * hc + hl) * T. Returns the value of key t of layer row s = b * lc + li.
+PREFIXKV_HOST_DEVICE float dist_head_value(const dist_geometry& g, head_reduce op, const float* gathered, int64_t s,
+                                           int64_t t) {
+  const int64_t block = g.lc * g.B * g.hc * g.T;
+  float v = op == head_reduce::max ? -INFINITY : 0.0f;
+  for (int64_t kh = 0; kh < g.Hk; ++kh) {
+    const int64_t r = kh / g.hc, hl = kh % g.hc;
+    const float x = gathered[r * block + (s * g.hc + hl) * g.T + t];
+#if defined(__CUDA_ARCH__)
+    v = op == head_reduce::max ? fmaxf(v, x) : v + x;
+#else
+    v = op == head_reduce::max ? std::fmax(v, x) : v + x;
+#endif
+  }
+  return op == head_reduce::max ? v : v / static_cast<float>(g.Hk);
+}
+
+//! Host: every layer row of this rank from the gathered head rows (rows[s * T + t] for t < lens[s]).
 inline void dist_reduce_heads_host(const dist_geometry& g, head_reduce op, const float* gathered,
                                    const std::vector<int64_t>& lens, float* rows) {
-  const int64_t block = g.lc * g.B * g.hc * g.T;
-  for (int64_t b = 0; b < g.B; ++b)
-    for (int64_t li = 0; li < g.lc; ++li) {
-      const int64_t s = b * g.lc + li, n = lens[static_cast<size_t>(s)];
-      for (int64_t t = 0; t < n; ++t) {
-        float v = op == head_reduce::max ? -INFINITY : 0.0f;
-        for (int64_t kh = 0; kh < g.Hk; ++kh) {
-          const int64_t r = kh / g.hc, hl = kh % g.hc;
-          const float x = gathered[r * block + ((b * g.lc + li) * g.hc + hl) * g.T + t];
-          v = op == head_reduce::max ? std::fmax(v, x) : v + x;
-        }
-        rows[s * g.T + t] = op == head_reduce::max ? v : v / static_cast<float>(g.Hk);
-      }
-    }
+  for (int64_t s = 0; s < g.B * g.lc; ++s)
+    for (int64_t t = 0; t < lens[static_cast<size_t>(s)]; ++t) rows[s * g.T + t] = dist_head_value(g, op, gathered, s, t);
+}
+
+//! The traffic of one call of the CUDA backend with `batch` sequences (collectives on present communicators only).
+inline cudaError_t dist_traffic(const compress_plan& pl, const compress_shard& sh, int64_t batch,
+                                compress_traffic& out) {
+  dist_geometry g;
+  compress_plan local;
+  PREFIXKV_TRY(dist_prepare(pl, sh, sh.tp.present() || sh.pp.present()
+                                        ? (sh.tp.present() ? sh.tp.memory : sh.pp.memory)
+                                        : comm_memory::device, g, local));
+  if (batch < 0 || batch > pl.cfg.max_batch)
+    return fail(reason::out_of_range, "compress: batch outside [0, the plan's max_batch]");
+  g.B = batch;
+  compress_traffic t;
+  auto calls = [&](dist_scope s) {
+    return ((s == dist_scope::tp || s == dist_scope::all) && sh.tp.present() ? 1 : 0) +
+           ((s == dist_scope::pp || s == dist_scope::all) && sh.pp.present() ? 1 : 0);
+  };
+  if (g.head_rows) {
+    t.head_rows = g.lc * g.B * g.hc * g.T * int64_t(sizeof(float));
+    t.collectives += 1;
+  }
+  const int hc = calls(dist_hist_scope(g)), tc = calls(dist_tally_scope(g));
+  t.histogram = hc && g.local_problems() > 0 ? g.local_problems() * dist_radix_bins * int64_t(sizeof(int64_t)) : 0;
+  t.tally = tc && g.tally_words() > 0 ? g.tally_words() * int64_t(sizeof(int64_t)) : 0;
+  const int rc = (sh.tp.present() ? 1 : 0) + (sh.pp.present() ? 1 : 0);
+  t.histogram *= hc;  // one all-reduce per present communicator of the scope
+  t.tally *= tc;
+  t.records = rc * int64_t(sizeof(dist_record));
+  t.collectives += (t.histogram ? 4 * hc : 0) + (t.tally ? tc : 0) + rc;
+  out = t;
+  return cudaSuccess;
 }
 
 template <class Cache, class P, class Dst>
@@ -598,7 +652,7 @@ inline cudaError_t compress_host_dist_run(const compress_plan& pl, const compres
   rec.batch = static_cast<int32_t>(B);
   rec.rows = static_cast<int32_t>(g.T);
   PREFIXKV_TRY(dist_exchange_records(sh, L, rec, gather_model));
-  const reason chain = dist_chain_reason(rec);
+  const reason chain = dist_chain_reason(rec, [](unsigned) { return reason::none; });
   const compress_geometry og{0, L, B, H, capacity};
   const int64_t result_page_size = c.in_place ? cache_page_size(a.cache) : cache_page_size(a.dst);
   std::vector<int64_t> len_out(static_cast<size_t>(SG));
@@ -641,6 +695,13 @@ template <class Cache, class P, class Dst>
   } catch (...) {
     return detail::fail(reason::capacity_exceeded, "compress: out of host memory", cudaErrorMemoryAllocation);
   }
+}
+
+//! The bytes one call of the CUDA backend exchanges on this rank (see `compress_traffic`). Host-only; nothing is
+//! read but the plan and the shard.
+[[nodiscard]] inline cudaError_t compress_exchange(const compress_plan& plan, const compress_shard& shard,
+                                                  int64_t batch, compress_traffic& out) noexcept {
+  return detail::dist_traffic(plan, shard, batch, out);
 }
 
 PREFIXKV_NAMESPACE_END
