@@ -413,3 +413,55 @@ TEST_CASE("host_comm: all-gather and all-reduce are exact, in place, and a missi
   CHECK(grp.broken());
   CHECK(c.all_gather(&x, &x, 0, nullptr) == cudaErrorInvalidValue);
 }
+
+TEST_CASE("compress_exchange: the bytes of one call, as docs/multigpu.md states them") {
+  pk::host_comm_group g2(2);
+  pk::host_comm c0 = g2.rank(0);
+  pk::compress_config c;  // a Llama-3-8B-like cache: 32 layers, 8 kv heads, head_dim 128, 4 sequences of <= 4096
+  c.layers = 32;
+  c.kv_heads = 8;
+  c.q_heads = 32;
+  c.head_dim = 128;
+  c.max_batch = 4;
+  c.max_tokens = 4096;
+  c.scorer = pk::scorer_kind::window;
+  c.max_window = 32;
+  struct expect {
+    pk::granularity gran;
+    bool tp, pp;
+    int64_t head_rows, histogram, tally, records;
+    int calls;
+  };
+  const expect cases[] = {
+      {pk::granularity::layer, true, false, 8 << 20, 0, 0, 64, 2},          // TP 2: the head rows, the status
+      {pk::granularity::layer, false, true, 0, 8192, 2080, 64, 6},          // PP 2
+      {pk::granularity::layer, true, true, 4 << 20, 8192, 2080, 128, 8},    // TP 2 x PP 2
+      {pk::granularity::head, true, false, 0, 8192, 16416, 64, 6},          // TP 2
+      {pk::granularity::head, false, true, 0, 8192, 16416, 64, 6},          // PP 2
+      {pk::granularity::head, true, true, 0, 16384, 32832, 128, 12},        // TP 2 x PP 2
+  };
+  for (const expect& x : cases) {
+    c.gran = x.gran;
+    pk::compress_plan plan;
+    REQUIRE(pk::make_plan(c, plan) == cudaSuccess);
+    pk::compress_shard sh;
+    if (x.tp) sh.tp = pk::make_communicator(c0);
+    if (x.pp) {
+      sh.pp = pk::make_communicator(c0);
+      sh.layer_count = 16;
+    }
+    pk::compress_traffic t;
+    REQUIRE(pk::compress_exchange(plan, sh, 4, t) == cudaSuccess);
+    INFO("gran " << int(x.gran) << " tp " << x.tp << " pp " << x.pp);
+    CHECK(t.head_rows == x.head_rows);
+    CHECK(t.histogram == x.histogram);
+    CHECK(t.tally == x.tally);
+    CHECK(t.records == x.records);
+    CHECK(t.collectives == x.calls);
+    CHECK(t.total() == x.head_rows + 4 * x.histogram + x.tally + x.records);
+  }
+  pk::compress_plan plan;
+  REQUIRE(pk::make_plan(c, plan) == cudaSuccess);
+  pk::compress_traffic t;
+  CHECK(pk::compress_exchange(plan, pk::compress_shard{}, 5, t) == cudaErrorInvalidValue);  // batch > max_batch
+}

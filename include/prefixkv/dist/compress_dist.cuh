@@ -141,13 +141,16 @@ PREFIXKV_KERNEL void __launch_bounds__(128) dist_prologue_kernel(dist_kargs a) {
 }
 
 //! Layer rows under tensor parallelism: every rank's head rows (gathered) reduced over kv heads in order.
-//! Grid: (token blocks, lc * B).
+//! Grid: (token blocks, rows), both grid-stride.
 template <int = 0>
 PREFIXKV_KERNEL void __launch_bounds__(256) dist_reduce_heads_kernel(dist_kargs a, head_reduce op,
                                                                        const float* gathered, float* rows) {
-  const int64_t s = blockIdx.y, n = a.seg_len[s];
-  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < n; t += int64_t(gridDim.x) * blockDim.x)
-    rows[s * a.g.T + t] = dist_head_value(a.g, op, gathered, s, t);
+  const int64_t S = a.g.local_segments();
+  for (int64_t s = blockIdx.y; s < S; s += gridDim.y) {
+    const int64_t n = a.seg_len[s];
+    for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < n; t += int64_t(gridDim.x) * blockDim.x)
+      rows[s * a.g.T + t] = dist_head_value(a.g, op, gathered, s, t);
+  }
 }
 
 //! Bounds of local segment s clipped to its curve row (they agree unless the chain stops anyway).
@@ -483,7 +486,8 @@ cudaError_t compress_dist_run(void* d_temp, size_t& temp_bytes, const compress_p
       }
       PREFIXKV_TRY(sh.tp.all_gather(mine, gathered, size_t(block) * sizeof(float), stream));
       const int64_t bx = std::max<int64_t>(1, std::min<int64_t>((c.max_tokens + 255) / 256, 64));
-      dist_reduce_heads_kernel<><<<dim3(unsigned(bx), unsigned(g.lc * batch)), 256, 0, stream>>>(
+      const int64_t gy = std::min<int64_t>(S, 65535);
+      dist_reduce_heads_kernel<><<<dim3(unsigned(bx), unsigned(gy)), 256, 0, stream>>>(
           k, c.scorer == scorer_kind::window ? c.window.heads : head_reduce::mean, gathered, own);
       PREFIXKV_TRY(check_launch(stream));
     } else if (c.scorer == scorer_kind::attention) {
