@@ -9,6 +9,7 @@
 #include <prefixkv/dist/communicator.hpp>
 
 #include <algorithm>
+#include <chrono>
 #include <condition_variable>
 #include <cuda_runtime.h>
 #include <mutex>
@@ -49,7 +50,7 @@ class device_sim_group {
   cudaError_t all_gather(int r, const void* send, void* recv, size_t bytes, cudaStream_t stream) {
     cudaError_t e = cudaEventRecord(ready_[size_t(r)], stream);
     send_[size_t(r)] = send;
-    barrier();
+    if (!barrier()) return cudaErrorTimeout;
     for (int q = 0; q < n_ && e == cudaSuccess; ++q) {
       e = cudaStreamWaitEvent(stream, ready_[size_t(q)], 0);
       char* dst = static_cast<char*>(recv) + size_t(q) * bytes;
@@ -57,7 +58,7 @@ class device_sim_group {
         e = cudaMemcpyAsync(dst, send_[size_t(q)], bytes, cudaMemcpyDeviceToDevice, stream);
     }
     if (e == cudaSuccess) e = cudaEventRecord(done_[size_t(r)], stream);
-    barrier();
+    if (!barrier()) return cudaErrorTimeout;
     for (int q = 0; q < n_ && e == cudaSuccess; ++q)
       if (q != r) e = cudaStreamWaitEvent(stream, done_[size_t(q)], 0);  // q has read this rank's buffer
     return e;
@@ -73,16 +74,24 @@ class device_sim_group {
   }
 
  private:
-  void barrier() {
+  //! False when a rank did not arrive within a minute (a rank left the protocol): the group is broken from then on,
+  //! so a failing test reports instead of hanging.
+  bool barrier() {
     std::unique_lock<std::mutex> g(m_);
+    if (broken_) return false;
     const unsigned long long gen = generation_;
     if (++arrived_ == n_) {
       arrived_ = 0;
       ++generation_;
       cv_.notify_all();
-      return;
+      return true;
     }
-    cv_.wait(g, [&] { return generation_ != gen; });
+    if (!cv_.wait_for(g, std::chrono::seconds(60), [&] { return generation_ != gen || broken_; })) broken_ = true;
+    if (broken_ && generation_ == gen) {
+      cv_.notify_all();
+      return false;
+    }
+    return true;
   }
   int n_;
   std::vector<const void*> send_;
@@ -93,6 +102,7 @@ class device_sim_group {
   std::condition_variable cv_;
   int arrived_ = 0;
   unsigned long long generation_ = 0;
+  bool broken_ = false;
 };
 
 //! Rank r of a device_sim_group (meets the communicator concept; device memory).
