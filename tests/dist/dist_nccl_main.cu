@@ -129,7 +129,7 @@ struct dmodel {
     scores = dbuf<float>(size_t(s.L * s.B * s.Hs * stride));
     thr = dbuf<float>(size_t(problems));
     table = dbuf<int32_t>(size_t(std::max<int64_t>(s.B * s.max_blocks(), 1)));
-    lengths = dbuf<int32_t>(size_t(s.per_segment_lengths ? s.L * s.B * s.Hs : s.B));
+    lengths = dbuf<int32_t>(size_t(s.per_segment_lengths ? L * s.B * Hs : s.B));  // the whole model's lengths
     len = dbuf<int32_t>(size_t(L * s.B * Hs));
     cu = dbuf<int32_t>(size_t(L * (s.B * Hs + 1)));
     pages = dbuf<int32_t>(size_t(s.B));
@@ -157,6 +157,10 @@ struct dmodel {
   //! The data of host model m (same shape).
   void upload(const model<T>& m) {
     auto up = [](auto& d, const auto& h) {
+      if (h.size() > d.n) {
+        std::fprintf(stderr, "upload: %zu elements into a buffer of %zu\n", h.size(), d.n);
+        std::exit(2);
+      }
       if (!h.empty()) CK(cudaMemcpy(d.p, h.data(), h.size() * sizeof(h[0]), cudaMemcpyHostToDevice));
     };
     up(k, m.k);
