@@ -338,12 +338,14 @@ PREFIXKV_KERNEL void __launch_bounds__(256) dist_finalize_kernel(dist_kargs a) {
 //! Workspace pieces of the sharded chain.
 enum dist_piece : int {
   dw_status = 0, dw_rec, dw_rec_tp, dw_rec_pp, dw_seg_begin, dw_seg_len, dw_hseg_begin, dw_hseg_len, dw_R, dw_known,
-  dw_hist, dw_tally, dw_keep_g, dw_keep, dw_thr, dw_sel_off, dw_curve_off, dw_curve_tokens, dw_positions,
-  dw_cumulative, dw_sorted, dw_scores, dw_gathered, dw_vstatus, dw_stage, dw_count
+  dw_hist, dw_tally, dw_keep_g, dw_keep, dw_thr, dw_sel_off, dw_curve_off, dw_curve_tokens, dw_scores, dw_gathered,
+  dw_vstatus, dw_union, dw_count
 };
 
-//! Piece sizes for a call with `batch` sequences (`g` gives the shard; its B is ignored).
-inline void dist_reserve(workspace_layout<dw_count>& ws, dist_geometry g, int64_t batch, size_t stage_bytes, int sms) {
+//! Piece sizes for a call with `batch` sequences (`g` gives the shard; its B is ignored). The union piece is the
+//! single-GPU compressor's: the scorer's temp while scoring, then the curve arrays and the later stages' temp.
+inline void dist_reserve(workspace_layout<dw_count>& ws, dist_geometry g, int64_t batch, const compress_temps& temps,
+                         int sms) {
   g.B = batch;
   const int64_t S = g.local_segments(), SG = g.global_segments(), P = g.problems(), NQ = g.local_problems();
   const int64_t C = S * g.T, Sh = g.head_rows ? g.lc * batch * g.hc : 0;
@@ -365,13 +367,10 @@ inline void dist_reserve(workspace_layout<dw_count>& ws, dist_geometry g, int64_
   ws.reserve<int64_t>(dw_sel_off, static_cast<size_t>(S + 1));
   ws.reserve<int64_t>(dw_curve_off, static_cast<size_t>(S + 1));
   ws.reserve<int64_t>(dw_curve_tokens, static_cast<size_t>(S));
-  ws.reserve<int32_t>(dw_positions, static_cast<size_t>(C));
-  ws.reserve<float>(dw_cumulative, static_cast<size_t>(C));
-  ws.reserve<float>(dw_sorted, static_cast<size_t>(C));
   ws.reserve<float>(dw_scores, static_cast<size_t>(C));  // scores, then the kept indices (int32)
   ws.reserve<float>(dw_gathered, static_cast<size_t>(g.tp_size * Sh * g.T));
   ws.reserve<int32_t>(dw_vstatus, static_cast<size_t>(2 * sms));
-  ws.reserve_bytes(dw_stage, stage_bytes);
+  ws.reserve_bytes(dw_union, compress_union(C, temps).bytes);
 }
 
 template <class Cache, class P, class Dst>
@@ -384,10 +383,10 @@ cudaError_t compress_dist_run(void* d_temp, size_t& temp_bytes, const compress_p
   PREFIXKV_TRY(dist_prepare(pl, sh, comm_memory::device, g, local));
   int sms = 0;
   PREFIXKV_TRY(sm_count(sms));
-  size_t stage_bytes = 0;
-  PREFIXKV_TRY(compress_stage_bound<T>(local, stage_bytes));
+  compress_temps temps;
+  PREFIXKV_TRY(compress_stage_bound<T>(local, temps));
   workspace_layout<dw_count> full;
-  dist_reserve(full, g, c.max_batch, stage_bytes, sms);
+  dist_reserve(full, g, c.max_batch, temps, sms);
   if (d_temp == nullptr) {  // size query: from the plan and the shard alone
     temp_bytes = full.bytes();
     return cudaSuccess;
@@ -398,7 +397,7 @@ cudaError_t compress_dist_run(void* d_temp, size_t& temp_bytes, const compress_p
   g.B = batch;
   g.capacity = capacity;
   workspace_layout<dw_count> ws;  // this call's pieces, inside the same buffer
-  dist_reserve(ws, g, batch, stage_bytes, sms);
+  dist_reserve(ws, g, batch, temps, sms);
   PREFIXKV_TRY(ws.map(d_temp, temp_bytes));
   const int64_t S = g.local_segments(), NQ = g.local_problems();
   const segment_grid grid = g.local_grid();
@@ -438,8 +437,12 @@ cudaError_t compress_dist_run(void* d_temp, size_t& temp_bytes, const compress_p
     k.table_page = a.cache.k[0].page_size;
     k.table_pages = a.cache.k[0].num_pages;
   }
-  void* stage = ws.get<void>(dw_stage);
-  const size_t stage_have = ws.size_of(dw_stage);
+  const compress_union un(S * c.max_tokens, temps);
+  char* const ubase = ws.get<char>(dw_union);
+  void* const scorer_temp = ubase;
+  const size_t scorer_have = ws.size_of(dw_union);
+  void* const stage = ubase + 3 * un.curve_array;
+  const size_t stage_have = ws.size_of(dw_union) - 3 * un.curve_array;
   unsigned* bits = reinterpret_cast<unsigned*>(k.status + dist_st_bits);
   float* own = ws.get<float>(dw_scores);
   const float* scores = k.caller_scores ? a.scores : own;
@@ -476,13 +479,13 @@ cudaError_t compress_dist_run(void* d_temp, size_t& temp_bytes, const compress_p
       if (c.scorer == scorer_kind::window) {
         PREFIXKV_TRY(window_attention_layers(nullptr, need, a.queries, keys.k, a.lse, c.window, hgrid, hrows, mine,
                                              bits, stream));
-        PREFIXKV_TRY(compress_stage_fits(need, stage_have));
-        PREFIXKV_TRY(window_attention_layers(stage, need, a.queries, keys.k, a.lse, c.window, hgrid, hrows, mine,
+        PREFIXKV_TRY(compress_stage_fits(need, scorer_have));
+        PREFIXKV_TRY(window_attention_layers(scorer_temp, need, a.queries, keys.k, a.lse, c.window, hgrid, hrows, mine,
                                              bits, stream));
       } else {
         PREFIXKV_TRY(key_norm_layers(nullptr, need, keys.k, key_norm_options{true}, hgrid, hrows, mine, bits, stream));
-        PREFIXKV_TRY(compress_stage_fits(need, stage_have));
-        PREFIXKV_TRY(key_norm_layers(stage, need, keys.k, key_norm_options{true}, hgrid, hrows, mine, bits, stream));
+        PREFIXKV_TRY(compress_stage_fits(need, scorer_have));
+        PREFIXKV_TRY(key_norm_layers(scorer_temp, need, keys.k, key_norm_options{true}, hgrid, hrows, mine, bits, stream));
       }
       PREFIXKV_TRY(sh.tp.all_gather(mine, gathered, size_t(block) * sizeof(float), stream));
       const int64_t bx = std::max<int64_t>(1, std::min<int64_t>((c.max_tokens + 255) / 256, 64));
@@ -492,21 +495,21 @@ cudaError_t compress_dist_run(void* d_temp, size_t& temp_bytes, const compress_p
       PREFIXKV_TRY(check_launch(stream));
     } else if (c.scorer == scorer_kind::attention) {
       PREFIXKV_TRY(accumulated_attention_layers(nullptr, need, a.attention, grid, rows, own, bits, stream));
-      PREFIXKV_TRY(compress_stage_fits(need, stage_have));
-      PREFIXKV_TRY(accumulated_attention_layers(stage, need, a.attention, grid, rows, own, bits, stream));
+      PREFIXKV_TRY(compress_stage_fits(need, scorer_have));
+      PREFIXKV_TRY(accumulated_attention_layers(scorer_temp, need, a.attention, grid, rows, own, bits, stream));
     } else if (c.scorer == scorer_kind::window || c.scorer == scorer_kind::key_norm) {
       compress_key_views<Cache> keys;
       keys.fill(a.cache, 0, g.lc, token_cap);
       if (c.scorer == scorer_kind::window) {
         PREFIXKV_TRY(window_attention_layers(nullptr, need, a.queries, keys.k, a.lse, c.window, grid, rows, own, bits,
                                              stream));
-        PREFIXKV_TRY(compress_stage_fits(need, stage_have));
-        PREFIXKV_TRY(window_attention_layers(stage, need, a.queries, keys.k, a.lse, c.window, grid, rows, own, bits,
+        PREFIXKV_TRY(compress_stage_fits(need, scorer_have));
+        PREFIXKV_TRY(window_attention_layers(scorer_temp, need, a.queries, keys.k, a.lse, c.window, grid, rows, own, bits,
                                              stream));
       } else {
         PREFIXKV_TRY(key_norm_layers(nullptr, need, keys.k, key_norm_options{true}, grid, rows, own, bits, stream));
-        PREFIXKV_TRY(compress_stage_fits(need, stage_have));
-        PREFIXKV_TRY(key_norm_layers(stage, need, keys.k, key_norm_options{true}, grid, rows, own, bits, stream));
+        PREFIXKV_TRY(compress_stage_fits(need, scorer_have));
+        PREFIXKV_TRY(key_norm_layers(scorer_temp, need, keys.k, key_norm_options{true}, grid, rows, own, bits, stream));
       }
     } else if (c.scorer == scorer_kind::recency) {
       const int64_t bx = std::max<int64_t>(1, std::min<int64_t>((c.max_tokens + 255) / 256, 64));
@@ -522,8 +525,9 @@ cudaError_t compress_dist_run(void* d_temp, size_t& temp_bytes, const compress_p
     }
     // ---- curves
     const int64_t C = S * c.max_tokens;
-    curve_device_out co{ws.get<int64_t>(dw_curve_off), ws.get<int64_t>(dw_curve_tokens), ws.get<int32_t>(dw_positions),
-                        ws.get<float>(dw_cumulative), ws.get<float>(dw_sorted)};
+    curve_device_out co{ws.get<int64_t>(dw_curve_off), ws.get<int64_t>(dw_curve_tokens),
+                        reinterpret_cast<int32_t*>(ubase), reinterpret_cast<float*>(ubase + un.curve_array),
+                        reinterpret_cast<float*>(ubase + 2 * un.curve_array)};
     need = 0;
     const curve_options copt{curve_sort::automatic, c.max_tokens};
     PREFIXKV_TRY(build_curves(nullptr, need, scores, rows, c.protect, C, co, curves, copt, bits, stream));
