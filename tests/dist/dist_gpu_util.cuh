@@ -43,6 +43,7 @@ inline pk::compress_config make_config(const shape& s, const policy& pol, std::m
   c.max_tokens = s.T;
   c.max_window = s.W;
   c.max_pages = s.num_pages();
+  c.page_size = s.page;
   c.scorer = pol.scorer;
   c.gran = pol.gran;
   c.alloc = pol.alloc;

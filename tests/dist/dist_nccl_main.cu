@@ -292,6 +292,7 @@ bool check_case(world& w, const shape& s0, const policy& pol, uint64_t seed, cud
   c.max_tokens = s.T;
   c.max_window = s.W;
   c.max_pages = s.num_pages();
+  c.page_size = s.page;
   c.scorer = pol.scorer;
   c.gran = pol.gran;
   c.alloc = pol.alloc;

@@ -88,6 +88,7 @@ pk::compress_config config_of(const shape& s, const policy& pol, std::mt19937_64
   c.max_tokens = s.T;
   c.max_window = s.W;
   c.max_pages = s.num_pages();
+  c.page_size = s.page;
   c.scorer = pol.scorer;
   c.gran = pol.gran;
   c.alloc = pol.alloc;
