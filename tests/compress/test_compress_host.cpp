@@ -201,7 +201,8 @@ TEST_CASE("compress_host == the stages chained by hand (the paper's path: attent
     if (e != cudaSuccess) continue;  // an infeasible ratio: both refuse
     pk::selection_buffers sel;
     REQUIRE(pk::write_selection_host(curves.view(), keep.data(), sel) == cudaSuccess);
-    REQUIRE(pk::compact_in_place_host(ref.cache(), sel.view(), grid) == cudaSuccess);
+    REQUIRE_MESSAGE(pk::compact_in_place_host(ref.cache(), sel.view(), grid) == cudaSuccess,
+                    std::string(pk::last_error().message));
     for (int64_t l = 0; l < L; ++l) {
       CHECK(out_len[l] == keep[l]);
       CHECK(cu[l * 2] == 0);

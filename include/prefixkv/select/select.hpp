@@ -122,7 +122,9 @@ struct selection_buffers {
     selection s;
     s.count = offsets.empty() ? 0 : static_cast<int64_t>(offsets.size()) - 1;
     s.offsets = offsets.data();
-    s.indices = indices.data();
+    // an empty index list still gets a valid pointer (the compaction entry points refuse a null one)
+    static const int32_t no_indices = 0;
+    s.indices = indices.empty() ? &no_indices : indices.data();
     return s;
   }
 };
