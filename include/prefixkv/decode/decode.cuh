@@ -150,16 +150,16 @@ cudaError_t decode_compress(void* d_temp, size_t temp_bytes, const decode_plan& 
   // in-place compaction of the cache and of the running scores (the selection is the solver's own: trusted)
   const selection sel{S, k.sel_off, indices};
   need = 0;
-  PREFIXKV_TRY(compact_in_place(nullptr, need, cache, sel, grid, compact_outputs{}, stream, index_check::trusted));
+  PREFIXKV_TRY(compact_in_place(nullptr, need, cache, sel, grid, compact_outputs{}, index_check::trusted, stream));
   PREFIXKV_TRY(decode_stage_fits(need, have));
-  PREFIXKV_TRY(compact_in_place(stage, need, cache, sel, grid, compact_outputs{}, stream, index_check::trusted));
+  PREFIXKV_TRY(compact_in_place(stage, need, cache, sel, grid, compact_outputs{}, index_check::trusted, stream));
   std::vector<kv_view<float>> sv;
   decode_score_views(pl, st.scores, batch, sv);
   const kv_layers<float> score_cache{sv.data(), nullptr, nullptr, nullptr, c.layers};
   need = 0;
-  PREFIXKV_TRY(compact_in_place(nullptr, need, score_cache, sel, grid, compact_outputs{}, stream, index_check::trusted));
+  PREFIXKV_TRY(compact_in_place(nullptr, need, score_cache, sel, grid, compact_outputs{}, index_check::trusted, stream));
   PREFIXKV_TRY(decode_stage_fits(need, have));
-  PREFIXKV_TRY(compact_in_place(stage, need, score_cache, sel, grid, compact_outputs{}, stream, index_check::trusted));
+  PREFIXKV_TRY(compact_in_place(stage, need, score_cache, sel, grid, compact_outputs{}, index_check::trusted, stream));
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((S + 255) / 256, 1024));
   decode_chain_finalize_kernel<><<<blocks, 256, 0, stream>>>(k);
   return check_launch(stream);
