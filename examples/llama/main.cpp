@@ -5,6 +5,7 @@
 //                  [--profile P.json] [--scorer attention|window|keynorm] [--window W] [--sinks 4] [--recent 1]
 //                  [--device cpu|cuda] [--score-continuation TEXT] [--verbose]
 //                  [--decode-budget prefill|profile|cap:N] [--decode-policy fixed[:D]|score|score-ordered|amortised:M|rebalance:M]
+//                  [--decode-recent R]
 //
 // The prompt is encoded the llama2.c way (BOS, a dummy space, merges by score) and prefilled with the full cache;
 // the compressor then compresses every layer's cache (see policy.hpp for the methods) and decoding continues on
@@ -15,7 +16,8 @@
 //   prefill fractions, frozen once N tokens were seen (a fixed cache size) — by the policy `fixed[:D]` (the paper's:
 //   evict row n0 + D, D = -25), `score` (default; running accumulated attention, lowest evicted), `score-ordered`
 //   (the same, token order kept), `amortised:M` (overshoot by M tokens, then one compression of every layer) or
-//   `rebalance:M` (amortised, re-solving the layer split). Without the flags the caches grow by one row per token.
+//   `rebalance:M` (amortised, re-solving the layer split). The score-based policies never evict the first --sinks
+//   and the last --decode-recent rows (default: --recent). Without the flags the caches grow by one row per token.
 // * Generation (default): prints the continuation's text (up to N tokens, stopping at BOS/EOS) on stdout.
 // * --score-continuation TEXT: TEXT is encoded with the merges only (no BOS, no dummy space); the prompt's last
 //   logits predict its first token, then the cache is compressed and TEXT is fed token by token (teacher
@@ -57,7 +59,7 @@ const char* usage =
     "         [--profile P.json] [--scorer attention|window|keynorm] [--window W] [--sinks 4] [--recent 1]\n"
     "         [--device cpu|cuda] [--score-continuation TEXT] [--verbose]\n"
     "         [--decode-budget prefill|profile|cap:N]\n"
-    "         [--decode-policy fixed[:D]|score|score-ordered|amortised:M|rebalance:M]\n";
+    "         [--decode-policy fixed[:D]|score|score-ordered|amortised:M|rebalance:M] [--decode-recent R]\n";
 
 struct options {
   std::string model = PREFIXKV_LLAMA_MODEL_DIR "/stories260K.bin";
@@ -70,6 +72,7 @@ struct options {
   policy pol;
   decode_options dec;
   bool has_decode_policy = false;
+  long long decode_recent = -1;
 };
 
 double parse_double(const std::string& flag, const std::string& s) {
@@ -134,6 +137,9 @@ options parse(int argc, char** argv) {
       std::string err;
       if (!parse_decode_policy(value(), o.dec, err)) die(err);
       o.has_decode_policy = true;
+    } else if (a == "--decode-recent") {
+      o.decode_recent = parse_int(a, value());
+      if (o.decode_recent < 0 || o.decode_recent > (1 << 20)) die("--decode-recent must be in [0, 2^20]");
     } else if (a == "--verbose") o.verbose = true;
     else die("unknown option '" + a + "' (see --help)");
   }
@@ -148,7 +154,7 @@ options parse(int argc, char** argv) {
   if (decode_profile && o.profile.empty()) die("--decode-budget profile needs --profile P.json");
   if (o.pol.method != method_kind::profile && !decode_profile && !o.profile.empty())
     die("--profile needs --method profile or --decode-budget profile");
-  o.dec.protect = prefixkv::protect_policy{o.pol.sinks, o.pol.recent};
+  o.dec.protect = prefixkv::protect_policy{o.pol.sinks, o.decode_recent >= 0 ? o.decode_recent : o.pol.recent};
   o.dec.gran = compresses(o.pol) && per_head(o.pol.method) ? prefixkv::granularity::head : prefixkv::granularity::layer;
   return o;
 }
@@ -217,8 +223,9 @@ int main(int argc, char** argv) {
     }
     std::fprintf(stderr, "\n");
     if (o.dec.enabled())
-      std::fprintf(stderr, "prefixkv-llama: decode upkeep: budget %s, policy %s\n", decode_budget_name(o.dec).c_str(),
-                   decode_policy_name(o.dec).c_str());
+      std::fprintf(stderr, "prefixkv-llama: decode upkeep: budget %s, policy %s, protected %lld sinks + %lld recent\n",
+                   decode_budget_name(o.dec).c_str(), decode_policy_name(o.dec).c_str(),
+                   static_cast<long long>(o.dec.protect.sinks), static_cast<long long>(o.dec.protect.recent));
   }
   if (o.has_continuation) {
     const std::vector<int> text = tk.encode(o.continuation, false, false);

@@ -261,7 +261,7 @@ TEST_CASE("decode upkeep: every policy runs capped, changes nothing with nothing
     // capped: 200+ tokens, and the continuation ends with the cache at its cap (40 rows per layer, no prefill
     // compression; amortised: at most the slack more)
     const result g = run_ok(base + "--method full --steps 240 --decode-budget cap:40 --verbose " + d);
-    CHECK(g.err.find("decode upkeep: budget cap:40, policy " + pol) != std::string::npos);
+    CHECK(g.err.find("decode upkeep: budget cap:40, policy " + pol + ",") != std::string::npos);
     const std::string longc = quote(std::string(" Tim threw the ball and the dog ran after it.") +
                                     " They played all day until the sun went down and it was time to go home." +
                                     " The next day Tim and the dog went to the park again.");
@@ -309,4 +309,10 @@ TEST_CASE("decode upkeep: every policy runs capped, changes nothing with nothing
   expect_bad(ok + "--decode-budget profile");  // without --profile
   expect_bad(ok + "--decode-budget profile --profile no/such.json");
   expect_bad(ok + "--decode-budget");
+  expect_bad(ok + "--decode-recent -1 --decode-policy score");
+  expect_bad(ok + "--decode-recent x --decode-policy score");
+  // a protected recent window: the newest 16 rows of every layer are the 16 newest tokens
+  const result r = run_ok(base + "--method full --decode-budget cap:40 --decode-policy score --decode-recent 16 "
+                                 "--verbose --steps 100");
+  CHECK(r.err.find("protected 4 sinks + 16 recent") != std::string::npos);
 }

@@ -74,6 +74,7 @@ struct run_case {
   std::string method = "prefixkv";  // the prefill compression
   double ratio = 0.5;
   std::string budget = "cap:64", policy = "score";
+  int64_t recent = -1;  // the upkeep's protected recent window (-1: the compressor's)
 };
 
 class tracker {
@@ -114,6 +115,7 @@ class tracker {
 
   //! After step k (1-based) that fed the token at position `pos`: lengths and rows.
   void check_step(int k, int pos, const std::vector<int32_t>& before) {
+    k_seen_ = k;
     const int L = c_.n_layers, H = c_.n_kv_heads;
     const auto len = be_.lengths();
     const int64_t N = pos + 1;
@@ -181,6 +183,9 @@ class tracker {
         } else {
           const int64_t k = std::min<int64_t>(o_.protect.sinks, int64_t(ps.size()));
           CHECK(std::equal(ps.begin(), ps.begin() + k, s.start.begin()));  // the sinks stay
+          const int64_t r = o_.protect.recent;  // the last `recent` rows: the newest tokens, in order
+          if (k_seen_ >= r && int64_t(ps.size()) >= k + r)
+            for (int64_t j = 0; j < r; ++j) CHECK(ps[ps.size() - size_t(r - j)] == pos - (r - 1 - j));
         }
         if (!(o_.policy == prefixkv::decode_policy::score && o_.order == prefixkv::decode_order::reuse))
           CHECK(std::is_sorted(ps.begin(), ps.end()));  // token order kept
@@ -207,7 +212,7 @@ class tracker {
   const config& c_;
   std::vector<seg_track> seg_;
   std::vector<std::map<int, std::vector<float>>> rows_;  // (layer, kv head): position -> K row, V row
-  int64_t max_rows_ = 0, evictions_ = 0;
+  int64_t max_rows_ = 0, evictions_ = 0, k_seen_ = 0;
 };
 
 policy prefill_policy(const run_case& rc) {
@@ -225,14 +230,14 @@ decode_options options_of(const run_case& rc, const policy& p) {
   REQUIRE(parse_decode_budget(rc.budget, o, err));
   REQUIRE(parse_decode_policy(rc.policy, o, err));
   o.profile = {0.6, 0.2, 0.5, 0.3, 0.7};
-  o.protect = prefixkv::protect_policy{p.sinks, p.recent};
+  o.protect = prefixkv::protect_policy{p.sinks, rc.recent >= 0 ? rc.recent : p.recent};
   o.gran = compresses(p) && per_head(p.method) ? prefixkv::granularity::head : prefixkv::granularity::layer;
   return o;
 }
 
 //! Prefill + compress + upkeep, then `gen_steps` greedy tokens with the checks after every step.
 void run_checked(const run_case& rc) {
-  INFO("method ", rc.method, " ratio ", rc.ratio, " budget ", rc.budget, " policy ", rc.policy);
+  INFO("method ", rc.method, " ratio ", rc.ratio, " budget ", rc.budget, " policy ", rc.policy, " recent ", rc.recent);
   const loaded& L = the_model();
   cpu_backend be(L.m);
   const std::vector<int> prompt = L.tk.encode(prompt_text, true, true);
@@ -289,6 +294,8 @@ TEST_CASE("decode upkeep, cap: the lengths follow the budget at every step of a 
     rc.ratio = 0.0;
     rc.budget = "cap:40";
     run_checked(rc);  // no prefill compression: 40 rows per layer
+    rc.recent = 16;     // a protected recent window
+    run_checked(rc);
   }
 }
 
