@@ -532,8 +532,9 @@ def document(st, args, files, work):
             w(f"Kept share of the prompt per layer, scorer {sc}, evict ratio {r:.1f} (mean over stories):\n")
             w(budget_table(st, sc, r) + "\n")
     w("## Reproduce\n")
-    w("```sh\n./scripts/quality-study.sh          # writes this page, docs/quality_summary.csv and docs/img/quality_*.png\n"
-      "./scripts/quality-study.sh --ci DIR # the reduced run CI does (ctest -R quality_study_ci)\n```\n")
+    w("```sh\n./scripts/quality-study.sh           # writes this page, docs/quality_summary.csv and docs/img/quality_*.png\n"
+      "./scripts/quality-study.sh --longgen # only the long-generation section (a few minutes)\n"
+      "./scripts/quality-study.sh --ci DIR  # the reduced run CI does (ctest -R quality_study_ci)\n```\n")
     w("Single points with the command line (one JSON line, see examples/llama/main.cpp):\n")
     w("```sh\nbuild/bin/prefixkv-llama --prompt \"Once upon a time, there was a little girl named Lily. She loved to "
       "play outside in the park.\" \\\n    --method prefixkv --scorer window --evict-ratio 0.5 "

@@ -31,7 +31,9 @@
 //       cap, policy): nll_mean, ppl, top1, rouge_l as in `evaluate` (against the full cache), rows_mean /
 //       rows_peak (cached rows per (layer, kv head) over the teacher-forced steps: mean, largest), rows_end (per
 //       layer, at the end), budget_ok (every step of both runs: no segment above its budget — plus the slack for
-//       the amortised policies — and, for the per-step policies, exactly min(rows + 1, budget)).
+//       the amortised policies — and, for the per-step policies, exactly min(rows + 1, budget)). Policies use the
+//       --decode-policy syntax, with `@R` for a protected recent window of R rows (--decode-recent R), e.g.
+//       score@16; the others protect --recent rows.
 //
 // Common options: --model M.bin --tokenizer T.bin --window 16 --sinks 4 --recent 1. Errors: one line, exit 2.
 #include "runtime.hpp"
@@ -88,8 +90,8 @@ struct options {
   int64_t sinks = 4, recent = 1;
   int shard = 0, shards = 1;
   std::vector<int> caps{32, 64};
-  std::vector<std::string> policies{"fixed", "fixed:4", "score", "score-ordered", "amortised:16", "amortised:64",
-                                    "rebalance:16"};
+  std::vector<std::string> policies{"fixed",         "fixed:4",      "score",           "score@16",
+                                    "score-ordered@16", "amortised:16", "amortised:16@16", "rebalance:16@16"};
   double prefill_ratio = 0.5;
   std::vector<double> ratios{0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9};
   std::vector<scorer_name> scorers{scorer_name::attention, scorer_name::window};
