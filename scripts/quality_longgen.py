@@ -166,10 +166,10 @@ def plot(st, img):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     os.makedirs(img, exist_ok=True)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
-    markers = {"full": "o", "prefixkv": "s"}
-    for ax, metric in zip(axes, ("ppl", "rouge_l")):
-        for prefill in st.prefills:
+    fig, axes = plt.subplots(2, len(st.prefills), figsize=(6 * len(st.prefills) + 1, 9), squeeze=False, sharey="row")
+    for col, prefill in enumerate(st.prefills):
+        for row, metric in enumerate(("ppl", "rouge_l")):
+            ax = axes[row][col]
             for p in st.policies:
                 pts = []
                 for c in st.caps:
@@ -180,24 +180,31 @@ def plot(st, img):
                 if not pts:
                     continue
                 x, y, lo, hi = map(np.array, zip(*pts))
-                ls = "-" if prefill == "full" else "--"
-                ax.errorbar(x, y, yerr=[y - lo, hi - y], fmt=markers[prefill] + ls, color=COLORS.get(p, "#444444"),
-                            ms=4.5, lw=1.2, capsize=2, label=f"{p} ({prefill} prefill)")
+                ax.errorbar(x, y, yerr=[y - lo, hi - y], fmt="o-", color=COLORS.get(p, "#444444"), ms=4.5, lw=1.4,
+                            capsize=2, label=p)
             none = st.ppl_increase(prefill, 0, "none") if metric == "ppl" else st.get(prefill, 0, "none", metric)
             if none is not None:
-                m, lo, hi = st.ci(none)
-                ax.errorbar([np.mean(st.get(prefill, 0, "none", "rows_mean"))], [m], yerr=[[m - lo], [hi - m]],
-                            fmt=markers[prefill], color="k", ms=5, capsize=2, label=f"no upkeep ({prefill} prefill)")
-        ref = 0.0 if metric == "ppl" else 1.0
-        ax.plot([st.full_rows.mean()], [ref], "*", color="k", ms=11, label="full cache")
-        ax.set_xlabel("cached rows per (layer, kv head), mean over the generation")
-        ax.set_ylabel("PPL increase over the full cache, % (lower is better)" if metric == "ppl"
-                      else "ROUGE-L F1 vs the full cache's generation (higher is better)")
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=6.5, loc="lower right", ncol=2)
-    fig.suptitle(f"stories260K, {len(st.stories)} stories: 32-token prompts, 256 new tokens, capped caches "
-                 "(mean and 95% bootstrap interval)")
-    fig.tight_layout()
+                rows = np.mean(st.get(prefill, 0, "none", "rows_mean"))
+                ax.axhline(np.mean(none), color="k", ls="--", lw=1,
+                           label=f"no upkeep ({rows:.0f} rows; the cache grows)")
+            if metric == "ppl":
+                ax.set_yscale("log")
+                if col == 0:
+                    ax.set_ylabel("PPL increase over the full cache, %\n(log scale; lower is better)")
+            elif col == 0:
+                ax.set_ylabel("ROUGE-L F1 vs the full cache's text\n(higher is better)")
+            ax.set_title(f"prefill {prefill}: " + ("whole prompt, same cap per layer" if prefill == "full"
+                                                   else "prefixkv-compressed prompt, layer shares kept"), fontsize=10)
+            ax.set_xlabel(f"cached rows per (layer, kv head), mean over the generation (full cache: "
+                          f"{st.full_rows.mean():.0f})")
+            ax.grid(alpha=0.3, which="both")
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8.5, frameon=False)
+    r0 = st.rows[0]
+    fig.suptitle(f"stories260K, {len(st.stories)} stories: {r0['prompt_tokens'] - 1}-token prompts, {r0['tokens']} new "
+                 f"tokens, caps "
+                 f"C = {', '.join(str(c) for c in st.caps)} rows per layer (mean and 95% bootstrap interval)")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(os.path.join(img, "quality_longgen.png"), dpi=110)
     plt.close(fig)
     return "quality_longgen.png"
