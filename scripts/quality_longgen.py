@@ -122,8 +122,9 @@ def check(st):
 
 
 def policy_label(p):
+    """(name, protected recent rows; — for the fixed-position policies, which have no protected window)"""
     name, _, recent = p.partition("@")
-    return f"`{name}`", (recent if recent else "1")
+    return f"`{name}`", ("—" if name.startswith("fixed") else recent if recent else "1")
 
 
 def mark(ci):
