@@ -450,7 +450,8 @@ def document(st, args, files, work):
       "that claim with `prefixkv-llama` (examples/llama/) on a real pretrained model that nobody here trained, against "
       "every other allocation, all with the **same scorer, the same protected tokens and the same total budget**.\n")
     w(f"Measured {today} on the tree at commit `{args.commit}` with `{args.command}`; the setup is under "
-      "[How the numbers were made](#how-the-numbers-were-made).\n")
+      "[How the numbers were made](#how-the-numbers-were-made). [Long generations with a capped cache]"
+      "(#long-generations-with-a-capped-cache-decode-time-upkeep) measures the decode-time upkeep.\n")
     w("## Headline numbers\n")
     w(f"{len(st.stories)} evaluation stories; full cache: mean PPL {st.full_ppl.mean():.3f} "
       f"[{st.ci(st.full_ppl)[1]:.3f}, {st.ci(st.full_ppl)[2]:.3f}]. Means of the PPL increase over the full cache "
