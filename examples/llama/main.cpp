@@ -4,8 +4,8 @@
 //                  [--method full|streaming|uniform|pyramid|adakv|prefixkv|prefixkv-head|profile] [--evict-ratio R]
 //                  [--profile P.json] [--scorer attention|window|keynorm] [--window W] [--sinks 4] [--recent 1]
 //                  [--device cpu|cuda] [--score-continuation TEXT] [--verbose]
-//                  [--decode-budget prefill|profile|cap:N] [--decode-policy fixed[:D]|score|score-ordered|amortised:M|rebalance:M]
-//                  [--decode-recent R]
+//                  [--decode-budget prefill|profile|cap:N] [--decode-recent R]
+//                  [--decode-policy fixed[:D]|score|score-ordered|amortised:M|rebalance:M]
 //
 // The prompt is encoded the llama2.c way (BOS, a dummy space, merges by score) and prefilled with the full cache;
 // the compressor then compresses every layer's cache (see policy.hpp for the methods) and decoding continues on
@@ -150,6 +150,7 @@ options parse(int argc, char** argv) {
   if (o.pol.sinks > (1 << 20) || o.pol.recent > (1 << 20)) die("--sinks and --recent are too large");
   if (o.pol.method == method_kind::profile && o.profile.empty()) die("--method profile needs --profile P.json");
   if (o.has_decode_policy && !o.dec.enabled()) o.dec.budget = decode_budget_kind::prefill;
+  if (o.decode_recent >= 0 && !o.dec.enabled()) die("--decode-recent needs --decode-policy or --decode-budget");
   const bool decode_profile = o.dec.budget == decode_budget_kind::profile;
   if (decode_profile && o.profile.empty()) die("--decode-budget profile needs --profile P.json");
   if (o.pol.method != method_kind::profile && !decode_profile && !o.profile.empty())
@@ -159,7 +160,8 @@ options parse(int argc, char** argv) {
   return o;
 }
 
-std::string keep_json(const std::vector<int32_t>& len, int layers, int heads, bool with_heads, const std::string& suffix = "") {
+std::string keep_json(const std::vector<int32_t>& len, int layers, int heads, bool with_heads,
+                      const std::string& suffix = "") {
   std::string s = "\"keep" + suffix + "\": [";
   for (int l = 0; l < layers; ++l) {
     int64_t sum = 0;

@@ -126,7 +126,8 @@ std::vector<std::string> split(const std::string& s) {
 
 options parse(int argc, char** argv) {
   options o;
-  if (argc < 2) die("usage: prefixkv-llama-study stories|calibrate|evaluate|longgen --out DIR [options] (see study.cpp)");
+  if (argc < 2)
+    die("usage: prefixkv-llama-study stories|calibrate|evaluate|longgen --out DIR [options] (see study.cpp)");
   o.phase = argv[1];
   if (o.phase != "stories" && o.phase != "calibrate" && o.phase != "evaluate" && o.phase != "longgen")
     die("unknown phase '" + o.phase + "'");

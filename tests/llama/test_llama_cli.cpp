@@ -246,7 +246,8 @@ TEST_CASE("bad input: exit 2, one line on stderr, nothing on stdout") {
 
 TEST_CASE("decode upkeep: every policy runs capped, changes nothing with nothing to evict, rejects bad flags") {
   write_text("llama_profile.json", "[0.5, 0.4, 0.3, 0.2, 0.1]\n");
-  const std::string base = model_args + "--prompt " + quote("Once upon a time, there was a little boy named Tim.") + " ";
+  const std::string tim = "Once upon a time, there was a little boy named Tim.";
+  const std::string base = model_args + "--prompt " + quote(tim) + " ";
   const std::string cont = quote(" Tim threw the ball and the dog ran after it. They played all day.");
   const result plain = run_ok(base + "--method prefixkv --evict-ratio 0 --steps 220");
   const result plain_ppl = run_ok(base + "--method prefixkv --evict-ratio 0 --score-continuation " + cont);
@@ -288,7 +289,7 @@ TEST_CASE("decode upkeep: every policy runs capped, changes nothing with nothing
   REQUIRE(tk.load(model_dir + "/tok512.bin", 512, err));
   const double steps = double(
       tk.encode(" Tim threw the ball and the dog ran after it. They played all day.", false, false).size() - 1);
-  const double N = double(tk.encode("Once upon a time, there was a little boy named Tim.", true, true).size()) + steps;
+  const double N = double(tk.encode(tim, true, true).size()) + steps;
   const auto pkeep = array_field(p.out, "keep"), pend = array_field(p.out, "keep_end");
   const double f[5] = {0.5, 0.4, 0.3, 0.2, 0.1};
   int below = 0;
@@ -311,6 +312,7 @@ TEST_CASE("decode upkeep: every policy runs capped, changes nothing with nothing
   expect_bad(ok + "--decode-budget");
   expect_bad(ok + "--decode-recent -1 --decode-policy score");
   expect_bad(ok + "--decode-recent x --decode-policy score");
+  expect_bad(ok + "--decode-recent 8");  // no upkeep asked for
   // a protected recent window: the newest 16 rows of every layer are the 16 newest tokens
   const result r = run_ok(base + "--method full --decode-budget cap:40 --decode-policy score --decode-recent 16 "
                                  "--verbose --steps 100");
