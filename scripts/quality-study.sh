@@ -58,7 +58,7 @@ if [ "$mode" = ci ]; then
   counts=(--count 2)
   ratios=0,0.5
   long=(--count 2 --cont 200)
-  longgen=(--gen 200 --caps 24,400)
+  longgen=(--gen 200 --caps 24,400 --policies fixed,score@16,score-ordered@16,amortised:16@16,rebalance:16@16)
 else
   counts=(--count 100)
   ratios=0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9
