@@ -450,7 +450,8 @@ def document(st, args, files, work):
       "that claim with `prefixkv-llama` (examples/llama/) on a real pretrained model that nobody here trained, against "
       "every other allocation, all with the **same scorer, the same protected tokens and the same total budget**.\n")
     w(f"Measured {today} on the tree at commit `{args.commit}` with `{args.command}`; the setup is under "
-      "[How the numbers were made](#how-the-numbers-were-made).\n")
+      "[How the numbers were made](#how-the-numbers-were-made). [Long generations with a capped cache]"
+      "(#long-generations-with-a-capped-cache-decode-time-upkeep) measures the decode-time upkeep.\n")
     w("## Headline numbers\n")
     w(f"{len(st.stories)} evaluation stories; full cache: mean PPL {st.full_ppl.mean():.3f} "
       f"[{st.ci(st.full_ppl)[1]:.3f}, {st.ci(st.full_ppl)[2]:.3f}]. Means of the PPL increase over the full cache "
@@ -532,8 +533,9 @@ def document(st, args, files, work):
             w(f"Kept share of the prompt per layer, scorer {sc}, evict ratio {r:.1f} (mean over stories):\n")
             w(budget_table(st, sc, r) + "\n")
     w("## Reproduce\n")
-    w("```sh\n./scripts/quality-study.sh          # writes this page, docs/quality_summary.csv and docs/img/quality_*.png\n"
-      "./scripts/quality-study.sh --ci DIR # the reduced run CI does (ctest -R quality_study_ci)\n```\n")
+    w("```sh\n./scripts/quality-study.sh           # writes this page, docs/quality_summary.csv and docs/img/quality_*.png\n"
+      "./scripts/quality-study.sh --longgen # only the long-generation section (a few minutes)\n"
+      "./scripts/quality-study.sh --ci DIR  # the reduced run CI does (ctest -R quality_study_ci)\n```\n")
     w("Single points with the command line (one JSON line, see examples/llama/main.cpp):\n")
     w("```sh\nbuild/bin/prefixkv-llama --prompt \"Once upon a time, there was a little girl named Lily. She loved to "
       "play outside in the park.\" \\\n    --method prefixkv --scorer window --evict-ratio 0.5 "

@@ -10,6 +10,7 @@
 // prompt_len, prompt_len + 1, ... after compression.
 #pragma once
 
+#include "decode_upkeep.hpp"
 #include "model.hpp"
 
 #include <prefixkv/compress/compress.hpp>
@@ -49,6 +50,15 @@ class backend {
   //! Keep a copy of the caches in slot 0 or 1 / bring it back (recorded scorer inputs are not touched).
   virtual void save(int slot) = 0;
   virtual void restore(int slot) = 0;
+  //! Decode-time budget upkeep (decode_upkeep.hpp): from now on every `step` ends by bringing every cache back to
+  //! its budget. Starts from the current caches (after `prefill` and `compress`); `prefill`, `reset` and `restore`
+  //! stop it. False with a one-line reason (also on backends without upkeep).
+  virtual bool begin_decode(const decode_options& o, std::string& err) {
+    (void)o;
+    err = std::string("decode upkeep is not available on the ") + device() + " backend";
+    return false;
+  }
+  virtual void end_decode() {}
 };
 
 }  // namespace prefixkv_llama

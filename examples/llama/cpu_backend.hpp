@@ -1,6 +1,7 @@
 // prefixkv-llama: the host backend — the LLaMA forward pass in plain C++ (RMSNorm, RoPE on pairs of adjacent
 // dimensions with theta 10000, grouped-query attention over per-(layer, kv head) caches of different lengths,
-// SwiGLU) and the prefixkv host compressor (`prefixkv::compress_host`) on its caches.
+// SwiGLU), the prefixkv host compressor (`prefixkv::compress_host`) on its caches and the decode-time upkeep
+// (`prefixkv::decode_step_host`, decode_upkeep.hpp) after every generated token.
 #pragma once
 
 #include "backend.hpp"
@@ -155,10 +156,18 @@ class cpu_backend final : public backend {
     len_.assign(size_t(c.n_layers) * c.n_kv_heads, 0);
     refs_.resize(c.n_layers);
     bind();
+    for (int l = 0; l < c.n_layers; ++l) {
+      kp_.push_back(k_[l].data());
+      vp_.push_back(v_[l].data());
+      pp_.push_back(pos_[l].data());
+    }
   }
   const config& cfg() const override { return m_.cfg; }
   const char* device() const override { return "cpu"; }
-  void reset() override { std::fill(len_.begin(), len_.end(), 0); }
+  void reset() override {
+    std::fill(len_.begin(), len_.end(), 0);
+    upkeep_.end();
+  }
 
   bool prefill(const int* tokens, int n, const prefill_record& rec, std::vector<float>& logits,
                std::string& err) override {
@@ -167,6 +176,7 @@ class cpu_backend final : public backend {
     reset();
     const int Hq = c.n_heads, hs = c.head_size();
     prompt_len_ = n;
+    seen_ = n;
     window_ = rec.window > 0 ? std::min(rec.window, n) : 0;
     has_attention_ = rec.attention;
     if (rec.attention) {
@@ -198,12 +208,28 @@ class cpu_backend final : public backend {
   bool step(int token, int pos, std::vector<float>& logits, std::string& err) override {
     const config& c = m_.cfg;
     if (token < 0 || token >= c.vocab_size) return err = "token id out of range", false;
-    const float* out = fwd_.run(token, pos, refs_.data(), [](int, int, const float*, int64_t) {}, [](int, const float*) {});
+    const bool observe = upkeep_.active() && upkeep_.observes();
+    const float* out = fwd_.run(
+        token, pos, refs_.data(),
+        [&](int l, int h, const float* p, int64_t n) {
+          if (observe) std::memcpy(upkeep_.row(l, h), p, sizeof(float) * size_t(n));
+        },
+        [](int, const float*) {});
     if (!out) return err = "the cache is full (seq_len " + std::to_string(cap_) + ")", false;
     logits.assign(out, out + c.vocab_size);
     prefilled_ = false;
+    seen_ = int64_t(pos) + 1;
+    if (upkeep_.active() && !upkeep_.step(kp_.data(), vp_.data(), pp_.data(), len_.data(), err)) return false;
     return true;
   }
+
+  bool begin_decode(const decode_options& o, std::string& err) override {
+    const config& c = m_.cfg;
+    return upkeep_.begin(o, c.n_layers, c.n_heads, c.n_kv_heads, c.head_size(), cap_, len_.data(), seen_, err);
+  }
+  void end_decode() override { upkeep_.end(); }
+  //! The running upkeep (inactive unless `begin_decode` succeeded since the last prefill / reset / restore).
+  const host_decode_upkeep& upkeep() const { return upkeep_; }
 
   bool compress(const prefixkv::compress_plan& plan, std::string& err) override {
     namespace pk = prefixkv;
@@ -272,6 +298,7 @@ class cpu_backend final : public backend {
     s.pos = pos_;
     s.len = len_;
     s.prefilled = prefilled_;
+    s.seen = seen_;
   }
   void restore(int slot) override {
     const snapshot& s = saved_[slot & 1];
@@ -285,6 +312,8 @@ class cpu_backend final : public backend {
       }
     std::copy(s.len.begin(), s.len.end(), len_.begin());  // refs_ point into len_
     prefilled_ = s.prefilled;
+    seen_ = s.seen;
+    upkeep_.end();
   }
 
  private:
@@ -297,6 +326,7 @@ class cpu_backend final : public backend {
     std::vector<std::vector<float>> k, v, pos;
     std::vector<int32_t> len;
     bool prefilled = false;
+    int64_t seen = 0;
   };
   const model& m_;
   cpu_forward fwd_;
@@ -306,6 +336,9 @@ class cpu_backend final : public backend {
   std::vector<int32_t> len_;               // (layer, kv_head)
   std::vector<layer_cache_ref> refs_;
   std::vector<std::vector<float>> P_, Q_;  // (layer) (q_head, T, T) / (q_head, w, head_size)
+  std::vector<float*> kp_, vp_, pp_;       // (layer) K, V and positions, for the upkeep
+  host_decode_upkeep upkeep_;
+  int64_t seen_ = 0;                       // tokens fed since the prefill began (the next position)
   int prompt_len_ = 0, window_ = 0;
   bool has_attention_ = false, prefilled_ = false;
   snapshot saved_[2];

@@ -4,16 +4,27 @@
 //                  [--method full|streaming|uniform|pyramid|adakv|prefixkv|prefixkv-head|profile] [--evict-ratio R]
 //                  [--profile P.json] [--scorer attention|window|keynorm] [--window W] [--sinks 4] [--recent 1]
 //                  [--device cpu|cuda] [--score-continuation TEXT] [--verbose]
+//                  [--decode-budget prefill|profile|cap:N] [--decode-recent R]
+//                  [--decode-policy fixed[:D]|score|score-ordered|amortised:M|rebalance:M]
 //
 // The prompt is encoded the llama2.c way (BOS, a dummy space, merges by score) and prefilled with the full cache;
 // the compressor then compresses every layer's cache (see policy.hpp for the methods) and decoding continues on
 // the compressed caches, new tokens at their original positions (prompt_len, prompt_len + 1, ...).
+// * Decode-time upkeep (either flag turns it on; see decode_upkeep.hpp and docs/decode.md): after every new token
+//   every cache is brought back to its budget — `prefill` (default): the fraction of the tokens seen that the
+//   prefill compression kept; `profile`: the --profile's fractions (ceil(N (1 - f_l)) after N tokens); `cap:N`: the
+//   prefill fractions, frozen once N tokens were seen (a fixed cache size) — by the policy `fixed[:D]` (the paper's:
+//   evict row n0 + D, D = -25), `score` (default; running accumulated attention, lowest evicted), `score-ordered`
+//   (the same, token order kept), `amortised:M` (overshoot by M tokens, then one compression of every layer) or
+//   `rebalance:M` (amortised, re-solving the layer split). The score-based policies never evict the first --sinks
+//   and the last --decode-recent rows (default: --recent). Without the flags the caches grow by one row per token.
 // * Generation (default): prints the continuation's text (up to N tokens, stopping at BOS/EOS) on stdout.
 // * --score-continuation TEXT: TEXT is encoded with the merges only (no BOS, no dummy space); the prompt's last
 //   logits predict its first token, then the cache is compressed and TEXT is fed token by token (teacher
 //   forcing). Prints one JSON object: {"ppl": exp(nll_mean), "nll_mean", "tokens", "keep": [tokens kept per layer,
 //   protected ones included; the mean over kv heads with head granularity], "keep_heads" (head granularity only):
-//   [[tokens kept per kv head] per layer]}.
+//   [[tokens kept per kv head] per layer]}; with decode upkeep also "keep_end" / "keep_heads_end": the same after
+//   the continuation.
 // Errors (bad arguments, unreadable or malformed files, a prompt longer than the context) print one line on stderr
 // and exit with status 2.
 #include "runtime.hpp"
@@ -46,7 +57,9 @@ const char* usage =
     "usage: prefixkv-llama [--model M.bin] [--tokenizer T.bin] --prompt TEXT [--steps N] [--temperature T --seed S]\n"
     "         [--method full|streaming|uniform|pyramid|adakv|prefixkv|prefixkv-head|profile] [--evict-ratio R]\n"
     "         [--profile P.json] [--scorer attention|window|keynorm] [--window W] [--sinks 4] [--recent 1]\n"
-    "         [--device cpu|cuda] [--score-continuation TEXT] [--verbose]\n";
+    "         [--device cpu|cuda] [--score-continuation TEXT] [--verbose]\n"
+    "         [--decode-budget prefill|profile|cap:N]\n"
+    "         [--decode-policy fixed[:D]|score|score-ordered|amortised:M|rebalance:M] [--decode-recent R]\n";
 
 struct options {
   std::string model = PREFIXKV_LLAMA_MODEL_DIR "/stories260K.bin";
@@ -57,6 +70,9 @@ struct options {
   double temperature = 0.0;
   unsigned long long seed = 0;
   policy pol;
+  decode_options dec;
+  bool has_decode_policy = false;
+  long long decode_recent = -1;
 };
 
 double parse_double(const std::string& flag, const std::string& s) {
@@ -114,6 +130,16 @@ options parse(int argc, char** argv) {
     else if (a == "--score-continuation") {
       o.continuation = value();
       o.has_continuation = true;
+    } else if (a == "--decode-budget") {
+      std::string err;
+      if (!parse_decode_budget(value(), o.dec, err)) die(err);
+    } else if (a == "--decode-policy") {
+      std::string err;
+      if (!parse_decode_policy(value(), o.dec, err)) die(err);
+      o.has_decode_policy = true;
+    } else if (a == "--decode-recent") {
+      o.decode_recent = parse_int(a, value());
+      if (o.decode_recent < 0 || o.decode_recent > (1 << 20)) die("--decode-recent must be in [0, 2^20]");
     } else if (a == "--verbose") o.verbose = true;
     else die("unknown option '" + a + "' (see --help)");
   }
@@ -123,12 +149,20 @@ options parse(int argc, char** argv) {
   if (o.pol.sinks < 0 || o.pol.recent < 0) die("--sinks and --recent must be >= 0");
   if (o.pol.sinks > (1 << 20) || o.pol.recent > (1 << 20)) die("--sinks and --recent are too large");
   if (o.pol.method == method_kind::profile && o.profile.empty()) die("--method profile needs --profile P.json");
-  if (o.pol.method != method_kind::profile && !o.profile.empty()) die("--profile needs --method profile");
+  if (o.has_decode_policy && !o.dec.enabled()) o.dec.budget = decode_budget_kind::prefill;
+  if (o.decode_recent >= 0 && !o.dec.enabled()) die("--decode-recent needs --decode-policy or --decode-budget");
+  const bool decode_profile = o.dec.budget == decode_budget_kind::profile;
+  if (decode_profile && o.profile.empty()) die("--decode-budget profile needs --profile P.json");
+  if (o.pol.method != method_kind::profile && !decode_profile && !o.profile.empty())
+    die("--profile needs --method profile or --decode-budget profile");
+  o.dec.protect = prefixkv::protect_policy{o.pol.sinks, o.decode_recent >= 0 ? o.decode_recent : o.pol.recent};
+  o.dec.gran = compresses(o.pol) && per_head(o.pol.method) ? prefixkv::granularity::head : prefixkv::granularity::layer;
   return o;
 }
 
-std::string keep_json(const std::vector<int32_t>& len, int layers, int heads, bool with_heads) {
-  std::string s = "\"keep\": [";
+std::string keep_json(const std::vector<int32_t>& len, int layers, int heads, bool with_heads,
+                      const std::string& suffix = "") {
+  std::string s = "\"keep" + suffix + "\": [";
   for (int l = 0; l < layers; ++l) {
     int64_t sum = 0;
     for (int h = 0; h < heads; ++h) sum += len[size_t(l) * heads + h];
@@ -140,7 +174,7 @@ std::string keep_json(const std::vector<int32_t>& len, int layers, int heads, bo
   }
   s += "]";
   if (with_heads) {
-    s += ", \"keep_heads\": [";
+    s += ", \"keep_heads" + suffix + "\": [";
     for (int l = 0; l < layers; ++l) {
       if (l) s += ", ";
       prefixkv::json_append_int_array(s, len.data() + size_t(l) * heads, heads);
@@ -159,9 +193,10 @@ int main(int argc, char** argv) {
   std::string err;
   if (!load_checkpoint(o.model, m, err)) die(err);
   if (!tk.load(o.tokenizer, m.cfg.vocab_size, err)) die(err);
-  if (o.pol.method == method_kind::profile) {
+  if (!o.profile.empty()) {
     if (prefixkv::profile_load(o.profile.c_str(), o.pol.profile) != cudaSuccess)
       die("cannot use the profile " + o.profile + ": " + prefixkv::last_error().message);
+    o.dec.profile = o.pol.profile;
   }
   auto be = make_backend(o.device, m, err);
   if (!be) die(err);
@@ -179,6 +214,7 @@ int main(int argc, char** argv) {
     die(err);
   }
   const std::vector<int32_t> len = be->lengths();
+  if (o.dec.enabled() && !be->begin_decode(o.dec, err)) die(err);
   if (o.verbose) {
     std::fprintf(stderr, "prefixkv-llama: %d prompt tokens, method %s, scorer %s, evict ratio %g; kept per layer:", T,
                  to_string(o.pol.method), to_string(o.pol.scorer), o.pol.evict_ratio);
@@ -188,6 +224,10 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "]");
     }
     std::fprintf(stderr, "\n");
+    if (o.dec.enabled())
+      std::fprintf(stderr, "prefixkv-llama: decode upkeep: budget %s, policy %s, protected %lld sinks + %lld recent\n",
+                   decode_budget_name(o.dec).c_str(), decode_policy_name(o.dec).c_str(),
+                   static_cast<long long>(o.dec.protect.sinks), static_cast<long long>(o.dec.protect.recent));
   }
   if (o.has_continuation) {
     const std::vector<int> text = tk.encode(o.continuation, false, false);
@@ -204,13 +244,26 @@ int main(int argc, char** argv) {
     prefixkv::json_append_number(s, mean);
     s += ", \"tokens\": ";
     prefixkv::json_append_int(s, int64_t(text.size()));
-    s += ", " + keep_json(len, c.n_layers, c.n_kv_heads, per_head(o.pol.method)) + "}\n";
+    s += ", " + keep_json(len, c.n_layers, c.n_kv_heads, per_head(o.pol.method));
+    if (o.dec.enabled())  // the same after the continuation
+      s += ", " + keep_json(be->lengths(), c.n_layers, c.n_kv_heads, per_head(o.pol.method), "_end");
+    s += "}\n";
     std::fputs(s.c_str(), stdout);
     return 0;
   }
   rng r(o.seed);
   std::vector<int> out;
   if (!generate(*be, logits, int(std::min<long long>(o.steps, c.seq_len)), T, o.temperature, r, true, out, err)) die(err);
+  if (o.verbose && o.dec.enabled()) {
+    const std::vector<int32_t> end = be->lengths();
+    std::fprintf(stderr, "prefixkv-llama: after %zu new tokens, cached per layer:", out.size());
+    for (int l = 0; l < c.n_layers; ++l) {
+      std::fprintf(stderr, " [");
+      for (int h = 0; h < c.n_kv_heads; ++h) std::fprintf(stderr, h ? " %d" : "%d", end[size_t(l) * c.n_kv_heads + h]);
+      std::fprintf(stderr, "]");
+    }
+    std::fprintf(stderr, "\n");
+  }
   std::string text = tk.decode(prompt.back(), out);
   text += "\n";
   std::fputs(text.c_str(), stdout);

@@ -20,6 +20,21 @@
 //       recent_kept (share of the prompt's last 64 positions still cached, mean over layers and kv heads).
 //       `streaming` ignores the scorer (it is reported once, scorer "recency"); `full` once (scorer "none").
 //
+//   prefixkv-llama-study longgen   --out DIR [--gen 256] [--caps 32,64] [--policies P,...] [--prefill-ratio 0.5]
+//       [--shard i/n] Long generations with decode-time upkeep, on the stories of `stories --set long` (short
+//       prompts, long continuations): for every story the full cache first (teacher forcing over the continuation,
+//       `gen` greedy tokens), then for both prefills — `full` (no compression) and `prefixkv` (window scorer,
+//       evict ratio `prefill-ratio`) — every cap C (rows per layer on average: budget cap:C for the full prefill,
+//       cap:C / (1 - ratio) for the compressed one, so both hold about C rows per layer) and every decode policy:
+//       the same teacher forcing and greedy generation with the upkeep running, plus the compressed prefill
+//       without upkeep (policy "none": the cache grows). Writes DIR/longgen_i.jsonl, one line per (story, prefill,
+//       cap, policy): nll_mean, ppl, top1, rouge_l as in `evaluate` (against the full cache), rows_mean /
+//       rows_peak (cached rows per (layer, kv head) over the teacher-forced steps: mean, largest), rows_end (per
+//       layer, at the end), budget_ok (every step of both runs: no segment above its budget — plus the slack for
+//       the amortised policies — and, for the per-step policies, exactly min(rows + 1, budget)). Policies use the
+//       --decode-policy syntax, with `@R` for a protected recent window of R rows (--decode-recent R), e.g.
+//       score@16; the others protect --recent rows.
+//
 // Common options: --model M.bin --tokenizer T.bin --window 16 --sinks 4 --recent 1. Errors: one line, exit 2.
 #include "runtime.hpp"
 #include "tokenizer.hpp"
@@ -51,6 +66,22 @@ using namespace prefixkv_llama;
   std::exit(2);
 }
 
+//! A decode policy of the long-generation phase: `--decode-policy` syntax, optionally `@R` = a protected recent
+//! window of R rows for the upkeep (`--decode-recent R`), e.g. score@16.
+bool parse_study_policy(const std::string& s, decode_options& d, std::string& err) {
+  const size_t at = s.find('@');
+  if (!parse_decode_policy(s.substr(0, at), d, err)) return false;
+  if (at == std::string::npos) return true;
+  errno = 0;
+  char* end = nullptr;
+  const std::string r = s.substr(at + 1);
+  const long long v = std::strtoll(r.c_str(), &end, 10);
+  if (r.empty() || end != r.c_str() + r.size() || errno != 0 || v < 0 || v > (1 << 20))
+    return err = "policy '" + s + "': the recent window after @ must be an integer >= 0", false;
+  d.protect.recent = v;
+  return true;
+}
+
 struct options {
   std::string phase, out, set = "eval";
   std::string model = PREFIXKV_LLAMA_MODEL_DIR "/stories260K.bin";
@@ -58,6 +89,10 @@ struct options {
   int count = 100, prompt_min = 250, prompt_max = 380, cont = 100, gen = 64, window = 16;
   int64_t sinks = 4, recent = 1;
   int shard = 0, shards = 1;
+  std::vector<int> caps{32, 64};
+  std::vector<std::string> policies{"fixed",         "fixed:4",      "score",           "score@16",
+                                    "score-ordered@16", "amortised:16", "amortised:16@16", "rebalance:16@16"};
+  double prefill_ratio = 0.5;
   std::vector<double> ratios{0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9};
   std::vector<scorer_name> scorers{scorer_name::attention, scorer_name::window};
   std::vector<method_kind> methods{method_kind::streaming, method_kind::uniform,  method_kind::pyramid,
@@ -91,9 +126,11 @@ std::vector<std::string> split(const std::string& s) {
 
 options parse(int argc, char** argv) {
   options o;
-  if (argc < 2) die("usage: prefixkv-llama-study stories|calibrate|evaluate --out DIR [options] (see study.cpp)");
+  if (argc < 2)
+    die("usage: prefixkv-llama-study stories|calibrate|evaluate|longgen --out DIR [options] (see study.cpp)");
   o.phase = argv[1];
-  if (o.phase != "stories" && o.phase != "calibrate" && o.phase != "evaluate") die("unknown phase '" + o.phase + "'");
+  if (o.phase != "stories" && o.phase != "calibrate" && o.phase != "evaluate" && o.phase != "longgen")
+    die("unknown phase '" + o.phase + "'");
   for (int i = 2; i < argc; ++i) {
     const std::string a = argv[i];
     auto value = [&]() -> std::string {
@@ -110,7 +147,7 @@ options parse(int argc, char** argv) {
     else if (a == "--tokenizer") o.tokenizer = value();
     else if (a == "--set") {
       o.set = value();
-      if (o.set != "calib" && o.set != "eval") die("--set must be calib or eval");
+      if (o.set != "calib" && o.set != "eval" && o.set != "long") die("--set must be calib, eval or long");
     } else if (a == "--count") o.count = count(1, 100000);
     else if (a == "--prompt-min") o.prompt_min = count(1, 1 << 20);
     else if (a == "--prompt-max") o.prompt_max = count(1, 1 << 20);
@@ -126,6 +163,25 @@ options parse(int argc, char** argv) {
       o.shard = int(parse_int(a, s.substr(0, slash)));
       o.shards = int(parse_int(a, s.substr(slash + 1)));
       if (o.shards < 1 || o.shard < 0 || o.shard >= o.shards) die("--shard i/n needs 0 <= i < n");
+    } else if (a == "--caps") {
+      o.caps.clear();
+      for (const auto& c : split(value())) {
+        const long long x = parse_int(a, c);
+        if (x < 1 || x > (1 << 20)) die("--caps: every cap must be >= 1");
+        o.caps.push_back(int(x));
+      }
+      if (o.caps.empty()) die("--caps is empty");
+    } else if (a == "--policies") {
+      o.policies = split(value());
+      for (const auto& p : o.policies) {
+        decode_options d;
+        std::string err;
+        if (!parse_study_policy(p, d, err)) die(err);
+      }
+      if (o.policies.empty()) die("--policies is empty");
+    } else if (a == "--prefill-ratio") {
+      o.prefill_ratio = parse_double(a, value());
+      if (!(o.prefill_ratio >= 0.0 && o.prefill_ratio < 1.0)) die("--prefill-ratio must be in [0, 1)");
     } else if (a == "--ratios") {
       o.ratios.clear();
       for (const auto& r : split(value())) {
@@ -223,7 +279,7 @@ void run_stories(const options& o, const model& m, const tokenizer& tk) {
   if (o.prompt_max + o.cont + 1 > m.cfg.seq_len) die("--prompt-max + --cont + 1 exceeds the context");
   std::string err;
   cpu_backend be(m);
-  const uint64_t base = o.set == "calib" ? 1000000 : 2000000;
+  const uint64_t base = o.set == "calib" ? 1000000 : o.set == "eval" ? 2000000 : 3000000;
   const auto t0 = std::chrono::steady_clock::now();
   std::string txt = "# index seed prompt_tokens continuation_tokens ids (prompt with BOS, then continuation)\n";
   std::string js;
@@ -448,6 +504,198 @@ void run_evaluate(const options& o, const model& m) {
                cfgs.size() + 1, seconds_since(t0));
 }
 
+// ---- phase 4: long generations with decode-time upkeep --------------------------------------------------------
+//! Per-step statistics of a run with upkeep: cached rows per (layer, kv head) and the budget check (a segment of
+//! n rows before the step holds min(n + 1, budget) after it; the amortised policies: n + 1, and min(n + 1,
+//! budget) once every slack + 1 steps — rebalance: at most n + 1, the split being re-solved).
+struct upkeep_stats {
+  double rows_sum = 0;
+  int64_t steps = 0, rows_peak = 0;
+  bool budget_ok = true;
+  void observe(const cpu_backend& be, const std::vector<int32_t>& before) {
+    const auto len = be.lengths();
+    const config& c = be.cfg();
+    const host_decode_upkeep& u = be.upkeep();
+    const prefixkv::decode_config& dc = u.plan().cfg;
+    const bool amortised = u.active() && dc.policy == prefixkv::decode_policy::amortised;
+    const bool compressed = amortised && (steps + 1) % (dc.slack + 1) == 0;
+    int64_t sum = 0;
+    for (int l = 0; l < c.n_layers; ++l)
+      for (int h = 0; h < c.n_kv_heads; ++h) {
+        const int64_t n = len[size_t(l) * c.n_kv_heads + h], prev = before[size_t(l) * c.n_kv_heads + h];
+        sum += n;
+        rows_peak = std::max(rows_peak, n);
+        int64_t want = prev + 1;
+        if (u.active() && (!amortised || compressed)) want = std::min(want, u.budget(l, h));
+        if (amortised && compressed && dc.rebalance ? n > prev + 1 : n != want) budget_ok = false;
+      }
+    rows_sum += double(sum) / double(c.n_layers * c.n_kv_heads);
+    ++steps;
+  }
+};
+
+//! Teacher forcing over `text` (as `teacher_force`), with statistics after every step.
+bool teacher_force_stats(cpu_backend& be, const std::vector<float>& logits0, const std::vector<int>& text,
+                         int prompt_len, double& nll_sum, std::vector<int>& top1, upkeep_stats& st, std::string& err) {
+  std::vector<float> logits = logits0;
+  nll_sum = 0.0;
+  top1.clear();
+  for (size_t i = 0; i < text.size(); ++i) {
+    if (i > 0) {
+      const auto before = be.lengths();
+      if (!be.step(text[i - 1], prompt_len + int(i) - 1, logits, err)) return false;
+      st.observe(be, before);
+    }
+    nll_sum += nll(logits, text[i]);
+    top1.push_back(argmax(logits));
+  }
+  return true;
+}
+
+//! `steps` greedy tokens (no stop at story boundaries), checking the budgets after every step.
+bool generate_stats(cpu_backend& be, const std::vector<float>& logits0, int steps, int prompt_len,
+                    std::vector<int>& out, upkeep_stats& st, std::string& err) {
+  std::vector<float> logits = logits0;
+  out.clear();
+  for (int i = 0; i < steps; ++i) {
+    out.push_back(argmax(logits));
+    if (i + 1 == steps) break;
+    const auto before = be.lengths();
+    if (!be.step(out.back(), prompt_len + i, logits, err)) return false;
+    st.observe(be, before);
+  }
+  return true;
+}
+
+void run_longgen(const options& o, const model& m) {
+  const auto stories = read_stories(o.out + "/stories_long.txt");
+  const config& c = m.cfg;
+  std::string err;
+  cpu_backend be(m);
+  struct prefill_cfg {
+    const char* name;
+    policy pol;
+    double keep;  // kept fraction of the prompt: the cap's horizon is C / keep
+  };
+  std::vector<prefill_cfg> prefills(2);
+  prefills[0].name = "full";
+  prefills[0].pol.method = method_kind::full;
+  prefills[0].keep = 1.0;
+  prefills[1].name = "prefixkv";
+  prefills[1].pol.method = method_kind::prefixkv;
+  prefills[1].pol.scorer = scorer_name::window;
+  prefills[1].pol.evict_ratio = o.prefill_ratio;
+  prefills[1].keep = 1.0 - o.prefill_ratio;
+  for (auto& p : prefills) {
+    p.pol.sinks = o.sinks;
+    p.pol.recent = o.recent;
+    p.pol.window = o.window;
+  }
+  const std::string path = o.out + "/longgen_" + std::to_string(o.shard) + ".jsonl";
+  std::FILE* f = std::fopen(path.c_str(), "wb");
+  if (!f) die("cannot create " + path);
+  const auto t0 = std::chrono::steady_clock::now();
+  int done = 0, runs = 0;
+  std::vector<float> logits;
+  std::vector<int> top1_full, gen_full, top1, gen;
+  auto emit = [&](const story& s, const char* prefill, int cap, int64_t horizon, const std::string& pol,
+                  double nll_sum, const std::vector<int>& t1, const std::vector<int>& g, const upkeep_stats& st,
+                  const std::vector<int32_t>& keep0, const std::vector<int32_t>& end) {
+    int agree = 0;
+    for (size_t i = 1; i < t1.size(); ++i) agree += t1[i] == top1_full[i];
+    const double mean = nll_sum / double(s.cont.size());
+    std::string line = "{\"story\": " + std::to_string(s.index) + ", \"prefill\": \"" + prefill +
+                       "\", \"cap\": " + std::to_string(cap) + ", \"horizon\": " + std::to_string(horizon) +
+                       ", \"policy\": \"" + pol + "\", \"prompt_tokens\": " + std::to_string(s.prompt.size()) +
+                       ", \"tokens\": " + std::to_string(s.cont.size()) + ", \"gen\": " + std::to_string(g.size()) +
+                       ", \"nll_mean\": ";
+    prefixkv::json_append_number(line, mean);
+    line += ", \"ppl\": ";
+    prefixkv::json_append_number(line, std::exp(mean));
+    line += ", \"top1\": ";
+    prefixkv::json_append_number(line, t1.size() > 1 ? double(agree) / double(t1.size() - 1) : 1.0);
+    line += ", \"rouge_l\": ";
+    prefixkv::json_append_number(line, rouge_l_f1(g, gen_full));
+    line += ", \"rows_mean\": ";
+    prefixkv::json_append_number(line, st.steps ? st.rows_sum / double(st.steps) : 0.0);
+    line += ", \"rows_peak\": " + std::to_string(st.rows_peak);
+    line += std::string(", \"budget_ok\": ") + (st.budget_ok ? "true" : "false");
+    std::vector<double> per_layer(size_t(c.n_layers)), per_layer0(size_t(c.n_layers));
+    for (int l = 0; l < c.n_layers; ++l)
+      for (int h = 0; h < c.n_kv_heads; ++h) {
+        per_layer[l] += double(end[size_t(l) * c.n_kv_heads + h]) / c.n_kv_heads;
+        per_layer0[l] += double(keep0[size_t(l) * c.n_kv_heads + h]) / c.n_kv_heads;
+      }
+    line += ", \"keep0\": ";
+    prefixkv::json_append_number_array(line, per_layer0.data(), c.n_layers);
+    line += ", \"rows_end\": ";
+    prefixkv::json_append_number_array(line, per_layer.data(), c.n_layers);
+    line += "}\n";
+    std::fputs(line.c_str(), f);
+    ++runs;
+  };
+  for (const story& s : stories) {
+    if (s.index % o.shards != o.shard) continue;
+    const int T = int(s.prompt.size());
+    if (T + int(s.cont.size()) - 1 > c.seq_len || T + o.gen - 1 > c.seq_len) die("a story exceeds the context");
+    prefill_record rec;
+    rec.window = o.window;  // the compressed prefill's scorer input (the full cache's logits do not depend on it)
+    if (!be.prefill(s.prompt.data(), T, rec, logits, err)) die(err);
+    be.save(0);
+    const std::vector<float> logits0 = logits;
+    {  // the full cache: the reference of every other run
+      upkeep_stats st;
+      double nll_full = 0;
+      if (!teacher_force_stats(be, logits0, s.cont, T, nll_full, top1_full, st, err)) die(err);
+      const std::vector<int32_t> end = be.lengths();
+      be.restore(0);
+      upkeep_stats gs;
+      if (!generate_stats(be, logits0, o.gen, T, gen_full, gs, err)) die(err);
+      be.restore(0);
+      emit(s, "full", 0, 0, "full", nll_full, top1_full, gen_full, st, be.lengths(), end);
+    }
+    for (const prefill_cfg& p : prefills) {
+      be.restore(0);
+      prefixkv::compress_plan plan;
+      if (compresses(p.pol)) {
+        if (!make_policy_plan(p.pol, c, plan, err)) die(err);
+        if (!be.compress(plan, err)) die("story " + std::to_string(s.index) + ": " + err);
+      }
+      be.save(1);
+      const std::vector<int32_t> keep0 = be.lengths();
+      std::vector<std::string> pols = o.policies;
+      if (compresses(p.pol)) pols.insert(pols.begin(), "none");
+      for (int cap : o.caps)
+        for (const std::string& pn : pols) {
+          if (pn == "none" && cap != o.caps.front()) continue;  // no upkeep: the same run for every cap
+          decode_options d;
+          d.protect = prefixkv::protect_policy{o.sinks, o.recent};
+          if (pn != "none" && !parse_study_policy(pn, d, err)) die(err);
+          const int64_t horizon = std::max<int64_t>(1, int64_t(std::lround(double(cap) / p.keep)));
+          d.budget = pn == "none" ? decode_budget_kind::off : decode_budget_kind::cap;
+          d.cap = horizon;
+          d.gran = prefixkv::granularity::layer;
+          double nll_sum = 0;
+          upkeep_stats st, gs;
+          be.restore(1);
+          if (d.enabled() && !be.begin_decode(d, err)) die(err);
+          if (!teacher_force_stats(be, logits0, s.cont, T, nll_sum, top1, st, err)) die(err);
+          const std::vector<int32_t> end = be.lengths();
+          be.restore(1);
+          if (d.enabled() && !be.begin_decode(d, err)) die(err);
+          if (!generate_stats(be, logits0, o.gen, T, gen, gs, err)) die(err);
+          st.budget_ok = st.budget_ok && gs.budget_ok;
+          emit(s, p.name, pn == "none" ? 0 : cap, pn == "none" ? 0 : horizon, pn, nll_sum, top1, gen, st, keep0, end);
+        }
+    }
+    ++done;
+    std::fflush(f);
+  }
+  if (std::fclose(f) != 0) die("write error on " + path);
+  std::fprintf(stderr, "longgen shard %d/%d: %d stories, %d runs (%.1f s)\n", o.shard, o.shards, done, runs,
+               seconds_since(t0));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -462,6 +710,8 @@ int main(int argc, char** argv) {
     run_stories(o, m, tk);
   else if (o.phase == "calibrate")
     run_calibrate(o, m);
+  else if (o.phase == "longgen")
+    run_longgen(o, m);
   else
     run_evaluate(o, m);
   return 0;

@@ -33,6 +33,7 @@ TEST_CASE("decode gpu: amortised compressions equal the host backend in every la
       cfg.policy = pk::decode_policy::amortised;
       cfg.slack = variant == 0 ? 0 : 4;
       cfg.rebalance = variant == 1;
+      cfg.horizon = variant == 1 ? 100 : 0;  // sequences past the horizon: rebalanced fractions over the horizon
       cfg.gran = variant == 2 ? pk::granularity::head : pk::granularity::layer;
       cfg.protect = {2, variant == 2 ? 0 : 3};
       gpu_case<pk::bf16, pk::bf16> c(l, geo(3, variant == 2 ? 1 : 2, 2, 140, 64, variant == 2 ? 2 : 1), cfg, rng);

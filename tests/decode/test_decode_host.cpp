@@ -318,6 +318,57 @@ TEST_CASE("decode amortised rebalance: each sequence keeps its total, the layer 
   CHECK(*g.st.status == 0);
 }
 
+TEST_CASE("decode amortised rebalance with a horizon: each sequence's total stays at its cap") {
+  auto rng = make_rng(110);
+  pk::decode_config c = base_config(3, 2, 1, 2, 600);
+  c.policy = pk::decode_policy::amortised;
+  c.slack = 5;
+  c.rebalance = true;
+  c.horizon = 320;  // sequence 0 starts past it, sequence 1 reaches it after 60 steps
+  host_gen g(c, 2, 2, rng());
+  g.init({400, 260}, [&](int64_t l, int64_t b, int64_t) { return int64_t(30 + 25 * l + 10 * b); }, rng);
+  // the cap of each sequence: the sum of its segments' budgets at the horizon, T = ceil(min(N, 320) * n0 / N0)
+  std::vector<int64_t> cap(2, 0);
+  for (int64_t b = 0; b < 2; ++b)
+    for (int64_t l = 0; l < 3; ++l) {
+      const int64_t n0 = 30 + 25 * l + 10 * b, N0 = b == 0 ? 400 : 260;
+      cap[b] += (320 * n0 + N0 - 1) / N0;
+    }
+  int compressions = 0;
+  std::vector<int64_t> first(2, -1);
+  for (int i = 0; i < 300; ++i) {
+    const bool due = g.st.pending + 1 > c.slack;
+    pk::decode_step_args<pk::kv_layers<float>, float> a;
+    for (int64_t l = 0; l < 3; ++l)
+      for (int64_t b = 0; b < 2; ++b) g.write_row(l, b, 0, g.st.lengths[g.plan.state_index(l, b, 0)], g.seen[b]);
+    a.cache = g.cache();
+    a.observe = pk::decode_observe::attention;
+    for (auto& x : g.p) x = float(rng() % 1000) / 1000.0f;
+    a.attention = g.pv.data();
+    REQUIRE(pk::decode_step_host(g.plan, g.st, a) == cudaSuccess);
+    for (auto& x : g.seen) ++x;
+    if (!due) continue;
+    ++compressions;
+    for (int64_t b = 0; b < 2; ++b) {
+      int64_t total = 0;
+      for (int64_t l = 0; l < 3; ++l) {
+        const int64_t s = g.plan.state_index(l, b, 0);
+        total += g.st.lengths[s];
+        CHECK(g.st.frac_den[s] == std::min<int64_t>(g.seen[b], 320));
+      }
+      CAPTURE(i);
+      CAPTURE(b);
+      if (g.seen[b] < 320) continue;
+      if (b == 0 && first[b] < 0) CHECK(total == cap[b]);  // the first compression: the init fractions' cap
+      if (first[b] < 0) first[b] = total;
+      CHECK(total == first[b]);  // past the horizon the total stays (no shrinking compression after compression)
+    }
+  }
+  CHECK(compressions == 50);
+  CHECK(first[1] > 0);
+  CHECK(*g.st.status == 0);
+}
+
 TEST_CASE("decode: bad observations and lengths are reported, the cache stays consistent") {
   auto rng = make_rng(109);
   pk::decode_config c = base_config(1, 2, 1, 1, 40);

@@ -243,3 +243,78 @@ TEST_CASE("bad input: exit 2, one line on stderr, nothing on stdout") {
   // the budget cannot be met: sinks and recent protect everything there is to evict
   expect_bad(ok + "--sinks 100 --evict-ratio 0.5");
 }
+
+TEST_CASE("decode upkeep: every policy runs capped, changes nothing with nothing to evict, rejects bad flags") {
+  write_text("llama_profile.json", "[0.5, 0.4, 0.3, 0.2, 0.1]\n");
+  const std::string tim = "Once upon a time, there was a little boy named Tim.";
+  const std::string base = model_args + "--prompt " + quote(tim) + " ";
+  const std::string cont = quote(" Tim threw the ball and the dog ran after it. They played all day.");
+  const result plain = run_ok(base + "--method prefixkv --evict-ratio 0 --steps 220");
+  const result plain_ppl = run_ok(base + "--method prefixkv --evict-ratio 0 --score-continuation " + cont);
+  CHECK(plain_ppl.out.find("keep_end") == std::string::npos);  // no upkeep: the output of before
+  for (const std::string pol : {"fixed", "fixed:4", "score", "score-ordered", "amortised:16", "rebalance:16"}) {
+    INFO("policy ", pol);
+    const std::string d = std::string("--decode-policy ") + pol + " ";
+    // nothing to evict (no prefill compression, budgets = every token): the same text and scores as without upkeep
+    CHECK(run_ok(base + "--method prefixkv --evict-ratio 0 --steps 220 " + d).out == plain.out);
+    const result s0 = run_ok(base + "--method prefixkv --evict-ratio 0 --score-continuation " + cont + " " + d);
+    CHECK(text_field(s0.out, "nll_mean") == text_field(plain_ppl.out, "nll_mean"));
+    // capped: 200+ tokens, and the continuation ends with the cache at its cap (40 rows per layer, no prefill
+    // compression; amortised: at most the slack more)
+    const result g = run_ok(base + "--method full --steps 240 --decode-budget cap:40 --verbose " + d);
+    CHECK(g.err.find("decode upkeep: budget cap:40, policy " + pol + ",") != std::string::npos);
+    const std::string longc = quote(std::string(" Tim threw the ball and the dog ran after it.") +
+                                    " They played all day until the sun went down and it was time to go home." +
+                                    " The next day Tim and the dog went to the park again.");
+    const result s = run_ok(base + "--method full --decode-budget cap:40 --score-continuation " + longc + " " + d);
+    const auto end = array_field(s.out, "keep_end");
+    REQUIRE(end.size() == 5);
+    const double slack = pol.find(":16") != std::string::npos ? 16 : 0;
+    double total = 0;
+    for (double x : end) {
+      total += x;
+      if (pol.rfind("rebalance", 0) == 0) continue;  // the layer split moves, the total stays
+      CHECK(x >= 40);
+      CHECK(x <= 40 + slack);
+    }
+    CHECK(total >= 5 * 40);
+    CHECK(total <= 5 * (40 + slack));
+    CHECK(array_field(s.out, "keep") != end);
+  }
+  // the profile budget: the paper's rule after N tokens, ceil(N (1 - f_l)) for this profile
+  const result p = run_ok(base + "--method prefixkv --decode-budget profile --profile llama_profile.json "
+                                 "--decode-policy score --score-continuation " + cont);
+  prefixkv_llama::tokenizer tk;
+  std::string err;
+  REQUIRE(tk.load(model_dir + "/tok512.bin", 512, err));
+  const double steps = double(
+      tk.encode(" Tim threw the ball and the dog ran after it. They played all day.", false, false).size() - 1);
+  const double N = double(tk.encode(tim, true, true).size()) + steps;
+  const auto pkeep = array_field(p.out, "keep"), pend = array_field(p.out, "keep_end");
+  const double f[5] = {0.5, 0.4, 0.3, 0.2, 0.1};
+  int below = 0;
+  for (int l = 0; l < 5; ++l) {  // rows never exceed what the layer was given: the kept prefill + every new token
+    CHECK(pend[size_t(l)] == std::min(pkeep[size_t(l)] + steps, std::ceil(N * (1 - f[l]) - 1e-9)));
+    below += pend[size_t(l)] < pkeep[size_t(l)] + steps;
+  }
+  CHECK(below >= 3);
+  const std::string ok = model_args + "--prompt 'Once upon a time' ";
+  expect_bad(ok + "--decode-policy magic");
+  expect_bad(ok + "--decode-policy amortised");
+  expect_bad(ok + "--decode-policy amortised:-1");
+  expect_bad(ok + "--decode-policy score:3");
+  expect_bad(ok + "--decode-policy fixed:x");
+  expect_bad(ok + "--decode-budget cap:0");
+  expect_bad(ok + "--decode-budget cap:");
+  expect_bad(ok + "--decode-budget everything");
+  expect_bad(ok + "--decode-budget profile");  // without --profile
+  expect_bad(ok + "--decode-budget profile --profile no/such.json");
+  expect_bad(ok + "--decode-budget");
+  expect_bad(ok + "--decode-recent -1 --decode-policy score");
+  expect_bad(ok + "--decode-recent x --decode-policy score");
+  expect_bad(ok + "--decode-recent 8");  // no upkeep asked for
+  // a protected recent window: the newest 16 rows of every layer are the 16 newest tokens
+  const result r = run_ok(base + "--method full --decode-budget cap:40 --decode-policy score --decode-recent 16 "
+                                 "--verbose --steps 100");
+  CHECK(r.err.find("protected 4 sinks + 16 recent") != std::string::npos);
+}

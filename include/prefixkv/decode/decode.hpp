@@ -44,7 +44,8 @@
 //!     pass (curves -> solve -> selection -> in-place compaction, all layers and sequences) keeps the protected
 //!     tokens and the highest-scored candidates (ties: older first), token order kept. `rebalance` re-solves
 //!     the global PrefixKV threshold over each sequence's segments instead (the per-sequence total is kept and
-//!     the layer fractions are re-set from the result).
+//!     the layer fractions are re-set from the result: new length over min(N, horizon) tokens, so that a
+//!     `horizon` cap keeps holding).
 //! * Observation (score, amortised): `attention` adds, for every row r < n, sum_q ((sum_{g in group} P[b, g, q,
 //!   r]) / |group|) (the accumulated-attention scorer's formula; group = all q heads for layer segments, the kv
 //!   head's q heads for head segments); `add_scores` / `set_scores` add or assign caller rows (e.g. the window

@@ -384,7 +384,7 @@ inline cudaError_t decode_step_host_run(const decode_plan& pl, decode_state& st,
       st.lengths[s] = static_cast<int32_t>(keep[j]);
       if (c.rebalance) {
         st.frac_num[s] = keep[j];
-        st.frac_den[s] = st.seen[s];
+        st.frac_den[s] = decode_fraction_den(st.seen[s], c.horizon);
       }
     }
   }

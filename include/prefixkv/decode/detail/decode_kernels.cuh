@@ -547,7 +547,7 @@ PREFIXKV_KERNEL void __launch_bounds__(256) decode_chain_finalize_kernel(decode_
     a.st.lengths[s] = static_cast<int32_t>(a.keep[jj]);
     if (a.plan.cfg.rebalance) {
       a.st.frac_num[s] = a.keep[jj];
-      a.st.frac_den[s] = a.st.seen[s];
+      a.st.frac_den[s] = decode_fraction_den(a.st.seen[s], a.plan.cfg.horizon);
     }
   }
 }

@@ -58,6 +58,12 @@ PREFIXKV_HOST_DEVICE int64_t decode_budget(int64_t N, double keep, int64_t num, 
   return decode_ceil_fraction(ne, num, den);
 }
 
+//! The denominator of a fraction set after N tokens (rebalance): N, or the horizon once N passed it, so that the
+//! budget T(N') = ceil(min(N', horizon) * num / den) of the new fraction is `num` from then on.
+PREFIXKV_HOST_DEVICE int64_t decode_fraction_den(int64_t N, int64_t horizon) {
+  return horizon > 0 && N > horizon ? horizon : N;
+}
+
 //! The evicted row of the fixed-position policy, set once per segment from its length n0 when decoding starts
 //! (the official code: `distance` > 0 gives that row; otherwise n0 + distance, or n0 / 2 when that is < 1).
 PREFIXKV_HOST_DEVICE int64_t decode_fixed_row(int64_t n0, int64_t distance) {
