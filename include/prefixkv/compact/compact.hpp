@@ -56,7 +56,13 @@ struct kv_layers {
   int64_t layers = 0;
 };
 
-//! All layers of a paged cache. All kinds and layers share one block table (as in vLLM); pages pointers differ.
+//! All layers of a paged cache. The layers share page geometry (page size, strides, pool extent) and block-table
+//! geometry (batch, max_blocks, row stride); their pages pointers differ (one pool per layer) or not (one pool shared
+//! by the layers). Block tables: one shared by every layer (as in vLLM), or one per layer (each layer's own
+//! `block_table` pointer: layers whose lengths differ after compression each keep and free their own pages). The
+//! kinds (K, V, scales) of one layer always share that layer's table. Page ownership (a page twice where the
+//! compaction writes, `reason::overlapping_buffers`) is checked per layer when every layer has its own pool, and
+//! across layers when a pool is shared by several layers with per-layer tables (page ids are then one id space).
 template <class T, class S = float>
 struct paged_kv_layers {
   using element_type = T;
@@ -100,9 +106,10 @@ struct compact_geom {
   }
 };
 
-//! Row addressing of one side: strided, or through a block table shared by all kinds and layers.
+//! Row addressing of one side: strided, or through block tables (layer 0's in `table`; every layer's in
+//! `compact_tables`, the same pointer for all layers when they share one table).
 struct compact_table {
-  const int32_t* table = nullptr;  // (batch, max_blocks), row stride `stride`
+  const int32_t* table = nullptr;  // (batch, max_blocks), row stride `stride`: layer 0's table
   int64_t stride = 0, page_size = 1, num_pages = 0, max_blocks = 0;
   int32_t shift = -1;  // log2(page_size) when a power of two
   bool paged = false;
@@ -113,6 +120,19 @@ struct compact_table {
     const int64_t page = table[b * stride + blk];
     return page * g.s_batch + (t - blk * page_size) * g.s_token + h * g.s_head;
   }
+  //! The same addressing through another layer's table.
+  PREFIXKV_HOST_DEVICE compact_table with_table(const int32_t* t) const {
+    compact_table c = *this;
+    c.table = t;
+    return c;
+  }
+};
+
+//! How the check marks page ownership of a paged destination (or a paged cache compacted in place).
+enum class compact_owner_mode : int32_t {
+  shared_table = 0,  //!< one table for every layer: one owner word per page, key (sequence, block)
+  per_layer = 1,     //!< per-layer tables, every layer its own pool: owner words per (layer, page), key (sequence, block)
+  across_layers = 2, //!< per-layer tables, a pool shared by layers: one owner word per page, key (layer, sequence, block)
 };
 
 //! Everything the kernels need except the per-layer pointers.
@@ -134,15 +154,34 @@ struct compact_meta {
   compact_outputs out;
   const int32_t* vstatus = nullptr;  // per-block results of the check kernel (null: trusted)
   int32_t vblocks = 0;
-  int32_t* owner = nullptr;          // (dst num_pages) page -> (b * max_blocks + block), duplicate detection
+  int32_t* owner = nullptr;          // (owner_words) page -> (b * max_blocks + block), duplicate detection
+  compact_owner_mode owner_mode = compact_owner_mode::shared_table;
   PREFIXKV_HOST_DEVICE int64_t lanes_per_lb() const { return lane_prefix[kinds]; }
+  //! Owner words the check needs (paged destinations): one per page, per layer and page in `per_layer` mode.
+  PREFIXKV_HOST_DEVICE int64_t owner_words() const {
+    return owner_mode == compact_owner_mode::per_layer ? layers * dt.num_pages : dt.num_pages;
+  }
+  //! Owner word and key of (layer l, sequence b, block blk) holding page `page`.
+  PREFIXKV_HOST_DEVICE int64_t owner_slot(int64_t l, int64_t page) const {
+    return owner_mode == compact_owner_mode::per_layer ? l * dt.num_pages + page : page;
+  }
+  PREFIXKV_HOST_DEVICE int64_t owner_key(int64_t l, int64_t b, int64_t blk) const {
+    return (owner_mode == compact_owner_mode::across_layers ? l * batch + b : b) * dt.max_blocks + blk;
+  }
   PREFIXKV_HOST_DEVICE int64_t lanes() const { return layers * batch * lane_prefix[kinds]; }
 };
 
-//! Per-layer base pointers, (layer, kind).
+//! Per-layer block tables of both sides (paged sides; the same pointer in every entry when the layers share one).
+struct compact_tables {
+  const int32_t* src[compact_max_layers];
+  const int32_t* dst[compact_max_layers];
+};
+
+//! Per-layer base pointers, (layer, kind), and the per-layer block tables.
 struct compact_ptrs {
   char* src[compact_max_layers][compact_kinds];
   char* dst[compact_max_layers][compact_kinds];
+  compact_tables tab;
 };
 
 inline bool compact_pow2_shift(int64_t x, int32_t& shift) {
@@ -159,6 +198,8 @@ struct compact_side {
   compact_geom g[compact_kinds];
   bool present[compact_kinds] = {};
   compact_table t;
+  std::vector<const int32_t*> tables;  // paged: every layer's block table (kind K)
+  bool shared_table = true;            // paged: every layer has the same table
   int64_t batch = 0, tokens = 0;  // tokens: strided extent, or max_blocks * page_size
   // byte spans [lo, hi) of every (layer, kind), for the overlap check
   std::vector<std::pair<std::uintptr_t, std::uintptr_t>> spans;
@@ -238,9 +279,17 @@ cudaError_t compact_describe(const paged_kv_view<T>* views, int64_t layers, int 
     PREFIXKV_TRY(validate(v));
     if (v.num_pages != v0.num_pages || v.page_size != v0.page_size || v.heads != v0.heads || v.dim != v0.dim ||
         v.stride_page != v0.stride_page || v.stride_slot != v0.stride_slot || v.stride_head != v0.stride_head ||
-        v.stride_dim != v0.stride_dim || v.block_table != v0.block_table || v.batch != v0.batch ||
-        v.max_blocks != v0.max_blocks || v.block_table_stride != v0.block_table_stride)
-      return fail(reason::shape_mismatch, "compact: the layers of one paged tensor kind differ in geometry or table");
+        v.stride_dim != v0.stride_dim || v.batch != v0.batch || v.max_blocks != v0.max_blocks ||
+        v.block_table_stride != v0.block_table_stride)
+      return fail(reason::shape_mismatch,
+                  "compact: the layers of one paged tensor kind differ in page or block-table geometry");
+    if (kind == 0) {
+      if (l == 0) side.tables.clear();
+      side.tables.push_back(v.block_table);
+      if (v.block_table != v0.block_table) side.shared_table = false;
+    } else if (v.block_table != side.tables[static_cast<size_t>(l)]) {
+      return fail(reason::shape_mismatch, "compact: K, V and scales of a paged layer must share that layer's block table");
+    }
   }
   compact_fill_geom(side, kind, sizeof(T), v0.heads, v0.max_blocks * v0.page_size, v0.dim, v0.rows_contiguous(),
                     {v0.num_pages, v0.heads, v0.page_size, v0.dim},
@@ -258,9 +307,9 @@ cudaError_t compact_describe(const paged_kv_view<T>* views, int64_t layers, int 
     side.t = t;
     side.batch = v0.batch;
     side.tokens = v0.max_blocks * v0.page_size;
-  } else if (t.table != side.t.table || t.stride != side.t.stride || t.page_size != side.t.page_size ||
-             t.num_pages != side.t.num_pages || t.max_blocks != side.t.max_blocks || v0.batch != side.batch) {
-    return fail(reason::shape_mismatch, "compact: K, V and scales of a paged cache must share one block table");
+  } else if (t.stride != side.t.stride || t.page_size != side.t.page_size || t.num_pages != side.t.num_pages ||
+             t.max_blocks != side.t.max_blocks || v0.batch != side.batch) {
+    return fail(reason::shape_mismatch, "compact: K, V and scales of a paged cache must share one block-table geometry");
   }
   if (v0.batch > 0 && v0.max_blocks > 0 && v0.batch * v0.max_blocks >= (int64_t(1) << 31))
     return fail(reason::bad_parameter, "compact: batch * max_blocks must be < 2^31");
@@ -282,7 +331,27 @@ cudaError_t compact_describe_cache(const Cache& c, compact_side& side) {
   for (int k = 2; k < compact_kinds; ++k)
     if (side.present[k] && side.g[k].heads != side.g[0].heads && side.g[k].heads != 1)
       return fail(reason::shape_mismatch, "compact: scales must have the K head count or 1 head");
+  if (side.t.paged && !side.shared_table) {
+    const int64_t keys = c.layers * side.batch;  // across-layer keys: (layer, sequence, block)
+    if (keys > 0 && side.t.max_blocks > 0 && keys > (int64_t(1) << 31) / side.t.max_blocks)
+      return fail(reason::bad_parameter, "compact: layers * batch * max_blocks must be < 2^31 with per-layer tables");
+  }
   return cudaSuccess;
+}
+
+//! Ownership check mode of a paged side (see `compact_owner_mode`): per layer when no two layers share a pool of
+//! any kind, across layers otherwise.
+inline compact_owner_mode compact_owner_of(const compact_side& side) {
+  if (!side.t.paged || side.shared_table) return compact_owner_mode::shared_table;
+  std::vector<std::uintptr_t> p;
+  for (int k = 0; k < compact_kinds; ++k) {
+    if (!side.present[k]) continue;
+    p.assign(side.ptr[k].size(), 0);
+    for (size_t l = 0; l < p.size(); ++l) p[l] = reinterpret_cast<std::uintptr_t>(side.ptr[k][l]);
+    std::sort(p.begin(), p.end());
+    if (std::adjacent_find(p.begin(), p.end()) != p.end()) return compact_owner_mode::across_layers;
+  }
+  return compact_owner_mode::per_layer;
 }
 
 //! The host half of `can_implement`: shapes, strides, grid, selection shape, overlap. Fills `m` and the pointer
@@ -349,6 +418,11 @@ cudaError_t compact_plan(const SrcCache& src, const DstCache& dst, bool inplace,
       }
     ++kinds;
   }
+  if (ptrs)
+    for (int64_t l = 0; l < src.layers; ++l) {
+      ptrs->tab.src[l] = s.t.paged ? s.tables[static_cast<size_t>(l)] : nullptr;
+      ptrs->tab.dst[l] = dd.t.paged ? dd.tables[static_cast<size_t>(l)] : nullptr;
+    }
   m.lane_prefix[kinds] = prefix;
   m.kinds = kinds;
   m.st = s.t;
@@ -361,6 +435,7 @@ cudaError_t compact_plan(const SrcCache& src, const DstCache& dst, bool inplace,
   m.sel = sel;
   m.inplace = inplace;
   m.paged_dst = dd.t.paged;
+  m.owner_mode = compact_owner_of(dd);
   m.out = out;
   return cudaSuccess;
 }
@@ -370,17 +445,18 @@ inline void compact_mark_error(int32_t& err, reason r) {
 }
 
 //! Host version of the device-side content checks (the selection must be in host memory, as must block tables).
-inline reason compact_check_host(const compact_meta& m) {
+inline reason compact_check_host(const compact_meta& m, const compact_tables& tab) {
   const int64_t S = m.sel.count;
   if (S == 0) return reason::none;
   std::vector<int64_t> owner;
-  if (m.paged_dst) owner.assign(static_cast<size_t>(m.dt.num_pages), -1);
-  auto mark = [&](int64_t b, int64_t blk) -> reason {
-    const int64_t page = m.dt.table[b * m.dt.stride + blk];
+  if (m.paged_dst) owner.assign(static_cast<size_t>(m.owner_words()), -1);
+  auto mark = [&](int64_t l, int64_t b, int64_t blk) -> reason {
+    const int64_t page = tab.dst[l][b * m.dt.stride + blk];
     if (page < 0 || page >= m.dt.num_pages) return reason::out_of_range;
-    const int64_t key = b * m.dt.max_blocks + blk;
-    if (owner[page] != -1 && owner[page] != key) return reason::overlapping_buffers;
-    owner[page] = key;
+    const int64_t key = m.owner_key(l, b, blk);
+    int64_t& o = owner[static_cast<size_t>(m.owner_slot(l, page))];
+    if (o != -1 && o != key) return reason::overlapping_buffers;
+    o = key;
     return reason::none;
   };
   if (m.sel.offsets[0] != 0) return reason::out_of_range;
@@ -389,22 +465,22 @@ inline reason compact_check_host(const compact_meta& m) {
     if (end < off) return reason::out_of_range;
     const int64_t kept = end - off;
     if (kept > m.dst_capacity) return reason::capacity_exceeded;
-    const int64_t b = m.grid.batch_of(s);
+    const int64_t b = m.grid.batch_of(s), l = m.grid.layer_of(s);
     for (int64_t p = 0; p < kept; ++p) {
       const int64_t t = m.sel.indices[off + p];
       if (t < 0 || t >= m.src_tokens) return reason::out_of_range;
       if (m.inplace && p > 0 && m.sel.indices[off + p - 1] >= t) return reason::not_ascending;
       if (m.st.paged) {
         const int64_t blk = m.st.block_of(t);
-        const int64_t page = m.st.table[b * m.st.stride + blk];
+        const int64_t page = tab.src[l][b * m.st.stride + blk];
         if (page < 0 || page >= m.st.num_pages) return reason::out_of_range;
         if (m.inplace) {
-          const reason r = mark(b, blk);
+          const reason r = mark(l, b, blk);
           if (r != reason::none) return r;
         }
       }
       if (m.paged_dst && p % m.dt.page_size == 0) {
-        const reason r = mark(b, m.dt.block_of(p));
+        const reason r = mark(l, b, m.dt.block_of(p));
         if (r != reason::none) return r;
       }
     }
@@ -439,7 +515,8 @@ inline void compact_outputs_host(const compact_meta& m) {
 //! The move itself, sequentially: lanes in order, rows ascending, element chunks via memmove (so an in-place row
 //! that stays where it is, or moves down, is copied exactly as the device does).
 inline void compact_move_host(const compact_meta& m, const compact_ptrs& p) {
-  for (int64_t l = 0; l < m.layers; ++l)
+  for (int64_t l = 0; l < m.layers; ++l) {
+    const compact_table st = m.st.with_table(p.tab.src[l]), dt = m.dt.with_table(p.tab.dst[l]);
     for (int64_t b = 0; b < m.batch; ++b)
       for (int32_t k = 0; k < m.kinds; ++k) {
         const compact_geom& sg = m.src[k];
@@ -450,13 +527,14 @@ inline void compact_move_host(const compact_meta& m, const compact_ptrs& p) {
           const int64_t off = m.sel.offsets[seg], kept = m.sel.kept(seg);
           for (int64_t j = 0; j < kept; ++j) {
             const int64_t t = m.sel.indices[off + j];
-            const char* sr = p.src[l][k] + m.st.row(sg, b, h, t);
-            char* dr = p.dst[l][k] + m.dt.row(dg, b, h, j);
+            const char* sr = p.src[l][k] + st.row(sg, b, h, t);
+            char* dr = p.dst[l][k] + dt.row(dg, b, h, j);
             for (int64_t x = 0; unit > 0 && x < sg.row_bytes; x += unit)
               std::memmove(dr + dg.chunk(x), sr + sg.chunk(x), static_cast<size_t>(unit));
           }
         }
       }
+  }
 }
 
 template <class SrcCache, class DstCache>
@@ -465,7 +543,7 @@ cudaError_t compact_host_run(const SrcCache& src, const DstCache& dst, bool inpl
   compact_meta m;
   std::vector<compact_ptrs> ptrs(1);
   PREFIXKV_TRY(compact_plan(src, dst, inplace, sel, grid, out, m, ptrs.data()));
-  const reason r = compact_check_host(m);
+  const reason r = compact_check_host(m, ptrs[0].tab);
   if (out.status) *out.status = static_cast<int32_t>(r);
   switch (r) {
     case reason::none: break;
