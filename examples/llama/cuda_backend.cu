@@ -148,10 +148,23 @@ class cuda_backend final : public backend {
     }
     a.out.lengths = out_len_.p;
     a.out.status = one_.p + 1;
+    // The window and key-norm scores: the library's host twins on this cache's K and the recorded Q (both equal to
+    // the host backend's, bit for bit), handed to the device compressor as caller scores. The device scorers round
+    // differently from their twins (fused multiply-adds, a fast exp2), which could move a near-tie across the budget;
+    // the accumulated-attention scorer and the rest of the chain are equal on both.
+    pk::compress_plan run_plan = plan;
+    if (sk == pk::scorer_kind::window || sk == pk::scorer_kind::key_norm) {
+      if (!host_scores(plan, err)) return false;
+      if (have_scores_) {
+        run_plan.cfg.scorer = pk::scorer_kind::scores;
+        a.scores = scores_.p;
+        a.score_stride = T;
+      }  // else the scorer refused its input: the device chain reports the same reason
+    }
     size_t bytes = 0;
-    if (pk::compress(nullptr, bytes, plan, a, st_) != cudaSuccess) return err = pk::last_error().message, false;
+    if (pk::compress(nullptr, bytes, run_plan, a, st_) != cudaSuccess) return err = pk::last_error().message, false;
     if (!ws_.reserve(bytes, err)) return false;
-    if (pk::compress(ws_.p, bytes, plan, a, st_) != cudaSuccess) return err = pk::last_error().message, false;
+    if (pk::compress(ws_.p, bytes, run_plan, a, st_) != cudaSuccess) return err = pk::last_error().message, false;
     const int64_t segs = plan.segments(1);
     std::vector<int32_t> out(size_t(segs) + 1);
     PKL_CUDA_TRY(cudaMemcpyAsync(out.data(), out_len_.p, sizeof(int32_t) * segs, cudaMemcpyDeviceToHost, st_), err);
@@ -170,6 +183,48 @@ class cuda_backend final : public backend {
   }
 
   std::vector<int32_t> lengths() const override { return len_; }
+
+  //! Window / key-norm scores of the prefilled caches with the host twins (see `compress`): scores_ holds them as
+  //! caller scores (layers, 1[, kv heads], prompt_len), have_scores_ says whether the scorer accepted its input.
+  bool host_scores(const prefixkv::compress_plan& plan, std::string& err) {
+    namespace pk = prefixkv;
+    const model_ref& d = store_.m;
+    const int L = d.layers, Hk = d.kv_heads, Hq = d.heads, hs = d.hs;
+    const int64_t T = prompt_len_, H = plan.seg_heads;
+    const size_t per_layer = size_t(Hk) * size_t(cap_) * hs;
+    std::vector<float> k(size_t(L) * per_layer), q;
+    PKL_CUDA_TRY(cudaMemcpyAsync(k.data(), k_.p, sizeof(float) * k.size(), cudaMemcpyDeviceToHost, st_), err);
+    if (plan.cfg.scorer == pk::scorer_kind::window) {
+      q.resize(size_t(L) * Hq * window_ * hs);
+      PKL_CUDA_TRY(cudaMemcpyAsync(q.data(), Q_.p, sizeof(float) * q.size(), cudaMemcpyDeviceToHost, st_), err);
+    }
+    PKL_CUDA_TRY(cudaStreamSynchronize(st_), err);
+    const int64_t S = L * H;
+    std::vector<int64_t> begins(static_cast<size_t>(S)), lens(static_cast<size_t>(S), T);
+    for (int64_t sgi = 0; sgi < S; ++sgi) begins[size_t(sgi)] = sgi * T;
+    const auto rows = pk::make_ragged_segments(S, begins.data(), lens.data());
+    const pk::segment_grid grid{L, 1, H};
+    std::vector<float> sc(size_t(S * T), 0.f);
+    have_scores_ = true;
+    for (int l = 0; l < L && have_scores_; ++l) {
+      // as the host compressor sees them: K over the plan's token capacity, Q over the recorded window
+      const auto kv = pk::make_kv_view_bhsd(static_cast<const float*>(k.data()) + l * per_layer, 1, Hk, cap_, hs)
+                          .with_tokens(std::min<int64_t>(cap_, plan.cfg.max_tokens));
+      cudaError_t e;
+      if (plan.cfg.scorer == pk::scorer_kind::window) {
+        const auto qv =
+            pk::make_kv_view_bhsd(static_cast<const float*>(q.data()) + size_t(l) * Hq * window_ * hs, 1, Hq, window_, hs);
+        e = pk::window_attention_host(qv, kv, pk::lse_view{}, plan.cfg.window, grid, l, rows, sc.data());
+      } else {
+        e = pk::key_norm_host(kv, pk::key_norm_options{true}, grid, l, rows, sc.data());
+      }
+      have_scores_ = e == cudaSuccess;
+    }
+    if (!have_scores_) return true;
+    if (!scores_.reserve(sc.size(), err)) return false;
+    PKL_CUDA_TRY(cudaMemcpyAsync(scores_.p, sc.data(), sizeof(float) * sc.size(), cudaMemcpyHostToDevice, st_), err);
+    return true;
+  }
 
   void save(int slot) override {
     snapshot& s = saved_[slot & 1];
@@ -233,7 +288,8 @@ class cuda_backend final : public backend {
   gpu::dev_model_store store_;
   gpu::forward_buffers fb_;
   int cap_ = 0;
-  dev_array<float> k_, v_, P_, Q_;
+  dev_array<float> k_, v_, P_, Q_, scores_;
+  bool have_scores_ = false;
   dev_array<int32_t> len_d_, out_len_, one_;  // one_: the prompt length and the compressor's status word
   dev_array<int> batch_;
   dev_array<unsigned char> ws_;
