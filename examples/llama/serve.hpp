@@ -2,9 +2,10 @@
 //
 // Requests (one JSON object a line: {"prompt": TEXT, "steps": N, "method": M, "evict_ratio": R}; every field but
 // the prompt optional, defaults from the command line) arrive in file order. Every loop iteration
-//   1. admits requests, in order, while the pages they may need fit the pool (a request reserves the pages of its
-//      full-cache worst case: every layer holding its prompt and every token it may generate; nothing is ever
-//      preempted), at most --max-prefill of them per iteration;
+//   1. admits requests, in order, while the pages they may need fit the pool (a request reserves the most pages it
+//      may ever hold: its prompt's pages in every layer during the prefill, and a bound of its compressed cache plus
+//      every token it may generate, see `serve_reservation`; nothing is ever preempted, so an admitted request never
+//      waits for a page), at most --max-prefill of them per iteration;
 //   2. prefills the admitted requests together as one ragged batch (recording the attention probabilities their
 //      scorer needs), and compresses the pages of every group of them that shares a policy with one call of the
 //      device compressor (all layers, in place, per-layer block tables); each layer then returns the pages past its
@@ -28,6 +29,7 @@
 #include <prefixkv/io/json.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <string>
@@ -305,6 +307,25 @@ inline int serve_pages_needed(const std::vector<int32_t>& len_per_layer, int app
   int n = 0;
   for (int32_t x : len_per_layer) n += pages_for(int64_t(x) + appends, page_size);
   return n;
+}
+
+//! Pages a request reserves when it is admitted: the most it may ever hold. Its prefill holds every layer's prompt
+//! (`layers` x pages of `prompt` tokens); from then on it holds its cache plus the `appends` tokens it may generate.
+//! Without compression that is every layer's prompt plus the appends. With compression the cache is not known before
+//! the compressor runs, but its total is: an evict ratio r evicts rint(r N) of the N tokens of the sequence's
+//! segments (N = layers x prompt, times kv_heads with head granularity), so the layers keep K <= min(layers x prompt,
+//! N - rint(r N)) tokens between them (the most over kv heads per layer, summed), and their pages after compression
+//! are at most floor((K + layers x (appends + page_size - 1)) / page_size). The loop shrinks the reservation to the
+//! exact count once the compressor has run.
+inline int serve_reservation(int layers, int kv_heads, int prompt, int appends, int page_size, const policy& p) {
+  const int full = layers * pages_for(int64_t(prompt) + appends, page_size);
+  if (!compresses(p)) return full;
+  const int64_t heads = per_head(p.method) ? kv_heads : 1;
+  const int64_t n = int64_t(layers) * heads * prompt;
+  const int64_t evicted = static_cast<int64_t>(std::rint(p.evict_ratio * static_cast<double>(n)));
+  const int64_t kept = std::min<int64_t>(int64_t(layers) * prompt, n - std::min(evicted, n));
+  const int64_t after = (kept + int64_t(layers) * (appends + page_size - 1)) / page_size;
+  return std::max(layers * pages_for(prompt, page_size), int(std::min<int64_t>(full, after)));
 }
 
 //! The policy key requests are grouped by (one compressor call per group).

@@ -176,7 +176,8 @@ class server {
           prefixkv::detail::sequence_budgets(plan, [&](int64_t, int64_t) { return int64_t(T); }, counts);
       if (rb != prefixkv::reason::none) return why = prefixkv::detail::compress_message(rb), false;
     }
-    need = L_ * pages_for(int64_t(T) + serve_appends(T, std::min(r.steps, c.seq_len), c.seq_len), o_.page_size);
+    need = serve_reservation(L_, Hk_, T, serve_appends(T, std::min(r.steps, c.seq_len), c.seq_len), o_.page_size,
+                             r.pol);
     if (need > pool_.capacity()) {
       why = "needs " + std::to_string(need) + " pages, the pool has " + std::to_string(pool_.capacity());
       return false;
@@ -343,6 +344,7 @@ class server {
         shrink(l, r.slot, per_layer[l]);
       }
       const int need = serve_pages_needed(per_layer, serve_appends(r.prompt, r.steps, c.seq_len), o_.page_size);
+      if (need > r.reserved) return err = "serve: a compressed cache needs more pages than its reservation", false;
       pool_.unreserve(r.reserved - need);
       r.reserved = need;
     }

@@ -102,6 +102,32 @@ TEST_CASE("serve: page arithmetic of reservations (as `generate` feeds tokens ba
   CHECK(serve_appends(512, 40, 512) == 0);
   CHECK(serve_pages_needed({16, 17, 0}, 0, 16) == 1 + 2 + 0);
   CHECK(serve_pages_needed({16, 17, 0}, 16, 16) == 2 + 3 + 1);
+  // reservations: full caches hold the prompt and the appends in every layer
+  policy full;
+  full.method = method_kind::full;
+  CHECK(serve_reservation(5, 4, 100, 30, 16, full) == 5 * 9);
+  // compressed (layer granularity, r = 0.75): the prefill's 5 x 7 pages dominate the bound of the compressed cache
+  // (K = 500 - 375 = 125 kept tokens; (125 + 5 * (30 + 15)) / 16 = 21)
+  policy pk;
+  pk.method = method_kind::prefixkv;
+  pk.evict_ratio = 0.75;
+  CHECK(serve_reservation(5, 4, 100, 30, 16, pk) == 35);
+  CHECK(serve_reservation(5, 4, 100, 300, 16, pk) == (125 + 5 * (300 + 15)) / 16);
+  pk.evict_ratio = 0.0;  // nothing evicted: the full worst case
+  CHECK(serve_reservation(5, 4, 100, 300, 16, pk) == 5 * pages_for(400, 16));
+  policy head = pk;  // head granularity: N counts every kv head; the layers keep at most every prompt token
+  head.method = method_kind::prefixkv_head;
+  head.evict_ratio = 0.5;
+  CHECK(serve_reservation(5, 4, 100, 300, 16, head) == std::min(5 * pages_for(400, 16), (500 + 5 * 315) / 16));
+  // the bound holds for every split of K kept tokens over the layers
+  for (int k0 = 0; k0 <= 100; k0 += 7)
+    for (int k1 = 0; k1 <= 125 - k0 && k1 <= 100; k1 += 11) {
+      const int rest = 125 - k0 - k1;
+      if (rest > 300) continue;
+      const std::vector<int32_t> split = {k0, k1, std::min(rest, 100), std::max(0, std::min(rest - 100, 100)),
+                                          std::max(0, rest - 200)};
+      CHECK(serve_pages_needed(split, 300, 16) <= (125 + 5 * (300 + 15)) / 16);
+    }
   policy a, b;
   CHECK(same_policy(a, b));
   b.evict_ratio = 0.75;
