@@ -1,7 +1,7 @@
-// prefixkv-llama: the CUDA backend (cuda_backend.cu) — the whole forward pass on the GPU (cuda_forward.cuh) over
-// contiguous per-layer caches, and the device compressor (`prefixkv::compress`). Its logits and attention
-// probabilities equal the host backend's bit for bit (math.hpp), so `--device cuda` keeps the same tokens and
-// generates the same text as `--device cpu`.
+// prefixkv-llama: the CUDA backend (cuda_backend.cu) — batched_backend.hpp over device memory: the whole forward
+// pass on the GPU (cuda_forward.cuh) over contiguous per-layer caches, and the device compressor
+// (`prefixkv::compress`). Its logits and attention probabilities equal the host backend's bit for bit (math.hpp), so
+// `--device cuda` keeps the same tokens and generates the same text as `--device cpu`.
 //
 // This header declares plain C++ functions only: the runtime (main.cpp, built by the C++ compiler) includes it when
 // the build has CUDA (PREFIXKV_LLAMA_CUDA).

@@ -1,9 +1,11 @@
-// Shared by the host and GPU tests of prefixkv-llama's serving loop: models (the bundled one, random ones of any
-// shape), prompts, every request run alone on the host backend, and the check that a served batch equals those runs.
+// Shared by the host and GPU tests of prefixkv-llama's batched paths: models (the bundled one, random ones of any
+// shape), prompts, a backend against the host backend bit for bit, every request run alone on the host backend, and
+// the check that a served batch equals those runs.
 #pragma once
 
 #include <doctest/doctest.h>
 
+#include "llama/batched_backend.hpp"
 #include "llama/runtime.hpp"
 #include "llama/serve.hpp"
 #include "llama/tokenizer.hpp"
@@ -167,7 +169,7 @@ serve_summary serve_and_check(ServeFn serve_fn, const model& m, const std::vecto
   return sum;
 }
 
-//! The acceptance batch: `R` requests with ragged prompts (about 10 to 250 tokens), methods full / prefixkv,
+//! The acceptance batch: `R` requests with ragged prompts (about 25 to 250 tokens), methods full / prefixkv,
 //! evict ratios 0.5 / 0.75, and a pool too small for all their full caches (but large enough for each alone).
 struct mixed_batch {
   std::vector<serve_request> reqs;
@@ -179,7 +181,7 @@ struct mixed_batch {
     int max_need = 0;
     for (int i = 0; i < R; ++i) {
       serve_request q;
-      q.prompt = story_words(8 + int(rng() % 180), int(rng() % 60));
+      q.prompt = story_words(20 + int(rng() % 170), int(rng() % 60));  // >= 20 tokens: every budget feasible
       q.steps = 4 + int(rng() % uint64_t(max_steps));
       q.pol = make_policy(i % 2 ? method_kind::prefixkv : method_kind::full, scorer_name::attention,
                           (i / 2) % 2 ? 0.75 : 0.5);
@@ -194,5 +196,62 @@ struct mixed_batch {
     opt.max_prefill = 4;
   }
 };
+
+inline bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+//! The host backend and the backend of `device` ("cuda", or "cpu-batched": batched_backend on the host) on one prompt
+//! and policy: prefill (+ compression) logits, kept tokens, `steps` greedy steps with their logits, and teacher
+//! forcing over `cont`, all bit for bit.
+inline void compare_backends(const std::string& device, const model& m, const std::vector<int>& prompt,
+                             const policy& pol, int steps, const std::vector<int>& cont) {
+  std::string e1, e2;
+  auto cpu = make_backend("cpu", m, e1);
+  auto gpu = device == "cpu-batched" ? make_batched_host_backend(m, e2) : make_backend(device, m, e2);
+  REQUIRE_MESSAGE(cpu, e1);
+  REQUIRE_MESSAGE(gpu, e2);
+  if (pol.method == method_kind::profile && pol.profile.size() != size_t(m.cfg.n_layers)) {
+    policy q = pol;
+    q.profile.assign(size_t(m.cfg.n_layers), 0.25);
+    return compare_backends(device, m, prompt, q, steps, cont);
+  }
+  std::vector<float> lc, lg;
+  const bool okc = prefill_and_compress(*cpu, prompt, pol, lc, e1);
+  const bool okg = prefill_and_compress(*gpu, prompt, pol, lg, e2);
+  REQUIRE(okc == okg);
+  if (!okc) {  // e.g. a budget the prompt cannot meet: the same reason on both
+    CHECK(e1 == e2);
+    return;
+  }
+  CHECK(same_bits(lc, lg));
+  CHECK(cpu->lengths() == gpu->lengths());
+  cpu->save(0);
+  gpu->save(0);
+  const std::vector<float> l0c = lc, l0g = lg;
+  const int T = int(prompt.size());
+  for (int i = 0; i < steps && T + i < m.cfg.seq_len; ++i) {
+    const int tok = argmax(lc);
+    REQUIRE(argmax(lg) == tok);
+    REQUIRE(cpu->step(tok, T + i, lc, e1));
+    REQUIRE(gpu->step(tok, T + i, lg, e2));
+    INFO("step " << i);
+    REQUIRE(same_bits(lc, lg));
+  }
+  CHECK(cpu->lengths() == gpu->lengths());
+  if (cont.empty()) return;
+  cpu->restore(0);  // back to the compressed caches right after the prefill
+  gpu->restore(0);
+  CHECK(cpu->lengths() == gpu->lengths());
+  std::vector<int> t1, t2;
+  double n1 = 0, n2 = 0;
+  const int usable = std::min<int>(int(cont.size()), m.cfg.seq_len - T + 1);
+  const std::vector<int> text(cont.begin(), cont.begin() + usable);
+  REQUIRE(teacher_force(*cpu, l0c, text, T, n1, &t1, e1));
+  REQUIRE(teacher_force(*gpu, l0g, text, T, n2, &t2, e2));
+  CHECK(std::memcmp(&n1, &n2, sizeof(double)) == 0);
+  CHECK(t1 == t2);
+}
+
 
 }  // namespace serve_check

@@ -20,61 +20,6 @@ using prefixkv_test::quick_mode;
 
 namespace {
 
-bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
-}
-
-//! Both backends on one prompt and policy: prefill (+ compression) logits, kept tokens, `steps` greedy steps with
-//! their logits, and teacher forcing over `cont`, all bit for bit.
-void compare_backends(const model& m, const std::vector<int>& prompt, const policy& pol, int steps,
-                      const std::vector<int>& cont) {
-  std::string e1, e2;
-  auto cpu = make_backend("cpu", m, e1);
-  auto gpu = make_backend("cuda", m, e2);
-  REQUIRE_MESSAGE(cpu, e1);
-  REQUIRE_MESSAGE(gpu, e2);
-  if (pol.method == method_kind::profile && pol.profile.size() != size_t(m.cfg.n_layers)) {
-    policy q = pol;
-    q.profile.assign(size_t(m.cfg.n_layers), 0.25);
-    return compare_backends(m, prompt, q, steps, cont);
-  }
-  std::vector<float> lc, lg;
-  const bool okc = prefill_and_compress(*cpu, prompt, pol, lc, e1);
-  const bool okg = prefill_and_compress(*gpu, prompt, pol, lg, e2);
-  REQUIRE(okc == okg);
-  if (!okc) {  // e.g. a budget the prompt cannot meet: the same reason on both
-    CHECK(e1 == e2);
-    return;
-  }
-  CHECK(same_bits(lc, lg));
-  CHECK(cpu->lengths() == gpu->lengths());
-  cpu->save(0);
-  gpu->save(0);
-  const std::vector<float> l0c = lc, l0g = lg;
-  const int T = int(prompt.size());
-  for (int i = 0; i < steps && T + i < m.cfg.seq_len; ++i) {
-    const int tok = argmax(lc);
-    REQUIRE(argmax(lg) == tok);
-    REQUIRE(cpu->step(tok, T + i, lc, e1));
-    REQUIRE(gpu->step(tok, T + i, lg, e2));
-    INFO("step " << i);
-    REQUIRE(same_bits(lc, lg));
-  }
-  CHECK(cpu->lengths() == gpu->lengths());
-  if (cont.empty()) return;
-  cpu->restore(0);  // back to the compressed caches right after the prefill
-  gpu->restore(0);
-  CHECK(cpu->lengths() == gpu->lengths());
-  std::vector<int> t1, t2;
-  double n1 = 0, n2 = 0;
-  const int usable = std::min<int>(int(cont.size()), m.cfg.seq_len - T + 1);
-  const std::vector<int> text(cont.begin(), cont.begin() + usable);
-  REQUIRE(teacher_force(*cpu, l0c, text, T, n1, &t1, e1));
-  REQUIRE(teacher_force(*gpu, l0g, text, T, n2, &t2, e2));
-  CHECK(std::memcmp(&n1, &n2, sizeof(double)) == 0);
-  CHECK(t1 == t2);
-}
-
 }  // namespace
 
 TEST_CASE("CUDA backend == host backend, bit for bit, on the real model: every method, scorer and ratio") {
@@ -100,7 +45,7 @@ TEST_CASE("CUDA backend == host backend, bit for bit, on the real model: every m
           if (quick && ratio == 0.0 && m != method_kind::prefixkv) continue;
           INFO("prompt tokens " << prompt.size() << " method " << to_string(m) << " scorer " << to_string(s)
                                 << " ratio " << ratio);
-          compare_backends(r.m, prompt, make_policy(m, s, ratio), quick ? 8 : 40, cont);
+          compare_backends("cuda", r.m, prompt, make_policy(m, s, ratio), quick ? 8 : 40, cont);
         }
   }
 }
@@ -132,7 +77,7 @@ TEST_CASE("CUDA backend == host backend, bit for bit, on random models of other 
       p.sinks = int(rng() % 3);
       INFO("shape dim " << s.dim << " heads " << s.heads << "/" << s.kv_heads << " T " << T << " method "
                         << to_string(m2) << " scorer " << to_string(sc) << " ratio " << ratio);
-      compare_backends(m, prompt, p, 12, cont);
+      compare_backends("cuda", m, prompt, p, 12, cont);
     }
   }
 }

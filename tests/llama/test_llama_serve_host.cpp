@@ -251,3 +251,59 @@ TEST_CASE("serve on the host: random models of other shapes (head sizes, GQA gro
     serve_and_check(serve_host, m, reqs, prompts, opt);
   }
 }
+
+// batched_backend (the CUDA backend's code) on the host: the same bookkeeping, views and compressor calls as on the
+// GPU, with the bodies run as loops and the host compressor — it must equal the host backend bit for bit.
+TEST_CASE("batched backend on the host == host backend, bit for bit: every method, scorer and ratio") {
+  real_model& r = real();
+  if (!r.ok) {
+    MESSAGE("skipped: no model at " << model_dir);
+    return;
+  }
+  const std::vector<int> cont = r.tk.encode(" Tim threw the ball and the dog ran after it.", false, false);
+  const method_kind methods[] = {method_kind::full,    method_kind::streaming, method_kind::uniform,
+                                 method_kind::pyramid, method_kind::adakv,     method_kind::prefixkv,
+                                 method_kind::prefixkv_head, method_kind::profile};
+  for (const std::string& p : {std::string(""), story_words(70, 5)}) {
+    const std::vector<int> prompt = r.tk.encode(p, true, true);
+    for (method_kind m : methods)
+      for (scorer_name s : {scorer_name::attention, scorer_name::window, scorer_name::keynorm})
+        for (double ratio : {0.0, 0.6}) {
+          if ((m == method_kind::full || m == method_kind::streaming) && s != scorer_name::attention) continue;
+          INFO("prompt tokens " << prompt.size() << " method " << to_string(m) << " scorer " << to_string(s)
+                                << " ratio " << ratio);
+          compare_backends("cpu-batched", r.m, prompt, make_policy(m, s, ratio), 16, cont);
+        }
+  }
+}
+
+TEST_CASE("batched backend on the host == host backend, bit for bit: random models of other shapes") {
+  struct shape {
+    int dim, hidden, layers, heads, kv_heads, vocab, seq_len;
+  };
+  const shape shapes[] = {{16, 24, 3, 4, 2, 300, 64}, {24, 37, 2, 4, 4, 97, 50}, {64, 100, 2, 4, 1, 64, 40},
+                          {8, 13, 4, 4, 2, 40, 33}};
+  uint64_t salt = 61;
+  for (const shape& s : shapes) {
+    const model m = random_model(s.dim, s.hidden, s.layers, s.heads, s.kv_heads, s.vocab, s.seq_len, salt++);
+    auto rng = prefixkv_test::make_rng(salt++);
+    for (int rep = 0; rep < 6; ++rep) {
+      const int T = 1 + int(rng() % uint64_t(s.seq_len - 1));
+      std::vector<int> prompt(static_cast<size_t>(T)), cont(static_cast<size_t>(1 + rng() % 8));
+      for (int& t : prompt) t = int(rng() % uint64_t(s.vocab));
+      for (int& t : cont) t = int(rng() % uint64_t(s.vocab));
+      const method_kind methods[] = {method_kind::full, method_kind::streaming, method_kind::uniform,
+                                     method_kind::pyramid, method_kind::adakv, method_kind::prefixkv,
+                                     method_kind::prefixkv_head, method_kind::profile};
+      const method_kind mk = methods[rng() % 8];
+      const scorer_name sc = scorer_name(rng() % 3);
+      const double ratio = double(rng() % 9) / 10.0;
+      policy p = make_policy(mk, sc, ratio);
+      p.window = 1 + int(rng() % 8);
+      p.sinks = int(rng() % 3);
+      INFO("shape dim " << s.dim << " heads " << s.heads << "/" << s.kv_heads << " T " << T << " method "
+                        << to_string(mk) << " scorer " << to_string(sc) << " ratio " << ratio);
+      compare_backends("cpu-batched", m, prompt, p, 12, cont);
+    }
+  }
+}
