@@ -170,7 +170,7 @@ class server {
     if (compresses(r.pol)) {  // the budget must be feasible (what the compressor's prologue checks)
       prefixkv::compress_plan plan;
       std::string e;
-      if (!make_policy_plan(r.pol, c, plan, e, o_.max_prefill, o_.pool_pages)) return why = e, false;
+      if (!make_policy_plan(r.pol, c, plan, e, o_.max_prefill, o_.pool_pages, o_.page_size)) return why = e, false;
       int64_t counts[prefixkv::compact_max_layers];
       const prefixkv::reason rb =
           prefixkv::detail::sequence_budgets(plan, [&](int64_t, int64_t) { return int64_t(T); }, counts);
@@ -314,7 +314,7 @@ class server {
     const policy& pol = reqs_[ids[b0]].pol;
     const int nb = b1 - b0;
     prefixkv::compress_plan plan;
-    if (!make_policy_plan(pol, c, plan, err, o_.max_prefill, o_.pool_pages)) return false;
+    if (!make_policy_plan(pol, c, plan, err, o_.max_prefill, o_.pool_pages, o_.page_size)) return false;
     if (plan.cfg.scorer == prefixkv::scorer_kind::attention && b1 > rb)
       return err = "serve: a request without recorded attention in a compressed group", false;
     // the group's block tables per layer (batch nb) and its prompt lengths

@@ -409,6 +409,7 @@ TEST_CASE("compress_host: per-layer block tables (a pool per layer, one shared p
       cfg.gran = gran ? pk::granularity::head : pk::granularity::layer;
       const int64_t pages = (shared_pool ? L : 1) * B * blocks + 2;
       cfg.max_pages = pages;
+      cfg.page_size = page;
       pk::compress_plan plan;
       REQUIRE(pk::make_plan(cfg, plan) == cudaSuccess);
       std::vector<int32_t> len = {37, 21};
