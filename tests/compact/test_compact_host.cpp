@@ -310,3 +310,58 @@ TEST_CASE("per-layer block tables: K and V of a layer must share its table; tabl
   CHECK(prefixkv::compact_in_place_host(c, sel, grid) == cudaErrorInvalidValue);
   CHECK(prefixkv::last_error().why == reason::shape_mismatch);
 }
+
+TEST_CASE("aliasing, per-layer block tables: one pool of a kind shared by the layers is accepted; with one table, "
+          "for K and V, or a layer's table inside the pool it is refused; outputs on any layer's table refused") {
+  const int64_t L = 2, H = 1, D = 2, P = 2, blocks = 2, pages = 6;
+  std::vector<uint8_t> kp(size_t(pages * P * H * D)), vp(kp.size()), big(size_t(2 * pages * P * H * D + 64));
+  std::vector<int32_t> t0{0, 1}, t1{2, 3};
+  std::vector<int64_t> off{0, 2, 3};
+  std::vector<int32_t> idx{0, 2, 1};
+  const prefixkv::selection sel{2, off.data(), idx.data()};
+  const prefixkv::segment_grid grid{L, 1, 1};
+  auto view = [&](uint8_t* pool, const int32_t* t) {
+    return prefixkv::make_paged_kv_view(pool, prefixkv::page_layout::nhd, pages, P, H, D, t, 1, blocks);
+  };
+  auto run = [&](std::vector<prefixkv::paged_kv_view<uint8_t>>& k, std::vector<prefixkv::paged_kv_view<uint8_t>>* v,
+                 const prefixkv::compact_outputs& out = {}) {
+    return prefixkv::compact_in_place_host(
+        prefixkv::paged_kv_layers<uint8_t>{k.data(), v ? v->data() : nullptr, nullptr, nullptr, L}, sel, grid, out);
+  };
+  auto refused = [&](cudaError_t e) {
+    CHECK(e == cudaErrorInvalidValue);
+    CHECK(prefixkv::last_error().why == reason::overlapping_buffers);
+  };
+  std::vector<prefixkv::paged_kv_view<uint8_t>> k{view(kp.data(), t0.data()), view(kp.data(), t1.data())};
+  std::vector<prefixkv::paged_kv_view<uint8_t>> v{view(vp.data(), t0.data()), view(vp.data(), t1.data())};
+  CHECK(run(k, &v) == cudaSuccess);  // per-layer tables, one K pool and one V pool shared by the layers
+  {                                  // the same pool with one table shared by the layers: the layers alias
+    std::vector<prefixkv::paged_kv_view<uint8_t>> k1{view(kp.data(), t0.data()), view(kp.data(), t0.data())};
+    refused(run(k1, nullptr));
+  }
+  {  // K and V of the layers in one pool: refused whatever the tables
+    std::vector<prefixkv::paged_kv_view<uint8_t>> v1{view(kp.data(), t0.data()), view(kp.data(), t1.data())};
+    refused(run(k, &v1));
+  }
+  {  // layer 1's pool overlaps layer 0's without being the same pool
+    std::vector<prefixkv::paged_kv_view<uint8_t>> k1{view(big.data(), t0.data()), view(big.data() + 2, t1.data())};
+    refused(run(k1, nullptr));
+  }
+  {  // layer 1's table stored inside the pool: refused (layer 0's table is elsewhere)
+    int32_t* in_pool = reinterpret_cast<int32_t*>(big.data() + 8);
+    in_pool[0] = 2;
+    in_pool[1] = 3;
+    std::vector<prefixkv::paged_kv_view<uint8_t>> k1{view(big.data() + 16, t0.data()), view(big.data() + 16, in_pool)};
+    k1[0].num_pages = k1[1].num_pages = pages - 1;
+    CHECK(run(k1, nullptr) == cudaSuccess);  // the pools start after the table
+    k1[0].pages = k1[1].pages = big.data();
+    refused(run(k1, nullptr));
+  }
+  {  // an output array on layer 1's table
+    std::vector<int32_t> t1b{2, 3, 0};
+    std::vector<prefixkv::paged_kv_view<uint8_t>> k1{view(kp.data(), t0.data()), view(kp.data(), t1b.data())};
+    CHECK(run(k1, nullptr, {nullptr, nullptr, nullptr, t1b.data() + 2}) == cudaSuccess);
+    refused(run(k1, nullptr, {nullptr, nullptr, nullptr, t1b.data() + 1}));
+    CHECK(t1b == std::vector<int32_t>{2, 3, 0});
+  }
+}
