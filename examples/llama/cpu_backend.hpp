@@ -1,10 +1,12 @@
 // prefixkv-llama: the host backend — the LLaMA forward pass in plain C++ (RMSNorm, RoPE on pairs of adjacent
 // dimensions with theta 10000, grouped-query attention over per-(layer, kv head) caches of different lengths,
 // SwiGLU), the prefixkv host compressor (`prefixkv::compress_host`) on its caches and the decode-time upkeep
-// (`prefixkv::decode_step_host`, decode_upkeep.hpp) after every generated token.
+// (`prefixkv::decode_step_host`, decode_upkeep.hpp) after every generated token. Its arithmetic is math.hpp's,
+// which the CUDA backend shares: both compute the same logits and attention probabilities, bit for bit.
 #pragma once
 
 #include "backend.hpp"
+#include "math.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -30,9 +32,7 @@ class cpu_forward {
     x_.resize(c.dim), xb_.resize(c.dim), xb2_.resize(c.dim), q_.resize(c.dim), k_.resize(c.kv_dim());
     v_.resize(c.kv_dim()), hb_.resize(c.hidden_dim), hb2_.resize(c.hidden_dim), logits_.resize(c.vocab_size);
     att_.resize(c.seq_len);
-    const int hs = c.head_size();
-    inv_freq_.resize(hs / 2);
-    for (int i = 0; i < hs; i += 2) inv_freq_[i / 2] = 1.0f / std::pow(10000.0f, float(i) / float(hs));
+    rope_ = rope_table(c.head_size(), c.seq_len);
   }
   const config& cfg() const { return m_->cfg; }
 
@@ -73,32 +73,32 @@ class cpu_forward {
         float mx = -INFINITY;
         for (int64_t t = 0; t < n; ++t) {
           const float* kk = K + t * hs;
-          float dot = 0.f;
-          for (int i = 0; i < hs; ++i) dot += q[i] * kk[i];
-          att_[t] = dot * scale;
+          float d = 0.f;
+          for (int i = 0; i < hs; ++i) d = f_add(d, f_mul(q[i], kk[i]));
+          att_[t] = f_mul(d, scale);
           mx = std::max(mx, att_[t]);
         }
         float sum = 0.f;
-        for (int64_t t = 0; t < n; ++t) sum += (att_[t] = std::exp(att_[t] - mx));
-        const float inv = 1.0f / sum;
-        for (int64_t t = 0; t < n; ++t) att_[t] *= inv;
+        for (int64_t t = 0; t < n; ++t) sum = f_add(sum, att_[t] = exp_rn(f_sub(att_[t], mx)));
+        const float inv = f_div(1.0f, sum);
+        for (int64_t t = 0; t < n; ++t) att_[t] = f_mul(att_[t], inv);
         on_probs(l, h, static_cast<const float*>(att_.data()), n);
         float* out = xb_.data() + h * hs;
         std::fill(out, out + hs, 0.f);
         for (int64_t t = 0; t < n; ++t) {
           const float p = att_[t];
           const float* vv = V + t * hs;
-          for (int i = 0; i < hs; ++i) out[i] += p * vv[i];
+          for (int i = 0; i < hs; ++i) out[i] = f_add(out[i], f_mul(p, vv[i]));
         }
       }
       matmul(xb2_.data(), xb_.data(), w.wo + size_t(l) * D * D, D, D);
-      for (int i = 0; i < D; ++i) x_[i] += xb2_[i];
+      for (int i = 0; i < D; ++i) x_[i] = f_add(x_[i], xb2_[i]);
       rmsnorm(xb_.data(), x_.data(), w.rms_ffn + size_t(l) * D, D);
       matmul(hb_.data(), xb_.data(), w.w1 + size_t(l) * H * D, D, H);
       matmul(hb2_.data(), xb_.data(), w.w3 + size_t(l) * H * D, D, H);
-      for (int i = 0; i < H; ++i) hb_[i] = hb_[i] / (1.0f + std::exp(-hb_[i])) * hb2_[i];
+      for (int i = 0; i < H; ++i) hb_[i] = silu_mul(hb_[i], hb2_[i]);
       matmul(xb_.data(), hb_.data(), w.w2 + size_t(l) * D * H, H, D);
-      for (int i = 0; i < D; ++i) x_[i] += xb_[i];
+      for (int i = 0; i < D; ++i) x_[i] = f_add(x_[i], xb_[i]);
     }
     rmsnorm(x_.data(), x_.data(), w.rms_final, D);
     matmul(logits_.data(), x_.data(), w.wcls, D, c.vocab_size);
@@ -107,38 +107,26 @@ class cpu_forward {
 
  private:
   static void rmsnorm(float* o, const float* x, const float* w, int n) {
-    float ss = 0.f;
-    for (int i = 0; i < n; ++i) ss += x[i] * x[i];
-    ss = 1.0f / std::sqrt(ss / float(n) + 1e-5f);
-    for (int i = 0; i < n; ++i) o[i] = w[i] * (ss * x[i]);
+    const float ss = rms_scale(x, n);
+    for (int i = 0; i < n; ++i) o[i] = rms_apply(w[i], ss, x[i]);
   }
-  //! o (d) = W (d, n) @ x (n), eight partial sums per row (vectorisable without reassociation flags).
+  //! o (d) = W (d, n) @ x (n), eight partial sums per row (`dot`; vectorisable without reassociation flags).
   static void matmul(float* o, const float* x, const float* w, int n, int d) {
-    const int n8 = n - n % 8;
-    for (int i = 0; i < d; ++i) {
-      const float* row = w + size_t(i) * n;
-      float a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (int j = 0; j < n8; j += 8)
-        for (int u = 0; u < 8; ++u) a[u] += row[j + u] * x[j + u];
-      float s = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
-      for (int j = n8; j < n; ++j) s += row[j] * x[j];
-      o[i] = s;
-    }
+    for (int i = 0; i < d; ++i) o[i] = dot(w + size_t(i) * n, x, n);
   }
   //! RoPE on pairs of adjacent dimensions of every head in `v` (n elements).
   void rope(float* v, int n, int pos) const {
     const int hs = m_->cfg.head_size();
     for (int i = 0; i < n; i += 2) {
-      const float ang = float(pos) * inv_freq_[(i % hs) / 2];
-      const float c = std::cos(ang), s = std::sin(ang);
-      const float a = v[i], b = v[i + 1];
-      v[i] = a * c - b * s;
-      v[i + 1] = a * s + b * c;
+      float c, s;
+      rope_.at(pos, (i % hs) / 2, c, s);
+      rope_pair(v[i], v[i + 1], c, s);
     }
   }
 
   const model* m_;
-  std::vector<float> x_, xb_, xb2_, q_, k_, v_, hb_, hb2_, att_, logits_, inv_freq_;
+  std::vector<float> x_, xb_, xb2_, q_, k_, v_, hb_, hb2_, att_, logits_;
+  rope_table rope_;
 };
 
 //! The host backend. Besides K and V it keeps the original position of every cached row (a (kv_head, capacity, 1)

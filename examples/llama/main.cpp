@@ -6,6 +6,8 @@
 //                  [--device cpu|cuda] [--score-continuation TEXT] [--verbose]
 //                  [--decode-budget prefill|profile|cap:N] [--decode-recent R]
 //                  [--decode-policy fixed[:D]|score|score-ordered|amortised:M|rebalance:M]
+//   prefixkv-llama --serve REQUESTS.jsonl --pool-pages N [--max-active 256] [--max-prefill 8]
+//                  [--max-prefill-tokens 4096] [--page-size 16] [the policy options above as defaults]
 //
 // The prompt is encoded the llama2.c way (BOS, a dummy space, merges by score) and prefilled with the full cache;
 // the compressor then compresses every layer's cache (see policy.hpp for the methods) and decoding continues on
@@ -25,9 +27,16 @@
 //   protected ones included; the mean over kv heads with head granularity], "keep_heads" (head granularity only):
 //   [[tokens kept per kv head] per layer]}; with decode upkeep also "keep_end" / "keep_heads_end": the same after
 //   the continuation.
+// * --serve REQUESTS.jsonl: serve many requests over one paged KV pool of N pages (serve.hpp) on the host
+//   (--device cpu) or the GPU (--device cuda):
+//   one JSON line per request on stdout, in file order — {"request", "text", "prompt_tokens", "generated", "keep",
+//   "admitted", "finished"}, or {"request", "error"} for a refused one — then one {"summary": {...}} line (peak
+//   concurrent requests, tokens per second, pages in use over time). Every text equals the one this command prints
+//   for that request alone.
 // Errors (bad arguments, unreadable or malformed files, a prompt longer than the context) print one line on stderr
 // and exit with status 2.
 #include "runtime.hpp"
+#include "serve_host.hpp"
 #include "tokenizer.hpp"
 
 #include <prefixkv/io/json.hpp>
@@ -59,13 +68,17 @@ const char* usage =
     "         [--profile P.json] [--scorer attention|window|keynorm] [--window W] [--sinks 4] [--recent 1]\n"
     "         [--device cpu|cuda] [--score-continuation TEXT] [--verbose]\n"
     "         [--decode-budget prefill|profile|cap:N]\n"
-    "         [--decode-policy fixed[:D]|score|score-ordered|amortised:M|rebalance:M] [--decode-recent R]\n";
+    "         [--decode-policy fixed[:D]|score|score-ordered|amortised:M|rebalance:M] [--decode-recent R]\n"
+    "       prefixkv-llama --serve REQUESTS.jsonl --pool-pages N [--max-active 256] [--max-prefill 8]\n"
+    "         [--max-prefill-tokens 4096] [--page-size 16] [policy options as defaults]\n";
 
 struct options {
   std::string model = PREFIXKV_LLAMA_MODEL_DIR "/stories260K.bin";
   std::string tokenizer = PREFIXKV_LLAMA_MODEL_DIR "/tok512.bin";
   std::string prompt, profile, device = "cpu", continuation;
-  bool has_continuation = false, verbose = false;
+  bool has_continuation = false, verbose = false, has_prompt = false;
+  std::string serve;
+  serve_options so;
   long long steps = 256;
   double temperature = 0.0;
   unsigned long long seed = 0;
@@ -104,7 +117,19 @@ options parse(int argc, char** argv) {
       std::exit(0);
     } else if (a == "--model") o.model = value();
     else if (a == "--tokenizer") o.tokenizer = value();
-    else if (a == "--prompt") o.prompt = value();
+    else if (a == "--prompt") o.prompt = value(), o.has_prompt = true;
+    else if (a == "--serve") o.serve = value();
+    else if (a == "--pool-pages" || a == "--max-active" || a == "--max-prefill" || a == "--max-prefill-tokens" ||
+             a == "--page-size") {
+      const long long v = parse_int(a, value());
+      if (v < 1 || v > (1 << 30)) die(a + " must be in [1, 2^30]");
+      int& dst = a == "--pool-pages" ? o.so.pool_pages
+                 : a == "--max-active" ? o.so.max_active
+                 : a == "--max-prefill" ? o.so.max_prefill
+                 : a == "--max-prefill-tokens" ? o.so.max_prefill_tokens
+                                               : o.so.page_size;
+      dst = int(v);
+    }
     else if (a == "--steps") o.steps = parse_int(a, value());
     else if (a == "--temperature") o.temperature = parse_double(a, value());
     else if (a == "--seed") {
@@ -157,6 +182,15 @@ options parse(int argc, char** argv) {
     die("--profile needs --method profile or --decode-budget profile");
   o.dec.protect = prefixkv::protect_policy{o.pol.sinks, o.decode_recent >= 0 ? o.decode_recent : o.pol.recent};
   o.dec.gran = compresses(o.pol) && per_head(o.pol.method) ? prefixkv::granularity::head : prefixkv::granularity::layer;
+  if (!o.serve.empty()) {
+    if (o.has_prompt || o.has_continuation) die("--serve takes its prompts from the requests file");
+    if (o.so.pool_pages < 1) die("--serve needs --pool-pages N");
+    if (o.temperature != 0.0) die("--serve decodes greedily (no --temperature)");
+    if (o.pol.method == method_kind::profile) die("--serve: method profile is not served");
+    if (o.dec.enabled()) die("--serve runs no decode upkeep (--decode-budget / --decode-policy)");
+  } else if (o.so.pool_pages > 0) {
+    die("--pool-pages needs --serve");
+  }
   return o;
 }
 
@@ -184,6 +218,64 @@ std::string keep_json(const std::vector<int32_t>& len, int layers, int heads, bo
   return s;
 }
 
+//! --serve: read and run the requests, print one line per request and the summary.
+int serve_main(const options& o, const model& m, const tokenizer& tk) {
+  std::FILE* f = std::fopen(o.serve.c_str(), "rb");
+  if (!f) die("cannot open the requests file " + o.serve);
+  std::string text;
+  char buf[65536];
+  size_t got = 0;
+  while ((got = std::fread(buf, 1, sizeof(buf), f)) > 0) text.append(buf, got);
+  std::fclose(f);
+  std::vector<serve_request> reqs;
+  std::string err;
+  if (!parse_requests(text, o.pol, int(std::min<long long>(o.steps, 1 << 20)), reqs, err)) die(err);
+  std::vector<std::vector<int>> prompts;
+  for (const serve_request& r : reqs) prompts.push_back(tk.encode(r.prompt, true, true));
+  std::vector<serve_result> res;
+  serve_summary sum;
+  if (o.device == "cuda") {
+#if defined(PREFIXKV_LLAMA_CUDA)
+    if (!serve_cuda(m, reqs, prompts, o.so, res, sum, err)) die(err);
+#else
+    die("--device cuda: this build has no CUDA backend for prefixkv-llama (use --device cpu)");
+#endif
+  } else if (o.device == "cpu") {
+    if (!serve_host(m, reqs, prompts, o.so, res, sum, err)) die(err);
+  } else {
+    die("unknown device '" + o.device + "' (cpu or cuda)");
+  }
+  const config& c = m.cfg;
+  std::string out;
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    out += "{\"request\": ";
+    prefixkv::json_append_int(out, int64_t(i));
+    if (!res[i].error.empty()) {
+      out += ", \"error\": " + json_quote(res[i].error) + "}\n";
+      continue;
+    }
+    out += ", \"text\": " + json_quote(tk.decode(prompts[i].back(), res[i].tokens));
+    out += ", \"prompt_tokens\": ";
+    prefixkv::json_append_int(out, int64_t(prompts[i].size()));
+    out += ", \"generated\": ";
+    prefixkv::json_append_int(out, int64_t(res[i].tokens.size()));
+    out += ", " + keep_json(res[i].kept, c.n_layers, c.n_kv_heads, false);
+    out += ", \"admitted\": ";
+    prefixkv::json_append_int(out, res[i].admitted);
+    out += ", \"finished\": ";
+    prefixkv::json_append_int(out, res[i].finished);
+    out += "}\n";
+  }
+  out += summary_json(sum) + "\n";
+  std::fputs(out.c_str(), stdout);
+  if (o.verbose)
+    std::fprintf(stderr, "prefixkv-llama --serve: %d requests (%d refused), peak %d concurrent, %lld tokens in %.3f s "
+                 "(%.1f tokens/s), peak %d of %d pages\n", sum.requests, sum.refused, sum.peak_active,
+                 static_cast<long long>(sum.generated_tokens), sum.seconds, sum.tokens_per_s(), sum.peak_pages,
+                 sum.pool_pages);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -193,6 +285,7 @@ int main(int argc, char** argv) {
   std::string err;
   if (!load_checkpoint(o.model, m, err)) die(err);
   if (!tk.load(o.tokenizer, m.cfg.vocab_size, err)) die(err);
+  if (!o.serve.empty()) return serve_main(o, m, tk);
   if (!o.profile.empty()) {
     if (prefixkv::profile_load(o.profile.c_str(), o.pol.profile) != cudaSuccess)
       die("cannot use the profile " + o.profile + ": " + prefixkv::last_error().message);

@@ -116,7 +116,10 @@ inline prefixkv::compress_config make_compress_config(const policy& p, const con
 }
 
 //! The compressor's plan of a policy; false with a one-line reason. For `profile`, R = 0 means zero fractions.
-inline bool make_policy_plan(const policy& p, const config& c, prefixkv::compress_plan& plan, std::string& err) {
+//! `max_batch` / `max_pages`: the largest call (sequences, pages of a paged pool) the plan serves; `page_size`: the
+//! paged pool's tokens per page (0 for strided caches).
+inline bool make_policy_plan(const policy& p, const config& c, prefixkv::compress_plan& plan, std::string& err,
+                             int64_t max_batch = 1, int64_t max_pages = 0, int64_t page_size = 0) {
   policy q = p;
   if (p.method == method_kind::profile) {
     if (p.profile.size() != size_t(c.n_layers))
@@ -125,7 +128,10 @@ inline bool make_policy_plan(const policy& p, const config& c, prefixkv::compres
              false;
     if (p.evict_ratio == 0.0) q.profile.assign(p.profile.size(), 0.0);
   }
-  const prefixkv::compress_config k = make_compress_config(q, c);
+  prefixkv::compress_config k = make_compress_config(q, c);
+  k.max_batch = max_batch;
+  k.max_pages = max_pages;
+  k.page_size = page_size;
   if (prefixkv::make_plan(k, plan) != cudaSuccess) return err = prefixkv::last_error().message, false;
   return true;
 }

@@ -5,6 +5,9 @@
 #include "backend.hpp"
 #include "cpu_backend.hpp"
 #include "policy.hpp"
+#if defined(PREFIXKV_LLAMA_CUDA)
+#include "cuda_backend.cuh"
+#endif
 
 #include <cmath>
 #include <cstdint>
@@ -18,8 +21,12 @@ namespace prefixkv_llama {
 inline std::unique_ptr<backend> make_backend(const std::string& device, const model& m, std::string& err) {
   if (device == "cpu") return std::make_unique<cpu_backend>(m);
   if (device == "cuda") {
+#if defined(PREFIXKV_LLAMA_CUDA)
+    return make_cuda_backend(m, err);
+#else
     err = "--device cuda: this build has no CUDA backend for prefixkv-llama (use --device cpu)";
     return nullptr;
+#endif
   }
   err = "unknown device '" + device + "' (cpu or cuda)";
   return nullptr;

@@ -39,7 +39,10 @@ struct geometry {
   int64_t page = 16;
   int scales = 0;         // 0 none, 1 per token (1 head), 2 per token and head
   int64_t misalign = 0;   // elements added to every base offset (breaks 16-byte alignment)
+  int tables = 0;         // paged: 0 one block table for every layer, 1 a table per layer (a pool per layer, page ids
+                          // repeat across layers), 2 a table per layer over one pool shared by the layers
 };
+inline const char* tables_name(int t) { return t == 0 ? "shared table" : (t == 1 ? "per-layer tables" : "per-layer tables, one pool"); }
 
 //! A multi-layer cache: one host byte image, one device mirror, views at the same offsets in both.
 template <class T>
@@ -48,7 +51,7 @@ struct cache {
   geometry g;
   std::vector<unsigned char> host;
   device_buffer<unsigned char> dev;
-  std::vector<int32_t> table;
+  std::vector<int32_t> table;  // (B, max_blocks), or (L, B, max_blocks) with per-layer tables
   device_buffer<int32_t> dtable;
   std::vector<size_t> off[4];  // byte offset of (kind, layer)
   // views of the host image / device mirror
@@ -82,15 +85,27 @@ struct cache {
                                         num_pages, g.page, heads, dim, tbl, g.B, max_blocks);
   }
 
+  //! Layer l's block table (host or device copy).
+  int64_t table_offset(int64_t l) const { return g.tables ? l * g.B * max_blocks : 0; }
+  bool shared_pool() const { return is_paged(lay) && g.tables == 2; }
+
   cache(layout l, const geometry& geo, std::mt19937_64& rng, bool poisoned) : lay(l), g(geo) {
     const bool paged = is_paged(l);
     if (paged) {
       max_blocks = (g.T + g.page - 1) / g.page;
-      num_pages = g.B * max_blocks + 3;
+      const int64_t per = g.B * max_blocks;
+      num_pages = (g.tables == 2 ? g.L * per : per) + 3;
       std::vector<int32_t> perm(num_pages);
       std::iota(perm.begin(), perm.end(), 0);
-      std::shuffle(perm.begin(), perm.end(), rng);
-      table.assign(perm.begin(), perm.begin() + g.B * max_blocks);
+      if (g.tables == 1) {  // every layer its own shuffle of its own pool
+        for (int64_t layer = 0; layer < g.L; ++layer) {
+          std::shuffle(perm.begin(), perm.end(), rng);
+          table.insert(table.end(), perm.begin(), perm.begin() + per);
+        }
+      } else {
+        std::shuffle(perm.begin(), perm.end(), rng);
+        table.assign(perm.begin(), perm.begin() + (g.tables == 2 ? g.L * per : per));
+      }
       dtable = device_buffer<int32_t>(table);
     }
     const int64_t sh = g.scales == 2 ? g.H : 1;
@@ -107,7 +122,10 @@ struct cache {
         const size_t esz = sc ? sizeof(float) : sizeof(T);
         const int64_t elems = paged ? num_pages * g.page * heads * dim
                                     : (sc ? strided_elems<float>(heads, dim) : strided_elems<T>(heads, dim));
-        place(kind, elems, esz);
+        if (layer > 0 && shared_pool())
+          off[kind].push_back(off[kind][0]);  // every layer in the pool of layer 0
+        else
+          place(kind, elems, esz);
       }
     host.resize(at + 64);
     if (poisoned) std::fill(host.begin(), host.end(), poison_byte);
@@ -127,8 +145,8 @@ struct cache {
         T* h = reinterpret_cast<T*>(host.data() + off[kind][layer]);
         T* d = reinterpret_cast<T*>(dev.get() + off[kind][layer]);
         if (is_paged(lay)) {
-          hp[kind].push_back(paged_view(h, table.data(), g.H, g.D));
-          dp[kind].push_back(paged_view(d, dtable.get(), g.H, g.D));
+          hp[kind].push_back(paged_view(h, table.data() + table_offset(layer), g.H, g.D));
+          dp[kind].push_back(paged_view(d, dtable.get() + table_offset(layer), g.H, g.D));
         } else {
           hs[kind].push_back(strided_view(h, g.H, g.D));
           ds[kind].push_back(strided_view(d, g.H, g.D));
@@ -137,8 +155,8 @@ struct cache {
         float* hc = reinterpret_cast<float*>(host.data() + off[2 + kind][layer]);
         float* dc = reinterpret_cast<float*>(dev.get() + off[2 + kind][layer]);
         if (is_paged(lay)) {
-          hpc[kind].push_back(paged_view(hc, table.data(), sh, 1));
-          dpc[kind].push_back(paged_view(dc, dtable.get(), sh, 1));
+          hpc[kind].push_back(paged_view(hc, table.data() + table_offset(layer), sh, 1));
+          dpc[kind].push_back(paged_view(dc, dtable.get() + table_offset(layer), sh, 1));
         } else {
           hsc[kind].push_back(strided_view(hc, sh, 1));
           dsc[kind].push_back(strided_view(dc, sh, 1));
@@ -285,7 +303,7 @@ inline std::string describe(const case_cfg& c) {
          " D=" + std::to_string(c.g.D) + " page=" + std::to_string(c.g.page) + " frac=" + std::to_string(c.frac) +
          " headwise=" + std::to_string(c.headwise) + " scales=" + std::to_string(c.g.scales) +
          " misalign=" + std::to_string(c.g.misalign) + "/" + std::to_string(c.dst_misalign) +
-         " shuffled=" + std::to_string(c.shuffled);
+         " shuffled=" + std::to_string(c.shuffled) + " " + tables_name(c.g.tables);
 }
 
 //! The device entry points under a launch policy: the public functions for the default policy, otherwise

@@ -225,3 +225,143 @@ TEST_CASE("aliasing, paged: K/V per page accepted, one pool for both refused, a 
       }
   }
 }
+
+TEST_CASE("in place, per-layer block tables: each layer packs into its own pages; ownership per layer or per pool") {
+  // two layers, one sequence, page size 2, 3 blocks; layer 0 keeps {1, 2, 5}, layer 1 keeps {4}
+  const int64_t L = 2, H = 1, D = 2, P = 2, blocks = 3;
+  std::vector<int64_t> off{0, 3, 4};
+  std::vector<int32_t> idx{1, 2, 5, 4};
+  const prefixkv::selection sel{2, off.data(), idx.data()};
+  const prefixkv::segment_grid grid{L, 1, 1};
+  for (int shared_pool = 0; shared_pool < 2; ++shared_pool) {
+    CAPTURE(shared_pool);
+    const int64_t pages = shared_pool ? 7 : 4;
+    // per-layer tables; with one pool the layers use disjoint pages, with a pool per layer they reuse page ids
+    std::vector<int32_t> tables = shared_pool ? std::vector<int32_t>{3, 0, 5, 6, 1, 2} : std::vector<int32_t>{3, 0, 2, 3, 1, 0};
+    std::vector<uint8_t> pool(size_t((shared_pool ? 1 : L) * pages * P * H * D), 0xEE);
+    std::vector<prefixkv::paged_kv_view<uint8_t>> k;
+    for (int64_t l = 0; l < L; ++l)
+      k.push_back(prefixkv::make_paged_kv_view(pool.data() + (shared_pool ? 0 : l * pages * P * H * D),
+                                               prefixkv::page_layout::nhd, pages, P, H, D, tables.data() + l * blocks,
+                                               1, blocks));
+    for (int64_t l = 0; l < L; ++l)
+      for (int64_t t = 0; t < blocks * P; ++t)
+        for (int64_t d = 0; d < D; ++d) k[l](0, 0, t, d) = val(l, 0, 0, t, d);
+    prefixkv::paged_kv_layers<uint8_t> cache{k.data(), nullptr, nullptr, nullptr, L};
+    std::vector<int32_t> len(2, -1);
+    int32_t used = -1;
+    REQUIRE(prefixkv::compact_in_place_host(cache, sel, grid, {len.data(), nullptr, &used, nullptr}) == cudaSuccess);
+    CHECK(len == std::vector<int32_t>{3, 1});
+    CHECK(used == 2);  // the most over the layers
+    const int64_t want0[] = {1, 2, 5};
+    for (int64_t d = 0; d < D; ++d) {
+      for (int64_t j = 0; j < 3; ++j) CHECK(k[0](0, 0, j, d) == val(0, 0, 0, want0[j], d));
+      CHECK(k[0](0, 0, 3, d) == val(0, 0, 0, 3, d));  // beyond the kept rows: old bytes
+      CHECK(k[1](0, 0, 0, d) == val(1, 0, 0, 4, d));
+      CHECK(k[1](0, 0, 1, d) == val(1, 0, 0, 1, d));
+    }
+    // ownership: a page twice in one layer's touched blocks is refused, whatever the pool
+    const auto before = pool;
+    auto refuse = [&](std::vector<int32_t> t, reason why) {
+      std::vector<prefixkv::paged_kv_view<uint8_t>> kk = k;
+      for (int64_t l = 0; l < L; ++l) kk[l].block_table = t.data() + l * blocks;
+      prefixkv::paged_kv_layers<uint8_t> c2{kk.data(), nullptr, nullptr, nullptr, L};
+      int32_t status = -1;
+      const cudaError_t e = prefixkv::compact_in_place_host(c2, sel, grid, {nullptr, nullptr, nullptr, &status});
+      if (why == reason::none) {
+        CHECK(e == cudaSuccess);
+        pool = before;
+        return;
+      }
+      CHECK(e == cudaErrorInvalidValue);
+      CHECK(prefixkv::last_error().why == why);
+      CHECK(status == int32_t(why));
+      CHECK(pool == before);
+    };
+    refuse(shared_pool ? std::vector<int32_t>{3, 3, 5, 6, 1, 2} : std::vector<int32_t>{3, 3, 2, 3, 1, 0},
+           reason::overlapping_buffers);
+    // the same page id in both layers: another page with a pool per layer, the same page with one pool
+    refuse(shared_pool ? std::vector<int32_t>{3, 0, 5, 3, 1, 2} : std::vector<int32_t>{3, 0, 2, 3, 1, 2},
+           shared_pool ? reason::overlapping_buffers : reason::none);
+    refuse(std::vector<int32_t>{3, 0, int32_t(pages), 3, 1, 2}, reason::out_of_range);
+  }
+}
+
+TEST_CASE("per-layer block tables: K and V of a layer must share its table; table geometry must match") {
+  const int64_t L = 2, H = 1, D = 2, P = 2, blocks = 2, pages = 4;
+  std::vector<uint8_t> pk(size_t(L * pages * P * H * D)), pv(pk.size());
+  std::vector<int32_t> t0{0, 1}, t1{2, 3}, t2{2, 3};
+  auto view = [&](std::vector<uint8_t>& pool, int64_t l, const std::vector<int32_t>& t, int64_t mb) {
+    return prefixkv::make_paged_kv_view(pool.data() + l * pages * P * H * D, prefixkv::page_layout::nhd, pages, P, H,
+                                        D, t.data(), 1, mb);
+  };
+  std::vector<int64_t> off{0, 1, 2};
+  std::vector<int32_t> idx{0, 1};
+  const prefixkv::selection sel{2, off.data(), idx.data()};
+  const prefixkv::segment_grid grid{L, 1, 1};
+  std::vector<prefixkv::paged_kv_view<uint8_t>> k{view(pk, 0, t0, blocks), view(pk, 1, t1, blocks)};
+  std::vector<prefixkv::paged_kv_view<uint8_t>> v{view(pv, 0, t0, blocks), view(pv, 1, t2, blocks)};
+  prefixkv::paged_kv_layers<uint8_t> c{k.data(), v.data(), nullptr, nullptr, L};
+  CHECK(prefixkv::compact_in_place_host(c, sel, grid) == cudaErrorInvalidValue);  // V of layer 1: another table
+  CHECK(prefixkv::last_error().why == reason::shape_mismatch);
+  v[1] = view(pv, 1, t1, blocks);
+  CHECK(prefixkv::compact_in_place_host(c, sel, grid) == cudaSuccess);
+  k[1] = view(pk, 1, t1, blocks - 1);  // another max_blocks
+  CHECK(prefixkv::compact_in_place_host(c, sel, grid) == cudaErrorInvalidValue);
+  CHECK(prefixkv::last_error().why == reason::shape_mismatch);
+}
+
+TEST_CASE("aliasing, per-layer block tables: one pool of a kind shared by the layers is accepted; with one table, "
+          "for K and V, or a layer's table inside the pool it is refused; outputs on any layer's table refused") {
+  const int64_t L = 2, H = 1, D = 2, P = 2, blocks = 2, pages = 6;
+  std::vector<uint8_t> kp(size_t(pages * P * H * D)), vp(kp.size()), big(size_t(2 * pages * P * H * D + 64));
+  std::vector<int32_t> t0{0, 1}, t1{2, 3};
+  std::vector<int64_t> off{0, 2, 3};
+  std::vector<int32_t> idx{0, 2, 1};
+  const prefixkv::selection sel{2, off.data(), idx.data()};
+  const prefixkv::segment_grid grid{L, 1, 1};
+  auto view = [&](uint8_t* pool, const int32_t* t) {
+    return prefixkv::make_paged_kv_view(pool, prefixkv::page_layout::nhd, pages, P, H, D, t, 1, blocks);
+  };
+  auto run = [&](std::vector<prefixkv::paged_kv_view<uint8_t>>& k, std::vector<prefixkv::paged_kv_view<uint8_t>>* v,
+                 const prefixkv::compact_outputs& out = {}) {
+    return prefixkv::compact_in_place_host(
+        prefixkv::paged_kv_layers<uint8_t>{k.data(), v ? v->data() : nullptr, nullptr, nullptr, L}, sel, grid, out);
+  };
+  auto refused = [&](cudaError_t e) {
+    CHECK(e == cudaErrorInvalidValue);
+    CHECK(prefixkv::last_error().why == reason::overlapping_buffers);
+  };
+  std::vector<prefixkv::paged_kv_view<uint8_t>> k{view(kp.data(), t0.data()), view(kp.data(), t1.data())};
+  std::vector<prefixkv::paged_kv_view<uint8_t>> v{view(vp.data(), t0.data()), view(vp.data(), t1.data())};
+  CHECK(run(k, &v) == cudaSuccess);  // per-layer tables, one K pool and one V pool shared by the layers
+  {                                  // the same pool with one table shared by the layers: the layers alias
+    std::vector<prefixkv::paged_kv_view<uint8_t>> k1{view(kp.data(), t0.data()), view(kp.data(), t0.data())};
+    refused(run(k1, nullptr));
+  }
+  {  // K and V of the layers in one pool: refused whatever the tables
+    std::vector<prefixkv::paged_kv_view<uint8_t>> v1{view(kp.data(), t0.data()), view(kp.data(), t1.data())};
+    refused(run(k, &v1));
+  }
+  {  // layer 1's pool overlaps layer 0's without being the same pool
+    std::vector<prefixkv::paged_kv_view<uint8_t>> k1{view(big.data(), t0.data()), view(big.data() + 2, t1.data())};
+    refused(run(k1, nullptr));
+  }
+  {  // layer 1's table stored inside the pool: refused (layer 0's table is elsewhere)
+    int32_t* in_pool = reinterpret_cast<int32_t*>(big.data() + 8);
+    in_pool[0] = 2;
+    in_pool[1] = 3;
+    std::vector<prefixkv::paged_kv_view<uint8_t>> k1{view(big.data() + 16, t0.data()), view(big.data() + 16, in_pool)};
+    k1[0].num_pages = k1[1].num_pages = pages - 1;
+    CHECK(run(k1, nullptr) == cudaSuccess);  // the pools start after the table
+    k1[0].pages = k1[1].pages = big.data();
+    refused(run(k1, nullptr));
+  }
+  {  // an output array on layer 1's table
+    std::vector<int32_t> t1b{2, 3, 0};
+    std::vector<prefixkv::paged_kv_view<uint8_t>> k1{view(kp.data(), t0.data()), view(kp.data(), t1b.data())};
+    CHECK(run(k1, nullptr, {nullptr, nullptr, nullptr, t1b.data() + 2}) == cudaSuccess);
+    refused(run(k1, nullptr, {nullptr, nullptr, nullptr, t1b.data() + 1}));
+    CHECK(t1b == std::vector<int32_t>{2, 3, 0});
+  }
+}

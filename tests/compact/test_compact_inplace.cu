@@ -319,3 +319,41 @@ TEST_CASE("in place: large lanes, repeated") {
                                     v == 1 ? prefixkv::index_check::trusted : prefixkv::index_check::device);
     }
 }
+
+// Per-layer block tables (layers whose lengths differ after compression keep and free their own pages): a pool per
+// layer with page ids repeating across layers, and one pool shared by the layers; in place and gather (paged ->
+// paged, paged -> strided, strided -> paged), shared and head-wise lists, scales, page sizes 1 / 5 / 16.
+TEST_CASE("in place and gather: per-layer block tables, a pool per layer or one shared pool") {
+  auto rng = make_rng(609);
+  const bool quick = quick_mode();
+  int n = 0;
+  for (int tables = 1; tables <= 2; ++tables)
+    for (layout l : {layout::nhd, layout::hnd})
+      for (int rep = 0; rep < (quick ? 2 : 4); ++rep, ++n) {
+        case_cfg c;
+        c.src = l;
+        c.g.tables = tables;
+        c.g.L = 1 + int64_t(rng() % 4);
+        c.g.B = 1 + int64_t(rng() % 3);
+        c.g.H = 1 + int64_t(rng() % 3);
+        c.g.T = 1 + int64_t(rng() % 90);
+        c.g.D = n % 3 == 0 ? 3 : 64;
+        const int64_t pages[] = {1, 5, 16};
+        c.g.page = pages[rng() % 3];
+        c.frac = int(rng() % 6);
+        c.headwise = rng() % 2 == 0;
+        c.g.scales = c.headwise ? 2 * int(rng() % 2) : int(rng() % 3);
+        if (c.g.D == 3) {
+          run_inplace_case<uint8_t>(c, rng);
+        } else {
+          run_inplace_case<uint16_t>(c, rng);
+          run_inplace_case<uint16_t, prefixkv::compact_policy<false, false, 3, 32>>(c, rng);
+        }
+        c.dst = rep % 2 ? l : layout::bshd;
+        run_gather_case<uint16_t>(c, rng);
+        c.src = layout::bhsd;  // strided -> paged with per-layer tables
+        c.dst = l;
+        run_gather_case<uint16_t>(c, rng);
+        c.src = l;
+      }
+}

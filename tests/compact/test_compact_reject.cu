@@ -426,3 +426,72 @@ TEST_CASE("aliasing: paged K and V pools on the same memory are refused; K/V int
     }
   }
 }
+
+TEST_CASE("per-layer block tables: a page twice in one layer is refused; across layers only when they share a pool") {
+  auto rng = make_rng(709);
+  geometry g = small();
+  g.L = 3;
+  const prefixkv::segment_grid grid{g.L, g.B, 1};
+  for (int tables = 1; tables <= 2; ++tables) {
+    INFO(tables_name(tables));
+    {  // twice in layer 1's table (in place)
+      geometry gg = g;
+      gg.tables = tables;
+      cache<uint16_t> kv(layout::nhd, gg, rng, false);
+      const int64_t t1 = kv.table_offset(1);
+      kv.table[t1 + kv.max_blocks + 1] = kv.table[t1];
+      kv.dtable.upload(kv.table);
+      kv.upload(kv.host);
+      host_selection sel = random_selection(rng, grid.count(), g.T, 4, false);
+      expect_device_reject<uint16_t>(kv, nullptr, sel, grid, reason::overlapping_buffers);
+    }
+    {  // layer 2 uses a page of layer 0 (paged destination): legal with a pool per layer, refused with one pool
+      geometry gg = g;
+      gg.tables = tables;
+      cache<uint16_t> src(layout::bhsd, g, rng, false);
+      cache<uint16_t> dst(layout::hnd, gg, rng, true);
+      // swap layer 0's page into entry 1 of layer 2 (layer 2's own table stays free of duplicates)
+      const int32_t v = dst.table[dst.table_offset(0) + 1];
+      int32_t* t2 = dst.table.data() + dst.table_offset(2);
+      for (int64_t j = 0; j < g.B * dst.max_blocks; ++j)
+        if (t2[j] == v) t2[j] = t2[1];
+      t2[1] = v;
+      dst.dtable.upload(dst.table);
+      src.upload(src.host);
+      dst.upload(dst.host);
+      host_selection sel = random_selection(rng, grid.count(), g.T, 4, false);
+      if (tables == 2) {
+        expect_device_reject(src, &dst, sel, grid, reason::overlapping_buffers);
+      } else {
+        // accepted: device == host twin
+        const auto before = dst.host;
+        outputs out(grid.count(), g.L, g.B, true);
+        cudaError_t e = cudaErrorUnknown;
+        src.visit(true, [&](const auto& s) {
+          dst.visit(true, [&](const auto& d) { e = prefixkv::gather_kept_host(s, d, sel.host(), grid, out.host()); });
+        });
+        REQUIRE_MESSAGE(e == cudaSuccess, prefixkv::last_error().message);
+        const auto expect = dst.host;
+        run_three_ways(
+            [&](void* t, size_t& bytes, cudaStream_t st) {
+              cudaError_t err = cudaErrorUnknown;
+              src.visit(false, [&](const auto& s) {
+                dst.visit(false, [&](const auto& d) {
+                  err = prefixkv::gather_kept(t, bytes, s, d, sel.dev(), grid, out.dev(), prefixkv::index_check::device, st);
+                });
+              });
+              return err;
+            },
+            [&] {
+              dst.upload(before);
+              out.poison();
+            },
+            [&](const char* mode) {
+              INFO(mode);
+              CHECK(first_diff(dst.download(), expect) == -1);
+              out.check_equal();
+            });
+      }
+    }
+  }
+}

@@ -23,6 +23,7 @@ struct shape {
   int64_t page = 16;
   int64_t window = 8;  // window scorer queries
   int64_t queries = 5; // rows of the attention probabilities
+  int tables = 0;      // paged: one block table, per-layer tables (a pool per layer), per-layer tables over one pool
 };
 
 template <class X>
@@ -60,6 +61,7 @@ struct model {
     g.T = s.T;
     g.D = s.D;
     g.page = s.page;
+    g.tables = s.tables;
     return g;
   }
 
@@ -181,7 +183,8 @@ struct combo {
            " scorer " + std::to_string(int(scorer)) + " gran " + std::to_string(int(gran)) + " alloc " +
            std::to_string(int(alloc)) + (per_segment ? " per-segment lengths" : "") + (lse ? " lse" : "") +
            " L" + std::to_string(s.L) + " B" + std::to_string(s.B) + " H" + std::to_string(s.H) + " G" +
-           std::to_string(s.G) + " T" + std::to_string(s.T) + " D" + std::to_string(s.D);
+           std::to_string(s.G) + " T" + std::to_string(s.T) + " D" + std::to_string(s.D) + " page" +
+           std::to_string(s.page) + " " + compact_test::tables_name(s.tables);
   }
 };
 

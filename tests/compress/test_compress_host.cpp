@@ -395,3 +395,102 @@ TEST_CASE("compress_host: bad data stops the chain — cache untouched, lengths 
     CHECK(m.v == orig.v);
   }
 }
+
+TEST_CASE("compress_host: per-layer block tables (a pool per layer, one shared pool) == strided; window / key-norm "
+          "refused") {
+  auto rng = make_rng(0xC5);
+  const int64_t L = 3, B = 2, H = 2, D = 4, cap = 40, page = 8, blocks = cap / page;
+  for (int shared_pool = 0; shared_pool < 2; ++shared_pool)
+    for (int gran = 0; gran < 2; ++gran) {
+      CAPTURE(shared_pool);
+      CAPTURE(gran);
+      host_model m(L, B, H, 2, cap, D, rng);
+      pk::compress_config cfg = m.config();
+      cfg.scorer = pk::scorer_kind::attention;
+      cfg.gran = gran ? pk::granularity::head : pk::granularity::layer;
+      const int64_t pages = (shared_pool ? L : 1) * B * blocks + 2;
+      cfg.max_pages = pages;
+      cfg.page_size = page;
+      pk::compress_plan plan;
+      REQUIRE(pk::make_plan(cfg, plan) == cudaSuccess);
+      std::vector<int32_t> len = {37, 21};
+      // per-layer tables: disjoint pages of one pool, or every layer its own shuffle of its own pool
+      std::vector<int32_t> tables, perm(static_cast<size_t>(pages));
+      std::iota(perm.begin(), perm.end(), 0);
+      if (shared_pool) {
+        std::shuffle(perm.begin(), perm.end(), rng);
+        tables.assign(perm.begin(), perm.begin() + L * B * blocks);
+      } else {
+        for (int64_t l = 0; l < L; ++l) {
+          std::shuffle(perm.begin(), perm.end(), rng);
+          tables.insert(tables.end(), perm.begin(), perm.begin() + B * blocks);
+        }
+      }
+      const int64_t pool = pages * page * H * D;
+      std::vector<float> pk_((shared_pool ? 1 : L) * pool), pv_(pk_.size());
+      std::vector<pk::paged_kv_view<float>> pkv, pvv;
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t o = shared_pool ? 0 : l * pool;
+        const int32_t* t = tables.data() + l * B * blocks;
+        pkv.push_back(pk::make_paged_kv_view(pk_.data() + o, pk::page_layout::nhd, pages, page, H, D, t, B, blocks));
+        pvv.push_back(pk::make_paged_kv_view(pv_.data() + o, pk::page_layout::nhd, pages, page, H, D, t, B, blocks));
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t h = 0; h < H; ++h)
+            for (int64_t t2 = 0; t2 < cap; ++t2)
+              for (int64_t d = 0; d < D; ++d) {
+                pkv[l](b, h, t2, d) = m.kv[l](b, h, t2, d);
+                pvv[l](b, h, t2, d) = m.vv[l](b, h, t2, d);
+              }
+      }
+      const int64_t S = L * B * (gran ? H : 1);
+      std::vector<int32_t> s_len(S), p_len(S);
+      {
+        pk::compress_args<pk::kv_layers<float>, float> a;
+        a.cache = m.cache();
+        a.lengths = len.data();
+        a.attention = m.pv.data();
+        a.out.lengths = s_len.data();
+        REQUIRE(pk::compress_host(plan, a) == cudaSuccess);
+      }
+      pk::compress_args<pk::paged_kv_layers<float>, float> a;
+      a.cache = {pkv.data(), pvv.data(), nullptr, nullptr, L};
+      a.lengths = len.data();
+      a.attention = m.pv.data();
+      a.out.lengths = p_len.data();
+      REQUIRE(pk::compress_host(plan, a) == cudaSuccess);
+      CHECK(p_len == s_len);
+      const int64_t Hg = gran ? H : 1;
+      for (int64_t l = 0; l < L; ++l)
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t h = 0; h < H; ++h)
+            for (int64_t t = 0; t < s_len[(l * B + b) * Hg + (gran ? h : 0)]; ++t)
+              for (int64_t d = 0; d < D; ++d) {
+                CHECK(pkv[l](b, h, t, d) == m.kv[l](b, h, t, d));
+                CHECK(pvv[l](b, h, t, d) == m.vv[l](b, h, t, d));
+              }
+      // a bad page id in one layer's table: the chain stops, nothing moves
+      const std::vector<float> before = pk_;
+      tables[size_t(2 * B * blocks + 1)] = int32_t(pages);
+      std::vector<int32_t> lens2(static_cast<size_t>(S), -1);
+      int32_t status = -1;
+      a.lengths = p_len.data();
+      a.lengths_per_segment = true;
+      a.out.lengths = lens2.data();
+      a.out.status = &status;
+      CHECK(pk::compress_host(plan, a) == cudaErrorInvalidValue);
+      CHECK(pk::last_error().why == pk::reason::out_of_range);
+      CHECK(status == int32_t(pk::reason::out_of_range));
+      CHECK(lens2 == p_len);
+      CHECK(pk_ == before);
+      // the window and key-norm scorers read K through one table: refused with per-layer tables
+      for (auto sc : {pk::scorer_kind::window, pk::scorer_kind::key_norm}) {
+        pk::compress_config c2 = cfg;
+        c2.scorer = sc;
+        c2.max_window = 4;
+        pk::compress_plan p2;
+        REQUIRE(pk::make_plan(c2, p2) == cudaSuccess);
+        CHECK(pk::compress_host(p2, a) == cudaErrorInvalidValue);
+        CHECK(pk::last_error().why == pk::reason::unsupported);
+      }
+    }
+}

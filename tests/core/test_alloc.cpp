@@ -5,6 +5,7 @@
 
 #include <prefixkv/prefixkv.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
@@ -167,6 +168,63 @@ TEST_CASE("compaction: a paged pool of 2^45 pages costs nothing extra (std::bad_
   CHECK(pk::compact_in_place_host(nc, pk::selection{1, off2.data(), idx.data()}, pk::segment_grid{1, 1, 1}) ==
         cudaErrorInvalidValue);
   CHECK(pk::last_error().why == reason::out_of_range);
+}
+
+TEST_CASE("compaction, per-layer block tables: pools of 2^45 pages cost nothing extra (one pool shared by the "
+          "layers; a pool per layer, the layers interleaved per page)") {
+  const int64_t L = 2, B = 1, H = 1, D = 4, P = 2, blocks = 3, row = H * D;
+  // one arena: the selection and the tables first, the pools last (a claimed pool covers only what lies above it)
+  std::vector<int64_t> arena(512);
+  char* base = reinterpret_cast<char*>(arena.data());
+  int64_t* off = reinterpret_cast<int64_t*>(base);                 // (L + 1)
+  int32_t* idx = reinterpret_cast<int32_t*>(base + 64);            // 5 kept tokens
+  int32_t* tab = reinterpret_cast<int32_t*>(base + 128);           // (L, blocks)
+  uint8_t* pool = reinterpret_cast<uint8_t*>(base + 1024);         // 2 x 8 pages
+  const int64_t off_v[] = {0, 3, 5};
+  const int32_t idx_v[] = {1, 2, 5, 0, 3};  // layer 0 keeps {1, 2, 5}, layer 1 keeps {0, 3}
+  std::copy(off_v, off_v + 3, off);
+  std::copy(idx_v, idx_v + 5, idx);
+  const pk::selection sel{L, off, idx};
+  const pk::segment_grid grid{L, B, 1};
+  for (int interleaved = 0; interleaved < 2; ++interleaved) {
+    CAPTURE(interleaved);
+    // one pool: disjoint pages; interleaved pools (page ids per layer): the same ids in both layers
+    const int32_t tab_v[] = {5, 1, 2, interleaved ? 5 : 3, interleaved ? 1 : 4, 6};
+    std::copy(tab_v, tab_v + 6, tab);
+    for (int64_t i = 0; i < 2 * 8 * P * row; ++i) pool[i] = uint8_t(i);
+    std::vector<pk::paged_kv_view<uint8_t>> k;
+    for (int64_t l = 0; l < L; ++l) {
+      auto v = pk::make_paged_kv_view(pool + (interleaved ? l * P * row : 0), pk::page_layout::nhd, int64_t(1) << 45,
+                                      P, H, D, tab + l * blocks, B, blocks);
+      if (interleaved) v.stride_page = 2 * P * row;
+      k.push_back(v);
+    }
+    std::vector<std::vector<uint8_t>> want(L);
+    for (int64_t l = 0; l < L; ++l)
+      for (int64_t j = 0; j < off_v[l + 1] - off_v[l]; ++j)
+        for (int64_t d = 0; d < D; ++d) want[size_t(l)].push_back(k[size_t(l)](0, 0, idx_v[off_v[l] + j], d));
+    const pk::paged_kv_layers<uint8_t> cache{k.data(), nullptr, nullptr, nullptr, L};
+    cudaError_t e = cudaErrorUnknown;
+    size_t big = largest_during([&] { e = pk::compact_in_place_host(cache, sel, grid); });
+    INFO(std::string(pk::last_error().message));
+    REQUIRE(e == cudaSuccess);
+    CHECK(big < kSmall);
+    for (int64_t l = 0; l < L; ++l)
+      for (int64_t j = 0; j < off_v[l + 1] - off_v[l]; ++j)
+        for (int64_t d = 0; d < D; ++d) CHECK(k[size_t(l)](0, 0, j, d) == want[size_t(l)][size_t(j * D + d)]);
+    // one page in both layers' touched blocks: refused with one pool, legal with a pool per layer
+    tab[blocks] = tab[0];
+    const std::vector<uint8_t> before(pool, pool + 2 * 8 * P * row);
+    big = largest_during([&] { e = pk::compact_in_place_host(cache, sel, grid); });
+    CHECK(big < kSmall);
+    if (interleaved) {
+      CHECK(e == cudaSuccess);
+    } else {
+      CHECK(e == cudaErrorInvalidValue);
+      CHECK(pk::last_error().why == reason::overlapping_buffers);
+      CHECK(std::equal(before.begin(), before.end(), pool));
+    }
+  }
 }
 
 TEST_CASE("readers: an endless or lying file costs what it holds, not what it claims") {

@@ -442,6 +442,26 @@ TEST_CASE("decode: host-visible bad arguments are rejected before anything is wr
   rejects([](A& a, K&, P&, pk::decode_plan&) { a.observe = pk::decode_observe::add_scores; }, pk::reason::null_pointer);
   rejects([](A& a, K& k, P&, pk::decode_plan&) { k[1].stride_batch += 2; a.cache.k = k.data(); }, pk::reason::shape_mismatch);
   rejects([](A& a, K& k, P&, pk::decode_plan&) { for (auto& x : k) x.dim = 4; a.cache.k = k.data(); }, pk::reason::shape_mismatch);
+  {  // a paged cache with per-layer block tables: refused (the row moves address every layer through one table)
+    const int64_t P = 4, blocks = 15, pages = 2 * blocks, row = g.H * g.D;
+    std::vector<float> pool(size_t(2 * pages * P * row), 1.0f);
+    std::vector<int32_t> tables(size_t(2 * 2 * blocks));
+    std::iota(tables.begin(), tables.end(), 0);  // layer 0: pages 0..29, layer 1: pages 30..59 of its own table
+    for (auto& t : tables) t %= int32_t(pages);
+    std::vector<pk::paged_kv_view<float>> pk_;
+    for (int64_t l = 0; l < 2; ++l)
+      pk_.push_back(pk::make_paged_kv_view(pool.data() + l * pages * P * row, pk::page_layout::nhd, pages, P, g.H, g.D,
+                                           tables.data() + l * 2 * blocks, 2, blocks));
+    pk::decode_step_args<pk::paged_kv_layers<float>, float> pa;
+    pa.cache = {pk_.data(), nullptr, nullptr, nullptr, 2};
+    const std::vector<float> pool_before = pool;
+    CHECK(pk::decode_step_host(g.plan, g.st, pa) == cudaErrorInvalidValue);
+    CHECK(pk::last_error().why == pk::reason::unsupported);
+    CHECK(pool == pool_before);
+    for (size_t i = 0; i < len_before.size(); ++i) CHECK(g.st.lengths[i] == len_before[i]);
+    pk_[1].block_table = pk_[0].block_table;  // one table for both layers: accepted
+    CHECK(pk::decode_step_host(g.plan, g.st, pa) == cudaSuccess);
+  }
   pk::decode_state unbound;
   pk::decode_step_args<pk::kv_layers<float>, float> a;
   a.cache = g.cache();

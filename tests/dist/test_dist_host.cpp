@@ -286,6 +286,35 @@ TEST_CASE("sharded compress_host: bad data on one rank stops every rank with the
   }
 }
 
+TEST_CASE("sharded compress_host: per-layer block tables (cache or destination) are refused, nothing moves") {
+  auto rng = make_rng(0xD15E);
+  policy pol;
+  pol.scorer = pk::scorer_kind::recency;
+  shape s;
+  s.L = 2;
+  s.page = 4;
+  for (int in_place = 0; in_place < 2; ++in_place) {
+    CAPTURE(in_place);
+    pol.in_place = in_place != 0;
+    std::vector<double> profile;
+    const pk::compress_config cfg = config_of(s, pol, rng, profile);
+    pk::compress_plan plan;
+    REQUIRE(pk::make_plan(cfg, plan) == cudaSuccess);
+    model<float> m = random_model<float>(s, rng);
+    const std::vector<int32_t> own = m.table;  // layer 1's own copy of the table
+    auto& views = in_place ? m.kp : m.dkp;
+    auto& vviews = in_place ? m.vp : m.dvp;
+    views[1].block_table = vviews[1].block_table = own.data();
+    const pk::compress_shard sh;
+    const std::vector<unsigned char> k0 = bytes_of(m.k), dk0 = bytes_of(m.dk);
+    const result r = call(m, plan, pol, &sh, s.L, s.H);
+    CHECK(r.e == cudaErrorInvalidValue);
+    CHECK(r.why == pk::reason::unsupported);
+    CHECK(r.k == k0);
+    CHECK(r.dk == dk0);
+  }
+}
+
 TEST_CASE("sharded compress_host: a page named twice stops every rank, nothing moves") {
   auto rng = make_rng(0xD15A);
   policy pol;

@@ -4,6 +4,7 @@
 #include <doctest/doctest.h>
 
 #include "llama/runtime.hpp"
+#include "llama/serve.hpp"
 #include "llama/tokenizer.hpp"
 
 #include <prefixkv/io/json.hpp>
@@ -225,7 +226,25 @@ TEST_CASE("bad input: exit 2, one line on stderr, nothing on stdout") {
   expect_bad(ok + "--sinks -1");
   expect_bad(ok + "--window 0 --scorer window");
   expect_bad(ok + "--device tpu");
+  write_text("llama_req.jsonl", "{\"prompt\": \"hi\"}\n");
+#if defined(PKV_LLAMA_HAS_CUDA)
+  {  // a CUDA build: runs where a device is usable, else exit 2 with one line
+    const result r = run(ok + "--device cuda --steps 5");
+    if (r.code != 0) expect_bad(ok + "--device cuda --steps 5");
+  }
+#else
   expect_bad(ok + "--device cuda");
+  expect_bad("--serve llama_req.jsonl --pool-pages 10 --device cuda");
+#endif
+  expect_bad("--serve llama_none.jsonl --pool-pages 10");      // no such requests file
+  expect_bad("--serve llama_req.jsonl");                       // no --pool-pages
+  expect_bad("--serve llama_req.jsonl --pool-pages 0");
+  expect_bad("--serve llama_req.jsonl --pool-pages 10 --prompt hi");
+  expect_bad("--serve llama_req.jsonl --pool-pages 10 --temperature 1");
+  expect_bad("--serve llama_req.jsonl --pool-pages 10 --scorer window");
+  expect_bad(ok + "--pool-pages 10");                          // --pool-pages without --serve
+  write_text("llama_badreq.jsonl", "{\"prompt\": \"hi\", \"steps\": -1}\n");
+  expect_bad("--serve llama_badreq.jsonl --pool-pages 10");   // a malformed request
   expect_bad(ok + "--method profile");
   expect_bad(ok + "--method profile --profile no/such.json");
   expect_bad(ok + "--method profile --profile llama_badprof.json");
@@ -317,4 +336,33 @@ TEST_CASE("decode upkeep: every policy runs capped, changes nothing with nothing
   const result r = run_ok(base + "--method full --decode-budget cap:40 --decode-policy score --decode-recent 16 "
                                  "--verbose --steps 100");
   CHECK(r.err.find("protected 4 sinks + 16 recent") != std::string::npos);
+}
+
+TEST_CASE("--serve on the host: one line per request (texts of the single runs, refusals), then the summary") {
+  const std::string p1 = prompt, p2 = "Lily had a cat named Tom. Tom liked to sleep in the sun.";
+  write_text("llama_serve.jsonl",
+             "{\"prompt\": " + prefixkv_llama::json_quote(p1) + ", \"method\": \"prefixkv\", \"evict_ratio\": 0.75, "
+             "\"steps\": 30}\n" +
+             "{\"prompt\": " + prefixkv_llama::json_quote(p2) + ", \"method\": \"full\", \"steps\": 20}\n" +
+             "{\"prompt\": \"Hi\", \"method\": \"prefixkv\", \"evict_ratio\": 0.9}\n" +
+             "{\"prompt\": " + prefixkv_llama::json_quote(p2) + ", \"method\": \"prefixkv-head\", \"evict_ratio\": 0.5, "
+             "\"steps\": 25}\n");
+  const result s = run_ok(model_args + "--serve llama_serve.jsonl --pool-pages 60 --max-prefill 2 --device cpu");
+  std::istringstream in(s.out);
+  std::vector<std::string> lines;
+  for (std::string x; std::getline(in, x);) lines.push_back(x);
+  REQUIRE(lines.size() == 5);
+  CHECK(lines[4].rfind("{\"summary\": {\"requests\": 4, \"completed\": 3, \"refused\": 1", 0) == 0);
+  CHECK(lines[4].find("\"pages_in_use_end\": 0, \"pages_reserved_end\": 0") != std::string::npos);
+  CHECK(lines[2].rfind("{\"request\": 2, \"error\": ", 0) == 0);
+  const std::string single[] = {
+      "--prompt " + quote(p1) + " --method prefixkv --evict-ratio 0.75 --steps 30",
+      "--prompt " + quote(p2) + " --method full --steps 20", "",
+      "--prompt " + quote(p2) + " --method prefixkv-head --evict-ratio 0.5 --steps 25"};
+  for (int i : {0, 1, 3}) {
+    INFO("request " << i);
+    const result one = run_ok(model_args + single[i]);
+    const std::string want = "\"text\": " + prefixkv_llama::json_quote(one.out.substr(0, one.out.size() - 1)) + ",";
+    CHECK(lines[size_t(i)].find(want) != std::string::npos);
+  }
 }

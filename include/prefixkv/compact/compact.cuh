@@ -79,7 +79,8 @@ __device__ __forceinline__ void compact_atomic_error(int32_t* slot, int32_t r) {
 //! Device-side content checks. One status word per block (no memset needed): 0 or a `reason`.
 //! (A template only so that the header can be included by several translation units.)
 template <int Unused = 0>
-PREFIXKV_KERNEL void __launch_bounds__(compact_threads) compact_check_kernel(compact_meta m, int32_t* block_status) {
+PREFIXKV_KERNEL void __launch_bounds__(compact_threads) compact_check_kernel(compact_meta m, compact_tables tab,
+                                                                             int32_t* block_status) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // let the move kernel (launched with programmatic stream serialization) get scheduled early; it still waits
   // for this whole grid to finish and flush (griddepcontrol.wait) before it reads a status word or writes
@@ -90,17 +91,18 @@ PREFIXKV_KERNEL void __launch_bounds__(compact_threads) compact_check_kernel(com
   __syncthreads();
   int32_t local = 0;
   const int64_t S = m.sel.count;
-  auto mark = [&](int64_t b, int64_t blk) {
-    const int64_t page = m.dt.table[b * m.dt.stride + blk];
+  auto mark = [&](int64_t l, int64_t b, int64_t blk) {
+    const int64_t page = tab.dst[l][b * m.dt.stride + blk];
     if (page < 0 || page >= m.dt.num_pages) {
       local = static_cast<int32_t>(reason::out_of_range);
       return;
     }
-    const int32_t key = static_cast<int32_t>(b * m.dt.max_blocks + blk);
-    // all layers of a sequence mark the same (block, page) pairs: a plain read first keeps the atomics (which
-    // serialise per address) down to about one per page
-    if (*static_cast<volatile const int32_t*>(m.owner + page) == key) return;
-    const int32_t old = atomicCAS(m.owner + page, -1, key);
+    const int32_t key = static_cast<int32_t>(m.owner_key(l, b, blk));
+    int32_t* word = m.owner + m.owner_slot(l, page);
+    // with one shared table all layers of a sequence mark the same (block, page) pairs: a plain read first keeps
+    // the atomics (which serialise per address) down to about one per page
+    if (*static_cast<volatile const int32_t*>(word) == key) return;
+    const int32_t old = atomicCAS(word, -1, key);
     if (old != -1 && old != key) local = static_cast<int32_t>(reason::overlapping_buffers);
   };
   if (blockIdx.x == 0 && threadIdx.x == 0 && S > 0 && m.sel.offsets[0] != 0)
@@ -118,7 +120,7 @@ PREFIXKV_KERNEL void __launch_bounds__(compact_threads) compact_check_kernel(com
       local = static_cast<int32_t>(reason::capacity_exceeded);
       continue;
     }
-    const int64_t b = m.grid.batch_of(s);
+    const int64_t b = m.grid.batch_of(s), l = m.grid.layer_of(s);
     const int64_t per = (kept + vchunk - 1) / vchunk;
     const int64_t p_end = min(kept, (chunk + 1) * per);
     for (int64_t p = chunk * per + threadIdx.x; p < p_end; p += blockDim.x) {
@@ -131,16 +133,16 @@ PREFIXKV_KERNEL void __launch_bounds__(compact_threads) compact_check_kernel(com
       if (prev >= t) local = static_cast<int32_t>(reason::not_ascending);
       if (m.st.paged) {
         const int64_t blk = m.st.block_of(t);
-        const int64_t page = m.st.table[b * m.st.stride + blk];
+        const int64_t page = tab.src[l][b * m.st.stride + blk];
         if (page < 0 || page >= m.st.num_pages) {
           local = static_cast<int32_t>(reason::out_of_range);
           continue;
         }
         // in place the indices ascend (or not_ascending is reported): marking the first kept token of each
         // source block marks every touched block
-        if (m.inplace && (prev < 0 || m.st.block_of(prev) != blk)) mark(b, blk);
+        if (m.inplace && (prev < 0 || m.st.block_of(prev) != blk)) mark(l, b, blk);
       }
-      if (m.paged_dst && p % m.dt.page_size == 0) mark(b, m.dt.block_of(p));
+      if (m.paged_dst && p % m.dt.page_size == 0) mark(l, b, m.dt.block_of(p));
     }
   }
   if (local) compact_atomic_error(&err, local);
@@ -178,7 +180,8 @@ struct compact_stage_smem {
 template <int W, bool InPlace, bool Contig = false>
 __device__ __forceinline__ void compact_move_rows(const compact_meta& m, const compact_geom& sg,
                                                   const compact_geom& dg, const char* sbase, char* dbase,
-                                                  const int32_t* idx, int64_t b, int64_t h, int64_t r0, int64_t r1,
+                                                  const int32_t* stab, const int32_t* dtab, const int32_t* idx,
+                                                  int64_t b, int64_t h, int64_t r0, int64_t r1,
                                                   compact_stage_smem& sm) {
   using word = typename compact_word<W>::type;
   constexpr int U = W == 16 ? compact_unroll : (W == 8 ? 4 : 2);
@@ -186,8 +189,8 @@ __device__ __forceinline__ void compact_move_rows(const compact_meta& m, const c
   const int tid = threadIdx.x;
   const int32_t vpr = static_cast<int32_t>(sg.row_bytes / W);
   const int32_t dr = S / vpr, dc = S - dr * vpr;
-  const compact_table& st = m.st;
-  const compact_table& dt = m.dt;
+  const compact_table st = m.st.with_table(stab);  // this layer's block tables
+  const compact_table dt = m.dt.with_table(dtab);
   auto src_page = [&](int64_t t) -> int64_t { return st.paged ? st.table[b * st.stride + st.block_of(t)] : 0; };
   auto dst_page = [&](int64_t j) -> int64_t { return dt.paged ? dt.table[b * dt.stride + dt.block_of(j)] : 0; };
   auto src_off = [&](int64_t t, int64_t page) -> int64_t {
@@ -268,16 +271,17 @@ __device__ __forceinline__ void compact_move_rows(const compact_meta& m, const c
 
 template <bool InPlace>
 __device__ __forceinline__ void compact_dispatch(const compact_meta& m, int k, const char* s, char* d,
-                                                 const int32_t* idx, int64_t b, int64_t h, int64_t r0, int64_t r1,
+                                                 const int32_t* stab, const int32_t* dtab, const int32_t* idx,
+                                                 int64_t b, int64_t h, int64_t r0, int64_t r1,
                                                  compact_stage_smem& sm) {
   const compact_geom& sg = m.src[k];
   const compact_geom& dg = m.dst[k];
   switch (m.vec[k]) {
-    case 16: compact_move_rows<16, InPlace>(m, sg, dg, s, d, idx, b, h, r0, r1, sm); break;
-    case 8: compact_move_rows<8, InPlace>(m, sg, dg, s, d, idx, b, h, r0, r1, sm); break;
-    case 4: compact_move_rows<4, InPlace>(m, sg, dg, s, d, idx, b, h, r0, r1, sm); break;
-    case 2: compact_move_rows<2, InPlace>(m, sg, dg, s, d, idx, b, h, r0, r1, sm); break;
-    default: compact_move_rows<1, InPlace>(m, sg, dg, s, d, idx, b, h, r0, r1, sm); break;
+    case 16: compact_move_rows<16, InPlace>(m, sg, dg, s, d, stab, dtab, idx, b, h, r0, r1, sm); break;
+    case 8: compact_move_rows<8, InPlace>(m, sg, dg, s, d, stab, dtab, idx, b, h, r0, r1, sm); break;
+    case 4: compact_move_rows<4, InPlace>(m, sg, dg, s, d, stab, dtab, idx, b, h, r0, r1, sm); break;
+    case 2: compact_move_rows<2, InPlace>(m, sg, dg, s, d, stab, dtab, idx, b, h, r0, r1, sm); break;
+    default: compact_move_rows<1, InPlace>(m, sg, dg, s, d, stab, dtab, idx, b, h, r0, r1, sm); break;
   }
 }
 
@@ -374,8 +378,8 @@ PREFIXKV_KERNEL void __launch_bounds__(compact_threads, 2) compact_move_kernel(c
   for (int64_t w = blockIdx.x; w < total; w += gridDim.x) {
     const compact_work x = compact_work_of(m, w);
     if (x.r0 >= x.r1) continue;
-    compact_dispatch<InPlace>(m, x.k, p.src[x.l][x.k], p.dst[x.l][x.k], m.sel.indices + x.off, x.b, x.h, x.r0, x.r1,
-                              sm);
+    compact_dispatch<InPlace>(m, x.k, p.src[x.l][x.k], p.dst[x.l][x.k], p.tab.src[x.l], p.tab.dst[x.l],
+                              m.sel.indices + x.off, x.b, x.h, x.r0, x.r1, sm);
   }
 }
 
@@ -393,7 +397,8 @@ PREFIXKV_KERNEL void __launch_bounds__(compact_threads, 2) compact_fast_kernel(c
     const compact_work x = compact_work_of(m, w);
     if (x.r0 >= x.r1) continue;
     compact_move_rows<16, InPlace, true>(m, m.src[x.k], m.dst[x.k], p.src[x.l][x.k], p.dst[x.l][x.k],
-                                         m.sel.indices + x.off, x.b, x.h, x.r0, x.r1, sm);
+                                         p.tab.src[x.l], p.tab.dst[x.l], m.sel.indices + x.off, x.b, x.h, x.r0,
+                                         x.r1, sm);
   }
 }
 
@@ -435,7 +440,7 @@ cudaError_t compact_dispatch(void* d_temp, size_t& temp_bytes, const SrcCache& s
   const bool need_owner = validate_on_device && m.paged_dst && m.dt.num_pages > 0;
   workspace_layout<2> ws;
   ws.reserve<int32_t>(0, static_cast<size_t>(vblocks));
-  ws.reserve<int32_t>(1, need_owner ? static_cast<size_t>(m.dt.num_pages) : 0);
+  ws.reserve<int32_t>(1, need_owner ? static_cast<size_t>(m.owner_words()) : 0);
   if (d_temp == nullptr) {
     temp_bytes = ws.bytes();
     return cudaSuccess;
@@ -445,7 +450,8 @@ cudaError_t compact_dispatch(void* d_temp, size_t& temp_bytes, const SrcCache& s
     if (need_owner)
       PREFIXKV_TRY(check_runtime(cudaMemsetAsync(ws.get<int32_t>(1), 0xFF, ws.size_of(1), stream), "compact: memset"));
     m.owner = ws.get<int32_t>(1);
-    compact_check_kernel<0><<<static_cast<unsigned>(vblocks), compact_threads, 0, stream>>>(m, ws.get<int32_t>(0));
+    compact_check_kernel<0><<<static_cast<unsigned>(vblocks), compact_threads, 0, stream>>>(m, ptrs.tab,
+                                                                                           ws.get<int32_t>(0));
     PREFIXKV_TRY(check_launch(stream));
     m.vstatus = ws.get<int32_t>(0);
     m.vblocks = static_cast<int32_t>(vblocks);

@@ -59,7 +59,13 @@ struct kv_layers {
   int64_t layers = 0;
 };
 
-//! All layers of a paged cache. All kinds and layers share one block table (as in vLLM); pages pointers differ.
+//! All layers of a paged cache. The layers share page geometry (page size, strides, pool extent) and block-table
+//! geometry (batch, max_blocks, row stride); their pages pointers differ (one pool per layer) or not (one pool shared
+//! by the layers). Block tables: one shared by every layer (as in vLLM), or one per layer (each layer's own
+//! `block_table` pointer: layers whose lengths differ after compression each keep and free their own pages). The
+//! kinds (K, V, scales) of one layer always share that layer's table. Page ownership (a page twice where the
+//! compaction writes, `reason::overlapping_buffers`) is checked per layer when every layer has its own pool, and
+//! across layers when a pool is shared by several layers with per-layer tables (page ids are then one id space).
 template <class T, class S = float>
 struct paged_kv_layers {
   using element_type = T;
@@ -103,9 +109,10 @@ struct compact_geom {
   }
 };
 
-//! Row addressing of one side: strided, or through a block table shared by all kinds and layers.
+//! Row addressing of one side: strided, or through block tables (layer 0's in `table`; every layer's in
+//! `compact_tables`, the same pointer for all layers when they share one table).
 struct compact_table {
-  const int32_t* table = nullptr;  // (batch, max_blocks), row stride `stride`
+  const int32_t* table = nullptr;  // (batch, max_blocks), row stride `stride`: layer 0's table
   int64_t stride = 0, page_size = 1, num_pages = 0, max_blocks = 0;
   int32_t shift = -1;  // log2(page_size) when a power of two
   bool paged = false;
@@ -116,6 +123,19 @@ struct compact_table {
     const int64_t page = table[b * stride + blk];
     return page * g.s_batch + (t - blk * page_size) * g.s_token + h * g.s_head;
   }
+  //! The same addressing through another layer's table.
+  PREFIXKV_HOST_DEVICE compact_table with_table(const int32_t* t) const {
+    compact_table c = *this;
+    c.table = t;
+    return c;
+  }
+};
+
+//! How the check marks page ownership of a paged destination (or a paged cache compacted in place).
+enum class compact_owner_mode : int32_t {
+  shared_table = 0,  //!< one table for every layer: one owner word per page, key (sequence, block)
+  per_layer = 1,     //!< per-layer tables, every layer its own pool: owner words per (layer, page), key (sequence, block)
+  across_layers = 2, //!< per-layer tables, a pool shared by layers: one owner word per page, key (layer, sequence, block)
 };
 
 //! Everything the kernels need except the per-layer pointers.
@@ -137,15 +157,34 @@ struct compact_meta {
   compact_outputs out;
   const int32_t* vstatus = nullptr;  // per-block results of the check kernel (null: trusted)
   int32_t vblocks = 0;
-  int32_t* owner = nullptr;          // (dst num_pages) page -> (b * max_blocks + block), duplicate detection
+  int32_t* owner = nullptr;          // (owner_words) page -> (b * max_blocks + block), duplicate detection
+  compact_owner_mode owner_mode = compact_owner_mode::shared_table;
   PREFIXKV_HOST_DEVICE int64_t lanes_per_lb() const { return lane_prefix[kinds]; }
+  //! Owner words the check needs (paged destinations): one per page, per layer and page in `per_layer` mode.
+  PREFIXKV_HOST_DEVICE int64_t owner_words() const {
+    return owner_mode == compact_owner_mode::per_layer ? layers * dt.num_pages : dt.num_pages;
+  }
+  //! Owner word and key of (layer l, sequence b, block blk) holding page `page`.
+  PREFIXKV_HOST_DEVICE int64_t owner_slot(int64_t l, int64_t page) const {
+    return owner_mode == compact_owner_mode::per_layer ? l * dt.num_pages + page : page;
+  }
+  PREFIXKV_HOST_DEVICE int64_t owner_key(int64_t l, int64_t b, int64_t blk) const {
+    return (owner_mode == compact_owner_mode::across_layers ? l * batch + b : b) * dt.max_blocks + blk;
+  }
   PREFIXKV_HOST_DEVICE int64_t lanes() const { return layers * batch * lane_prefix[kinds]; }
 };
 
-//! Per-layer base pointers, (layer, kind).
+//! Per-layer block tables of both sides (paged sides; the same pointer in every entry when the layers share one).
+struct compact_tables {
+  const int32_t* src[compact_max_layers];
+  const int32_t* dst[compact_max_layers];
+};
+
+//! Per-layer base pointers, (layer, kind), and the per-layer block tables.
 struct compact_ptrs {
   char* src[compact_max_layers][compact_kinds];
   char* dst[compact_max_layers][compact_kinds];
+  compact_tables tab;
 };
 
 inline bool compact_pow2_shift(int64_t x, int32_t& shift) {
@@ -163,6 +202,8 @@ struct compact_side {
   compact_geom g[compact_kinds];
   bool present[compact_kinds] = {};
   compact_table t;
+  const int32_t* tables[compact_max_layers] = {};  // paged: every layer's block table (kind K)
+  bool shared_table = true;                         // paged: every layer has the same table
   int64_t batch = 0, tokens = 0;  // tokens: strided extent, or max_blocks * page_size
   int64_t layers = 0;
   // the memory of every (layer, kind): the kind's byte box (base 0) placed at ptr[kind][layer]
@@ -215,7 +256,9 @@ struct compact_piece {
 
 //! Aliasing checks with the byte-box rule of `byte_boxes_disjoint` (core/validate.hpp). In place (`dst` null):
 //! every pair of (layer, kind) tensors of the cache must be disjoint. Out of place: every destination pair, and
-//! every (source, destination) pair (sources may share memory among themselves: they are only read).
+//! every (source, destination) pair (sources may share memory among themselves: they are only read). One exception:
+//! layers with their own block tables may share one pool of a kind (the same pages pointer); their pages are one id
+//! space then, and the content check finds a page owned by two layers (`compact_owner_mode::across_layers`).
 //! Sort and sweep over the byte ranges, so tensors in separate allocations cost O(n log n); only pairs whose
 //! ranges intersect run the strided test. No allocation (at most 2 x 128 x 4 pieces, 16 KiB on the stack).
 inline cudaError_t compact_check_aliasing(const compact_side& src, const compact_side* dst) noexcept {
@@ -245,6 +288,11 @@ inline cudaError_t compact_check_aliasing(const compact_side& src, const compact
     const std::uintptr_t a_end = a.base + static_cast<std::uintptr_t>(a.span);  // no wrap: validated
     for (int64_t j = i + 1; j < n && pieces[j].lo < a_end; ++j) {
       if (pieces[i].side == 0 && pieces[j].side == 0) continue;  // two sources
+      if (pieces[i].side == pieces[j].side && pieces[i].lo == pieces[j].lo &&
+          pieces[i].code / compact_max_layers == pieces[j].code / compact_max_layers) {
+        const compact_side& c = *sides[dst ? pieces[i].side : 0];
+        if (c.t.paged && !c.shared_table) continue;  // one pool of this kind, per-layer tables: pages checked
+      }
       if (byte_boxes_disjoint(a, box_of(pieces[j]))) continue;
       if (pieces[i].side != pieces[j].side)
         return fail(reason::overlapping_buffers, "compact: source and destination memory overlap");
@@ -289,9 +337,16 @@ cudaError_t compact_describe(const paged_kv_view<T>* views, int64_t layers, int 
     PREFIXKV_TRY(validate(v));
     if (v.num_pages != v0.num_pages || v.page_size != v0.page_size || v.heads != v0.heads || v.dim != v0.dim ||
         v.stride_page != v0.stride_page || v.stride_slot != v0.stride_slot || v.stride_head != v0.stride_head ||
-        v.stride_dim != v0.stride_dim || v.block_table != v0.block_table || v.batch != v0.batch ||
-        v.max_blocks != v0.max_blocks || v.block_table_stride != v0.block_table_stride)
-      return fail(reason::shape_mismatch, "compact: the layers of one paged tensor kind differ in geometry or table");
+        v.stride_dim != v0.stride_dim || v.batch != v0.batch || v.max_blocks != v0.max_blocks ||
+        v.block_table_stride != v0.block_table_stride)
+      return fail(reason::shape_mismatch,
+                  "compact: the layers of one paged tensor kind differ in page or block-table geometry");
+    if (kind == 0) {
+      side.tables[l] = v.block_table;
+      if (v.block_table != v0.block_table) side.shared_table = false;
+    } else if (v.block_table != side.tables[l]) {
+      return fail(reason::shape_mismatch, "compact: K, V and scales of a paged layer must share that layer's block table");
+    }
   }
   compact_fill_geom(side, kind, sizeof(T), v0.heads, v0.max_blocks * v0.page_size, v0.dim, v0.rows_contiguous(),
                     {v0.num_pages, v0.heads, v0.page_size, v0.dim},
@@ -311,9 +366,9 @@ cudaError_t compact_describe(const paged_kv_view<T>* views, int64_t layers, int 
     side.t = t;
     side.batch = v0.batch;
     side.tokens = v0.max_blocks * v0.page_size;
-  } else if (t.table != side.t.table || t.stride != side.t.stride || t.page_size != side.t.page_size ||
-             t.num_pages != side.t.num_pages || t.max_blocks != side.t.max_blocks || v0.batch != side.batch) {
-    return fail(reason::shape_mismatch, "compact: K, V and scales of a paged cache must share one block table");
+  } else if (t.stride != side.t.stride || t.page_size != side.t.page_size || t.num_pages != side.t.num_pages ||
+             t.max_blocks != side.t.max_blocks || v0.batch != side.batch) {
+    return fail(reason::shape_mismatch, "compact: K, V and scales of a paged cache must share one block-table geometry");
   }
   if (v0.batch > 0 && v0.max_blocks > 0 && v0.batch * v0.max_blocks >= (int64_t(1) << 31))
     return fail(reason::bad_parameter, "compact: batch * max_blocks must be < 2^31");
@@ -335,66 +390,95 @@ cudaError_t compact_describe_cache(const Cache& c, compact_side& side) {
   for (int k = 2; k < compact_kinds; ++k)
     if (side.present[k] && side.g[k].heads != side.g[0].heads && side.g[k].heads != 1)
       return fail(reason::shape_mismatch, "compact: scales must have the K head count or 1 head");
+  if (side.t.paged && !side.shared_table) {
+    const int64_t keys = c.layers * side.batch;  // across-layer keys: (layer, sequence, block)
+    if (keys > 0 && side.t.max_blocks > 0 && keys > (int64_t(1) << 31) / side.t.max_blocks)
+      return fail(reason::bad_parameter, "compact: layers * batch * max_blocks must be < 2^31 with per-layer tables");
+  }
   return cudaSuccess;
 }
 
-//! The optional outputs are written, and the selection offsets and the block tables read, while the tensors move:
-//! the outputs may not share memory with any tensor, with each other, with the selection offsets or the tables;
-//! the offsets and the tables may not share memory with a written tensor (byte ranges from their known extents:
-//! S + 1 offsets, a table's (batch - 1) * stride + max_blocks entries). The selection's indices are not checked
-//! (their extent is known only from device-resident offsets). Output values are int32: a per-layer kept total
-//! that could exceed INT32_MAX is refused.
+//! The optional outputs are written, and the selection offsets and the block tables (every layer's) read, while
+//! the tensors move: the outputs may not share memory with any tensor, with each other, with the selection offsets
+//! or the tables; the offsets and the tables may not share memory with a written tensor (byte ranges from their
+//! known extents: S + 1 offsets, a table's (batch - 1) * stride + max_blocks entries). The selection's indices are
+//! not checked (their extent is known only from device-resident offsets). Output values are int32: a per-layer kept
+//! total that could exceed INT32_MAX is refused. Sort and sweep over the byte ranges (O(n log n), no allocation:
+//! at most 5 + 2 x 128 tables + 2 x 128 x 4 tensors, 31 KiB on the stack).
 inline cudaError_t compact_check_io(const compact_side& src, const compact_side& written, const selection& sel,
                                     const compact_outputs& out) noexcept {
   const int64_t S = sel.count, L = written.layers;
+  enum : int32_t { io_out = 0, io_meta = 1, io_written = 2, io_read = 3 };  // what a range is
   struct range {
     std::uintptr_t lo, n;
+    int32_t what;
   };
-  range r[7] = {};
-  int nr = 0;
-  auto add = [&](const void* p, int64_t bytes) {
-    if (p != nullptr && bytes > 0) r[nr++] = {reinterpret_cast<std::uintptr_t>(p), static_cast<std::uintptr_t>(bytes)};
+  range r[5 + 2 * compact_max_layers + 2 * compact_kinds * compact_max_layers];
+  int64_t nr = 0;
+  auto add = [&](const void* p, int64_t bytes, int32_t what) {
+    if (p != nullptr && bytes > 0)
+      r[nr++] = {reinterpret_cast<std::uintptr_t>(p), static_cast<std::uintptr_t>(bytes), what};
   };
   auto table_bytes = [](const compact_side& c) -> int64_t {  // validated: fits int64
     return c.t.paged && c.batch > 0 && c.t.max_blocks > 0 ? ((c.batch - 1) * c.t.stride + c.t.max_blocks) * 4 : 0;
   };
   const int64_t spl = L > 0 ? S / L : 0;
   // S, L and batch are bounded by validated views and the grid check, so these byte counts fit int64
-  add(out.lengths, S * 4);
-  add(out.cu_seqlens, L * (spl + 1) * 4);
-  add(out.pages_in_use, written.batch * 4);
-  add(out.status, 4);
-  const int n_out = nr;
-  add(sel.offsets, (S + 1) * 8);
-  add(src.t.table, table_bytes(src));
-  if (written.t.table != src.t.table) add(written.t.table, table_bytes(written));
-  auto meet = [](const range& a, const range& b) { return a.lo < b.lo ? b.lo - a.lo < a.n : a.lo - b.lo < b.n; };
-  for (int i = 0; i < nr; ++i) {
-    for (int j = i + 1; j < nr && i < n_out; ++j)
-      if (meet(r[i], r[j]))
-        return fail(reason::overlapping_buffers,
-                    "compact: an output array overlaps another output, the selection offsets or a block table");
+  add(out.lengths, S * 4, io_out);
+  add(out.cu_seqlens, L * (spl + 1) * 4, io_out);
+  add(out.pages_in_use, written.batch * 4, io_out);
+  add(out.status, 4, io_out);
+  add(sel.offsets, (S + 1) * 8, io_meta);
+  const bool two = &src != &written;
+  for (int side = 0; side < (two ? 2 : 1); ++side) {
+    const compact_side& c = side == 0 ? written : src;
+    if (c.t.paged)
+      for (int64_t l = 0; l < L; ++l)
+        if (l == 0 || c.tables[l] != c.tables[l - 1]) add(c.tables[l], table_bytes(c), io_meta);
     // outputs against every tensor (the device may write them while sources are still read), the read-only
     // metadata against the written tensors
-    for (int side = 0; side < 2; ++side) {
-      const compact_side& c = side == 0 ? written : src;
-      if (side == 1 && (&src == &written || i >= n_out)) break;
-      for (int k = 0; k < compact_kinds; ++k)
-        if (c.present[k] && c.box[k].span > 0)
-          for (int64_t l = 0; l < L; ++l) {
-            const byte_box b = c.box_at(k, l);
-            if (meet(r[i], range{b.base, static_cast<std::uintptr_t>(b.span)}))
-              return fail(reason::overlapping_buffers,
-                          i < n_out ? "compact: an output array overlaps a tensor of the cache"
-                                    : "compact: the selection offsets or a block table lie in memory the call writes");
-          }
-    }
+    for (int k = 0; k < compact_kinds; ++k)
+      if (c.present[k] && c.box[k].span > 0)
+        for (int64_t l = 0; l < L; ++l) add(c.ptr[k][l], c.box[k].span, side == 0 ? io_written : io_read);
   }
+  std::sort(r, r + nr, [](const range& a, const range& b) {
+    return a.lo != b.lo ? a.lo < b.lo : a.n != b.n ? a.n < b.n : a.what < b.what;
+  });
+  // tensors at the same place (a pool shared by layers) count once
+  nr = std::unique(r, r + nr, [](const range& a, const range& b) {
+         return a.what >= io_written && a.lo == b.lo && a.n == b.n && a.what == b.what;
+       }) - r;
+  for (int64_t i = 0; i < nr; ++i)
+    for (int64_t j = i + 1; j < nr && r[j].lo - r[i].lo < r[i].n; ++j) {  // sorted: r[j].lo >= r[i].lo
+      const int32_t a = std::min(r[i].what, r[j].what), b = std::max(r[i].what, r[j].what);
+      if (a == io_out)
+        return fail(reason::overlapping_buffers,
+                    b >= io_written ? "compact: an output array overlaps a tensor of the cache"
+                                    : "compact: an output array overlaps another output, the selection offsets or a "
+                                      "block table");
+      if (a == io_meta && b == io_written)
+        return fail(reason::overlapping_buffers,
+                    "compact: the selection offsets or a block table lie in memory the call writes");
+    }
   if ((out.lengths || out.cu_seqlens) && L > 0 &&
       (written.tokens > INT32_MAX || !(checked_i64(spl) * written.tokens).ok() ||
        (out.cu_seqlens && spl * written.tokens > INT32_MAX)))
     return fail(reason::out_of_range, "compact: kept counts could exceed the int32 range of lengths / cu_seqlens");
   return cudaSuccess;
+}
+
+//! Ownership check mode of a paged side (see `compact_owner_mode`): per layer when no two layers share a pool of
+//! any kind, across layers otherwise.
+inline compact_owner_mode compact_owner_of(const compact_side& side) noexcept {
+  if (!side.t.paged || side.shared_table) return compact_owner_mode::shared_table;
+  std::uintptr_t p[compact_max_layers];
+  for (int k = 0; k < compact_kinds; ++k) {
+    if (!side.present[k]) continue;
+    for (int64_t l = 0; l < side.layers; ++l) p[l] = reinterpret_cast<std::uintptr_t>(side.ptr[k][l]);
+    std::sort(p, p + side.layers);
+    if (std::adjacent_find(p, p + side.layers) != p + side.layers) return compact_owner_mode::across_layers;
+  }
+  return compact_owner_mode::per_layer;
 }
 
 //! The host half of `can_implement`: shapes, strides, grid, selection shape, overlap. Fills `m` and the pointer
@@ -461,6 +545,11 @@ cudaError_t compact_plan(const SrcCache& src, const DstCache& dst, bool inplace,
       }
     ++kinds;
   }
+  if (ptrs)
+    for (int64_t l = 0; l < src.layers; ++l) {
+      ptrs->tab.src[l] = s.t.paged ? s.tables[l] : nullptr;
+      ptrs->tab.dst[l] = dd.t.paged ? dd.tables[l] : nullptr;
+    }
   m.lane_prefix[kinds] = prefix;
   m.kinds = kinds;
   m.st = s.t;
@@ -473,6 +562,7 @@ cudaError_t compact_plan(const SrcCache& src, const DstCache& dst, bool inplace,
   m.sel = sel;
   m.inplace = inplace;
   m.paged_dst = dd.t.paged;
+  m.owner_mode = compact_owner_of(dd);
   m.out = out;
   return cudaSuccess;
 }
@@ -483,19 +573,20 @@ inline void compact_mark_error(int32_t& err, reason r) {
 
 //! Host version of the device-side content checks (the selection must be in host memory, as must block tables).
 //! Range, order and capacity problems are found in one pass; pages named twice are found afterwards by sorting
-//! the (page, owner) pairs met, so the scratch grows with the selection, never with the page pool.
-inline reason compact_check_host(const compact_meta& m) {
+//! the (owner slot, owner key) pairs met (slot: the page, or (layer, page) in `per_layer` mode; key: see
+//! `compact_meta::owner_key`), so the scratch grows with the selection, never with the page pool.
+inline reason compact_check_host(const compact_meta& m, const compact_tables& tab) {
   const int64_t S = m.sel.count;
   if (S == 0) return reason::none;
   struct owner_pair {
-    int64_t page, key;
+    int64_t slot, key;
   };
   std::vector<owner_pair> owners;
-  auto mark = [&](int64_t b, int64_t blk) -> reason {
-    const int64_t page = m.dt.table[b * m.dt.stride + blk];
+  auto mark = [&](int64_t l, int64_t b, int64_t blk) -> reason {
+    const int64_t page = tab.dst[l][b * m.dt.stride + blk];
     if (page < 0 || page >= m.dt.num_pages) return reason::out_of_range;
-    const int64_t key = b * m.dt.max_blocks + blk;
-    if (owners.empty() || owners.back().page != page || owners.back().key != key) owners.push_back({page, key});
+    const int64_t slot = m.owner_slot(l, page), key = m.owner_key(l, b, blk);
+    if (owners.empty() || owners.back().slot != slot || owners.back().key != key) owners.push_back({slot, key});
     return reason::none;
   };
   if (m.sel.offsets[0] != 0) return reason::out_of_range;
@@ -504,31 +595,31 @@ inline reason compact_check_host(const compact_meta& m) {
     if (end < off) return reason::out_of_range;
     const int64_t kept = end - off;  // (off >= 0 by induction from offsets[0] == 0)
     if (kept > m.dst_capacity) return reason::capacity_exceeded;
-    const int64_t b = m.grid.batch_of(s);
+    const int64_t b = m.grid.batch_of(s), l = m.grid.layer_of(s);
     for (int64_t p = 0; p < kept; ++p) {
       const int64_t t = m.sel.indices[off + p];
       if (t < 0 || t >= m.src_tokens) return reason::out_of_range;
       if (m.inplace && p > 0 && m.sel.indices[off + p - 1] >= t) return reason::not_ascending;
       if (m.st.paged) {
         const int64_t blk = m.st.block_of(t);
-        const int64_t page = m.st.table[b * m.st.stride + blk];
+        const int64_t page = tab.src[l][b * m.st.stride + blk];
         if (page < 0 || page >= m.st.num_pages) return reason::out_of_range;
         if (m.inplace) {
-          const reason r = mark(b, blk);
+          const reason r = mark(l, b, blk);
           if (r != reason::none) return r;
         }
       }
       if (m.paged_dst && p % m.dt.page_size == 0) {
-        const reason r = mark(b, m.dt.block_of(p));
+        const reason r = mark(l, b, m.dt.block_of(p));
         if (r != reason::none) return r;
       }
     }
   }
   std::sort(owners.begin(), owners.end(), [](const owner_pair& x, const owner_pair& y) {
-    return x.page != y.page ? x.page < y.page : x.key < y.key;
+    return x.slot != y.slot ? x.slot < y.slot : x.key < y.key;
   });
   for (size_t i = 1; i < owners.size(); ++i)
-    if (owners[i].page == owners[i - 1].page && owners[i].key != owners[i - 1].key) return reason::overlapping_buffers;
+    if (owners[i].slot == owners[i - 1].slot && owners[i].key != owners[i - 1].key) return reason::overlapping_buffers;
   return reason::none;
 }
 
@@ -559,7 +650,8 @@ inline void compact_outputs_host(const compact_meta& m) {
 //! The move itself, sequentially: lanes in order, rows ascending, element chunks via memmove (so an in-place row
 //! that stays where it is, or moves down, is copied exactly as the device does).
 inline void compact_move_host(const compact_meta& m, const compact_ptrs& p) {
-  for (int64_t l = 0; l < m.layers; ++l)
+  for (int64_t l = 0; l < m.layers; ++l) {
+    const compact_table st = m.st.with_table(p.tab.src[l]), dt = m.dt.with_table(p.tab.dst[l]);
     for (int64_t b = 0; b < m.batch; ++b)
       for (int32_t k = 0; k < m.kinds; ++k) {
         const compact_geom& sg = m.src[k];
@@ -571,13 +663,14 @@ inline void compact_move_host(const compact_meta& m, const compact_ptrs& p) {
           const int64_t off = m.sel.offsets[seg], kept = m.sel.kept(seg);
           for (int64_t j = 0; j < kept; ++j) {
             const int64_t t = m.sel.indices[off + j];
-            const char* sr = p.src[l][k] + m.st.row(sg, b, h, t);
-            char* dr = p.dst[l][k] + m.dt.row(dg, b, h, j);
+            const char* sr = p.src[l][k] + st.row(sg, b, h, t);
+            char* dr = p.dst[l][k] + dt.row(dg, b, h, j);
             for (int64_t x = 0; unit > 0 && x < sg.row_bytes; x += unit)
               std::memmove(dr + dg.chunk(x), sr + sg.chunk(x), static_cast<size_t>(unit));
           }
         }
       }
+  }
 }
 
 template <class SrcCache, class DstCache>
@@ -587,7 +680,7 @@ cudaError_t compact_host_run(const SrcCache& src, const DstCache& dst, bool inpl
     compact_meta m;
     std::unique_ptr<compact_ptrs> ptrs(new compact_ptrs);
     PREFIXKV_TRY(compact_plan(src, dst, inplace, sel, grid, out, m, ptrs.get()));
-    const reason r = compact_check_host(m);
+    const reason r = compact_check_host(m, ptrs->tab);
     if (out.status) *out.status = static_cast<int32_t>(r);
     switch (r) {
       case reason::none: break;

@@ -60,8 +60,10 @@ struct compress_kargs {
   int64_t* keep = nullptr;          // (S)
   int64_t* sel_off = nullptr;       // (S + 1)
   int64_t page_size = 0;            // of the cache holding the result (0: strided)
-  // paged source: every block a sequence's tokens occupy must name a page of the pool
-  const int32_t* table = nullptr;
+  // paged source: every block a sequence's tokens occupy in a layer must name a page of the pool (per-layer
+  // tables; the same pointer for every layer when the layers share one table)
+  bool paged = false;
+  const int32_t* table[compact_max_layers] = {};
   int64_t table_stride = 0, table_page = 0, table_pages = 0;
   bool whole = true;
   compress_outputs out;
@@ -113,18 +115,18 @@ PREFIXKV_KERNEL void __launch_bounds__(128) compress_prologue_kernel(compress_ka
       }
       why = compress_min_reason(why, r);
     }
-  if (a.table != nullptr) {
-    int64_t nmax = 0;
-    for (int64_t l = 0; l < L; ++l)
+  if (a.paged)
+    for (int64_t l = 0; l < L; ++l) {
+      int64_t nmax = 0;
       for (int64_t h = 0; h < H; ++h) {
         const int64_t n = a.n_in(l, b, h);
         nmax = n > nmax ? (n > g.capacity ? g.capacity : n) : nmax;
       }
-    for (int64_t blk = 0; blk * a.table_page < nmax; ++blk) {
-      const int32_t page = a.table[b * a.table_stride + blk];
-      if (page < 0 || page >= a.table_pages) why = compress_min_reason(why, reason::out_of_range);
+      for (int64_t blk = 0; blk * a.table_page < nmax; ++blk) {
+        const int32_t page = a.table[l][b * a.table_stride + blk];
+        if (page < 0 || page >= a.table_pages) why = compress_min_reason(why, reason::out_of_range);
+      }
     }
-  }
   // budgets (from every layer's lengths; a bad length makes them meaningless but keeps them in range)
   const bool prefix = a.plan.cfg.alloc == allocation::prefix;
   int64_t local[compact_max_layers];
@@ -342,9 +344,11 @@ inline cudaError_t compress_stage_bound(const compress_plan& pl, compress_temps&
                             curve_options{curve_sort::automatic, c.max_tokens}, nullptr, 0));
   bytes = std::max(bytes, b);
   // solver and selection: the 256-byte minimum; compaction: its check kernel's words (<= 2 per SM) and, for paged
-  // caches, one word per page of the pool
+  // caches, one word per page of the pool (per layer and page with per-layer tables over per-layer pools; the
+  // compaction counts at most 2^31 pages, the most an int32 page id can name)
+  const size_t pages = static_cast<size_t>(std::min<int64_t>(c.max_pages, int64_t(1) << 31));
   bytes = std::max<size_t>(bytes, workspace_round_up(2 * sizeof(int32_t) * static_cast<size_t>(sm_count())) +
-                                      workspace_round_up(sizeof(int32_t) * static_cast<size_t>(c.max_pages)));
+                                      workspace_round_up(sizeof(int32_t) * pages * static_cast<size_t>(L)));
   temps.stages = std::max<size_t>(bytes, workspace_alignment);
   return cudaSuccess;
 }
@@ -441,7 +445,8 @@ cudaError_t compress_run(void* d_temp, size_t& temp_bytes, const compress_plan& 
   k.whole = layer < 0;
   k.out = a.out;
   if constexpr (is_paged_cache<Cache>::value) {
-    k.table = a.cache.k[0].block_table;
+    k.paged = true;
+    for (int64_t l = 0; l < c.layers; ++l) k.table[l] = a.cache.k[l].block_table;
     k.table_stride = a.cache.k[0].block_table_stride;
     k.table_page = a.cache.k[0].page_size;
     k.table_pages = a.cache.k[0].num_pages;

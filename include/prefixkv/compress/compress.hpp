@@ -34,6 +34,10 @@
 //!   capacity or shorter than the window, an infeasible budget, a bad page id) stops the chain before anything is
 //!   moved: the cache stays byte-identical, the output lengths equal the input lengths, and the status holds the
 //!   `reason` (the host backend returns cudaErrorInvalidValue with the same reason).
+//! * Paged caches: the layers share one block table, or each layer has its own (`paged_kv_layers`): then every layer
+//!   packs its kept tokens into the first pages of its own table and can free the rest of them on its own. The
+//!   window and key-norm scorers need one shared table (they read K); the attention and recency scorers and caller
+//!   scores work with either.
 #pragma once
 
 #include "../compact/compact.hpp"
@@ -122,7 +126,8 @@ struct compress_plan {
 struct compress_outputs {
   int32_t* lengths = nullptr;       //!< (layers, batch[, kv_heads]) tokens per segment after the call
   int32_t* cu_seqlens = nullptr;    //!< (layers, batch[ * kv_heads] + 1) per-layer prefix sums of `lengths`
-  int32_t* pages_in_use = nullptr;  //!< (batch) paged caches: pages each sequence still needs (the rest can be freed)
+  int32_t* pages_in_use = nullptr;  //!< (batch) paged caches: pages each sequence still needs, the most over its
+                                    //!< layers (per-layer block tables: ceil(lengths / page_size) per layer)
   float* threshold = nullptr;       //!< (problems) the solver's threshold per problem (see `compress_plan::problems`)
   int32_t* status = nullptr;        //!< (1) 0, or the `prefixkv::reason` that stopped the chain (device)
 };
@@ -384,6 +389,18 @@ struct is_paged_cache : std::false_type {};
 template <class T, class S>
 struct is_paged_cache<paged_kv_layers<T, S>> : std::true_type {};
 
+//! Do the layers of a paged cache have their own block tables? (Strided caches: no.)
+template <class T, class S>
+inline bool per_layer_tables(const kv_layers<T, S>&) {
+  return false;
+}
+template <class T, class S>
+inline bool per_layer_tables(const paged_kv_layers<T, S>& c) {
+  for (int64_t l = 1; l < c.layers; ++l)
+    if (c.k[l].block_table != c.k[0].block_table) return true;
+  return false;
+}
+
 //! Host-side checks shared by both backends (everything the host can see). `batch`/`capacity` are returned.
 template <class Cache, class P, class Dst>
 inline cudaError_t compress_check_args(const compress_plan& pl, const compress_args<Cache, P, Dst>& a,
@@ -409,6 +426,10 @@ inline cudaError_t compress_check_args(const compress_plan& pl, const compress_a
     return fail(reason::shape_mismatch, "compress: the destination's layers differ from the plan");
   const int64_t L = c.layers;
   const int64_t l0 = layer_or_all < 0 ? 0 : layer_or_all, l1 = layer_or_all < 0 ? L : layer_or_all + 1;
+  if ((c.scorer == scorer_kind::window || c.scorer == scorer_kind::key_norm) && per_layer_tables(a.cache))
+    return fail(reason::unsupported,
+                "compress: the window and key-norm scorers read K through one block table shared by the layers; "
+                "with per-layer block tables use the attention or recency scorer, or caller scores");
   switch (c.scorer) {
     case scorer_kind::attention:
       if (a.attention == nullptr) return fail(reason::null_pointer, "compress: attention probabilities are missing");

@@ -393,6 +393,7 @@ cudaError_t compress_dist_run(void* d_temp, size_t& temp_bytes, const compress_p
   }
   int64_t batch = 0, capacity = 0;
   PREFIXKV_TRY(compress_check_args(local, a, -1, batch, capacity));
+  PREFIXKV_TRY(dist_check_tables(pl, a));
   PREFIXKV_TRY(full.map(d_temp, temp_bytes));  // the caller's buffer covers the plan
   g.B = batch;
   g.capacity = capacity;
@@ -576,19 +577,20 @@ cudaError_t compress_dist_run(void* d_temp, size_t& temp_bytes, const compress_p
     PREFIXKV_TRY(write_selection(stage, need, curves, k.keep, k.sel_off, indices, C, k.status + dist_st_select, stream));
     if (device_checks) {
       compact_meta m;
-      PREFIXKV_TRY(c.in_place ? compact_plan(src, src, true, sel, grid, compact_outputs{}, m, nullptr)
-                              : compact_plan(src, a.dst, false, sel, grid, compact_outputs{}, m, nullptr));
+      compact_ptrs ptrs;
+      PREFIXKV_TRY(c.in_place ? compact_plan(src, src, true, sel, grid, compact_outputs{}, m, &ptrs)
+                              : compact_plan(src, a.dst, false, sel, grid, compact_outputs{}, m, &ptrs));
       m.vchunk = std::max<int64_t>(1, std::min<int64_t>((4 * sms + sel.count - 1) / std::max<int64_t>(sel.count, 1),
                                                         (m.src_tokens + 1023) / 1024));
       const int64_t vblocks = std::max<int64_t>(1, std::min<int64_t>(sel.count * m.vchunk, 2 * sms));
       const bool need_owner = m.paged_dst && m.dt.num_pages > 0;
-      const size_t owner_bytes = need_owner ? size_t(m.dt.num_pages) * sizeof(int32_t) : 0;
+      const size_t owner_bytes = need_owner ? size_t(m.owner_words()) * sizeof(int32_t) : 0;
       PREFIXKV_TRY(compress_stage_fits(owner_bytes, stage_have));
       if (need_owner) {
         PREFIXKV_TRY(check_runtime(cudaMemsetAsync(stage, 0xFF, owner_bytes, stream), "compress: memset"));
         m.owner = static_cast<int32_t*>(stage);
       }
-      compact_check_kernel<0><<<static_cast<unsigned>(vblocks), compact_threads, 0, stream>>>(m, k.vstatus);
+      compact_check_kernel<0><<<static_cast<unsigned>(vblocks), compact_threads, 0, stream>>>(m, ptrs.tab, k.vstatus);
       PREFIXKV_TRY(check_launch(stream));
       k.vblocks = static_cast<int>(vblocks);
     }

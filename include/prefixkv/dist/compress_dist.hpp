@@ -43,6 +43,7 @@
 #include "communicator.hpp"
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 PREFIXKV_NAMESPACE_BEGIN
@@ -371,6 +372,15 @@ inline cudaError_t dist_traffic(const compress_plan& pl, const compress_shard& s
   return cudaSuccess;
 }
 
+//! The sharded compressor reads one block table shared by the layers (the prologue checks the pages of every
+//! layer's tokens through it): per-layer block tables are refused.
+template <class Cache, class P, class Dst>
+inline cudaError_t dist_check_tables(const compress_plan& pl, const compress_args<Cache, P, Dst>& a) {
+  if (per_layer_tables(a.cache) || (!pl.cfg.in_place && per_layer_tables(a.dst)))
+    return fail(reason::unsupported, "compress_dist: paged caches need one block table shared by the layers");
+  return cudaSuccess;
+}
+
 template <class Cache, class P, class Dst>
 inline cudaError_t compress_host_dist_run(const compress_plan& pl, const compress_args<Cache, P, Dst>& a,
                                           const compress_shard& sh) {
@@ -387,7 +397,8 @@ inline cudaError_t compress_host_dist_run(const compress_plan& pl, const compres
 
   // ---- 1. the arguments (host-visible), agreed on by every rank before anything else is exchanged
   int64_t batch = 0, capacity = 0;
-  const cudaError_t arg = compress_check_args(local, a, -1, batch, capacity);
+  cudaError_t arg = compress_check_args(local, a, -1, batch, capacity);
+  if (arg == cudaSuccess) arg = dist_check_tables(pl, a);
   const error_info arg_info = last_error();
   g.B = arg == cudaSuccess ? batch : 0;
   g.capacity = capacity;
@@ -635,10 +646,11 @@ inline cudaError_t compress_host_dist_run(const compress_plan& pl, const compres
       kept = sel.view();
       if (kept.indices == nullptr) kept.indices = &no_index;
       compact_meta m;
-      const cudaError_t pe = c.in_place ? compact_plan(src, src, true, kept, grid, compact_outputs{}, m, nullptr)
-                                        : compact_plan(src, a.dst, false, kept, grid, compact_outputs{}, m, nullptr);
+      std::unique_ptr<compact_ptrs> ptrs(new compact_ptrs);
+      const cudaError_t pe = c.in_place ? compact_plan(src, src, true, kept, grid, compact_outputs{}, m, ptrs.get())
+                                        : compact_plan(src, a.dst, false, kept, grid, compact_outputs{}, m, ptrs.get());
       if (pe != cudaSuccess) return pe;  // host-visible: the same on every rank, so every rank returns here
-      r3 = compact_check_host(m);
+      r3 = compact_check_host(m, ptrs->tab);
     }
   }
   // ---- 7. one status for the whole model

@@ -140,15 +140,16 @@ inline cudaError_t compress_host_run(const compress_plan& pl, const compress_arg
         const int64_t n = n_in(l, b, h);
         if (n < 0 || n > capacity) why = compress_min_reason(why, reason::out_of_range);
       }
-  if constexpr (is_paged_cache<Cache>::value) {  // every block a sequence's tokens occupy must name a page
-    const auto& v = a.cache.k[0];
-    for (int64_t b = 0; b < batch; ++b) {
-      int64_t nmax = 0;
-      for (int64_t l = 0; l < L; ++l)
+  if constexpr (is_paged_cache<Cache>::value) {  // every block a sequence's tokens occupy in a layer names a page
+    for (int64_t l = 0; l < L; ++l) {
+      const auto& v = a.cache.k[l];  // its own block table (or the one all layers share)
+      for (int64_t b = 0; b < batch; ++b) {
+        int64_t nmax = 0;
         for (int64_t h = 0; h < H; ++h) nmax = std::max(nmax, std::min(std::max<int64_t>(n_in(l, b, h), 0), capacity));
-      for (int64_t blk = 0; blk * v.page_size < nmax; ++blk) {
-        const int32_t page = v.block_table[b * v.block_table_stride + blk];
-        if (page < 0 || page >= v.num_pages) why = compress_min_reason(why, reason::out_of_range);
+        for (int64_t blk = 0; blk * v.page_size < nmax; ++blk) {
+          const int32_t page = v.block_table[b * v.block_table_stride + blk];
+          if (page < 0 || page >= v.num_pages) why = compress_min_reason(why, reason::out_of_range);
+        }
       }
     }
   }

@@ -157,6 +157,8 @@ inline cudaError_t decode_check_step(const decode_plan& pl, const decode_state& 
   static const int32_t fake_idx = 0;
   const selection fake{grid.count(), &fake_off, &fake_idx};
   PREFIXKV_TRY(compact_plan(a.cache, a.cache, true, fake, grid, compact_outputs{}, m, ptrs));
+  if (per_layer_tables(a.cache))
+    return fail(reason::unsupported, "decode: paged caches need one block table shared by the layers");
   return cudaSuccess;
 }
 
