@@ -149,6 +149,9 @@ TEST_CASE("decode gpu: bad device data is reported like the host backend") {
   cfg.policy = pk::decode_policy::score;
   gpu_case<pk::bf16, pk::bf16> c(layout::bshd, geo(2, 2, 2, 64, 32), cfg, rng);
   c.init(rng, 40, 60);
+  // the init reported its negative score (the status keeps the smallest reason): start this case from a clear status
+  *c.hst.status = 0;
+  PKV_CUDA_CHECK(cudaMemset(c.dst.status, 0, sizeof(int32_t)));
   // tokens that do not fit the cache: segments left unchanged, capacity_exceeded
   c.randomise(rng, false, false);
   c.step(pk::decode_observe::attention, pk::decode_when::automatic, 60, false, true, "overflow");
