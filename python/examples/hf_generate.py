@@ -14,6 +14,7 @@ a plain loop; new tokens take the positions they would have had without compress
 import argparse
 import os
 import sys
+import warnings
 
 import torch
 
@@ -59,7 +60,9 @@ class HFRunner:
             kw["cache_position"] = torch.tensor(positions, device=self.device)
         if attentions:
             kw["output_attentions"] = True
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # transformers warns that only its own eager names capture attentions; prefixkv_eager returns them too
+            warnings.filterwarnings("ignore", message=".*output_attentions=True.*")
             return self.model(**kw)
 
     def prefill(self, tokens):

@@ -1,7 +1,8 @@
 """Hugging Face transformers integration: a cache whose layers may hold different numbers of tokens after
 compression, while positions (RoPE, cache positions) continue from the original sequence length.
 
-    from prefixkv_torch.hf import PrefixKVCache
+    from prefixkv_torch.hf import PrefixKVCache, attention_implementation
+    model.set_attn_implementation(attention_implementation())    # eager, a causal mask per layer
     cache = PrefixKVCache()
     out = model(input_ids=prompt, past_key_values=cache, use_cache=True, output_attentions=True)  # eager attention
     cache.compress_(attention=out.attentions, budget=0.5)     # every layer keeps its own number of tokens
@@ -29,12 +30,55 @@ def _base():
     return _DynamicCache
 
 
+ATTENTION = "prefixkv_eager"
+
+
+def _causal_mask(n_keys, query):
+    """The additive mask of a layer holding n_keys keys whose last n_queries are the new tokens (its kept tokens come
+    first, all in the past of the new ones): None for one new token, else 0 where allowed and the dtype's lowest value
+    elsewhere (as transformers' eager mask)."""
+    q = query.shape[-2]
+    if q == 1:
+        return None
+    i = torch.arange(q, device=query.device).view(q, 1)
+    j = torch.arange(n_keys, device=query.device).view(1, n_keys)
+    allowed = (j < n_keys - q) | (j - (n_keys - q) <= i)
+    mask = torch.zeros(q, n_keys, dtype=query.dtype, device=query.device)
+    return mask.masked_fill(~allowed, torch.finfo(query.dtype).min).view(1, 1, q, n_keys)
+
+
+def attention_implementation():
+    """Register (again: registering replaces) and return the name of transformers' eager attention with a causal
+    mask built for each layer's own number of keys: after compression the layers hold different numbers of tokens,
+    while the model builds one mask for all of them. Batch 1, no padding. Returns "eager" where transformers has no
+    AttentionInterface."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.models.llama.modeling_llama import eager_attention_forward
+    except ImportError:
+        return "eager"
+
+    def forward(module, query, key, value, attention_mask, **kwargs):
+        return eager_attention_forward(module, query, key, value, _causal_mask(key.shape[-2], query), **kwargs)
+
+    AttentionInterface.register(ATTENTION, forward)
+    try:  # the model's own mask (unused by `forward`) is built as for eager attention
+        from transformers import AttentionMaskInterface
+        from transformers.masking_utils import eager_mask
+
+        AttentionMaskInterface.register(ATTENTION, eager_mask)
+    except ImportError:
+        pass
+    return ATTENTION
+
+
 class PrefixKVCache(_DynamicCache if _DynamicCache is not None else object):
     """A DynamicCache that can be compressed in place with prefixkv (see the module docstring).
 
     ``get_seq_length()`` reports the logical length (tokens seen: prompt + generated), from which the model derives
     the positions of new tokens; ``get_mask_sizes()`` reports the longest layer's physical length, so that the
-    attention mask covers every layer's keys (eager attention slices it to each layer's length)."""
+    model's mask covers every layer's keys. Run the model with ``attention_implementation()`` (eager attention with a
+    causal mask built for each layer's keys): ``model.set_attn_implementation(attention_implementation())``."""
 
     def __init__(self, *args, **kwargs):
         _base().__init__(self, *args, **kwargs)

@@ -190,8 +190,13 @@ def hf_model(cfg, w, device="cpu", dtype=torch.float32):
     missing = [k for k in missing if "rotary_emb" not in k]
     if missing or unexpected:
         raise RuntimeError("conversion: missing %s, unexpected %s" % (missing, unexpected))
+    from .hf import attention_implementation
+
+    attn = attention_implementation()  # eager, with a causal mask per layer's own number of keys
     if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation("eager")
+        model.set_attn_implementation(attn)
+    else:
+        model.config._attn_implementation = attn
     model = model.to(device=device, dtype=dtype).eval()
     # the rotary frequencies must be llama2.c's (theta 10000 over the head size)
     inv = getattr(getattr(model.model, "rotary_emb", None), "inv_freq", None)

@@ -3,7 +3,7 @@
 
 TEST_CASE("compress (f16 cache, f16 P): device == host backend on random models") {
   auto rng = prefixkv_test::make_rng(0xC0F16);
-  const int n = prefixkv_test::quick_mode() ? 12 : 80;
+  const int n = prefixkv_test::rounds(80, 12, 3);
   for (int i = 0; i < n; ++i) compress_test::check_combo<prefixkv::f16, prefixkv::f16>(compress_test::random_combo(rng, true), rng);
 }
 

@@ -3,7 +3,7 @@
 
 TEST_CASE("compress (fp32 cache): device == host backend on random models") {
   auto rng = prefixkv_test::make_rng(0xC0F32);
-  const int n = prefixkv_test::quick_mode() ? 8 : 40;
+  const int n = prefixkv_test::rounds(40, 8, 2);
   for (int i = 0; i < n; ++i) compress_test::check_combo<float, float>(compress_test::random_combo(rng, true), rng);
 }
 
@@ -13,7 +13,7 @@ TEST_CASE("compress (fp32 cache): device == host backend on random models") {
 TEST_CASE("compress: per-layer block tables, device == host backend") {
   auto rng = prefixkv_test::make_rng(0xC0B7);
   using namespace prefixkv;
-  const int n = prefixkv_test::quick_mode() ? 8 : 40;
+  const int n = prefixkv_test::rounds(40, 8, 2);
   const scorer_kind scorers[] = {scorer_kind::scores, scorer_kind::attention, scorer_kind::recency};
   for (int i = 0; i < n; ++i) {
     compress_test::combo c = compress_test::random_combo(rng, false);

@@ -303,7 +303,8 @@ TEST_CASE("curves: a negative score anywhere is rejected like the host twin (fla
   pk::curve_set set;
   const auto rows = pk::make_uniform_segments(S, n);
   for (pk::curve_sort m : kMethods) {
-    for (int at : {10, 40, 1, 31, 63}) {
+    const std::vector<int> where = tiny_mode() ? std::vector<int>{10, 63} : std::vector<int>{10, 40, 1, 31, 63};
+    for (int at : where) {
       INFO("method ", int(m), " negative at ", at);
       std::vector<float> scores(total);
       for (int64_t i = 0; i < total; ++i) scores[i] = 1.0f + float(i % 7);

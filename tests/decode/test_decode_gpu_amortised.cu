@@ -38,7 +38,7 @@ TEST_CASE("decode gpu: amortised compressions equal the host backend in every la
       cfg.protect = {2, variant == 2 ? 0 : 3};
       gpu_case<pk::bf16, pk::bf16> c(l, geo(3, variant == 2 ? 1 : 2, 2, 140, 64, variant == 2 ? 2 : 1), cfg, rng);
       c.init(rng, 25, 55);
-      for (int i = 0; i < 24; ++i) {
+      for (int i = 0, n = prefixkv_test::rounds(24, 24, 7); i < n; ++i) {
         c.randomise(rng, i % 4 == 1, i % 9 == 4);
         c.set_active(rng, i % 2 == 0);
         const auto ob = i % 5 == 3 ? pk::decode_observe::add_scores : pk::decode_observe::attention;

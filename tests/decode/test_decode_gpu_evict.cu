@@ -168,7 +168,7 @@ TEST_CASE("decode gpu: a long generation (2000 steps) of the score policy follow
   pk::decode_config cfg;
   cfg.policy = pk::decode_policy::score;
   cfg.protect = {4, 8};
-  const int steps = quick_mode() ? 300 : 2000;
+  const int steps = prefixkv_test::rounds(2000, 300, 40);
   gpu_case<pk::bf16, pk::bf16> c(layout::nhd, geo(3, 2, 2, 1200, 64), cfg, rng);
   c.init(rng, 5, 12);
   for (int i = 0; i < steps; ++i) {

@@ -29,6 +29,16 @@ inline uint64_t test_seed() {
 //! 10-100x slower): tests shrink their largest cases, keeping every code path covered.
 inline bool quick_mode() { return std::getenv("PREFIXKV_TEST_QUICK") != nullptr; }
 
+//! True when PREFIXKV_TEST_QUICK=2 (compute-sanitizer racecheck, the slowest tool): random-case loops run only a
+//! few rounds; every kernel and code path is still launched at least once.
+inline bool tiny_mode() {
+  const char* q = std::getenv("PREFIXKV_TEST_QUICK");
+  return q != nullptr && q[0] == '2' && q[1] == '\0';
+}
+
+//! Loop count by mode: `full` normally, `quick` under PREFIXKV_TEST_QUICK, `tiny` under PREFIXKV_TEST_QUICK=2.
+inline int rounds(int full, int quick, int tiny) { return tiny_mode() ? tiny : quick_mode() ? quick : full; }
+
 //! A generator seeded from the run seed and a per-test salt.
 inline std::mt19937_64 make_rng(uint64_t salt = 0) { return std::mt19937_64(test_seed() ^ (salt * 0x9E3779B97F4A7C15ull)); }
 

@@ -56,7 +56,7 @@ decltype(auto) dispatch_kv(at::ScalarType st, F&& f) {
     case at::kBFloat16: return f(pk::bf16{});
     default: break;
   }
-  PKV_REQUIRE(false, "bad_parameter", "cache tensors must be float32, float16 or bfloat16, got ", st);
+  PKV_REQUIRE(false, "bad_parameter", "cache tensors must be float32, float16 or bfloat16, got ", c10::toString(st));
   return f(float{});  // not reached
 }
 
@@ -79,9 +79,16 @@ pk::kv_view<T> kv_of(const at::Tensor& t, int64_t layout) {
                           t.stride(3));
 }
 
+//! "[a, b, c]" for error messages (built here rather than streamed as an ArrayRef).
+inline std::string shape_str(at::IntArrayRef sizes) {
+  std::string s = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + std::to_string(sizes[i]);
+  return s + "]";
+}
+
 //! All tensors on one device (the first one's).
 inline void check_device(const at::Tensor& t, const at::Device& d, const char* what) {
-  PKV_REQUIRE(t.device() == d, "shape_mismatch", what, " is on ", t.device(), ", the cache on ", d);
+  PKV_REQUIRE(t.device() == d, "shape_mismatch", what, " is on ", t.device().str(), ", the cache on ", d.str());
 }
 
 //! A per-layer list of cache tensors (K or V): `layers` 4-D tensors of one dtype and device, all of the same shape.
@@ -93,11 +100,11 @@ inline void check_layer_list(at::TensorList ts, int64_t layers, const at::Tensor
     PKV_REQUIRE(t.defined(), "null_pointer", what, " holds an undefined tensor");
     PKV_REQUIRE(t.dim() == 4, "shape_mismatch", what, " tensors must be 4-D, got ", t.dim(), "-D");
     PKV_REQUIRE(t.scalar_type() == ref.scalar_type(), "shape_mismatch", what, " tensors must all be ",
-                ref.scalar_type(), ", got ", t.scalar_type());
+                c10::toString(ref.scalar_type()), ", got ", c10::toString(t.scalar_type()));
     check_device(t, ref.device(), what);
     if (same_shape_as_ref)
-      PKV_REQUIRE(t.sizes() == ref.sizes(), "shape_mismatch", what, " tensors must all have the shape ", ref.sizes(),
-                  ", got ", t.sizes());
+      PKV_REQUIRE(t.sizes() == ref.sizes(), "shape_mismatch", what, " tensors must all have the shape ", shape_str(ref.sizes()),
+                  ", got ", shape_str(t.sizes()));
   }
 }
 
@@ -242,7 +249,7 @@ inline compress_call prepare_compress(at::TensorList keys, at::TensorList values
       PKV_REQUIRE(n.size(0) == c.B, "shape_mismatch", "lengths must be (batch,) or (layers, batch[, kv_heads])");
     } else {
       PKV_REQUIRE(n.sizes() == at::IntArrayRef(c.out_shape), "shape_mismatch", "per-segment lengths must be ",
-                  at::IntArrayRef(c.out_shape), ", got ", n.sizes());
+                  shape_str(c.out_shape), ", got ", shape_str(n.sizes()));
       c.per_segment = true;
     }
     c.lengths = n.to(dev, at::kInt).contiguous();

@@ -183,9 +183,9 @@ std::tuple<at::Tensor, at::Tensor> gather_inplace_cuda(at::TensorList keys, at::
     const pk::selection sel{g.count(), offsets.data_ptr<int64_t>(), index_ptr(indices)};
     const pk::compact_outputs out{lengths.data_ptr<int32_t>(), nullptr, nullptr, status.data_ptr<int32_t>()};
     size_t bytes = 0;
-    check(pk::compact_in_place(nullptr, bytes, cv.layers(g.layers), sel, g, out, current_stream()), "gather_");
+    check(pk::compact_in_place(nullptr, bytes, cv.layers(g.layers), sel, g, out, pk::index_check::device, current_stream()), "gather_");
     const at::Tensor ws = workspace(bytes, dev);
-    check(pk::compact_in_place(ws.data_ptr(), bytes, cv.layers(g.layers), sel, g, out, current_stream()), "gather_");
+    check(pk::compact_in_place(ws.data_ptr(), bytes, cv.layers(g.layers), sel, g, out, pk::index_check::device, current_stream()), "gather_");
     return 0;
   });
   report_bad_selection(status, ok);
@@ -210,10 +210,10 @@ std::tuple<at::Tensor, at::Tensor> gather_cuda(at::TensorList keys, at::TensorLi
     const pk::selection sel{g.count(), offsets.data_ptr<int64_t>(), index_ptr(indices)};
     const pk::compact_outputs out{lengths.data_ptr<int32_t>(), nullptr, nullptr, status.data_ptr<int32_t>()};
     size_t bytes = 0;
-    check(pk::gather_kept(nullptr, bytes, src.layers(g.layers), dst.layers(g.layers), sel, g, out, current_stream()),
+    check(pk::gather_kept(nullptr, bytes, src.layers(g.layers), dst.layers(g.layers), sel, g, out, pk::index_check::device, current_stream()),
           "gather");
     const at::Tensor ws = workspace(bytes, dev);
-    check(pk::gather_kept(ws.data_ptr(), bytes, src.layers(g.layers), dst.layers(g.layers), sel, g, out,
+    check(pk::gather_kept(ws.data_ptr(), bytes, src.layers(g.layers), dst.layers(g.layers), sel, g, out, pk::index_check::device,
                           current_stream()),
           "gather");
     return 0;
