@@ -2,7 +2,8 @@
 # Run on a machine with a CUDA GPU: configure with CUDA, build, run the GPU test suite (no skipping allowed),
 # then every GPU test binary under compute-sanitizer memcheck and racecheck. Prints one summary line per tool
 # and exits non-zero on any failure. Logs go to $LOG_DIR (default build-gpu/logs).
-#   BUILD_DIR=build-gpu  LOG_DIR=...  BENCH=ON|OFF  TOOLS="memcheck racecheck"  SAN_TIMEOUT=900 (s per binary)
+#   BUILD_DIR=build-gpu  LOG_DIR=...  BENCH=ON|OFF  TOOLS="memcheck racecheck"  SAN_TIMEOUT=900 (s per test case)
+#   SAN_JOBS=nproc (sanitizer processes at a time)  ONLY="test_a_gpu test_b_gpu" (these binaries only)
 #   RACECHECK_SOLVE_VARIANTS=0,1,4: solver variants under racecheck (cluster path as chosen, cluster path forced to
 #   2 CTAs next to the block path, sample-select); racecheck is slowest on the cluster kernel. Empty = all.
 set -uo pipefail
@@ -27,39 +28,52 @@ fi
 
 command -v compute-sanitizer >/dev/null || { echo "compute-sanitizer: not found"; exit 1; }
 # PREFIXKV_TEST_QUICK shrinks the largest test cases (every code path stays covered): sanitizers run 10-100x
-# slower than the plain suite.
-# All (tool, binary) sanitizer runs go in parallel (each is mostly waiting on instrumented kernels).
-run_one() {  # tool binary -> writes $logs/$tool-$binary.log and .rc
-  local variants=""
-  [ "$1" = racecheck ] && variants=${RACECHECK_SOLVE_VARIANTS-0,1,4}
-  local quick=1
-  [ "$1" = racecheck ] && quick=2  # racecheck is the slowest tool: random-case loops shrink to a few rounds
+# slower than the plain suite; racecheck, the slowest, gets PREFIXKV_TEST_QUICK=2 (random-case loops shrink to a few
+# rounds). Every (tool, binary, test case) runs as its own process (doctest --first/--last), SAN_JOBS at a time.
+run_one() {  # tool binary case -> writes $logs/$tool-$binary-$case.log and .rc
+  local variants="" quick=1
+  if [ "$1" = racecheck ]; then variants=${RACECHECK_SOLVE_VARIANTS-0,1,4}; quick=2; fi
   PREFIXKV_TEST_QUICK=$quick PREFIXKV_SOLVE_VARIANTS=$variants timeout "${SAN_TIMEOUT:-900}" \
-    compute-sanitizer --tool "$1" --error-exitcode 99 --print-limit 50 "$build/bin/$2" >"$logs/$1-$2.log" 2>&1
-  echo $? >"$logs/$1-$2.rc"
+    compute-sanitizer --tool "$1" --error-exitcode 99 --print-limit 50 "$build/bin/$2" --first="$3" --last="$3" \
+    >"$logs/$1-$2-$3.log" 2>&1
+  echo $? >"$logs/$1-$2-$3.rc"
 }
-pids=()
+cases_of() {  # binary -> number of test cases
+  "$build/bin/$1" --count 2>/dev/null | grep -Eo "filters: [0-9]+" | grep -Eo "[0-9]+" | tail -1
+}
+rm -f "$logs"/memcheck-*.rc "$logs"/racecheck-*.rc
+list="$logs/gpu_tests.list"
+if [ -n "${ONLY:-}" ]; then printf '%s\n' $ONLY >"$list"; else cp "$build/gpu_tests.txt" "$list"; fi
+jobs_max=${SAN_JOBS:-$(nproc)}
 for tool in $tools; do
   while read -r t; do
     [ -n "$t" ] || continue
-    run_one "$tool" "$t" &
-    pids+=($!)
-  done <"$build/gpu_tests.txt"
+    n=$(cases_of "$t")
+    [ -n "$n" ] && [ "$n" -gt 0 ] || { echo "  $t: could not count its test cases"; status=1; continue; }
+    for ((i = 1; i <= n; ++i)); do
+      while [ "$(jobs -rp | wc -l)" -ge "$jobs_max" ]; do wait -n; done
+      run_one "$tool" "$t" "$i" &
+    done
+  done <"$list"
 done
-wait "${pids[@]}"
+wait
 for tool in $tools; do
-  errors=0; failed=0; n=0
+  errors=0; failed=0; n=0; runs=0
   while read -r t; do
     [ -n "$t" ] || continue
     n=$((n + 1))
-    log="$logs/$tool-$t.log"
-    rc=$(cat "$logs/$tool-$t.rc")
-    # memcheck: "ERROR SUMMARY: N errors"; racecheck: "RACECHECK SUMMARY: H hazards displayed (N errors, W warnings)"
-    e=$( { grep -Eo "ERROR SUMMARY: [0-9]+" "$log"; grep -Eo "\([0-9]+ errors" "$log"; } | grep -Eo "[0-9]+" | tail -1)
-    [ -n "$e" ] && errors=$((errors + e))
-    if [ "$rc" -ne 0 ]; then failed=$((failed + 1)); echo "  $tool $t: exit $rc (see $log)"; tail -5 "$log"; fi
-  done <"$build/gpu_tests.txt"
-  echo "compute-sanitizer $tool: $n binaries, $errors errors, $failed failed"
+    for rcf in "$logs/$tool-$t"-*.rc; do
+      [ -f "$rcf" ] || continue
+      runs=$((runs + 1))
+      log="${rcf%.rc}.log"
+      rc=$(cat "$rcf")
+      # memcheck: "ERROR SUMMARY: N errors"; racecheck: "RACECHECK SUMMARY: H hazards displayed (N errors, W warnings)"
+      e=$( { grep -Eo "ERROR SUMMARY: [0-9]+" "$log"; grep -Eo "\([0-9]+ errors" "$log"; } | grep -Eo "[0-9]+" | tail -1)
+      [ -n "$e" ] && errors=$((errors + e))
+      if [ "$rc" -ne 0 ]; then failed=$((failed + 1)); echo "  $tool $t: exit $rc (see $log)"; tail -5 "$log"; fi
+    done
+  done <"$list"
+  echo "compute-sanitizer $tool: $n binaries, $runs test cases, $errors errors, $failed failed"
   [ $errors -eq 0 ] && [ $failed -eq 0 ] || status=1
 done
 exit $status
