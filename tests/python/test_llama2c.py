@@ -84,3 +84,22 @@ def test_greedy_story_and_tokenizer_round_trip():
     assert text.startswith(b"Once upon a time, there was a little girl named Lily.")
     ids = tok.encode("Lily saw a big, red ball.")
     assert ids[0] == llama2c.BOS and tok.decode(ids[0], ids[1:]) == b"Lily saw a big, red ball."
+
+
+def test_causal_mask_per_layer():
+    # prefixkv_torch.hf builds each layer's mask from its own key count: kept tokens first (all visible), then the
+    # q new tokens (causal among themselves); one new token needs no mask
+    from prefixkv_torch import hf
+
+    q = torch.zeros(1, 2, 3, 4)
+    for n in (3, 5, 9):
+        m = hf._causal_mask(n, q)
+        assert m.shape == (1, 1, 3, n) and m.dtype == q.dtype
+        for i in range(3):
+            for j in range(n):
+                visible = j < n - 3 or j - (n - 3) <= i
+                assert (m[0, 0, i, j].item() == 0.0) == visible
+                assert visible or m[0, 0, i, j].item() == torch.finfo(q.dtype).min
+    assert hf._causal_mask(7, torch.zeros(1, 2, 1, 4)) is None
+    half = hf._causal_mask(4, torch.zeros(1, 1, 2, 4, dtype=torch.float16))
+    assert half.dtype == torch.float16 and half[0, 0, 0, 3].item() == torch.finfo(torch.float16).min
