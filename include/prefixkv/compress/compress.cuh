@@ -115,18 +115,7 @@ PREFIXKV_KERNEL void __launch_bounds__(128) compress_prologue_kernel(compress_ka
       }
       why = compress_min_reason(why, r);
     }
-  if (a.paged)
-    for (int64_t l = 0; l < L; ++l) {
-      int64_t nmax = 0;
-      for (int64_t h = 0; h < H; ++h) {
-        const int64_t n = a.n_in(l, b, h);
-        nmax = n > nmax ? (n > g.capacity ? g.capacity : n) : nmax;
-      }
-      for (int64_t blk = 0; blk * a.table_page < nmax; ++blk) {
-        const int32_t page = a.table[l][b * a.table_stride + blk];
-        if (page < 0 || page >= a.table_pages) why = compress_min_reason(why, reason::out_of_range);
-      }
-    }
+  // paged caches: the block-table entries are checked by compress_table_check_kernel (spread over the grid)
   // budgets (from every layer's lengths; a bad length makes them meaningless but keeps them in range)
   const bool prefix = a.plan.cfg.alloc == allocation::prefix;
   int64_t local[compact_max_layers];
@@ -150,6 +139,30 @@ PREFIXKV_KERNEL void __launch_bounds__(128) compress_prologue_kernel(compress_ka
     if (b == g.batch - 1) a.poff[g.batch * g.lc] = g.batch * g.lc * H;
   }
   compress_report(a.status + compress_st_prologue, why);
+}
+
+//! Paged caches: every block a sequence's tokens occupy in a layer must name a page of the pool. Grid (x, layers):
+//! block (x, l) takes sequences x, x + gridDim.x, ... of layer l; its threads split the sequence's table entries.
+//! Reports `out_range` into the prologue's word (the smallest reason wins, as in the prologue).
+template <int = 0>
+PREFIXKV_KERNEL void __launch_bounds__(256) compress_table_check_kernel(compress_kargs a) {
+  const compress_geometry& g = a.geo;
+  const int64_t l = blockIdx.y, H = g.heads;
+  const int32_t* const table = a.table[l];
+  bool bad = false;
+  for (int64_t b = blockIdx.x; b < g.batch; b += gridDim.x) {
+    int64_t nmax = 0;
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t n = a.n_in(l, b, h);
+      nmax = n > nmax ? (n > g.capacity ? g.capacity : n) : nmax;
+    }
+    const int64_t blocks = (nmax + a.table_page - 1) / a.table_page;
+    for (int64_t blk = threadIdx.x; blk < blocks; blk += blockDim.x) {
+      const int32_t page = table[b * a.table_stride + blk];
+      bad |= page < 0 || page >= a.table_pages;
+    }
+  }
+  if (bad) compress_report(a.status + compress_st_prologue, reason::out_of_range);
 }
 
 //! The recency scorer: score(t) = t + 1.
@@ -463,6 +476,11 @@ cudaError_t compress_run(void* d_temp, size_t& temp_bytes, const compress_plan& 
   if (batch > 0) {
     compress_prologue_kernel<><<<static_cast<unsigned>((batch + 127) / 128), 128, 0, stream>>>(k);
     PREFIXKV_TRY(check_launch(stream));
+    if (k.paged) {
+      const dim3 tgrid(static_cast<unsigned>(batch < 64 ? batch : 64), static_cast<unsigned>(c.layers));
+      compress_table_check_kernel<><<<tgrid, 256, 0, stream>>>(k);
+      PREFIXKV_TRY(check_launch(stream));
+    }
   }
   PREFIXKV_TRY(mark(0));
   if (S > 0) {
