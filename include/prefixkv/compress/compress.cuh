@@ -212,43 +212,59 @@ PREFIXKV_KERNEL void __launch_bounds__(256) compress_gate_kernel(compress_kargs 
   }
 }
 
+//! Writes one layer's new lengths (and cu_seqlens) for the outputs: new_len(b, h) for the layer's batch x heads
+//! segments, in (b, h) order. One block.
+template <class NewLen>
+PREFIXKV_DEVICE void compress_write_layer_lengths(const compress_outputs& out, int64_t l, int64_t batch, int64_t H,
+                                                  NewLen new_len, block_scratch& sc) {
+  const int64_t per_layer = batch * H;
+  long long carry = 0;
+  for (int64_t j0 = 0; j0 < per_layer; j0 += blockDim.x) {
+    const int64_t j = j0 + threadIdx.x;
+    long long n = 0;
+    if (j < per_layer) n = new_len(j / H, j % H);
+    long long total = 0;
+    const long long ex = block_exclusive_sum(n, total, sc);
+    if (j < per_layer) {
+      if (out.lengths) out.lengths[l * per_layer + j] = static_cast<int32_t>(n);
+      if (out.cu_seqlens) out.cu_seqlens[l * (per_layer + 1) + j + 1] = static_cast<int32_t>(carry + ex + n);
+    }
+    carry += total;
+  }
+  if (threadIdx.x == 0 && out.cu_seqlens) out.cu_seqlens[l * (per_layer + 1)] = 0;
+}
+
+//! pages_in_use[b] = the pages the longest of sequence b's segments needs, over `layers` x H (new_len(x, b, h)).
+template <class NewLen>
+PREFIXKV_DEVICE void compress_write_pages_in_use(int32_t* pages_in_use, int64_t batch, int64_t layers, int64_t H,
+                                                 int64_t page_size, NewLen new_len) {
+  for (int64_t b = threadIdx.x; b < batch; b += blockDim.x) {
+    int64_t mx = 0;
+    for (int64_t x = 0; x < layers; ++x)
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t p = (new_len(x, b, h) + page_size - 1) / page_size;
+        mx = p > mx ? p : mx;
+      }
+    pages_in_use[b] = static_cast<int32_t>(mx);
+  }
+}
+
 //! The outputs, one block per layer of the call (block 0 also writes pages_in_use, thresholds and the status).
 template <int = 0>
 PREFIXKV_KERNEL void __launch_bounds__(256) compress_finalize_kernel(compress_kargs a) {
   __shared__ block_scratch sc;
   const compress_geometry& g = a.geo;
-  const int64_t H = g.heads, L = a.plan.cfg.layers, per_layer = g.batch * H;
+  const int64_t H = g.heads, L = a.plan.cfg.layers;
   const int32_t chain = a.status[compress_st_chain] ? a.status[compress_st_chain] : a.status[compress_st_compact];
   const segment_grid grid = g.grid();
   const int64_t li = blockIdx.x, l = g.l0 + li;
   auto new_len = [&](int64_t lli, int64_t b, int64_t h) -> int64_t {
     return chain ? a.n_in(g.l0 + lli, b, h) : a.keep[grid.id(lli, b, h)];
   };
-  long long carry = 0;
-  for (int64_t j0 = 0; j0 < per_layer; j0 += blockDim.x) {
-    const int64_t j = j0 + threadIdx.x;
-    long long n = 0;
-    if (j < per_layer) n = new_len(li, j / H, j % H);
-    long long total = 0;
-    const long long ex = block_exclusive_sum(n, total, sc);
-    if (j < per_layer) {
-      if (a.out.lengths) a.out.lengths[l * per_layer + j] = static_cast<int32_t>(n);
-      if (a.out.cu_seqlens) a.out.cu_seqlens[l * (per_layer + 1) + j + 1] = static_cast<int32_t>(carry + ex + n);
-    }
-    carry += total;
-  }
-  if (threadIdx.x == 0 && a.out.cu_seqlens) a.out.cu_seqlens[l * (per_layer + 1)] = 0;
+  compress_write_layer_lengths(a.out, l, g.batch, H, [&](int64_t b, int64_t h) { return new_len(li, b, h); }, sc);
   if (blockIdx.x != 0) return;
   if (a.out.pages_in_use && a.whole && a.page_size > 0)
-    for (int64_t b = threadIdx.x; b < g.batch; b += blockDim.x) {
-      int64_t mx = 0;
-      for (int64_t x = 0; x < g.lc; ++x)
-        for (int64_t h = 0; h < H; ++h) {
-          const int64_t p = (new_len(x, b, h) + a.page_size - 1) / a.page_size;
-          mx = p > mx ? p : mx;
-        }
-      a.out.pages_in_use[b] = static_cast<int32_t>(mx);
-    }
+    compress_write_pages_in_use(a.out.pages_in_use, g.batch, g.lc, H, a.page_size, new_len);
   if (a.out.threshold) {
     const bool prefix = a.plan.cfg.alloc == allocation::prefix;
     const int64_t P = a.problems();
