@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Run on a machine with a CUDA GPU: configure with CUDA, build, run the GPU test suite (no skipping allowed),
-# then every GPU test binary under compute-sanitizer memcheck and racecheck. Prints one summary line per tool
-# and exits non-zero on any failure. Logs go to $LOG_DIR (default build-gpu/logs).
+# then every GPU test binary under compute-sanitizer memcheck and racecheck, and (where python3 has CUDA-enabled
+# torch) the PyTorch extension's tests and the transformers check. Prints one summary line per part and exits
+# non-zero on any failure. Logs go to $LOG_DIR (default build-gpu/logs).
 #   BUILD_DIR=build-gpu  LOG_DIR=...  BENCH=ON|OFF  TOOLS="memcheck racecheck"  SAN_TIMEOUT=900 (s per test case)
 #   SAN_JOBS=nproc (sanitizer processes at a time)  ONLY="test_a_gpu test_b_gpu" (these binaries only)
+#   PYTHON_CHECK=0 (leave out the PyTorch extension's tests and python/examples/hf_check.py)
 #   RACECHECK_SOLVE_VARIANTS=0,1,4: solver variants under racecheck (cluster path as chosen, cluster path forced to
 #   2 CTAs next to the block path, sample-select); racecheck is slowest on the cluster kernel. Empty = all.
 set -uo pipefail
@@ -24,6 +26,26 @@ if ctest --test-dir "$build" -L gpu --output-on-failure >"$logs/ctest-gpu.log" 2
 else
   status=1
   echo "ctest -L gpu: FAILED"; grep -E "tests passed|Failed|\*\*\*" "$logs/ctest-gpu.log" | head -20
+fi
+
+# The PyTorch extension on CUDA (tests/python) and the end-to-end check inside transformers, in the background while
+# the sanitizers run; skipped (and said so) where python3 has no CUDA-enabled torch. PYTHON_CHECK=0 leaves them out.
+pypid=""
+if [ "${PYTHON_CHECK:-1}" != 0 ]; then
+  if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
+    backend=hf
+    python3 -c "import transformers" >/dev/null 2>&1 || backend=torch
+    (
+      python3 tests/python/minirun.py >"$logs/python-tests.log" 2>&1
+      echo $? >"$logs/python-tests.rc"
+      python3 python/examples/hf_check.py --backend "$backend" --llama-bin "$build/bin/prefixkv-llama" \
+        >"$logs/hf-check.log" 2>&1
+      echo $? >"$logs/hf-check.rc"
+    ) &
+    pypid=$!
+  else
+    echo "python: skipped (python3 has no CUDA-enabled torch)"
+  fi
 fi
 
 command -v compute-sanitizer >/dev/null || { echo "compute-sanitizer: not found"; exit 1; }
@@ -76,4 +98,12 @@ for tool in $tools; do
   echo "compute-sanitizer $tool: $n binaries, $runs test cases, $errors errors, $failed failed"
   [ $errors -eq 0 ] && [ $failed -eq 0 ] || status=1
 done
+if [ -n "$pypid" ]; then
+  wait "$pypid"
+  for part in python-tests hf-check; do
+    rc=$(cat "$logs/$part.rc" 2>/dev/null || echo 1)
+    echo "$part: $(grep -v '^ ' "$logs/$part.log" | tail -1) (exit $rc, log $logs/$part.log)"
+    [ "$rc" -eq 0 ] || status=1
+  done
+fi
 exit $status
