@@ -59,6 +59,21 @@ class backend {
     return false;
   }
   virtual void end_decode() {}
+
+ protected:
+  //! What `compress` needs from the last prefill: caches straight from it (every length `prompt_len`) and the
+  //! recorded inputs of the plan's scorer. False with a one-line reason in `err`.
+  static bool compress_ready(const prefixkv::compress_plan& plan, bool prefilled, const std::vector<int32_t>& lengths,
+                             int prompt_len, bool has_attention, int window, std::string& err) {
+    if (!prefilled) return err = "compress: the caches must come straight from a prefill", false;
+    for (int32_t x : lengths)
+      if (x != prompt_len) return err = "compress: the caches were already compressed", false;
+    if (plan.cfg.scorer == prefixkv::scorer_kind::attention && !has_attention)
+      return err = "compress: the prefill did not record attention probabilities", false;
+    if (plan.cfg.scorer == prefixkv::scorer_kind::window && window == 0)
+      return err = "compress: the prefill did not record window queries", false;
+    return true;
+  }
 };
 
 }  // namespace prefixkv_llama

@@ -125,14 +125,8 @@ class batched_backend final : public backend {
     namespace pk = prefixkv;
     const model_ref& d = ops_.mr();
     const int L = d.layers, Hk = d.kv_heads, Hq = d.heads, hs = d.hs;
-    if (!prefilled_) return err = "compress: the caches must come straight from a prefill", false;
-    for (int32_t x : len_)
-      if (x != prompt_len_) return err = "compress: the caches were already compressed", false;
+    if (!compress_ready(plan, prefilled_, len_, prompt_len_, has_attention_, window_, err)) return false;
     const pk::scorer_kind sk = plan.cfg.scorer;
-    if (sk == pk::scorer_kind::attention && !has_attention_)
-      return err = "compress: the prefill did not record attention probabilities", false;
-    if (sk == pk::scorer_kind::window && window_ == 0)
-      return err = "compress: the prefill did not record window queries", false;
     std::vector<pk::kv_view<float>> kv(static_cast<size_t>(L)), vv(static_cast<size_t>(L));
     std::vector<pk::kv_view<const float>> pv, qv;
     const size_t per_layer = size_t(Hk) * size_t(cap_) * hs;

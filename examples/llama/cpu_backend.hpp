@@ -223,14 +223,8 @@ class cpu_backend final : public backend {
     namespace pk = prefixkv;
     const config& c = m_.cfg;
     const int L = c.n_layers, Hk = c.n_kv_heads, Hq = c.n_heads, hs = c.head_size();
-    if (!prefilled_) return err = "compress: the caches must come straight from a prefill", false;
-    for (int32_t x : len_)
-      if (x != prompt_len_) return err = "compress: the caches were already compressed", false;
+    if (!compress_ready(plan, prefilled_, len_, prompt_len_, has_attention_, window_, err)) return false;
     const pk::scorer_kind sk = plan.cfg.scorer;
-    if (sk == pk::scorer_kind::attention && !has_attention_)
-      return err = "compress: the prefill did not record attention probabilities", false;
-    if (sk == pk::scorer_kind::window && window_ == 0)
-      return err = "compress: the prefill did not record window queries", false;
     std::vector<pk::kv_view<float>> kv(L), vv(L), ps(L);
     std::vector<pk::kv_view<const float>> pv, qv;
     for (int l = 0; l < L; ++l) {

@@ -175,7 +175,7 @@ PREFIXKV_KERNEL void __launch_bounds__(256) dist_hist_kernel(dist_kargs a, curve
     const dist_segment d = dist_local_bounds(a, cv, s);
     if (d.hi <= d.lo) continue;
     const float* row = cv.cumulative + cv.offsets[s];
-    const int64_t cnt = dist_eligible_le(row, d.lo, d.hi, dist_radix_key(a.known[q], round, threadIdx.x));
+    const int64_t cnt = entries_le(row, d.lo, d.hi, dist_radix_key(a.known[q], round, threadIdx.x));
     if (cnt) atomicAdd(reinterpret_cast<unsigned long long*>(a.hist + q * dist_radix_bins + threadIdx.x),
                        static_cast<unsigned long long>(cnt));
   }
@@ -204,8 +204,8 @@ PREFIXKV_KERNEL void __launch_bounds__(128) dist_tally_kernel(dist_kargs a, curv
     const int64_t v = a.R[p] > 0 ? a.known[q] : -1;
     const dist_segment d = dist_local_bounds(a, cv, x);
     const float* row = cv.cumulative + cv.offsets[x];
-    const int64_t less = d.hi > d.lo ? dist_eligible_le(row, d.lo, d.hi, v - 1) : 0;
-    const int64_t le = d.hi > d.lo ? dist_eligible_le(row, d.lo, d.hi, v) : 0;
+    const int64_t less = d.hi > d.lo ? entries_le(row, d.lo, d.hi, v - 1) : 0;
+    const int64_t le = d.hi > d.lo ? entries_le(row, d.lo, d.hi, v) : 0;
     a.tally[gid] = less;
     a.tally[SG + gid] = le - less;
   }

@@ -139,22 +139,6 @@ PREFIXKV_HOST_DEVICE dist_segment dist_segment_of(const compress_config& cfg, in
   return d;
 }
 
-//! Ranks r in [lo, hi) of a curve row whose entry key is <= key (0 for key < 0): the host solver's count.
-PREFIXKV_HOST_DEVICE int64_t dist_eligible_le(const float* row, int64_t lo, int64_t hi, int64_t key) {
-  if (key < 0) return 0;
-  int64_t a = lo, n = hi - lo;
-  while (n > 0) {
-    const int64_t h = n / 2;
-    if (static_cast<int64_t>(entry_key(row, a + h)) <= key) {
-      a += h + 1;
-      n -= h + 1;
-    } else {
-      n = h;
-    }
-  }
-  return a - lo;
-}
-
 //! The key at which digit d of round `round` is tested: the known top 8 * round bits `known`, then d, then all ones.
 //! count(key <= this) over the problem is non-decreasing in d, and the threshold's digit is the smallest d whose count
 //! reaches R.
@@ -588,7 +572,7 @@ inline cudaError_t compress_host_dist_run(const compress_plan& pl, const compres
         const float* row = cv.cumulative + cv.offsets[s];
         for (int64_t x = 0; x < dist_radix_bins; ++x)
           hist[static_cast<size_t>(q * dist_radix_bins + x)] +=
-              dist_eligible_le(row, d.lo, d.hi, dist_radix_key(known[static_cast<size_t>(q)], round, x));
+              entries_le(row, d.lo, d.hi, dist_radix_key(known[static_cast<size_t>(q)], round, x));
       }
     PREFIXKV_TRY(dist_sum(sh, dist_hist_scope(g), hist.data(), NQ * dist_radix_bins, nullptr));
     for (int64_t q = 0; q < NQ; ++q)
@@ -603,9 +587,9 @@ inline cudaError_t compress_host_dist_run(const compress_plan& pl, const compres
       const int64_t v = R[static_cast<size_t>(p)] > 0 ? known[static_cast<size_t>(q)] : -1;
       const dist_segment d = seg_of(s);
       const float* row = cv.cumulative + cv.offsets[s];
-      const int64_t less = dist_eligible_le(row, d.lo, d.hi, v - 1);
+      const int64_t less = entries_le(row, d.lo, d.hi, v - 1);
       tally[static_cast<size_t>(gid)] = less;
-      tally[static_cast<size_t>(SG + gid)] = dist_eligible_le(row, d.lo, d.hi, v) - less;
+      tally[static_cast<size_t>(SG + gid)] = entries_le(row, d.lo, d.hi, v) - less;
     }
     for (int64_t q = 0; q < NQ; ++q) {
       const int64_t p = g.problem_of_local(q);

@@ -117,6 +117,21 @@ PREFIXKV_HOST_DEVICE float key_value(uint32_t k) {
 PREFIXKV_HOST_DEVICE uint32_t entry_key(const float* cumulative_row, int64_t r) {
   return order_key(entry_value(cumulative_row, r));
 }
+//! Ranks r in [lo, hi) of a curve row whose entry key is <= key (0 for key < 0; keys ascend with r).
+PREFIXKV_HOST_DEVICE int64_t entries_le(const float* cumulative_row, int64_t lo, int64_t hi, int64_t key) {
+  if (key < 0) return 0;
+  int64_t a = lo, n = hi - lo;  // first rank in [lo, hi) with key > t
+  while (n > 0) {
+    const int64_t h = n / 2;
+    if (static_cast<int64_t>(entry_key(cumulative_row, a + h)) <= key) {
+      a += h + 1;
+      n -= h + 1;
+    } else {
+      n = h;
+    }
+  }
+  return a - lo;
+}
 
 //! Effective (clipped) bounds of one segment with c candidates. Returns false when infeasible.
 PREFIXKV_HOST_DEVICE bool segment_bounds(const keep_bounds& b, int64_t s, int64_t c, int64_t& lo, int64_t& hi) {
@@ -270,19 +285,7 @@ inline cudaError_t solve_host_run(const curve_set& curves, int64_t num_problems,
       const int64_t c = curves.offsets[s + 1] - curves.offsets[s];
       int64_t lo, hi;
       segment_bounds(bounds, s, c, lo, hi);
-      if (key < 0) return 0;
-      const float* row = curves.cumulative + curves.offsets[s];
-      int64_t a = lo, n = hi - lo;  // first rank in [lo, hi) with key > t
-      while (n > 0) {
-        const int64_t h = n / 2;
-        if (static_cast<int64_t>(entry_key(row, a + h)) <= key) {
-          a += h + 1;
-          n -= h + 1;
-        } else {
-          n = h;
-        }
-      }
-      return a - lo;
+      return entries_le(curves.cumulative + curves.offsets[s], lo, hi, key);
     };
     int64_t v = -1;  // the key of the R-th pick
     if (R > 0) {
