@@ -5,6 +5,7 @@
 # non-zero on any failure. Logs go to $LOG_DIR (default build-gpu/logs).
 #   BUILD_DIR=build-gpu  LOG_DIR=...  BENCH=ON|OFF  TOOLS="memcheck racecheck"  SAN_TIMEOUT=900 (s per test case)
 #   SAN_JOBS=nproc (sanitizer processes at a time)  ONLY="test_a_gpu test_b_gpu" (these binaries only)
+#   SKIP_BUILD=1 (use BUILD_DIR as it is, e.g. built on another machine at the same path)
 #   PYTHON_CHECK=0 (leave out the PyTorch extension's tests and python/examples/hf_check.py)
 #   RACECHECK_SOLVE_VARIANTS=0,1,4: solver variants under racecheck (cluster path as chosen, cluster path forced to
 #   2 CTAs next to the block path, sample-select); racecheck is slowest on the cluster kernel. Empty = all.
@@ -16,9 +17,11 @@ tools=${TOOLS:-memcheck racecheck}
 mkdir -p "$logs"
 status=0
 
-cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DPREFIXKV_BUILD_BENCHMARKS=${BENCH:-ON} >"$logs/configure.log" 2>&1 \
-  || { echo "configure failed"; tail -30 "$logs/configure.log"; exit 1; }
-cmake --build "$build" -j "$(nproc)" >"$logs/build.log" 2>&1 || { echo "build failed"; grep -E "error" -A3 "$logs/build.log" | head -60; exit 1; }
+if [ "${SKIP_BUILD:-0}" = 0 ]; then
+  cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DPREFIXKV_BUILD_BENCHMARKS=${BENCH:-ON} >"$logs/configure.log" 2>&1 \
+    || { echo "configure failed"; tail -30 "$logs/configure.log"; exit 1; }
+  cmake --build "$build" -j "$(nproc)" >"$logs/build.log" 2>&1 || { echo "build failed"; grep -E "error" -A3 "$logs/build.log" | head -60; exit 1; }
+fi
 
 export PREFIXKV_REQUIRE_GPU=1
 if ctest --test-dir "$build" -L gpu --output-on-failure >"$logs/ctest-gpu.log" 2>&1; then
