@@ -23,16 +23,9 @@ if [ "${SKIP_BUILD:-0}" = 0 ]; then
   cmake --build "$build" -j "$(nproc)" >"$logs/build.log" 2>&1 || { echo "build failed"; grep -E "error" -A3 "$logs/build.log" | head -60; exit 1; }
 fi
 
-export PREFIXKV_REQUIRE_GPU=1
-if ctest --test-dir "$build" -L gpu --output-on-failure >"$logs/ctest-gpu.log" 2>&1; then
-  echo "ctest -L gpu: $(grep -E 'tests passed' "$logs/ctest-gpu.log")"
-else
-  status=1
-  echo "ctest -L gpu: FAILED"; grep -E "tests passed|Failed|\*\*\*" "$logs/ctest-gpu.log" | head -20
-fi
-
-# The PyTorch extension on CUDA (tests/python) and the end-to-end check inside transformers, in the background while
-# the sanitizers run; skipped (and said so) where python3 has no CUDA-enabled torch. PYTHON_CHECK=0 leaves them out.
+# The PyTorch extension on CUDA (tests/python) and the end-to-end check inside transformers, in the background
+# while the GPU suite and the sanitizers run; skipped (and said so) where python3 has no CUDA-enabled torch.
+# PYTHON_CHECK=0 leaves them out.
 pypid=""
 if [ "${PYTHON_CHECK:-1}" != 0 ]; then
   if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
@@ -49,6 +42,14 @@ if [ "${PYTHON_CHECK:-1}" != 0 ]; then
   else
     echo "python: skipped (python3 has no CUDA-enabled torch)"
   fi
+fi
+
+export PREFIXKV_REQUIRE_GPU=1
+if ctest --test-dir "$build" -L gpu --output-on-failure >"$logs/ctest-gpu.log" 2>&1; then
+  echo "ctest -L gpu: $(grep -E 'tests passed' "$logs/ctest-gpu.log")"
+else
+  status=1
+  echo "ctest -L gpu: FAILED"; grep -E "tests passed|Failed|\*\*\*" "$logs/ctest-gpu.log" | head -20
 fi
 
 command -v compute-sanitizer >/dev/null || { echo "compute-sanitizer: not found"; exit 1; }
