@@ -71,17 +71,18 @@ rm -f "$logs"/memcheck-*.rc "$logs"/racecheck-*.rc
 list="$logs/gpu_tests.list"
 if [ -n "${ONLY:-}" ]; then printf '%s\n' $ONLY >"$list"; else cp "$build/gpu_tests.txt" "$list"; fi
 jobs_max=${SAN_JOBS:-$(nproc)}
-for tool in $tools; do
-  while read -r t; do
-    [ -n "$t" ] || continue
-    n=$(cases_of "$t")
-    [ -n "$n" ] && [ "$n" -gt 0 ] || { echo "  $t: could not count its test cases"; status=1; continue; }
+# binary by binary (in the list's order), each with every tool
+while read -r t; do
+  [ -n "$t" ] || continue
+  n=$(cases_of "$t")
+  [ -n "$n" ] && [ "$n" -gt 0 ] || { echo "  $t: could not count its test cases"; status=1; continue; }
+  for tool in $tools; do
     for ((i = 1; i <= n; ++i)); do
       while [ "$(jobs -rp | wc -l)" -ge "$jobs_max" ]; do wait -n; done
       run_one "$tool" "$t" "$i" &
     done
-  done <"$list"
-done
+  done
+done <"$list"
 wait
 for tool in $tools; do
   errors=0; failed=0; n=0; runs=0
