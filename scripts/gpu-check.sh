@@ -65,7 +65,7 @@ run_one() {  # tool binary case -> writes $logs/$tool-$binary-$case.log and .rc
   echo $? >"$logs/$1-$2-$3.rc"
 }
 cases_of() {  # binary -> number of test cases
-  "$build/bin/$1" --count 2>/dev/null | grep -Eo "filters: [0-9]+" | grep -Eo "[0-9]+" | tail -1
+  "$build/bin/$1" --count </dev/null 2>/dev/null | grep -Eo "filters: [0-9]+" | grep -Eo "[0-9]+" | tail -1
 }
 rm -f "$logs"/memcheck-*.rc "$logs"/racecheck-*.rc
 list="$logs/gpu_tests.list"
@@ -79,7 +79,7 @@ while read -r t; do
   for tool in $tools; do
     for ((i = 1; i <= n; ++i)); do
       while [ "$(jobs -rp | wc -l)" -ge "$jobs_max" ]; do wait -n; done
-      run_one "$tool" "$t" "$i" &
+      run_one "$tool" "$t" "$i" </dev/null &
     done
   done
 done <"$list"
