@@ -7,7 +7,8 @@
 set -euo pipefail
 build=${1:-build-gpu}
 out=${2:-$build/gpu-build.tar.xz}
-[ -f "$build/gpu_tests.txt" ] || { echo "pack-gpu-build: $build has no gpu_tests.txt (configure with CUDA first)" >&2; exit 2; }
+[ -f "$build/gpu_tests.txt" ] ||
+  { echo "pack-gpu-build: $build has no gpu_tests.txt (configure with CUDA first)" >&2; exit 2; }
 files=(gpu_tests.txt)
 while read -r t; do
   [ -n "$t" ] || continue
