@@ -15,7 +15,7 @@ while read -r t; do
   [ -x "$build/bin/$t" ] || { echo "pack-gpu-build: $build/bin/$t is missing (build it first)" >&2; exit 2; }
   files+=("bin/$t")
 done <"$build/gpu_tests.txt"
-for f in "$build"/bin/prefixkv-llama "$build"/bin/bench_*; do [ -x "$f" ] && files+=("bin/${f##*/}"); done
+for f in "$build"/bin/prefixkv-llama "$build"/bin/bench_*; do if [ -x "$f" ]; then files+=("bin/${f##*/}"); fi; done
 while IFS= read -r f; do files+=("${f#"$build"/}"); done < <(find "$build" -name CTestTestfile.cmake)
 out_abs=$(cd "$(dirname "$out")" && pwd)/$(basename "$out")
 (cd "$build" && tar cf - "${files[@]}") | xz -6 -T0 >"$out_abs"
