@@ -115,18 +115,7 @@ PREFIXKV_KERNEL void __launch_bounds__(128) compress_prologue_kernel(compress_ka
       }
       why = compress_min_reason(why, r);
     }
-  if (a.paged)
-    for (int64_t l = 0; l < L; ++l) {
-      int64_t nmax = 0;
-      for (int64_t h = 0; h < H; ++h) {
-        const int64_t n = a.n_in(l, b, h);
-        nmax = n > nmax ? (n > g.capacity ? g.capacity : n) : nmax;
-      }
-      for (int64_t blk = 0; blk * a.table_page < nmax; ++blk) {
-        const int32_t page = a.table[l][b * a.table_stride + blk];
-        if (page < 0 || page >= a.table_pages) why = compress_min_reason(why, reason::out_of_range);
-      }
-    }
+  // paged caches: the block-table entries are checked by compress_table_check_kernel (spread over the grid)
   // budgets (from every layer's lengths; a bad length makes them meaningless but keeps them in range)
   const bool prefix = a.plan.cfg.alloc == allocation::prefix;
   int64_t local[compact_max_layers];
@@ -150,6 +139,30 @@ PREFIXKV_KERNEL void __launch_bounds__(128) compress_prologue_kernel(compress_ka
     if (b == g.batch - 1) a.poff[g.batch * g.lc] = g.batch * g.lc * H;
   }
   compress_report(a.status + compress_st_prologue, why);
+}
+
+//! Paged caches: every block a sequence's tokens occupy in a layer must name a page of the pool. Grid (x, layers):
+//! block (x, l) takes sequences x, x + gridDim.x, ... of layer l; its threads split the sequence's table entries.
+//! Reports `out_range` into the prologue's word (the smallest reason wins, as in the prologue).
+template <int = 0>
+PREFIXKV_KERNEL void __launch_bounds__(256) compress_table_check_kernel(compress_kargs a) {
+  const compress_geometry& g = a.geo;
+  const int64_t l = blockIdx.y, H = g.heads;
+  const int32_t* const table = a.table[l];
+  bool bad = false;
+  for (int64_t b = blockIdx.x; b < g.batch; b += gridDim.x) {
+    int64_t nmax = 0;
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t n = a.n_in(l, b, h);
+      nmax = n > nmax ? (n > g.capacity ? g.capacity : n) : nmax;
+    }
+    const int64_t blocks = (nmax + a.table_page - 1) / a.table_page;
+    for (int64_t blk = threadIdx.x; blk < blocks; blk += blockDim.x) {
+      const int32_t page = table[b * a.table_stride + blk];
+      bad |= page < 0 || page >= a.table_pages;
+    }
+  }
+  if (bad) compress_report(a.status + compress_st_prologue, reason::out_of_range);
 }
 
 //! The recency scorer: score(t) = t + 1.
@@ -199,43 +212,59 @@ PREFIXKV_KERNEL void __launch_bounds__(256) compress_gate_kernel(compress_kargs 
   }
 }
 
+//! Writes one layer's new lengths (and cu_seqlens) for the outputs: new_len(b, h) for the layer's batch x heads
+//! segments, in (b, h) order. One block.
+template <class NewLen>
+PREFIXKV_DEVICE void compress_write_layer_lengths(const compress_outputs& out, int64_t l, int64_t batch, int64_t H,
+                                                  NewLen new_len, block_scratch& sc) {
+  const int64_t per_layer = batch * H;
+  long long carry = 0;
+  for (int64_t j0 = 0; j0 < per_layer; j0 += blockDim.x) {
+    const int64_t j = j0 + threadIdx.x;
+    long long n = 0;
+    if (j < per_layer) n = new_len(j / H, j % H);
+    long long total = 0;
+    const long long ex = block_exclusive_sum(n, total, sc);
+    if (j < per_layer) {
+      if (out.lengths) out.lengths[l * per_layer + j] = static_cast<int32_t>(n);
+      if (out.cu_seqlens) out.cu_seqlens[l * (per_layer + 1) + j + 1] = static_cast<int32_t>(carry + ex + n);
+    }
+    carry += total;
+  }
+  if (threadIdx.x == 0 && out.cu_seqlens) out.cu_seqlens[l * (per_layer + 1)] = 0;
+}
+
+//! pages_in_use[b] = the pages the longest of sequence b's segments needs, over `layers` x H (new_len(x, b, h)).
+template <class NewLen>
+PREFIXKV_DEVICE void compress_write_pages_in_use(int32_t* pages_in_use, int64_t batch, int64_t layers, int64_t H,
+                                                 int64_t page_size, NewLen new_len) {
+  for (int64_t b = threadIdx.x; b < batch; b += blockDim.x) {
+    int64_t mx = 0;
+    for (int64_t x = 0; x < layers; ++x)
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t p = (new_len(x, b, h) + page_size - 1) / page_size;
+        mx = p > mx ? p : mx;
+      }
+    pages_in_use[b] = static_cast<int32_t>(mx);
+  }
+}
+
 //! The outputs, one block per layer of the call (block 0 also writes pages_in_use, thresholds and the status).
 template <int = 0>
 PREFIXKV_KERNEL void __launch_bounds__(256) compress_finalize_kernel(compress_kargs a) {
   __shared__ block_scratch sc;
   const compress_geometry& g = a.geo;
-  const int64_t H = g.heads, L = a.plan.cfg.layers, per_layer = g.batch * H;
+  const int64_t H = g.heads, L = a.plan.cfg.layers;
   const int32_t chain = a.status[compress_st_chain] ? a.status[compress_st_chain] : a.status[compress_st_compact];
   const segment_grid grid = g.grid();
   const int64_t li = blockIdx.x, l = g.l0 + li;
   auto new_len = [&](int64_t lli, int64_t b, int64_t h) -> int64_t {
     return chain ? a.n_in(g.l0 + lli, b, h) : a.keep[grid.id(lli, b, h)];
   };
-  long long carry = 0;
-  for (int64_t j0 = 0; j0 < per_layer; j0 += blockDim.x) {
-    const int64_t j = j0 + threadIdx.x;
-    long long n = 0;
-    if (j < per_layer) n = new_len(li, j / H, j % H);
-    long long total = 0;
-    const long long ex = block_exclusive_sum(n, total, sc);
-    if (j < per_layer) {
-      if (a.out.lengths) a.out.lengths[l * per_layer + j] = static_cast<int32_t>(n);
-      if (a.out.cu_seqlens) a.out.cu_seqlens[l * (per_layer + 1) + j + 1] = static_cast<int32_t>(carry + ex + n);
-    }
-    carry += total;
-  }
-  if (threadIdx.x == 0 && a.out.cu_seqlens) a.out.cu_seqlens[l * (per_layer + 1)] = 0;
+  compress_write_layer_lengths(a.out, l, g.batch, H, [&](int64_t b, int64_t h) { return new_len(li, b, h); }, sc);
   if (blockIdx.x != 0) return;
   if (a.out.pages_in_use && a.whole && a.page_size > 0)
-    for (int64_t b = threadIdx.x; b < g.batch; b += blockDim.x) {
-      int64_t mx = 0;
-      for (int64_t x = 0; x < g.lc; ++x)
-        for (int64_t h = 0; h < H; ++h) {
-          const int64_t p = (new_len(x, b, h) + a.page_size - 1) / a.page_size;
-          mx = p > mx ? p : mx;
-        }
-      a.out.pages_in_use[b] = static_cast<int32_t>(mx);
-    }
+    compress_write_pages_in_use(a.out.pages_in_use, g.batch, g.lc, H, a.page_size, new_len);
   if (a.out.threshold) {
     const bool prefix = a.plan.cfg.alloc == allocation::prefix;
     const int64_t P = a.problems();
@@ -463,6 +492,11 @@ cudaError_t compress_run(void* d_temp, size_t& temp_bytes, const compress_plan& 
   if (batch > 0) {
     compress_prologue_kernel<><<<static_cast<unsigned>((batch + 127) / 128), 128, 0, stream>>>(k);
     PREFIXKV_TRY(check_launch(stream));
+    if (k.paged) {
+      const dim3 tgrid(static_cast<unsigned>(batch < 64 ? batch : 64), static_cast<unsigned>(c.layers));
+      compress_table_check_kernel<><<<tgrid, 256, 0, stream>>>(k);
+      PREFIXKV_TRY(check_launch(stream));
+    }
   }
   PREFIXKV_TRY(mark(0));
   if (S > 0) {

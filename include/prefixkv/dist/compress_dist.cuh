@@ -300,36 +300,15 @@ template <int = 0>
 PREFIXKV_KERNEL void __launch_bounds__(256) dist_finalize_kernel(dist_kargs a) {
   __shared__ block_scratch sc;
   const dist_geometry& g = a.g;
-  const int64_t H = g.H, per_layer = g.B * H, l = blockIdx.x;
+  const int64_t H = g.H, l = blockIdx.x;
   const int32_t chain = a.status[dist_st_chain];
   auto new_len = [&](int64_t ll, int64_t b, int64_t h) -> int64_t {
     return chain ? a.n_in(ll, b, h) : a.keep_g[g.global_id(ll, b, h)];
   };
-  long long carry = 0;
-  for (int64_t j0 = 0; j0 < per_layer; j0 += blockDim.x) {
-    const int64_t j = j0 + threadIdx.x;
-    long long n = 0;
-    if (j < per_layer) n = new_len(l, j / H, j % H);
-    long long total = 0;
-    const long long ex = block_exclusive_sum(n, total, sc);
-    if (j < per_layer) {
-      if (a.out.lengths) a.out.lengths[l * per_layer + j] = static_cast<int32_t>(n);
-      if (a.out.cu_seqlens) a.out.cu_seqlens[l * (per_layer + 1) + j + 1] = static_cast<int32_t>(carry + ex + n);
-    }
-    carry += total;
-  }
-  if (threadIdx.x == 0 && a.out.cu_seqlens) a.out.cu_seqlens[l * (per_layer + 1)] = 0;
+  compress_write_layer_lengths(a.out, l, g.B, H, [&](int64_t b, int64_t h) { return new_len(l, b, h); }, sc);
   if (blockIdx.x != 0) return;
   if (a.out.pages_in_use && a.page_size > 0)
-    for (int64_t b = threadIdx.x; b < g.B; b += blockDim.x) {
-      int64_t mx = 0;
-      for (int64_t x = 0; x < g.L; ++x)
-        for (int64_t h = 0; h < H; ++h) {
-          const int64_t pg = (new_len(x, b, h) + a.page_size - 1) / a.page_size;
-          mx = pg > mx ? pg : mx;
-        }
-      a.out.pages_in_use[b] = static_cast<int32_t>(mx);
-    }
+    compress_write_pages_in_use(a.out.pages_in_use, g.B, g.L, H, a.page_size, new_len);
   if (a.out.threshold)
     for (int64_t p = threadIdx.x; p < g.problems(); p += blockDim.x) a.out.threshold[p] = chain ? 0.0f : a.thr[p];
   if (a.out.status && threadIdx.x == 0) *a.out.status = chain;
