@@ -165,6 +165,7 @@ struct cache {
   }
   void upload(const std::vector<unsigned char>& img) {
     PKV_CUDA_CHECK(cudaMemcpy(dev.get(), img.data(), img.size(), cudaMemcpyHostToDevice));
+    PKV_CUDA_CHECK(cudaDeviceSynchronize());  // in place before work on a non-blocking stream reads it
   }
   std::vector<unsigned char> download() const { return dev.download(); }
 

@@ -140,6 +140,7 @@ struct device_model {
   void poison() {
     for (auto* b : {&len, &cu, &pages, &status}) PKV_CUDA_CHECK(cudaMemset(b->get(), 0xA5, b->bytes()));
     PKV_CUDA_CHECK(cudaMemset(thr.get(), 0xA5, thr.bytes()));
+    PKV_CUDA_CHECK(cudaDeviceSynchronize());  // cudaMemset (legacy stream) does not order a non-blocking stream
   }
   template <class F>
   auto with_args(const policy& pol, F&& f) {

@@ -62,6 +62,8 @@ struct dbuf {
   explicit dbuf(size_t count) : n(count) { CK(cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(T))); }
   explicit dbuf(const std::vector<T>& h) : dbuf(h.size()) {
     if (n) CK(cudaMemcpy(p, h.data(), n * sizeof(T), cudaMemcpyHostToDevice));
+    CK(cudaDeviceSynchronize());  // a pageable copy may return before its DMA lands; the collectives run on a
+                                  // non-blocking stream
   }
   dbuf(dbuf&& o) noexcept : p(std::exchange(o.p, nullptr)), n(std::exchange(o.n, 0)) {}
   dbuf& operator=(dbuf&& o) noexcept {
@@ -173,6 +175,7 @@ struct dmodel {
     up(table, m.table);
     up(lengths, m.lengths);
     stride = m.score_stride;
+    CK(cudaDeviceSynchronize());
   }
   //! Random data made on the GPU; every sequence holds T tokens (strided caches).
   void fill(uint64_t seed) {
@@ -252,6 +255,7 @@ struct world {
     CK(cudaMalloc(&d, sizeof(int64_t)));
     const int64_t bad = ok ? 0 : 1;
     CK(cudaMemcpy(d, &bad, sizeof(bad), cudaMemcpyHostToDevice));
+    CK(cudaDeviceSynchronize());
     NK(ncclAllReduce(d, d, 1, ncclInt64, ncclSum, all, stream));
     int64_t sum = 0;
     CK(cudaStreamSynchronize(stream));

@@ -45,9 +45,13 @@ class device_buffer {
   T* get() const { return p_; }
   size_t size() const { return n_; }
   size_t bytes() const { return n_ * sizeof(T); }
+  //! upload / poison return with the bytes in place: cudaMemset runs on the legacy default stream and a pageable
+  //! cudaMemcpy may return before its DMA lands, and neither orders work on a cudaStreamNonBlocking stream.
+  static void settle() { PKV_CUDA_CHECK(cudaDeviceSynchronize()); }
   void upload(const std::vector<T>& h) {
     REQUIRE(h.size() <= n_);
     if (!h.empty()) PKV_CUDA_CHECK(cudaMemcpy(p_, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+    settle();
   }
   std::vector<T> download() const {
     std::vector<T> h(n_);
@@ -56,6 +60,7 @@ class device_buffer {
   }
   void poison(unsigned char b = poison_byte) {
     if (n_) PKV_CUDA_CHECK(cudaMemset(p_, b, bytes()));
+    settle();
   }
 
  private:

@@ -14,6 +14,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace pkv_torch {
@@ -27,14 +28,29 @@ using opt_tensor = std::optional<at::Tensor>;
 using opt_tensor = c10::optional<at::Tensor>;
 #endif
 
+//! An error message built as one std::string (text and numbers only). Passing a single string to TORCH_CHECK keeps
+//! message formatting out of std::ostream: no stream is constructed in this extension's error paths.
+inline void message_append(std::string& s, const char* x) { s += x != nullptr ? x : "(null)"; }
+inline void message_append(std::string& s, const std::string& x) { s += x; }
+template <class N, std::enable_if_t<std::is_arithmetic_v<N>, int> = 0>
+void message_append(std::string& s, N x) {
+  s += std::to_string(x);
+}
+template <class... A>
+std::string message(const A&... a) {
+  std::string s;
+  (message_append(s, a), ...);
+  return s;
+}
+
 //! Raise the reason prefixkv recorded for its last rejected call: ValueError for bad input
 //! (cudaErrorInvalidValue), RuntimeError for anything else (a CUDA runtime failure, out of memory).
 [[noreturn]] inline void raise_last(const char* op) {
   const pk::error_info e = pk::last_error();
   if (e.code == cudaErrorInvalidValue)
-    TORCH_CHECK_VALUE(false, "prefixkv [", pk::to_string(e.why), "] ", e.message);
-  TORCH_CHECK(false, "prefixkv [", pk::to_string(e.why), "] ", op, ": ", e.message, " (error ", static_cast<int>(e.code),
-              ")");
+    TORCH_CHECK_VALUE(false, message("prefixkv [", pk::to_string(e.why), "] ", e.message));
+  TORCH_CHECK(false, message("prefixkv [", pk::to_string(e.why), "] ", op, ": ", e.message, " (error ",
+                             static_cast<int>(e.code), ")"));
 }
 
 inline void check(cudaError_t e, const char* op) {
@@ -42,9 +58,9 @@ inline void check(cudaError_t e, const char* op) {
 }
 
 //! A ValueError in prefixkv's format for checks made here (reason names as in prefixkv::reason).
-#define PKV_REQUIRE(cond, reason_name, ...)                                                   \
-  do {                                                                                        \
-    if (!(cond)) TORCH_CHECK_VALUE(false, "prefixkv [" reason_name "] ", __VA_ARGS__);       \
+#define PKV_REQUIRE(cond, reason_name, ...)                                                          \
+  do {                                                                                               \
+    if (!(cond)) TORCH_CHECK_VALUE(false, ::pkv_torch::message("prefixkv [" reason_name "] ", __VA_ARGS__)); \
   } while (0)
 
 //! The element type behind an at::ScalarType, as a tag value: float, prefixkv::f16 or prefixkv::bf16.
