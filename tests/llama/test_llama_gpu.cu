@@ -17,6 +17,7 @@ using namespace prefixkv_llama;
 using namespace serve_check;
 using prefixkv_test::make_rng;
 using prefixkv_test::quick_mode;
+using prefixkv_test::tiny_mode;
 
 namespace {
 
@@ -32,7 +33,8 @@ TEST_CASE("CUDA backend == host backend, bit for bit, on the real model: every m
   const std::vector<std::string> prompts = quick ? std::vector<std::string>{story_words(40)}
                                                  : std::vector<std::string>{"", story_words(12), story_words(60, 5),
                                                                             story_words(230, 17)};
-  const std::vector<int> cont = r.tk.encode(" Tim threw the ball and the dog ran after it. They played all day.", false, false);
+  std::vector<int> cont = r.tk.encode(" Tim threw the ball and the dog ran after it. They played all day.", false, false);
+  if (tiny_mode()) cont.resize(2);  // racecheck: every kernel still runs, on fewer tokens
   const method_kind methods[] = {method_kind::full,    method_kind::streaming, method_kind::uniform,
                                  method_kind::pyramid, method_kind::adakv,     method_kind::prefixkv,
                                  method_kind::prefixkv_head, method_kind::profile};
@@ -44,9 +46,11 @@ TEST_CASE("CUDA backend == host backend, bit for bit, on the real model: every m
           if ((m == method_kind::full || m == method_kind::streaming) && s != scorer_name::attention) continue;
           // quick (sanitizers): every method once with attention at 0.5, the other scorers with prefixkv
           if (quick && (ratio != 0.5 || (s != scorer_name::attention && m != method_kind::prefixkv))) continue;
+          // tiny (racecheck): the full cache and prefixkv with each scorer
+          if (tiny_mode() && m != method_kind::full && m != method_kind::prefixkv) continue;
           INFO("prompt tokens " << prompt.size() << " method " << to_string(m) << " scorer " << to_string(s)
                                 << " ratio " << ratio);
-          compare_backends("cuda", r.m, prompt, make_policy(m, s, ratio), quick ? 8 : 40, cont);
+          compare_backends("cuda", r.m, prompt, make_policy(m, s, ratio), tiny_mode() ? 2 : quick ? 8 : 40, cont);
         }
   }
 }
@@ -62,7 +66,7 @@ TEST_CASE("CUDA backend == host backend, bit for bit, on random models of other 
   for (const shape& s : shapes) {
     const model m = random_model(s.dim, s.hidden, s.layers, s.heads, s.kv_heads, s.vocab, s.seq_len, salt++);
     auto rng = make_rng(salt++);
-    for (int rep = 0; rep < (quick_mode() ? 2 : 6); ++rep) {
+    for (int rep = 0; rep < prefixkv_test::rounds(6, 2, 1); ++rep) {
       const int T = 1 + int(rng() % uint64_t(s.seq_len - 1));
       std::vector<int> prompt(static_cast<size_t>(T)), cont(size_t(1 + rng() % 8));
       for (int& t : prompt) t = int(rng() % uint64_t(s.vocab));
@@ -78,7 +82,7 @@ TEST_CASE("CUDA backend == host backend, bit for bit, on random models of other 
       p.sinks = int(rng() % 3);
       INFO("shape dim " << s.dim << " heads " << s.heads << "/" << s.kv_heads << " T " << T << " method "
                         << to_string(m2) << " scorer " << to_string(sc) << " ratio " << ratio);
-      compare_backends("cuda", m, prompt, p, 12, cont);
+      compare_backends("cuda", m, prompt, p, tiny_mode() ? 3 : 12, cont);
     }
   }
 }
@@ -181,7 +185,7 @@ TEST_CASE("--serve on random models of other shapes == every request alone") {
     std::vector<std::vector<int>> prompts;
     const method_kind methods[] = {method_kind::full, method_kind::uniform, method_kind::adakv, method_kind::prefixkv,
                                    method_kind::prefixkv_head};
-    for (int i = 0; i < 12; ++i) {
+    for (int i = 0, n = prefixkv_test::rounds(12, 12, 4); i < n; ++i) {
       serve_request q;
       q.steps = 1 + int(rng() % 20);
       q.pol = make_policy(methods[rng() % 5], scorer_name::attention, double(rng() % 7) / 10.0);
@@ -244,7 +248,7 @@ TEST_CASE("command line: --device cuda prints what --device cpu prints; --serve 
   std::vector<std::string> runs = {"--method full", "--method prefixkv --evict-ratio 0.5",
                                    "--method prefixkv-head --evict-ratio 0.75",
                                    "--method pyramid --scorer window --evict-ratio 0.5"};
-  if (quick) runs.resize(2);
+  if (quick) runs.resize(tiny_mode() ? 1 : 2);
   for (const std::string& p : prompts)
     for (const std::string& a : runs) {
       for (const std::string& mode : {std::string("--steps 40"), "--score-continuation " + cont}) {
