@@ -58,9 +58,10 @@ inline void check(cudaError_t e, const char* op) {
 }
 
 //! A ValueError in prefixkv's format for checks made here (reason names as in prefixkv::reason).
-#define PKV_REQUIRE(cond, reason_name, ...)                                                          \
-  do {                                                                                               \
-    if (!(cond)) TORCH_CHECK_VALUE(false, ::pkv_torch::message("prefixkv [" reason_name "] ", __VA_ARGS__)); \
+#define PKV_REQUIRE(cond, reason_name, ...)                                                       \
+  do {                                                                                            \
+    if (!(cond))                                                                                  \
+      TORCH_CHECK_VALUE(false, ::pkv_torch::message("prefixkv [" reason_name "] ", __VA_ARGS__)); \
   } while (0)
 
 //! The element type behind an at::ScalarType, as a tag value: float, prefixkv::f16 or prefixkv::bf16.
