@@ -6,6 +6,7 @@
 #   BUILD_DIR=build-gpu  LOG_DIR=...  BENCH=ON|OFF  TOOLS="memcheck racecheck"  SAN_TIMEOUT=900 (s per test case)
 #   SAN_JOBS=nproc (sanitizer processes at a time)  ONLY="test_a_gpu test_b_gpu" (these binaries only)
 #   SKIP_BUILD=1 (use BUILD_DIR as it is, e.g. built on another machine at the same path)
+#   SAN_ARGS="..." (more compute-sanitizer options for every run, e.g. --kernel-name-exclude kns=cub)
 #   PYTHON_CHECK=0 (leave out the PyTorch extension's tests and python/examples/hf_check.py)
 #   RACECHECK_SOLVE_VARIANTS=0,1,4: solver variants under racecheck (cluster path as chosen, cluster path forced to
 #   2 CTAs next to the block path, sample-select); racecheck is slowest on the cluster kernel. Empty = all.
@@ -60,7 +61,7 @@ run_one() {  # tool binary case -> writes $logs/$tool-$binary-$case.log and .rc
   local variants="" quick=1
   if [ "$1" = racecheck ]; then variants=${RACECHECK_SOLVE_VARIANTS-0,1,4}; quick=2; fi
   PREFIXKV_TEST_QUICK=$quick PREFIXKV_SOLVE_VARIANTS=$variants timeout "${SAN_TIMEOUT:-900}" \
-    compute-sanitizer --tool "$1" --error-exitcode 99 --print-limit 50 "$build/bin/$2" --first="$3" --last="$3" \
+    compute-sanitizer --tool "$1" ${SAN_ARGS:-} --error-exitcode 99 --print-limit 50 "$build/bin/$2" --first="$3" --last="$3" \
     >"$logs/$1-$2-$3.log" 2>&1
   echo $? >"$logs/$1-$2-$3.rc"
 }
