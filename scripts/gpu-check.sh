@@ -61,8 +61,8 @@ run_one() {  # tool binary case -> writes $logs/$tool-$binary-$case.log and .rc
   local variants="" quick=1
   if [ "$1" = racecheck ]; then variants=${RACECHECK_SOLVE_VARIANTS-0,1,4}; quick=2; fi
   PREFIXKV_TEST_QUICK=$quick PREFIXKV_SOLVE_VARIANTS=$variants timeout "${SAN_TIMEOUT:-900}" \
-    compute-sanitizer --tool "$1" ${SAN_ARGS:-} --error-exitcode 99 --print-limit 50 "$build/bin/$2" --first="$3" --last="$3" \
-    >"$logs/$1-$2-$3.log" 2>&1
+    compute-sanitizer --tool "$1" ${SAN_ARGS:-} --error-exitcode 99 --print-limit 50 \
+    "$build/bin/$2" --first="$3" --last="$3" >"$logs/$1-$2-$3.log" 2>&1
   echo $? >"$logs/$1-$2-$3.rc"
 }
 cases_of() {  # binary -> number of test cases
