@@ -138,9 +138,8 @@ struct device_model {
   }
   //! Poison the outputs (the cache is left as it is).
   void poison() {
-    for (auto* b : {&len, &cu, &pages, &status}) PKV_CUDA_CHECK(cudaMemset(b->get(), 0xA5, b->bytes()));
-    PKV_CUDA_CHECK(cudaMemset(thr.get(), 0xA5, thr.bytes()));
-    PKV_CUDA_CHECK(cudaDeviceSynchronize());  // cudaMemset (legacy stream) does not order a non-blocking stream
+    for (auto* b : {&len, &cu, &pages, &status}) b->poison(0xA5);
+    thr.poison(0xA5);
   }
   template <class F>
   auto with_args(const policy& pol, F&& f) {
