@@ -4,9 +4,11 @@
 # torch) the PyTorch extension's tests and the transformers check. Prints one summary line per part and exits
 # non-zero on any failure. Logs go to $LOG_DIR (default build-gpu/logs).
 #   BUILD_DIR=build-gpu  LOG_DIR=...  BENCH=ON|OFF  TOOLS="memcheck racecheck"  SAN_TIMEOUT=900 (s per test case)
-#   SAN_JOBS=nproc (sanitizer processes at a time)  ONLY="test_a_gpu test_b_gpu" (these binaries only)
+#   SAN_JOBS=nproc (sanitizer processes at a time)  ONLY="test_a_gpu test_b_gpu" (these binaries only;
+#   "test_a_gpu:1,4" runs only test cases 1 and 4 of that binary under the sanitizers, in the order given)
 #   SKIP_BUILD=1 (use BUILD_DIR as it is, e.g. built on another machine at the same path)
 #   SAN_ARGS="..." (more compute-sanitizer options for every run, e.g. --kernel-name-exclude kns=cub)
+#   SUITE=0 (leave out ctest -L gpu)
 #   PYTHON_CHECK=0 (leave out the PyTorch extension's tests and python/examples/hf_check.py)
 #   RACECHECK_SOLVE_VARIANTS=0,1,4: solver variants under racecheck (cluster path as chosen, cluster path forced to
 #   2 CTAs next to the block path, sample-select); racecheck is slowest on the cluster kernel. Empty = all.
@@ -46,7 +48,9 @@ if [ "${PYTHON_CHECK:-1}" != 0 ]; then
 fi
 
 export PREFIXKV_REQUIRE_GPU=1
-if ctest --test-dir "$build" -L gpu --output-on-failure >"$logs/ctest-gpu.log" 2>&1; then
+if [ "${SUITE:-1}" = 0 ]; then
+  echo "ctest -L gpu: left out (SUITE=0)"
+elif ctest --test-dir "$build" -L gpu --output-on-failure >"$logs/ctest-gpu.log" 2>&1; then
   echo "ctest -L gpu: $(grep -E 'tests passed' "$logs/ctest-gpu.log")"
 else
   status=1
@@ -72,13 +76,17 @@ rm -f "$logs"/memcheck-*.rc "$logs"/racecheck-*.rc
 list="$logs/gpu_tests.list"
 if [ -n "${ONLY:-}" ]; then printf '%s\n' $ONLY >"$list"; else cp "$build/gpu_tests.txt" "$list"; fi
 jobs_max=${SAN_JOBS:-$(nproc)}
-# binary by binary (in the list's order), each with every tool
-while read -r t; do
+# binary by binary (in the list's order), each with every tool; "binary:1,4" picks test cases
+while IFS=: read -r t picked; do
   [ -n "$t" ] || continue
   n=$(cases_of "$t")
   [ -n "$n" ] && [ "$n" -gt 0 ] || { echo "  $t: could not count its test cases"; status=1; continue; }
+  if [ -n "$picked" ]; then cases=${picked//,/ }; else cases=$(seq 1 "$n"); fi
   for tool in $tools; do
-    for ((i = 1; i <= n; ++i)); do
+    for i in $cases; do
+      if ! [[ "$i" =~ ^[0-9]+$ ]] || [ "$i" -lt 1 ] || [ "$i" -gt "$n" ]; then
+        echo "  $t: no test case $i (it has $n)"; status=1; continue
+      fi
       while [ "$(jobs -rp | wc -l)" -ge "$jobs_max" ]; do wait -n; done
       run_one "$tool" "$t" "$i" </dev/null &
     done
@@ -87,7 +95,7 @@ done <"$list"
 wait
 for tool in $tools; do
   errors=0; failed=0; n=0; runs=0
-  while read -r t; do
+  while IFS=: read -r t _; do
     [ -n "$t" ] || continue
     n=$((n + 1))
     for rcf in "$logs/$tool-$t"-*.rc; do
