@@ -64,10 +64,13 @@ command -v compute-sanitizer >/dev/null || { echo "compute-sanitizer: not found"
 run_one() {  # tool binary case -> writes $logs/$tool-$binary-$case.log and .rc
   local variants="" quick=1
   if [ "$1" = racecheck ]; then variants=${RACECHECK_SOLVE_VARIANTS-0,1,4}; quick=2; fi
+  local t0=$SECONDS rc
   PREFIXKV_TEST_QUICK=$quick PREFIXKV_SOLVE_VARIANTS=$variants timeout "${SAN_TIMEOUT:-900}" \
     compute-sanitizer --tool "$1" ${SAN_ARGS:-} --error-exitcode 99 --print-limit 50 \
     "$build/bin/$2" --first="$3" --last="$3" >"$logs/$1-$2-$3.log" 2>&1
-  echo $? >"$logs/$1-$2-$3.rc"
+  rc=$?
+  echo "gpu-check.sh: exit $rc after $((SECONDS - t0)) s" >>"$logs/$1-$2-$3.log"
+  echo $rc >"$logs/$1-$2-$3.rc"
 }
 cases_of() {  # binary -> number of test cases
   "$build/bin/$1" --count </dev/null 2>/dev/null | grep -Eo "filters: [0-9]+" | grep -Eo "[0-9]+" | tail -1
