@@ -4,6 +4,7 @@
 #include "compress/compress_gpu_util.cuh"
 
 #include <cmath>
+#include <initializer_list>
 
 namespace {
 
@@ -128,11 +129,21 @@ void run_fault(fault f, std::mt19937_64& rng) {
 
 }  // namespace
 
-TEST_CASE("compress: bad device data stops the chain with the host backend's reason, cache untouched") {
+// Bad device data stops the chain with the host backend's reason, cache untouched. Three test cases, so that the
+// sanitizers (one process per test case) run them side by side.
+TEST_CASE("compress: bad scorer inputs (NaN in P or K, bad caller scores) stop the chain, cache untouched") {
   auto rng = prefixkv_test::make_rng(0xC0BAD);
-  for (fault f : {fault::nan_p, fault::negative_score, fault::nan_score, fault::long_length, fault::short_window,
-                  fault::budget, fault::bad_page, fault::twice_page, fault::nan_k})
-    run_fault(f, rng);
+  for (fault f : {fault::nan_p, fault::negative_score, fault::nan_score, fault::nan_k}) run_fault(f, rng);
+}
+
+TEST_CASE("compress: bad lengths and an infeasible budget stop the chain, cache untouched") {
+  auto rng = prefixkv_test::make_rng(0xC0BAE);
+  for (fault f : {fault::long_length, fault::short_window, fault::budget}) run_fault(f, rng);
+}
+
+TEST_CASE("compress: bad block tables (a page out of range, a page twice) stop the chain, cache untouched") {
+  auto rng = prefixkv_test::make_rng(0xC0BAF);
+  for (fault f : {fault::bad_page, fault::twice_page}) run_fault(f, rng);
 }
 
 TEST_CASE("compress: host-visible problems are rejected before anything is enqueued") {
@@ -170,11 +181,14 @@ TEST_CASE("compress: host-visible problems are rejected before anything is enque
   });
 }
 
-TEST_CASE("compress_layer: one layer at a time == the host backend, and == the whole-model call") {
-  auto rng = prefixkv_test::make_rng(0xC014);
-  for (allocation al : {allocation::uniform, allocation::pyramid, allocation::profile})
+namespace {
+
+// compress_layer on every layer, then the whole-model call, for each allocation in `allocs` and both granularities
+// (racecheck, PREFIXKV_TEST_QUICK=2: uniform per layer and profile per head).
+void check_compress_layer(std::initializer_list<allocation> allocs, uint64_t seed) {
+  auto rng = prefixkv_test::make_rng(seed);
+  for (allocation al : allocs)
     for (granularity gr : {granularity::layer, granularity::head}) {
-      // racecheck (PREFIXKV_TEST_QUICK=2): uniform per layer and profile per head
       const bool tiny_pick = (al == allocation::uniform && gr == granularity::layer) ||
                              (al == allocation::profile && gr == granularity::head);
       if (prefixkv_test::tiny_mode() && !tiny_pick) continue;
@@ -183,10 +197,11 @@ TEST_CASE("compress_layer: one layer at a time == the host backend, and == the w
       cb.gran = gr;
       cb.in_place = true;
       cb.scorer = scorer_kind::attention;
-      cb.s.L = 4;
+      cb.s.L = prefixkv_test::tiny_mode() ? 2 : 4;  // racecheck: two layers (one call per layer, then the whole)
       // sequences of >= 16 tokens: every layer's budget is feasible (3 protected tokens, up to 0.7 evicted), so the
       // whole-model call must succeed (a chain failure is checked in the bad-data cases above)
       cb.s.T = std::max<int64_t>(cb.s.T, 24);
+      if (prefixkv_test::tiny_mode()) cb.s.T = std::min<int64_t>(cb.s.T, 48);
       cb.s.window = 16;
       CAPTURE(cb.name());
       const int64_t hg = gr == granularity::head ? cb.s.H : 1;
@@ -236,6 +251,16 @@ TEST_CASE("compress_layer: one layer at a time == the host backend, and == the w
       CHECK(m.cache.host == whole_image);
       CHECK(m.cache.download() == whole_image);
     }
+}
+
+}  // namespace
+
+TEST_CASE("compress_layer: one layer at a time == the host backend and the whole-model call (uniform, pyramid)") {
+  check_compress_layer({allocation::uniform, allocation::pyramid}, 0xC014);
+}
+
+TEST_CASE("compress_layer: one layer at a time == the host backend and the whole-model call (profile)") {
+  check_compress_layer({allocation::profile}, 0xC015);
 }
 
 TEST_CASE("compress: compressing twice (lengths per segment from the first call) == the host backend") {

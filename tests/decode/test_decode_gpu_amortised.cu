@@ -23,11 +23,15 @@ compact_test::geometry geo(int64_t L, int64_t B, int64_t H, int64_t T, int64_t D
 
 }  // namespace
 
-TEST_CASE("decode gpu: amortised compressions equal the host backend in every layout") {
-  auto rng = make_rng(301);
-  int li = 0;
-  for (layout l : compact_test::all_layouts) {
-    ++li;
+namespace {
+
+// Amortised compressions in layout compact_test::all_layouts[layout_index] (1-based li below picks the racecheck
+// variant): no slack; slack with rebalancing; slack with kv-head segments.
+void check_amortised(int layout_index) {
+  auto rng = make_rng(301 + uint64_t(layout_index));
+  const int li = layout_index + 1;
+  const layout l = compact_test::all_layouts[layout_index];
+  {
     for (int variant = 0; variant < 3; ++variant) {
       if (prefixkv_test::tiny_mode() && variant != li % 3) continue;  // racecheck: each variant, layouts across them
       CAPTURE(compact_test::name(l));
@@ -50,6 +54,16 @@ TEST_CASE("decode gpu: amortised compressions equal the host backend in every la
     }
   }
 }
+
+}  // namespace
+
+static_assert(sizeof(compact_test::all_layouts) / sizeof(layout) == 5, "one test case per layout below");
+// One test case per layout (in all_layouts' order), so that the sanitizers (one process per test case) run them side by side.
+TEST_CASE("decode gpu: amortised compressions equal the host backend (bhsd layout)") { check_amortised(0); }
+TEST_CASE("decode gpu: amortised compressions equal the host backend (bshd layout)") { check_amortised(1); }
+TEST_CASE("decode gpu: amortised compressions equal the host backend (strided layout)") { check_amortised(2); }
+TEST_CASE("decode gpu: amortised compressions equal the host backend (nhd layout)") { check_amortised(3); }
+TEST_CASE("decode gpu: amortised compressions equal the host backend (hnd layout)") { check_amortised(4); }
 
 TEST_CASE("decode gpu: amortised graphs (skip / now) replayed by the host schedule") {
   auto rng = make_rng(302);

@@ -192,9 +192,13 @@ TEST_CASE("sharded compress (CUDA, ranks as threads on one GPU) == unsharded com
       check_case<pk::bf16>(rng, tp, pp, random_policy(rng, tp), random_shape(rng, tp, pp, 128));
 }
 
-TEST_CASE("sharded compress (CUDA): every scorer and granularity on 2 x 2 ranks") {
-  auto rng = make_rng(0xD1C2);
-  for (int sc = 0; sc < 5; ++sc)
+namespace {
+
+// Scorer `sc` with both granularities on 2 x 2 ranks (racecheck, PREFIXKV_TEST_QUICK=2: one granularity per scorer,
+// both across the scorers).
+void check_scorer_2x2(int sc) {
+  auto rng = make_rng(0xD1C2 + uint64_t(sc));
+  {
     for (int gr = 0; gr < 2; ++gr) {
       if (prefixkv_test::tiny_mode() && gr != sc % 2) continue;  // racecheck: every scorer once, both granularities
       policy pol;
@@ -205,7 +209,17 @@ TEST_CASE("sharded compress (CUDA): every scorer and granularity on 2 x 2 ranks"
       const int tp = attention_layers ? 1 : 2;
       check_case<pk::bf16>(rng, tp, 2, pol, random_shape(rng, tp, 2, 64));
     }
+  }
 }
+
+}  // namespace
+
+// One test case per scorer, so that the sanitizers (one process per test case) run them side by side.
+TEST_CASE("sharded compress (CUDA) on 2 x 2 ranks, both granularities: caller scores") { check_scorer_2x2(0); }
+TEST_CASE("sharded compress (CUDA) on 2 x 2 ranks, both granularities: attention") { check_scorer_2x2(1); }
+TEST_CASE("sharded compress (CUDA) on 2 x 2 ranks, both granularities: window") { check_scorer_2x2(2); }
+TEST_CASE("sharded compress (CUDA) on 2 x 2 ranks, both granularities: key norms") { check_scorer_2x2(3); }
+TEST_CASE("sharded compress (CUDA) on 2 x 2 ranks, both granularities: recency") { check_scorer_2x2(4); }
 
 TEST_CASE("sharded compress (CUDA): bad data anywhere stops every rank with the unsharded status") {
   auto rng = make_rng(0xD1C3);

@@ -122,7 +122,10 @@ TEST_CASE("--serve: a mixed batch (full / prefixkv, ratios 0.5 / 0.75) in a pool
     MESSAGE("skipped: no model at " << model_dir);
     return;
   }
-  mixed_batch mb(r, quick_mode() ? 16 : 24, quick_mode() ? 20 : 60, 21);
+  // 24 requests; 16 under the sanitizers; racecheck (PREFIXKV_TEST_QUICK=2, the slowest tool): 10 requests of short
+  // generations, every (method, ratio) pair still in the batch and the pool still too small (19 iterations, not 41)
+  const int R = tiny_mode() ? 10 : quick_mode() ? 16 : 24, steps = tiny_mode() ? 4 : quick_mode() ? 20 : 60;
+  mixed_batch mb(r, R, steps, 21);
   REQUIRE(mb.full_pages > mb.opt.pool_pages);  // full caches cannot all fit
   const serve_summary sum = serve_both(r.m, mb.reqs, mb.prompts, mb.opt);
   CHECK(sum.completed == int(mb.reqs.size()));
@@ -144,11 +147,12 @@ TEST_CASE("--serve: every method, head granularity, streaming, page size 8, refu
                                  method_kind::adakv, method_kind::prefixkv, method_kind::prefixkv_head};
   std::vector<serve_request> reqs;
   std::vector<std::vector<int>> prompts;
-  const int R = quick_mode() ? 9 : 18;
+  // racecheck (PREFIXKV_TEST_QUICK=2): every method once, short generations
+  const int R = tiny_mode() ? 7 : quick_mode() ? 9 : 18;
   for (int i = 0; i < R; ++i) {
     serve_request q;
     q.prompt = story_words(20 + int(rng() % 110), int(rng() % 50));
-    q.steps = int(rng() % 30);  // 0 included: prefill and compression only
+    q.steps = int(rng() % (tiny_mode() ? 6 : 30));  // 0 included: prefill and compression only
     q.pol = make_policy(methods[i % 7], scorer_name::attention, double(rng() % 8) / 10.0);
     reqs.push_back(q);
   }
@@ -172,13 +176,17 @@ TEST_CASE("--serve: every method, head granularity, streaming, page size 8, refu
   CHECK(sum.refused == 2);
 }
 
-TEST_CASE("--serve on random models of other shapes == every request alone") {
+namespace {
+
+// The serving loop on a random model of shape `which` (head sizes 4, 6, 2; GQA groups 2, 1, 4) == every request alone.
+void serve_random_model(int which) {
   struct shape {
     int dim, hidden, layers, heads, kv_heads, vocab, seq_len;
   };
   const shape shapes[] = {{16, 24, 3, 4, 2, 300, 64}, {24, 37, 2, 4, 4, 97, 50}, {8, 13, 4, 4, 1, 40, 33}};
-  uint64_t salt = 31;
-  for (const shape& s : shapes) {
+  uint64_t salt = 31 + 2 * uint64_t(which);
+  {
+    const shape& s = shapes[which];
     const model m = random_model(s.dim, s.hidden, s.layers, s.heads, s.kv_heads, s.vocab, s.seq_len, salt++);
     auto rng = make_rng(salt++);
     std::vector<serve_request> reqs;
@@ -187,7 +195,7 @@ TEST_CASE("--serve on random models of other shapes == every request alone") {
                                    method_kind::prefixkv_head};
     for (int i = 0, n = prefixkv_test::rounds(12, 12, 4); i < n; ++i) {
       serve_request q;
-      q.steps = 1 + int(rng() % 20);
+      q.steps = 1 + int(rng() % (tiny_mode() ? 5 : 20));  // racecheck: short generations
       q.pol = make_policy(methods[rng() % 5], scorer_name::attention, double(rng() % 7) / 10.0);
       q.pol.sinks = int(rng() % 3);
       reqs.push_back(q);
@@ -204,6 +212,13 @@ TEST_CASE("--serve on random models of other shapes == every request alone") {
     serve_both(m, reqs, prompts, opt);
   }
 }
+
+}  // namespace
+
+// One test case per shape, so that the sanitizers (one process per test case) run them side by side.
+TEST_CASE("--serve on a random model (dim 16, 4 / 2 heads) == every request alone") { serve_random_model(0); }
+TEST_CASE("--serve on a random model (dim 24, 4 / 4 heads, hidden 37) == every request alone") { serve_random_model(1); }
+TEST_CASE("--serve on a random model (dim 8, 4 / 1 heads) == every request alone") { serve_random_model(2); }
 
 namespace {
 

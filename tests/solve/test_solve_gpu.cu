@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -205,12 +206,10 @@ void run_token_budgets(std::mt19937_64& rng, const batch& b, const std::vector<i
   run_and_compare(b, hb, db, hbd, dbd);
 }
 
-}  // namespace
-
-TEST_CASE("device solver == host solver: ragged batches, thousands of segments, every input kind") {
-  auto rng = make_rng(401);
-  for (score_kind kind : {score_kind::mixed, score_kind::tied, score_kind::zeros, score_kind::onehot,
-                          score_kind::heavy, score_kind::uniform}) {
+// Ragged batches of these input kinds: per-problem evict ratios, then a keep-candidates budget with bounds.
+void check_ragged(std::initializer_list<score_kind> kinds, uint64_t seed) {
+  auto rng = make_rng(seed);
+  for (score_kind kind : kinds) {
     const int64_t P = 1 + rng() % (quick() ? 9 : 97);
     batch b = make_batch(rng, P, 1 + rng() % (quick() ? 40 : 80), 1 + rng() % (quick() ? 150 : 300),
                          pk::protect_policy{int64_t(rng() % 5), int64_t(rng() % 3)}, kind);
@@ -226,6 +225,19 @@ TEST_CASE("device solver == host solver: ragged batches, thousands of segments, 
     const auto kc = pk::budget_keep_candidates(int64_t(rng() % 200));
     run_and_compare(b, kc, kc, bd, bd);
   }
+}
+
+}  // namespace
+
+// Three test cases of two input kinds each, so that the sanitizers (one process per test case) run them side by side.
+TEST_CASE("device solver == host solver: ragged batches, thousands of segments (mixed, tied scores)") {
+  check_ragged({score_kind::mixed, score_kind::tied}, 401);
+}
+TEST_CASE("device solver == host solver: ragged batches, thousands of segments (all zeros, one-hot)") {
+  check_ragged({score_kind::zeros, score_kind::onehot}, 404);
+}
+TEST_CASE("device solver == host solver: ragged batches, thousands of segments (heavy-tailed, uniform)") {
+  check_ragged({score_kind::heavy, score_kind::uniform}, 405);
 }
 
 TEST_CASE("device solver: per-problem token budgets and per-segment bound arrays") {
@@ -270,8 +282,11 @@ TEST_CASE("device solver: hand-made curves with large and negative entry values 
   }
 }
 
-TEST_CASE("device solver: large problems (multi-level windows, uncached metadata, no samples)") {
-  auto rng = make_rng(403);
+namespace {
+
+// Large problems: the shapes below whose index % parts == part.
+void check_large(int part, int parts) {
+  auto rng = make_rng(403 + uint64_t(part));
   struct shape {
     int64_t segs, n;
     score_kind kind;
@@ -293,7 +308,9 @@ TEST_CASE("device solver: large problems (multi-level windows, uncached metadata
               shape{40, 9000, score_kind::mixed}};
     ratios = {0.5};
   }
-  for (shape sh : shapes) {
+  for (size_t si = 0; si < shapes.size(); ++si) {
+    if (int(si % size_t(parts)) != part) continue;
+    const shape sh = shapes[si];
     batch b;
     b.poff = {0, sh.segs};
     b.rows.assign(sh.segs + 1, 0);
@@ -309,6 +326,20 @@ TEST_CASE("device solver: large problems (multi-level windows, uncached metadata
       run_and_compare(b, bud, bud, {}, {});
     }
   }
+}
+
+}  // namespace
+
+// Three test cases of a third of the shapes each, so that the sanitizers (one process per test case) run them side
+// by side.
+TEST_CASE("device solver: large problems (multi-level windows, uncached metadata, no samples), part 1 of 3") {
+  check_large(0, 3);
+}
+TEST_CASE("device solver: large problems (multi-level windows, uncached metadata, no samples), part 2 of 3") {
+  check_large(1, 3);
+}
+TEST_CASE("device solver: large problems (multi-level windows, uncached metadata, no samples), part 3 of 3") {
+  check_large(2, 3);
 }
 
 TEST_CASE("device solver: host-checkable bad arguments are rejected before anything is enqueued") {
