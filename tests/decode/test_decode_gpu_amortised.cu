@@ -21,36 +21,30 @@ compact_test::geometry geo(int64_t L, int64_t B, int64_t H, int64_t T, int64_t D
   return g;
 }
 
-}  // namespace
-
-namespace {
-
 // Amortised compressions in layout compact_test::all_layouts[layout_index] (1-based li below picks the racecheck
 // variant): no slack; slack with rebalancing; slack with kv-head segments.
 void check_amortised(int layout_index) {
   auto rng = make_rng(301 + uint64_t(layout_index));
   const int li = layout_index + 1;
   const layout l = compact_test::all_layouts[layout_index];
-  {
-    for (int variant = 0; variant < 3; ++variant) {
-      if (prefixkv_test::tiny_mode() && variant != li % 3) continue;  // racecheck: each variant, layouts across them
-      CAPTURE(compact_test::name(l));
-      CAPTURE(variant);
-      pk::decode_config cfg;
-      cfg.policy = pk::decode_policy::amortised;
-      cfg.slack = variant == 0 ? 0 : 4;
-      cfg.rebalance = variant == 1;
-      cfg.horizon = variant == 1 ? 100 : 0;  // sequences past the horizon: rebalanced fractions over the horizon
-      cfg.gran = variant == 2 ? pk::granularity::head : pk::granularity::layer;
-      cfg.protect = {2, variant == 2 ? 0 : 3};
-      gpu_case<pk::bf16, pk::bf16> c(l, geo(3, variant == 2 ? 1 : 2, 2, 140, 64, variant == 2 ? 2 : 1), cfg, rng);
-      c.init(rng, 25, 55);
-      for (int i = 0, n = prefixkv_test::rounds(24, 24, 7); i < n; ++i) {
-        c.randomise(rng, i % 4 == 1, i % 9 == 4);
-        c.set_active(rng, i % 2 == 0);
-        const auto ob = i % 5 == 3 ? pk::decode_observe::add_scores : pk::decode_observe::attention;
-        c.step(ob, pk::decode_when::automatic, 1, true, i < 2 || i % 6 == 5, (std::string("step ") + std::to_string(i)).c_str());
-      }
+  for (int variant = 0; variant < 3; ++variant) {
+    if (prefixkv_test::tiny_mode() && variant != li % 3) continue;  // racecheck: each variant, layouts across them
+    CAPTURE(compact_test::name(l));
+    CAPTURE(variant);
+    pk::decode_config cfg;
+    cfg.policy = pk::decode_policy::amortised;
+    cfg.slack = variant == 0 ? 0 : 4;
+    cfg.rebalance = variant == 1;
+    cfg.horizon = variant == 1 ? 100 : 0;  // sequences past the horizon: rebalanced fractions over the horizon
+    cfg.gran = variant == 2 ? pk::granularity::head : pk::granularity::layer;
+    cfg.protect = {2, variant == 2 ? 0 : 3};
+    gpu_case<pk::bf16, pk::bf16> c(l, geo(3, variant == 2 ? 1 : 2, 2, 140, 64, variant == 2 ? 2 : 1), cfg, rng);
+    c.init(rng, 25, 55);
+    for (int i = 0, n = prefixkv_test::rounds(24, 24, 7); i < n; ++i) {
+      c.randomise(rng, i % 4 == 1, i % 9 == 4);
+      c.set_active(rng, i % 2 == 0);
+      const auto ob = i % 5 == 3 ? pk::decode_observe::add_scores : pk::decode_observe::attention;
+      c.step(ob, pk::decode_when::automatic, 1, true, i < 2 || i % 6 == 5, (std::string("step ") + std::to_string(i)).c_str());
     }
   }
 }
@@ -58,7 +52,8 @@ void check_amortised(int layout_index) {
 }  // namespace
 
 static_assert(sizeof(compact_test::all_layouts) / sizeof(layout) == 5, "one test case per layout below");
-// One test case per layout (in all_layouts' order), so that the sanitizers (one process per test case) run them side by side.
+// One test case per layout (in all_layouts' order), so that the sanitizers (one process per test case) run them
+// side by side.
 TEST_CASE("decode gpu: amortised compressions equal the host backend (bhsd layout)") { check_amortised(0); }
 TEST_CASE("decode gpu: amortised compressions equal the host backend (bshd layout)") { check_amortised(1); }
 TEST_CASE("decode gpu: amortised compressions equal the host backend (strided layout)") { check_amortised(2); }

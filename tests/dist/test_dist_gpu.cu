@@ -198,17 +198,15 @@ namespace {
 // both across the scorers).
 void check_scorer_2x2(int sc) {
   auto rng = make_rng(0xD1C2 + uint64_t(sc));
-  {
-    for (int gr = 0; gr < 2; ++gr) {
-      if (prefixkv_test::tiny_mode() && gr != sc % 2) continue;  // racecheck: every scorer once, both granularities
-      policy pol;
-      pol.scorer = pk::scorer_kind(sc);
-      pol.gran = pk::granularity(gr);
-      pol.alloc = gr ? pk::allocation::uniform : pk::allocation::prefix;
-      const bool attention_layers = pol.scorer == pk::scorer_kind::attention && pol.gran == pk::granularity::layer;
-      const int tp = attention_layers ? 1 : 2;
-      check_case<pk::bf16>(rng, tp, 2, pol, random_shape(rng, tp, 2, 64));
-    }
+  for (int gr = 0; gr < 2; ++gr) {
+    if (prefixkv_test::tiny_mode() && gr != sc % 2) continue;  // racecheck: every scorer once, both granularities
+    policy pol;
+    pol.scorer = pk::scorer_kind(sc);
+    pol.gran = pk::granularity(gr);
+    pol.alloc = gr ? pk::allocation::uniform : pk::allocation::prefix;
+    const bool attention_layers = pol.scorer == pk::scorer_kind::attention && pol.gran == pk::granularity::layer;
+    const int tp = attention_layers ? 1 : 2;
+    check_case<pk::bf16>(rng, tp, 2, pol, random_shape(rng, tp, 2, 64));
   }
 }
 

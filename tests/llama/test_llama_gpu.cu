@@ -184,33 +184,31 @@ void serve_random_model(int which) {
     int dim, hidden, layers, heads, kv_heads, vocab, seq_len;
   };
   const shape shapes[] = {{16, 24, 3, 4, 2, 300, 64}, {24, 37, 2, 4, 4, 97, 50}, {8, 13, 4, 4, 1, 40, 33}};
-  uint64_t salt = 31 + 2 * uint64_t(which);
-  {
-    const shape& s = shapes[which];
-    const model m = random_model(s.dim, s.hidden, s.layers, s.heads, s.kv_heads, s.vocab, s.seq_len, salt++);
-    auto rng = make_rng(salt++);
-    std::vector<serve_request> reqs;
-    std::vector<std::vector<int>> prompts;
-    const method_kind methods[] = {method_kind::full, method_kind::uniform, method_kind::adakv, method_kind::prefixkv,
-                                   method_kind::prefixkv_head};
-    for (int i = 0, n = prefixkv_test::rounds(12, 12, 4); i < n; ++i) {
-      serve_request q;
-      q.steps = 1 + int(rng() % (tiny_mode() ? 5 : 20));  // racecheck: short generations
-      q.pol = make_policy(methods[rng() % 5], scorer_name::attention, double(rng() % 7) / 10.0);
-      q.pol.sinks = int(rng() % 3);
-      reqs.push_back(q);
-      std::vector<int> p(size_t(1 + rng() % uint64_t(s.seq_len - 1)));
-      p[0] = 1;
-      for (size_t k = 1; k < p.size(); ++k) p[k] = int(rng() % uint64_t(s.vocab));
-      prompts.push_back(p);
-    }
-    serve_options opt;
-    opt.page_size = 16;
-    opt.max_prefill = 1 + int(rng() % 4);
-    opt.pool_pages = s.layers * pages_for(s.seq_len, 16) + int(rng() % 20);
-    INFO("shape dim " << s.dim << " heads " << s.heads << "/" << s.kv_heads << " pool " << opt.pool_pages);
-    serve_both(m, reqs, prompts, opt);
+  const uint64_t salt = 31 + 2 * uint64_t(which);
+  const shape& s = shapes[which];
+  const model m = random_model(s.dim, s.hidden, s.layers, s.heads, s.kv_heads, s.vocab, s.seq_len, salt);
+  auto rng = make_rng(salt + 1);
+  std::vector<serve_request> reqs;
+  std::vector<std::vector<int>> prompts;
+  const method_kind methods[] = {method_kind::full, method_kind::uniform, method_kind::adakv, method_kind::prefixkv,
+                                 method_kind::prefixkv_head};
+  for (int i = 0, n = prefixkv_test::rounds(12, 12, 4); i < n; ++i) {
+    serve_request q;
+    q.steps = 1 + int(rng() % (tiny_mode() ? 5 : 20));  // racecheck: short generations
+    q.pol = make_policy(methods[rng() % 5], scorer_name::attention, double(rng() % 7) / 10.0);
+    q.pol.sinks = int(rng() % 3);
+    reqs.push_back(q);
+    std::vector<int> p(size_t(1 + rng() % uint64_t(s.seq_len - 1)));
+    p[0] = 1;
+    for (size_t k = 1; k < p.size(); ++k) p[k] = int(rng() % uint64_t(s.vocab));
+    prompts.push_back(p);
   }
+  serve_options opt;
+  opt.page_size = 16;
+  opt.max_prefill = 1 + int(rng() % 4);
+  opt.pool_pages = s.layers * pages_for(s.seq_len, 16) + int(rng() % 20);
+  INFO("shape dim " << s.dim << " heads " << s.heads << "/" << s.kv_heads << " pool " << opt.pool_pages);
+  serve_both(m, reqs, prompts, opt);
 }
 
 }  // namespace
