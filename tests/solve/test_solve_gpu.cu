@@ -10,7 +10,6 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -206,38 +205,45 @@ void run_token_budgets(std::mt19937_64& rng, const batch& b, const std::vector<i
   run_and_compare(b, hb, db, hbd, dbd);
 }
 
-// Ragged batches of these input kinds: per-problem evict ratios, then a keep-candidates budget with bounds.
-void check_ragged(std::initializer_list<score_kind> kinds, uint64_t seed) {
+// A ragged batch of one input kind: per-problem evict ratios, then a keep-candidates budget with bounds.
+void check_ragged(score_kind kind, uint64_t seed) {
   auto rng = make_rng(seed);
-  for (score_kind kind : kinds) {
-    const int64_t P = 1 + rng() % (quick() ? 9 : 97);
-    batch b = make_batch(rng, P, 1 + rng() % (quick() ? 40 : 80), 1 + rng() % (quick() ? 150 : 300),
-                         pk::protect_policy{int64_t(rng() % 5), int64_t(rng() % 3)}, kind);
-    INFO("kind ", name(kind));
-    std::vector<double> ratios(P);
-    for (auto& r : ratios) r = std::uniform_real_distribution<double>(0.0, 0.85)(rng);
-    ratios[0] = 0.999;  // likely infeasible: exercises the status path
-    run_ratios(b, ratios);
-    // uniform keep-candidates budget with uniform bounds
-    pk::keep_bounds bd;
-    bd.min_keep = rng() % 3;
-    bd.max_keep = bd.min_keep + rng() % 40;
-    const auto kc = pk::budget_keep_candidates(int64_t(rng() % 200));
-    run_and_compare(b, kc, kc, bd, bd);
-  }
+  const int64_t P = 1 + rng() % (quick() ? 9 : 97);
+  batch b = make_batch(rng, P, 1 + rng() % (quick() ? 40 : 80), 1 + rng() % (quick() ? 150 : 300),
+                       pk::protect_policy{int64_t(rng() % 5), int64_t(rng() % 3)}, kind);
+  INFO("kind ", name(kind));
+  std::vector<double> ratios(P);
+  for (auto& r : ratios) r = std::uniform_real_distribution<double>(0.0, 0.85)(rng);
+  ratios[0] = 0.999;  // likely infeasible: exercises the status path
+  run_ratios(b, ratios);
+  // uniform keep-candidates budget with uniform bounds
+  pk::keep_bounds bd;
+  bd.min_keep = rng() % 3;
+  bd.max_keep = bd.min_keep + rng() % 40;
+  const auto kc = pk::budget_keep_candidates(int64_t(rng() % 200));
+  run_and_compare(b, kc, kc, bd, bd);
 }
 
 }  // namespace
 
-// Three test cases of two input kinds each, so that the sanitizers (one process per test case) run them side by side.
-TEST_CASE("device solver == host solver: ragged batches, thousands of segments (mixed, tied scores)") {
-  check_ragged({score_kind::mixed, score_kind::tied}, 401);
+// One test case per input kind, so that the sanitizers (one process per test case) run them side by side.
+TEST_CASE("device solver == host solver: ragged batches, thousands of segments (mixed scores)") {
+  check_ragged(score_kind::mixed, 411);
 }
-TEST_CASE("device solver == host solver: ragged batches, thousands of segments (all zeros, one-hot)") {
-  check_ragged({score_kind::zeros, score_kind::onehot}, 404);
+TEST_CASE("device solver == host solver: ragged batches, thousands of segments (tied scores)") {
+  check_ragged(score_kind::tied, 412);
 }
-TEST_CASE("device solver == host solver: ragged batches, thousands of segments (heavy-tailed, uniform)") {
-  check_ragged({score_kind::heavy, score_kind::uniform}, 405);
+TEST_CASE("device solver == host solver: ragged batches, thousands of segments (all zeros)") {
+  check_ragged(score_kind::zeros, 413);
+}
+TEST_CASE("device solver == host solver: ragged batches, thousands of segments (one-hot)") {
+  check_ragged(score_kind::onehot, 414);
+}
+TEST_CASE("device solver == host solver: ragged batches, thousands of segments (heavy-tailed)") {
+  check_ragged(score_kind::heavy, 415);
+}
+TEST_CASE("device solver == host solver: ragged batches, thousands of segments (uniform)") {
+  check_ragged(score_kind::uniform, 416);
 }
 
 TEST_CASE("device solver: per-problem token budgets and per-segment bound arrays") {
